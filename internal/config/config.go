@@ -1,0 +1,148 @@
+// Package config loads and validates the vmegress config file.
+//
+// The file is YAML (see DESIGN.md "Contract"). Loading is strict: unknown keys,
+// duplicate keys, bad addresses, subnets outside vm_cidr or overlapping, malformed
+// names and out-of-range ports are all errors, and every error carries the
+// file:line:col of the value it is about.
+package config
+
+import (
+	"net/netip"
+	"strings"
+)
+
+// Defaults of the config contract (DESIGN.md). They are the spec's values where
+// the spec has one (172.31.0.0/16, port 15001, fwmark 1, table 100).
+const (
+	DefaultPath       = "/etc/vmegress/config.yaml"
+	DefaultStateDir   = "/var/lib/vmegress"
+	DefaultTProxyPort = 15001
+	DefaultDNSPort    = 15053
+	// DefaultMark is the fwmark TPROXY puts on intercepted packets; the policy
+	// routing rule sends packets with it to RouteTable (spec 6.4: fwmark 1).
+	DefaultMark = 0x1
+	// DefaultUpstreamMark is set with SO_MARK on the data plane's own upstream
+	// sockets, so interception and policy routing never take them again.
+	// It must differ from Mark: a socket carrying Mark would be routed to lo.
+	DefaultUpstreamMark = 0x2
+	// DefaultRouteTable holds `local 0.0.0.0/0 dev lo` (spec 6.4: table 100).
+	DefaultRouteTable     = 100
+	DefaultAdmin          = "127.0.0.1:9901"
+	DefaultMaxConnections = 1024
+)
+
+// DefaultVMCIDR is the spec's guest range.
+var DefaultVMCIDR = netip.MustParsePrefix("172.31.0.0/16")
+
+// Position is where a value was found in the config file.
+type Position struct {
+	Line, Col int
+}
+
+// Config is a validated config file.
+type Config struct {
+	// Path is the file the config was read from ("" when built in code).
+	Path            string
+	VMCIDR          netip.Prefix
+	GuestInterfaces []string
+	Uplink          string
+	Dataplane       string
+	Firewall        string
+	TProxyPort      uint16
+	DNSPort         uint16
+	Mark            uint32
+	UpstreamMark    uint32
+	RouteTable      uint32
+	Admin           netip.AddrPort
+	Upstream        string
+	OnPolicyChange  string
+	EnvoyBinary     string
+	DNSUpstreams    []netip.AddrPort
+	// Projects in file order.
+	Projects []Project
+}
+
+// Project is one project's policy: its /30 and its allowlist.
+type Project struct {
+	Name string
+	// Subnet is the project's /30; invalid (zero) when `net up` allocates it.
+	Subnet         netip.Prefix
+	Mode           string
+	MaxConnections int
+	Allow          []Rule
+	Pos            Position
+}
+
+// RuleKind is what an allow rule matches on.
+type RuleKind string
+
+// Rule kinds of the config contract.
+const (
+	KindSNI  RuleKind = "sni"
+	KindHTTP RuleKind = "http"
+	KindCIDR RuleKind = "cidr"
+)
+
+// Rule is one allow rule.
+type Rule struct {
+	Kind RuleKind
+	// Name is the normalised name for sni/http rules: lower case, no trailing
+	// dot, optionally starting with "*." (any depth of subdomain, not the apex).
+	Name string
+	// Prefix is the destination range of a cidr rule.
+	Prefix netip.Prefix
+	// Ports the rule applies to; empty means the kind's default (443 for sni).
+	Ports []uint16
+	Pos   Position
+}
+
+// String renders the rule as it would be written in the config, for logs.
+func (r Rule) String() string {
+	var b strings.Builder
+	b.WriteString(string(r.Kind))
+	b.WriteString(":")
+	if r.Kind == KindCIDR {
+		b.WriteString(r.Prefix.String())
+	} else {
+		b.WriteString(r.Name)
+	}
+	if len(r.Ports) > 0 {
+		b.WriteString(" ports ")
+		for i, p := range r.Ports {
+			if i > 0 {
+				b.WriteString(",")
+			}
+			b.WriteString(itoa(int(p)))
+		}
+	}
+	return b.String()
+}
+
+// Default returns a config with every default applied and no projects.
+func Default() *Config {
+	return &Config{
+		VMCIDR:          DefaultVMCIDR,
+		GuestInterfaces: []string{"tap-*"},
+		Dataplane:       "builtin",
+		Firewall:        "nftables",
+		TProxyPort:      DefaultTProxyPort,
+		DNSPort:         DefaultDNSPort,
+		Mark:            DefaultMark,
+		UpstreamMark:    DefaultUpstreamMark,
+		RouteTable:      DefaultRouteTable,
+		Admin:           netip.MustParseAddrPort(DefaultAdmin),
+		Upstream:        "vetted",
+		OnPolicyChange:  "drop",
+		EnvoyBinary:     "envoy",
+	}
+}
+
+// Project returns the named project, or nil.
+func (c *Config) Project(name string) *Project {
+	for i := range c.Projects {
+		if c.Projects[i].Name == name {
+			return &c.Projects[i]
+		}
+	}
+	return nil
+}

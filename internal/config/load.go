@@ -1,0 +1,509 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Issue is one thing wrong with a config file, at a position.
+type Issue struct {
+	Pos Position
+	Msg string
+}
+
+// Error is an invalid config: every issue found, each with its position.
+type Error struct {
+	File   string
+	Issues []Issue
+}
+
+func (e *Error) Error() string {
+	lines := make([]string, len(e.Issues))
+	for i, is := range e.Issues {
+		lines[i] = fmt.Sprintf("%s:%d:%d: %s", e.File, is.Pos.Line, is.Pos.Col, is.Msg)
+	}
+	return strings.Join(lines, "\n")
+}
+
+// IsInvalid reports whether err is (or wraps) an invalid-config error.
+func IsInvalid(err error) bool {
+	var ce *Error
+	return errors.As(err, &ce)
+}
+
+// Load reads and validates the config file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+var yamlLineRE = regexp.MustCompile(`line (\d+)(?:, column (\d+))?: (.*)`)
+
+// Parse validates data as the config file named file (used in messages).
+func Parse(file string, data []byte) (*Config, error) {
+	if file == "" {
+		file = "<config>"
+	}
+	p := &parser{file: file, cfg: Default()}
+	p.cfg.Path = file
+	if abs, err := filepath.Abs(file); err == nil && file != "<config>" {
+		p.cfg.Path = abs
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		msg := strings.TrimPrefix(err.Error(), "yaml: ")
+		pos := Position{Line: 1, Col: 1}
+		if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
+			pos.Line, _ = strconv.Atoi(m[1])
+			if m[2] != "" {
+				pos.Col, _ = strconv.Atoi(m[2])
+			}
+			msg = m[3]
+		}
+		return nil, &Error{File: file, Issues: []Issue{{pos, "invalid YAML: " + msg}}}
+	}
+	if len(doc.Content) == 0 {
+		return nil, &Error{File: file, Issues: []Issue{{Position{1, 1}, "config is empty"}}}
+	}
+	p.top(doc.Content[0])
+	if len(p.issues) == 0 {
+		p.crossCheck()
+	}
+	if len(p.issues) > 0 {
+		return nil, &Error{File: file, Issues: p.issues}
+	}
+	return p.cfg, nil
+}
+
+type parser struct {
+	file      string
+	cfg       *Config
+	issues    []Issue
+	subnetPos []subnetAt
+	keys      map[string]Position // top-level key -> position of its value
+}
+
+func pos(n *yaml.Node) Position { return Position{Line: n.Line, Col: n.Column} }
+
+func (p *parser) errf(n *yaml.Node, format string, args ...any) {
+	p.issues = append(p.issues, Issue{pos(n), fmt.Sprintf(format, args...)})
+}
+
+// mapping walks a YAML mapping, rejecting duplicates and keys not in fields.
+func (p *parser) mapping(n *yaml.Node, what string, fields map[string]func(*yaml.Node)) {
+	if n.Kind != yaml.MappingNode {
+		p.errf(n, "%s must be a mapping", what)
+		return
+	}
+	seen := map[string]bool{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		if seen[k.Value] {
+			p.errf(k, "duplicate key %q in %s", k.Value, what)
+			continue
+		}
+		seen[k.Value] = true
+		f, ok := fields[k.Value]
+		if !ok {
+			p.errf(k, "unknown key %q in %s", k.Value, what)
+			continue
+		}
+		f(v)
+	}
+}
+
+func (p *parser) scalar(n *yaml.Node, key string) (string, bool) {
+	if n.Kind != yaml.ScalarNode || n.Tag == "!!null" {
+		p.errf(n, "%s must be a single value", key)
+		return "", false
+	}
+	return n.Value, true
+}
+
+func (p *parser) str(key string, dst *string, allowed ...string) func(*yaml.Node) {
+	return func(n *yaml.Node) {
+		s, ok := p.scalar(n, key)
+		if !ok {
+			return
+		}
+		if len(allowed) > 0 && !contains(allowed, s) {
+			p.errf(n, "%s must be one of %s, not %q", key, strings.Join(allowed, ", "), s)
+			return
+		}
+		*dst = s
+	}
+}
+
+func (p *parser) port(key string, dst *uint16) func(*yaml.Node) {
+	return func(n *yaml.Node) {
+		if v, ok := p.portValue(n, key); ok {
+			*dst = v
+		}
+	}
+}
+
+func (p *parser) portValue(n *yaml.Node, key string) (uint16, bool) {
+	s, ok := p.scalar(n, key)
+	if !ok {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(s, 10, 64)
+	if err != nil || v < 1 || v > 65535 {
+		p.errf(n, "%s: port %q out of range (1-65535)", key, s)
+		return 0, false
+	}
+	return uint16(v), true
+}
+
+func (p *parser) uint32v(key string, dst *uint32, min uint64) func(*yaml.Node) {
+	return func(n *yaml.Node) {
+		s, ok := p.scalar(n, key)
+		if !ok {
+			return
+		}
+		v, err := strconv.ParseUint(s, 0, 32)
+		if err != nil || v < min {
+			p.errf(n, "%s: %q is not a number from %d to 4294967295", key, s, min)
+			return
+		}
+		*dst = uint32(v)
+	}
+}
+
+func (p *parser) list(n *yaml.Node, key string, each func(*yaml.Node)) {
+	if n.Kind != yaml.SequenceNode {
+		p.errf(n, "%s must be a list", key)
+		return
+	}
+	for _, c := range n.Content {
+		each(c)
+	}
+}
+
+func (p *parser) top(n *yaml.Node) {
+	c := p.cfg
+	p.keys = map[string]Position{}
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			p.keys[n.Content[i].Value] = pos(n.Content[i+1])
+		}
+	}
+	p.mapping(n, "config", map[string]func(*yaml.Node){
+		"vm_cidr": func(v *yaml.Node) {
+			if pr, ok := p.prefix(v, "vm_cidr"); ok {
+				if pr.Bits() > 30 {
+					p.errf(v, "vm_cidr %s is too small to hold a /30", pr)
+					return
+				}
+				c.VMCIDR = pr
+			}
+		},
+		"guest_interfaces": func(v *yaml.Node) {
+			c.GuestInterfaces = nil
+			p.list(v, "guest_interfaces", func(e *yaml.Node) {
+				s, ok := p.scalar(e, "guest_interfaces entry")
+				if !ok {
+					return
+				}
+				if !validIfacePattern(s) {
+					p.errf(e, "guest_interfaces: %q is not an interface name or a name ending in * (at most 15 characters of letters, digits, '-', '_', '.')", s)
+					return
+				}
+				c.GuestInterfaces = append(c.GuestInterfaces, s)
+			})
+			if len(c.GuestInterfaces) == 0 && len(p.issues) == 0 {
+				p.errf(v, "guest_interfaces must name at least one interface pattern")
+			}
+		},
+		"uplink": func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "uplink"); ok {
+				if !validIfacePattern(s) || strings.HasSuffix(s, "*") {
+					p.errf(v, "uplink: %q is not an interface name", s)
+					return
+				}
+				c.Uplink = s
+			}
+		},
+		"dataplane": p.str("dataplane", &c.Dataplane, "builtin", "envoy"),
+		"firewall":  p.str("firewall", &c.Firewall, "nftables", "iptables"),
+		"tproxy_port": p.port("tproxy_port", &c.TProxyPort),
+		"dns_port":    p.port("dns_port", &c.DNSPort),
+		// A zero mark would match every unmarked packet.
+		"mark":          p.uint32v("mark", &c.Mark, 1),
+		"upstream_mark": p.uint32v("upstream_mark", &c.UpstreamMark, 1),
+		"route_table":   p.uint32v("route_table", &c.RouteTable, 1),
+		"admin": func(v *yaml.Node) {
+			s, ok := p.scalar(v, "admin")
+			if !ok {
+				return
+			}
+			ap, err := netip.ParseAddrPort(s)
+			if err != nil || ap.Port() == 0 {
+				p.errf(v, "admin: %q is not an IP:port address", s)
+				return
+			}
+			c.Admin = ap
+		},
+		"upstream":         p.str("upstream", &c.Upstream, "vetted", "original_dst"),
+		"on_policy_change": p.str("on_policy_change", &c.OnPolicyChange, "drop", "keep"),
+		"envoy": func(v *yaml.Node) {
+			p.mapping(v, "envoy", map[string]func(*yaml.Node){
+				"binary": p.str("envoy.binary", &c.EnvoyBinary),
+			})
+		},
+		"dns": func(v *yaml.Node) {
+			p.mapping(v, "dns", map[string]func(*yaml.Node){
+				"upstreams": func(l *yaml.Node) {
+					p.list(l, "dns.upstreams", func(e *yaml.Node) {
+						s, ok := p.scalar(e, "dns.upstreams entry")
+						if !ok {
+							return
+						}
+						ap, err := netip.ParseAddrPort(s)
+						if err != nil {
+							if a, err2 := netip.ParseAddr(s); err2 == nil {
+								ap, err = netip.AddrPortFrom(a, 53), nil
+							}
+						}
+						if err != nil || ap.Port() == 0 {
+							p.errf(e, "dns.upstreams: %q is not an IP or IP:port", s)
+							return
+						}
+						c.DNSUpstreams = append(c.DNSUpstreams, ap)
+					})
+				},
+			})
+		},
+		"projects": func(v *yaml.Node) {
+			if v.Kind != yaml.MappingNode {
+				p.errf(v, "projects must be a mapping of project name to project")
+				return
+			}
+			seen := map[string]bool{}
+			for i := 0; i+1 < len(v.Content); i += 2 {
+				k, pv := v.Content[i], v.Content[i+1]
+				if seen[k.Value] {
+					p.errf(k, "duplicate project %q", k.Value)
+					continue
+				}
+				seen[k.Value] = true
+				p.project(k, pv)
+			}
+		},
+	})
+}
+
+var projectNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9_-]{0,62})$`)
+
+func (p *parser) project(k, v *yaml.Node) {
+	pr := Project{Name: k.Value, Mode: "enforce", MaxConnections: DefaultMaxConnections, Pos: pos(k)}
+	if !projectNameRE.MatchString(k.Value) {
+		p.errf(k, "project name %q must be 1-63 characters of a-z, 0-9, '-', '_', starting with a letter or digit", k.Value)
+	}
+	what := fmt.Sprintf("project %q", k.Value)
+	p.mapping(v, what, map[string]func(*yaml.Node){
+		"subnet": func(n *yaml.Node) {
+			s, ok := p.prefix(n, "subnet")
+			if !ok {
+				return
+			}
+			if s.Bits() != 30 {
+				p.errf(n, "subnet %s must be a /30", s)
+				return
+			}
+			pr.Subnet = s
+			// Checked against vm_cidr in crossCheck, once vm_cidr is known.
+			p.subnetPos = append(p.subnetPos, subnetAt{k.Value, s, pos(n)})
+		},
+		"mode": p.str("mode", &pr.Mode, "enforce", "audit"),
+		"max_connections": func(n *yaml.Node) {
+			s, ok := p.scalar(n, "max_connections")
+			if !ok {
+				return
+			}
+			m, err := strconv.Atoi(s)
+			if err != nil || m < 1 || m > 1<<20 {
+				p.errf(n, "max_connections: %q is not a number from 1 to %d", s, 1<<20)
+				return
+			}
+			pr.MaxConnections = m
+		},
+		"allow": func(n *yaml.Node) {
+			if n.Tag == "!!null" {
+				return // "allow:" with nothing: allows nothing
+			}
+			p.list(n, "allow", func(e *yaml.Node) {
+				if r, ok := p.rule(e); ok {
+					pr.Allow = append(pr.Allow, r)
+				}
+			})
+		},
+	})
+	p.cfg.Projects = append(p.cfg.Projects, pr)
+}
+
+type subnetAt struct {
+	project string
+	subnet  netip.Prefix
+	pos     Position
+}
+
+func (p *parser) rule(n *yaml.Node) (Rule, bool) {
+	r := Rule{Pos: pos(n)}
+	if n.Kind != yaml.MappingNode {
+		p.errf(n, "allow entry must be a mapping such as {sni: example.com}")
+		return r, false
+	}
+	before := len(p.issues)
+	var kindNode *yaml.Node
+	setKind := func(kind RuleKind) func(*yaml.Node) {
+		return func(v *yaml.Node) {
+			if kindNode != nil {
+				p.errf(v, "allow entry has both %s and %s; use one rule kind per entry", r.Kind, kind)
+				return
+			}
+			kindNode, r.Kind = v, kind
+			s, ok := p.scalar(v, string(kind))
+			if !ok {
+				return
+			}
+			switch kind {
+			case KindSNI, KindHTTP:
+				name, err := NormalizeName(s)
+				if err != nil {
+					p.errf(v, "%s: %v", kind, err)
+					return
+				}
+				r.Name = name
+			case KindCIDR:
+				pf, err := netip.ParsePrefix(s)
+				if err != nil {
+					a, err2 := netip.ParseAddr(s)
+					if err2 != nil {
+						p.errf(v, "cidr: %q is not an IP prefix such as 198.51.100.0/24", s)
+						return
+					}
+					pf = netip.PrefixFrom(a, a.BitLen())
+				}
+				if pf != pf.Masked() {
+					p.errf(v, "cidr: %s has host bits set; did you mean %s?", pf, pf.Masked())
+					return
+				}
+				r.Prefix = pf
+			}
+		}
+	}
+	p.mapping(n, "allow entry", map[string]func(*yaml.Node){
+		"sni":  setKind(KindSNI),
+		"http": setKind(KindHTTP),
+		"cidr": setKind(KindCIDR),
+		"ports": func(v *yaml.Node) {
+			p.list(v, "ports", func(e *yaml.Node) {
+				if pt, ok := p.portValue(e, "ports"); ok {
+					r.Ports = append(r.Ports, pt)
+				}
+			})
+			if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+				p.errf(v, "ports must list at least one port")
+			}
+		},
+	})
+	if len(p.issues) > before {
+		return r, false
+	}
+	switch {
+	case kindNode == nil:
+		p.errf(n, "allow entry needs one of sni, http or cidr")
+		return r, false
+	case r.Kind == KindHTTP || r.Kind == KindCIDR:
+		// The contract reserves these kinds; the data plane does not enforce
+		// them yet, and a rule that is silently ignored is worse than an error.
+		p.errf(kindNode, "%s rules are not supported yet (only sni)", r.Kind)
+		return r, false
+	}
+	return r, true
+}
+
+func (p *parser) prefix(n *yaml.Node, key string) (netip.Prefix, bool) {
+	s, ok := p.scalar(n, key)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	pf, err := netip.ParsePrefix(s)
+	if err != nil || !pf.Addr().Is4() {
+		p.errf(n, "%s: %q is not an IPv4 CIDR such as 172.31.0.0/16", key, s)
+		return netip.Prefix{}, false
+	}
+	if pf != pf.Masked() {
+		p.errf(n, "%s: %s has host bits set; did you mean %s?", key, pf, pf.Masked())
+		return netip.Prefix{}, false
+	}
+	return pf, true
+}
+
+// crossCheck validates what depends on more than one key.
+func (p *parser) crossCheck() {
+	c := p.cfg
+	if c.Dataplane != "builtin" {
+		p.issues = append(p.issues, Issue{p.keyPos("dataplane"), fmt.Sprintf("dataplane %q is not supported yet (only builtin)", c.Dataplane)})
+	}
+	if c.Firewall != "nftables" {
+		p.issues = append(p.issues, Issue{p.keyPos("firewall"), fmt.Sprintf("firewall %q is not supported yet (only nftables)", c.Firewall)})
+	}
+	if c.TProxyPort == c.DNSPort {
+		p.issues = append(p.issues, Issue{p.keyPos("dns_port"), fmt.Sprintf("dns_port %d is the same as tproxy_port", c.DNSPort)})
+	}
+	if c.Mark == c.UpstreamMark {
+		p.issues = append(p.issues, Issue{p.keyPos("upstream_mark"), fmt.Sprintf("upstream_mark %#x is the same as mark; the proxy's own sockets would be routed back to it", c.Mark)})
+	}
+	switch c.RouteTable {
+	case 253, 254, 255: // default, main, local
+		p.issues = append(p.issues, Issue{p.keyPos("route_table"), fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})
+	}
+	for i, a := range p.subnetPos {
+		if !c.VMCIDR.Contains(a.subnet.Addr()) || a.subnet.Bits() < c.VMCIDR.Bits() {
+			p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q is outside vm_cidr %s", a.subnet, a.project, c.VMCIDR)})
+		}
+		for _, b := range p.subnetPos[:i] {
+			if a.subnet.Overlaps(b.subnet) {
+				p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q overlaps project %q (line %d)", a.subnet, a.project, b.project, b.pos.Line)})
+			}
+		}
+	}
+}
+
+// keyPos finds where a top-level key was written, for cross-key errors.
+func (p *parser) keyPos(key string) Position {
+	if pos, ok := p.keys[key]; ok {
+		return pos
+	}
+	return Position{1, 1}
+}
+
+var ifacePatternRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}\*?$|^\*$`)
+
+func validIfacePattern(s string) bool {
+	return len(s) <= 15 && ifacePatternRE.MatchString(s) && s != "*"
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }

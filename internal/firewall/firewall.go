@@ -1,0 +1,50 @@
+// Package firewall computes the host's desired packet-filter state from the
+// config and applies it with a backend (nftables today).
+//
+// The desired state is data (State). A backend turns it into rules and applies
+// the whole of it atomically, so a failed apply leaves the previous ruleset in
+// force, and Cleanup removes exactly what Apply added.
+package firewall
+
+import (
+	"context"
+	"net/netip"
+
+	"github.com/vmegress/vmegress/internal/config"
+)
+
+// State is everything the host's interception needs to know.
+type State struct {
+	// VMCIDR is the guest range; packets from guest interfaces with any other
+	// source are spoofed and dropped.
+	VMCIDR netip.Prefix
+	// GuestInterfaces are interface names or patterns ending in '*'.
+	GuestInterfaces []string
+	// TProxyPort is where intercepted TCP goes (the data plane's listener).
+	TProxyPort uint16
+	// Mark is set on intercepted packets; policy routing delivers them locally.
+	Mark uint32
+	// UpstreamMark is carried by the data plane's own upstream sockets.
+	UpstreamMark uint32
+}
+
+// FromConfig returns the desired state for cfg.
+func FromConfig(cfg *config.Config) State {
+	return State{
+		VMCIDR:          cfg.VMCIDR,
+		GuestInterfaces: append([]string(nil), cfg.GuestInterfaces...),
+		TProxyPort:      cfg.TProxyPort,
+		Mark:            cfg.Mark,
+		UpstreamMark:    cfg.UpstreamMark,
+	}
+}
+
+// Backend applies a desired State to the host.
+type Backend interface {
+	// Apply makes the host's rules equal to s in one atomic step.
+	Apply(ctx context.Context, s State) error
+	// Cleanup removes everything Apply added; it is not an error if nothing is there.
+	Cleanup(ctx context.Context) error
+	// Installed reports whether the backend's rules are present.
+	Installed(ctx context.Context) (bool, error)
+}

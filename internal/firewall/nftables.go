@@ -1,0 +1,144 @@
+package firewall
+
+import (
+	"context"
+	"fmt"
+
+	"sigs.k8s.io/knftables"
+)
+
+// TableName is vmegress's private nftables table (family inet, so one table
+// sees IPv4 and IPv6). Nothing outside it is ever touched.
+const TableName = "vmegress"
+
+// NFTables is the nftables backend. It owns one table and replaces it whole in
+// a single transaction on every Apply.
+type NFTables struct {
+	nft knftables.Interface
+}
+
+// NewNFTables returns the nftables backend over nft (knftables.New(knftables.InetFamily,
+// TableName) for the real host, knftables.NewFake for tests).
+func NewNFTables(nft knftables.Interface) *NFTables {
+	return &NFTables{nft: nft}
+}
+
+// NewHostNFTables returns the nftables backend for the current network namespace.
+// It fails when the nft binary is missing or the kernel lacks nf_tables.
+func NewHostNFTables() (*NFTables, error) {
+	nft, err := knftables.New(knftables.InetFamily, TableName)
+	if err != nil {
+		return nil, fmt.Errorf("setting up nftables (is the nft command installed and are you root?): %w", err)
+	}
+	return NewNFTables(nft), nil
+}
+
+// Apply replaces the vmegress table with the one rendered from s, atomically.
+func (b *NFTables) Apply(ctx context.Context, s State) error {
+	tx := b.nft.NewTransaction()
+	// "add" then "delete" then add again: the table exists whatever the host
+	// had before, and the whole replacement is one transaction.
+	tx.Add(&knftables.Table{})
+	tx.Delete(&knftables.Table{})
+	Render(tx, s)
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("applying nftables table %s: %w", TableName, err)
+	}
+	return nil
+}
+
+// Cleanup deletes the vmegress table if it exists.
+func (b *NFTables) Cleanup(ctx context.Context) error {
+	tx := b.nft.NewTransaction()
+	tx.Add(&knftables.Table{})
+	tx.Delete(&knftables.Table{})
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("deleting nftables table %s: %w", TableName, err)
+	}
+	return nil
+}
+
+// Installed reports whether the vmegress table exists.
+func (b *NFTables) Installed(ctx context.Context) (bool, error) {
+	_, err := b.nft.List(ctx, "chain")
+	if knftables.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("listing nftables table %s: %w", TableName, err)
+	}
+	return true, nil
+}
+
+// Chain and set names inside the table.
+const (
+	setGuestIfaces = "guest_ifaces"
+	chainPre       = "prerouting"
+	chainInput     = "input"
+	chainForward   = "forward"
+	chainOutput    = "output"
+)
+
+func ptr[T any](v T) *T { return &v }
+
+// Render adds the whole desired table for s to tx. The ruleset does not grow
+// with the number of guests: interfaces are elements of one set.
+func Render(tx *knftables.Transaction, s State) {
+	tx.Add(&knftables.Table{Comment: ptr("vmegress: microVM egress control; managed by vmegress, do not edit")})
+
+	tx.Add(&knftables.Set{
+		Name:    setGuestIfaces,
+		Type:    "ifname",
+		Flags:   []knftables.SetFlag{knftables.IntervalFlag}, // interval: allows "tap-*" patterns
+		Comment: ptr("interfaces that carry guests"),
+	})
+	for _, ifc := range s.GuestInterfaces {
+		tx.Add(&knftables.Element{Set: setGuestIfaces, Key: []string{fmt.Sprintf("%q", ifc)}})
+	}
+
+	rule := func(chain, r, comment string) {
+		tx.Add(&knftables.Rule{Chain: chain, Rule: r, Comment: ptr(comment)})
+	}
+	fromGuest := "iifname @" + setGuestIfaces
+
+	// prerouting at mangle priority (-150): after conntrack (-200), before
+	// NAT (-100) and the routing decision, which is where TPROXY must sit.
+	tx.Add(&knftables.Chain{
+		Name: chainPre, Type: ptr(knftables.FilterType), Hook: ptr(knftables.PreroutingHook),
+		Priority: ptr(knftables.ManglePriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainPre, "iifname != @"+setGuestIfaces+" return", "only traffic from guests is handled here")
+	rule(chainPre, "meta nfproto != ipv4 counter drop", "guest IPv6 (and anything not IPv4) never leaves")
+	rule(chainPre, fmt.Sprintf("ip saddr != %s counter drop", s.VMCIDR), "source outside the guest range: spoofed")
+	rule(chainPre, fmt.Sprintf("meta l4proto tcp tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark),
+		"guest TCP goes to the data plane, marked for local delivery")
+	// nft's tproxy falls through to the next rule when no socket listens on
+	// the port; without this drop a dead proxy would mean open egress.
+	rule(chainPre, "counter drop", "fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)")
+
+	// input: guests reach host sockets only through the TPROXY mark.
+	tx.Add(&knftables.Chain{
+		Name: chainInput, Type: ptr(knftables.FilterType), Hook: ptr(knftables.InputHook),
+		Priority: ptr(knftables.FilterPriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainInput, fmt.Sprintf("%s meta mark %#x meta l4proto tcp accept", fromGuest, s.Mark), "intercepted guest TCP to the data plane")
+	rule(chainInput, fromGuest+" counter drop", "guests reach no host service directly")
+
+	// forward: nothing from or to a guest is routed past the host.
+	tx.Add(&knftables.Chain{
+		Name: chainForward, Type: ptr(knftables.FilterType), Hook: ptr(knftables.ForwardHook),
+		Priority: ptr(knftables.FilterPriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainForward, fromGuest+" counter drop", "no forwarding from guests: egress only via the proxy")
+	rule(chainForward, "oifname @"+setGuestIfaces+" counter drop", "no forwarding to guests")
+	rule(chainForward, fmt.Sprintf("ip saddr %s counter drop", s.VMCIDR), "guest-range source on another interface")
+
+	// output: the data plane's upstream sockets never reach the host itself
+	// (a backstop for the proxy's own check: no loops through local services).
+	tx.Add(&knftables.Chain{
+		Name: chainOutput, Type: ptr(knftables.RouteType), Hook: ptr(knftables.OutputHook),
+		Priority: ptr(knftables.ManglePriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainOutput, fmt.Sprintf("meta mark %#x fib daddr type { local, broadcast, multicast } counter drop", s.UpstreamMark),
+		"the proxy never dials the host's own addresses")
+}

@@ -1,0 +1,260 @@
+package world
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// Hit is one connection or datagram that reached the fake internet.
+type Hit struct {
+	Server string // "tls:github.com", "attacker:tcp:443", ...
+	Remote string // source address as the server saw it
+	SNI    string
+}
+
+// AccessLog records what reached the fake internet's servers.
+type AccessLog struct {
+	mu   sync.Mutex
+	hits []Hit
+}
+
+func (l *AccessLog) add(h Hit) {
+	l.mu.Lock()
+	l.hits = append(l.hits, h)
+	l.mu.Unlock()
+}
+
+// Hits returns a copy of every hit so far.
+func (l *AccessLog) Hits() []Hit {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]Hit(nil), l.hits...)
+}
+
+// Reset forgets the hits so far.
+func (l *AccessLog) Reset() {
+	l.mu.Lock()
+	l.hits = nil
+	l.mu.Unlock()
+}
+
+// TLS server names, each on its own address, each with a certificate signed by
+// the world's CA (written to CAFile for clients' --cacert).
+var tlsNames = []string{"github.com", "www.github.com", "example.com"}
+
+// AttackerTCPPorts and AttackerUDPPorts are where the attacker listens.
+var (
+	AttackerTCPPorts = []int{22, 80, 443, 8443}
+	AttackerUDPPorts = []int{53, 443, 9999}
+)
+
+func (w *World) startServers() error {
+	ca, caKey, err := newCA()
+	if err != nil {
+		return err
+	}
+	w.CAFile = filepath.Join(w.Dir, "ca.pem")
+	if err := os.WriteFile(w.CAFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Raw}), 0o644); err != nil {
+		return fmt.Errorf("writing CA: %w", err)
+	}
+	for _, name := range tlsNames {
+		cert, err := newLeaf(ca, caKey, name)
+		if err != nil {
+			return err
+		}
+		name := name
+		addr := net.JoinHostPort(Names[name].String(), "443")
+		ln, err := ListenIn(w.Inet, "tcp4", addr)
+		if err != nil {
+			return fmt.Errorf("starting TLS server for %s: %w", name, err)
+		}
+		tlsCfg := &tls.Config{
+			Certificates: []tls.Certificate{cert},
+			GetConfigForClient: func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+				w.Log.add(Hit{Server: "tls:" + name, Remote: chi.Conn.RemoteAddr().String(), SNI: chi.ServerName})
+				return nil, nil
+			},
+		}
+		srv := &http.Server{
+			Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+				fmt.Fprintf(rw, "hello from %s; you are %s\n", name, r.RemoteAddr)
+			}),
+			TLSConfig:         tlsCfg,
+			ReadHeaderTimeout: 5 * time.Second,
+			ErrorLog:          nil,
+		}
+		go srv.ServeTLS(ln, "", "")
+		w.onClose(func() { srv.Close() })
+		// Plain TCP on port 80 of the same address: logs and says hello.
+		if err := w.attackerTCP(Names[name].String(), 80, "http:"+name); err != nil {
+			return err
+		}
+	}
+	for _, p := range AttackerTCPPorts {
+		if err := w.attackerTCP(AttackerIP.String(), p, fmt.Sprintf("attacker:tcp:%d", p)); err != nil {
+			return err
+		}
+	}
+	if err := w.attackerTCP("["+InetIP6.String()+"]", 443, "attacker6:tcp:443"); err != nil {
+		return err
+	}
+	for _, p := range AttackerUDPPorts {
+		if err := w.attackerUDP("udp4", AttackerIP.String(), p, fmt.Sprintf("attacker:udp:%d", p)); err != nil {
+			return err
+		}
+	}
+	return w.attackerUDP("udp6", "["+InetIP6.String()+"]", 9999, "attacker6:udp:9999")
+}
+
+// attackerTCP logs every connection on host:port, reads a little and answers.
+func (w *World) attackerTCP(host string, port int, label string) error {
+	network := "tcp4"
+	if host[0] == '[' {
+		network = "tcp6"
+	}
+	ln, err := ListenIn(w.Inet, network, host+":"+strconv.Itoa(port))
+	if err != nil {
+		return fmt.Errorf("starting %s: %w", label, err)
+	}
+	w.onClose(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			w.Log.add(Hit{Server: label, Remote: c.RemoteAddr().String()})
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nleaked"))
+				buf := make([]byte, 4096)
+				c.Read(buf)
+			}()
+		}
+	}()
+	return nil
+}
+
+func (w *World) attackerUDP(network, host string, port int, label string) error {
+	pc, err := ListenPacketIn(w.Inet, network, host+":"+strconv.Itoa(port))
+	if err != nil {
+		return fmt.Errorf("starting %s: %w", label, err)
+	}
+	w.onClose(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			w.Log.add(Hit{Server: label, Remote: from.String()})
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	return nil
+}
+
+// startProbe counts, in the fake internet, every packet whose source is a
+// guest address (IPv4 or IPv6): whatever the host does, such a packet means
+// guest traffic left the host without the proxy.
+func (w *World) startProbe(ctx context.Context) error {
+	rules := `table inet probe {
+	counter guest_v4 {}
+	counter guest_v6 {}
+	chain pre {
+		type filter hook prerouting priority raw - 10; policy accept;
+		ip saddr 172.31.0.0/16 counter name guest_v4
+		ip6 saddr 2001:db8:1::/48 counter name guest_v6
+	}
+}
+`
+	f := filepath.Join(w.Dir, "probe.nft")
+	if err := os.WriteFile(f, []byte(rules), 0o644); err != nil {
+		return fmt.Errorf("writing probe rules: %w", err)
+	}
+	return Run(ctx, NS(w.Inet, "nft", "-f", f)...)
+}
+
+var packetsRE = regexp.MustCompile(`packets (\d+)`)
+
+// LeakedPackets returns how many packets with a guest source address (IPv4,
+// IPv6) have reached the fake internet since the world was built.
+func (w *World) LeakedPackets(ctx context.Context) (v4, v6 int, err error) {
+	for _, c := range []struct {
+		name string
+		dst  *int
+	}{{"guest_v4", &v4}, {"guest_v6", &v6}} {
+		out, err := Output(ctx, NS(w.Inet, "nft", "list", "counter", "inet", "probe", c.name)...)
+		if err != nil {
+			return 0, 0, err
+		}
+		m := packetsRE.FindStringSubmatch(out)
+		if m == nil {
+			return 0, 0, fmt.Errorf("reading probe counter %s: no packet count in %q", c.name, out)
+		}
+		*c.dst, _ = strconv.Atoi(m[1])
+	}
+	return v4, v6, nil
+}
+
+func newCA() (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("generating CA key: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "vmegress test world CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("creating CA: %w", err)
+	}
+	ca, err := x509.ParseCertificate(der)
+	return ca, key, err
+}
+
+func newLeaf(ca *x509.Certificate, caKey *ecdsa.PrivateKey, name string) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("generating key for %s: %w", name, err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: name},
+		DNSNames:     []string{name},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("creating certificate for %s: %w", name, err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
