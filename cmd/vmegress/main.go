@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -62,9 +63,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
+	if config.IsInvalid(err) {
+		// Compiler style, one file:line:col: message per line.
+		fmt.Fprintln(stderr, err)
+		return exitUsage
+	}
 	fmt.Fprintln(stderr, "vmegress:", err)
 	var ue usageError
-	if errors.As(err, &ue) || config.IsInvalid(err) {
+	// cobra reports an unknown subcommand as a plain error.
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") {
 		return exitUsage
 	}
 	return exitFailure

@@ -77,9 +77,7 @@ func Parse(file string, data []byte) (*Config, error) {
 		return nil, &Error{File: file, Issues: []Issue{{Position{1, 1}, "config is empty"}}}
 	}
 	p.top(doc.Content[0])
-	if len(p.issues) == 0 {
-		p.crossCheck()
-	}
+	p.crossCheck()
 	if len(p.issues) > 0 {
 		return nil, &Error{File: file, Issues: p.issues}
 	}
@@ -235,8 +233,8 @@ func (p *parser) top(n *yaml.Node) {
 				c.Uplink = s
 			}
 		},
-		"dataplane": p.str("dataplane", &c.Dataplane, "builtin", "envoy"),
-		"firewall":  p.str("firewall", &c.Firewall, "nftables", "iptables"),
+		"dataplane":   p.str("dataplane", &c.Dataplane, "builtin", "envoy"),
+		"firewall":    p.str("firewall", &c.Firewall, "nftables", "iptables"),
 		"tproxy_port": p.port("tproxy_port", &c.TProxyPort),
 		"dns_port":    p.port("dns_port", &c.DNSPort),
 		// A zero mark would match every unmarked packet.
@@ -465,7 +463,11 @@ func (p *parser) crossCheck() {
 		p.issues = append(p.issues, Issue{p.keyPos("dns_port"), fmt.Sprintf("dns_port %d is the same as tproxy_port", c.DNSPort)})
 	}
 	if c.Mark == c.UpstreamMark {
-		p.issues = append(p.issues, Issue{p.keyPos("upstream_mark"), fmt.Sprintf("upstream_mark %#x is the same as mark; the proxy's own sockets would be routed back to it", c.Mark)})
+		key := "upstream_mark"
+		if _, ok := p.keys[key]; !ok {
+			key = "mark"
+		}
+		p.issues = append(p.issues, Issue{p.keyPos(key), fmt.Sprintf("upstream_mark %#x is the same as mark; the proxy's own sockets would be routed back to it", c.Mark)})
 	}
 	switch c.RouteTable {
 	case 253, 254, 255: // default, main, local

@@ -121,6 +121,7 @@ func Render(tx *knftables.Transaction, s State) {
 		Name: chainInput, Type: ptr(knftables.FilterType), Hook: ptr(knftables.InputHook),
 		Priority: ptr(knftables.FilterPriority), Policy: ptr(knftables.AcceptPolicy),
 	})
+	rule(chainInput, fmt.Sprintf("tcp dport %d meta mark != %#x counter drop", s.TProxyPort, s.Mark), "the data plane's port is reachable only through TPROXY")
 	rule(chainInput, fmt.Sprintf("%s meta mark %#x meta l4proto tcp accept", fromGuest, s.Mark), "intercepted guest TCP to the data plane")
 	rule(chainInput, fromGuest+" counter drop", "guests reach no host service directly")
 

@@ -181,6 +181,13 @@ func (w *World) addNS(ctx context.Context, ns string) error {
 	w.mu.Lock()
 	w.nsCreated = append(w.nsCreated, ns)
 	w.mu.Unlock()
+	// No duplicate address detection: link-local addresses appear the moment
+	// a link is up, so the routing tables do not change later on their own.
+	for _, k := range []string{"default", "all"} {
+		if err := Run(ctx, NS(ns, "sysctl", "-qw", "net.ipv6.conf."+k+".accept_dad=0")...); err != nil {
+			return err
+		}
+	}
 	return Run(ctx, NS(ns, "ip", "link", "set", "lo", "up")...)
 }
 

@@ -1,0 +1,202 @@
+// Package e2e holds vmegress's end-to-end tests: real nftables, real policy
+// routing and TPROXY, the real vmegress binary, and real clients (curl, dig,
+// ping) in network namespaces the tests create (see internal/world). They run
+// as root; as non-root they skip, unless VMEGRESS_E2E=1 makes that a failure.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/nettest"
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// binary is the vmegress binary built for this run.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "vmegress-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "vmegress")
+	out, err := exec.Command("go", "build", "-o", binary, "../cmd/vmegress").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building vmegress: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+const baseConfig = `vm_cidr: 172.31.0.0/16
+guest_interfaces: ["tap-*"]
+tproxy_port: 15001
+projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: github.com
+      - sni: "*.github.com"
+`
+
+var alphaSubnet = netip.MustParsePrefix("172.31.0.0/30")
+
+// env is one test's world with vmegress running in it.
+type env struct {
+	t   *testing.T
+	ctx context.Context
+	w   *world.World
+	g   *world.Guest
+	d   *world.Daemon
+	cfg string
+}
+
+// newWorld builds a world with guest alpha; vmegress is not started.
+func newWorld(t *testing.T) *env {
+	t.Helper()
+	nettest.Privileged(t, "curl", "dig", "ping")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	w, err := world.New(ctx, world.Options{Prefix: "vmege", Guests: []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Close)
+	cfg, err := w.WriteConfig("config.yaml", baseConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{t: t, ctx: ctx, w: w, g: w.Guest("alpha"), cfg: cfg}
+}
+
+// start runs `vmegress run`; on failure the daemon's logs are printed.
+func (e *env) start() *world.Daemon {
+	e.t.Helper()
+	d, err := e.w.StartDaemon(e.ctx, binary, e.cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.d = d
+	e.t.Cleanup(func() {
+		if e.t.Failed() {
+			e.t.Logf("vmegress log:\n%s\naccess log:\n%s", d.Stderr(), d.RawAccessLog())
+		}
+	})
+	return d
+}
+
+// newEnv is newWorld plus a running daemon.
+func newEnv(t *testing.T) *env {
+	e := newWorld(t)
+	e.start()
+	return e
+}
+
+// guest runs argv in the guest namespace.
+func (e *env) guest(argv ...string) (string, error) {
+	return world.Output(e.ctx, world.NS(e.g.NS, argv...)...)
+}
+
+// curl runs curl in the guest with the world's CA; extra args go before the URL.
+func (e *env) curl(url string, extra ...string) (string, error) {
+	args := append([]string{"curl", "-sS", "--max-time", "10", "--cacert", e.w.CAFile}, extra...)
+	return e.guest(append(args, url)...)
+}
+
+// vmegress runs the CLI in the host namespace.
+func (e *env) vmegress(args ...string) (string, error) {
+	return e.w.Vmegress(e.ctx, binary, args...)
+}
+
+// hits returns the fake internet's hits on servers whose label has prefix.
+func (e *env) hits(prefix string) []world.Hit {
+	var out []world.Hit
+	for _, h := range e.w.Log.Hits() {
+		if strings.HasPrefix(h.Server, prefix) {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// noLeaks fails the test if any packet with a guest source address reached
+// the fake internet, or any connection or datagram reached the attacker.
+func (e *env) noLeaks() {
+	e.t.Helper()
+	v4, v6, err := e.w.LeakedPackets(e.ctx)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if v4 != 0 || v6 != 0 {
+		e.t.Errorf("%d IPv4 and %d IPv6 packets with guest source addresses reached the fake internet", v4, v6)
+	}
+	if h := e.hits("attacker"); len(h) > 0 {
+		e.t.Errorf("the attacker saw %d connections/datagrams: %+v", len(h), h)
+	}
+}
+
+// accessLine waits for the access-log line matching every key=value given.
+func (e *env) accessLine(kv ...string) map[string]any {
+	e.t.Helper()
+	m, ok := e.d.WaitAccessLog(5*time.Second, func(m map[string]any) bool {
+		for i := 0; i+1 < len(kv); i += 2 {
+			if fmt.Sprint(m[kv[i]]) != kv[i+1] {
+				return false
+			}
+		}
+		return true
+	})
+	if !ok {
+		e.t.Fatalf("no access-log line with %v; log:\n%s", kv, e.d.RawAccessLog())
+	}
+	return m
+}
+
+// sendUDP sends one datagram from the guest with the Go stack.
+func (e *env) sendUDP(network, addr string) {
+	e.t.Helper()
+	err := world.InNS(e.g.NS, func() error {
+		c, err := net.Dial(network, addr)
+		if err != nil {
+			return nil // no route is as good as dropped
+		}
+		defer c.Close()
+		c.Write([]byte("exfiltrate"))
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// hostState is the host namespace's ruleset, policy rules and routes.
+func (e *env) hostState() string {
+	e.t.Helper()
+	var b strings.Builder
+	for _, argv := range [][]string{
+		{"nft", "list", "ruleset"},
+		{"ip", "-4", "rule", "show"},
+		{"ip", "-6", "rule", "show"},
+		{"ip", "-4", "route", "show", "table", "all"},
+		{"ip", "-6", "route", "show", "table", "all"},
+	} {
+		out, err := world.Output(e.ctx, world.NS(e.w.Host, argv...)...)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		fmt.Fprintf(&b, "# %s\n%s", strings.Join(argv, " "), out)
+	}
+	return b.String()
+}

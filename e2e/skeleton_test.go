@@ -1,0 +1,322 @@
+package e2e
+
+import (
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// TestSpecVerification is spec 6.10 step 3: from the microVM, curl
+// https://www.github.com succeeds and curl https://example.com is refused.
+func TestSpecVerification(t *testing.T) {
+	e := newEnv(t)
+	for _, name := range []string{"github.com", "www.github.com"} {
+		body, err := e.curl("https://" + name)
+		if err != nil {
+			t.Fatalf("curl https://%s from the guest: %v", name, err)
+		}
+		// The server sees the host's address, not the guest's.
+		if want := "hello from " + name + "; you are " + world.HostUplinkIP.String() + ":"; !strings.HasPrefix(body, want) {
+			t.Errorf("body %q, want prefix %q", body, want)
+		}
+		hits := e.hits("tls:" + name)
+		if len(hits) == 0 || !strings.HasPrefix(hits[0].Remote, world.HostUplinkIP.String()+":") {
+			t.Errorf("server %s saw %+v; want a connection from the host's address", name, hits)
+		}
+		line := e.accessLine("sni", name, "verdict", "allow")
+		for k, want := range map[string]string{"project": "alpha", "src": e.g.GuestIP.String(), "dst": world.Names[name].String() + ":443"} {
+			if got, _ := line[k].(string); !strings.HasPrefix(got, want) {
+				t.Errorf("access log %s = %q, want %q", k, got, want)
+			}
+		}
+		if line["bytes_up"].(float64) <= 0 || line["bytes_down"].(float64) <= 0 {
+			t.Errorf("access log bytes: %v up, %v down", line["bytes_up"], line["bytes_down"])
+		}
+	}
+	if line := e.accessLine("sni", "github.com"); line["rule"] != "sni:github.com" {
+		t.Errorf("github.com allowed by %v, want sni:github.com", line["rule"])
+	}
+	if line := e.accessLine("sni", "www.github.com"); line["rule"] != "sni:*.github.com" {
+		t.Errorf("www.github.com allowed by %v, want sni:*.github.com", line["rule"])
+	}
+
+	_, err := e.curl("https://example.com")
+	if err == nil {
+		t.Fatal("curl https://example.com succeeded")
+	}
+	// Refused with a reset, promptly: not a timeout.
+	if !strings.Contains(err.Error(), "reset") {
+		t.Errorf("example.com refused with %v; want a connection reset", err)
+	}
+	if h := e.hits("tls:example.com"); len(h) > 0 {
+		t.Errorf("example.com's server saw %+v", h)
+	}
+	line := e.accessLine("sni", "example.com")
+	if line["verdict"] != "deny" || line["project"] != "alpha" || !strings.Contains(line["reason"].(string), "no rule") {
+		t.Errorf("access log for example.com: %v", line)
+	}
+	e.noLeaks()
+}
+
+// TestNonTLSDenied: plain TCP to 443 and anything to port 80 are refused.
+func TestNonTLSDenied(t *testing.T) {
+	e := newEnv(t)
+	for _, url := range []string{"http://github.com:443/", "http://github.com/", "http://attacker.test/", "telnet://attacker.test:22"} {
+		if out, err := e.guest("curl", "-sS", "--max-time", "10", url); err == nil {
+			t.Errorf("curl %s succeeded: %q", url, out)
+		} else if strings.Contains(err.Error(), "timed out") {
+			t.Errorf("curl %s timed out instead of being refused: %v", url, err)
+		}
+	}
+	if h := e.hits("http:"); len(h) > 0 {
+		t.Errorf("plain HTTP servers saw %+v", h)
+	}
+	line := e.accessLine("dst", world.GitHubIP.String()+":443")
+	if line["verdict"] != "deny" || line["reason"] != "not a TLS ClientHello" {
+		t.Errorf("plain TCP to 443: %v", line)
+	}
+	e.accessLine("dst", world.GitHubIP.String()+":80", "verdict", "deny")
+	e.noLeaks()
+}
+
+// TestFailClosedWhenProxyDies: with the proxy killed (-9) and forwarding on,
+// nothing from the guest reaches the fake internet; a restart reconciles.
+func TestFailClosedWhenProxyDies(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.curl("https://www.github.com"); err != nil {
+		t.Fatalf("allowed name before the crash: %v", err)
+	}
+	e.d.Kill()
+	if out, _ := world.Output(e.ctx, world.NS(e.w.Host, "sysctl", "-n", "net.ipv4.ip_forward")...); strings.TrimSpace(out) != "1" {
+		t.Fatalf("ip_forward is %q; the test needs forwarding on", out)
+	}
+	e.w.Log.Reset()
+	for _, url := range []string{"https://www.github.com", "https://example.com", "https://attacker.test:8443", "http://attacker.test/"} {
+		if _, err := e.curl(url, "--max-time", "3"); err == nil {
+			t.Errorf("curl %s succeeded with the proxy dead", url)
+		}
+	}
+	if h := e.w.Log.Hits(); len(h) > 0 {
+		t.Errorf("with the proxy dead the fake internet saw %+v", h)
+	}
+	e.noLeaks()
+
+	// A new run replaces whatever the crashed one left and serves again.
+	e.start()
+	if _, err := e.curl("https://www.github.com"); err != nil {
+		t.Errorf("after restart: %v", err)
+	}
+	// SIGTERM stops the data plane but leaves interception: still closed.
+	if err := e.d.Stop(10 * time.Second); err != nil {
+		t.Errorf("stopping the daemon: %v", err)
+	}
+	e.w.Log.Reset()
+	if _, err := e.curl("https://www.github.com", "--max-time", "3"); err == nil {
+		t.Error("curl succeeded after the daemon stopped")
+	}
+	if h := e.w.Log.Hits(); len(h) > 0 {
+		t.Errorf("after the daemon stopped the fake internet saw %+v", h)
+	}
+	e.noLeaks()
+}
+
+// TestOtherProtocolsNeverLeave: UDP (DNS, QUIC), ICMP and IPv6 from the guest
+// arrive nowhere. The world first proves that without vmegress they would.
+func TestOtherProtocolsNeverLeave(t *testing.T) {
+	e := newWorld(t)
+	// Control: without interception, the forwarding host lets all of it out.
+	e.sendUDP("udp4", world.AttackerIP.String()+":9999")
+	if _, err := e.guest("ping", "-c", "1", "-W", "2", world.AttackerIP.String()); err != nil {
+		t.Fatalf("control: ping without vmegress failed, so the test could not see a leak: %v", err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for len(e.hits("attacker:udp:9999")) == 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(e.hits("attacker:udp:9999")) == 0 {
+		t.Fatal("control: UDP without vmegress did not arrive, so the test could not see a leak")
+	}
+	v4, _, err := e.w.LeakedPackets(e.ctx)
+	if err != nil || v4 == 0 {
+		t.Fatalf("control: the probe counted %d guest packets (%v)", v4, err)
+	}
+	// Forget the control's traffic: rebuild the probe by reading the baseline.
+	base4, base6, _ := e.w.LeakedPackets(e.ctx)
+	e.w.Log.Reset()
+
+	e.start()
+	e.sendUDP("udp4", world.AttackerIP.String()+":9999")
+	e.sendUDP("udp4", world.AttackerIP.String()+":443") // QUIC
+	e.sendUDP("udp6", "["+world.InetIP6.String()+"]:9999")
+	if out, err := e.guest("dig", "+time=2", "+tries=1", "@"+world.AttackerIP.String(), "github.com"); err == nil {
+		t.Errorf("dig through the attacker's resolver answered: %s", out)
+	}
+	if _, err := e.guest("ping", "-c", "2", "-W", "1", world.AttackerIP.String()); err == nil {
+		t.Error("ping of the fake internet answered")
+	}
+	if _, err := e.guest("ping", "-6", "-c", "2", "-W", "1", world.InetIP6.String()); err == nil {
+		t.Error("IPv6 ping of the fake internet answered")
+	}
+	if _, err := e.curl("https://["+world.InetIP6.String()+"]/", "--max-time", "3", "-k"); err == nil {
+		t.Error("IPv6 TCP to the fake internet succeeded")
+	}
+	time.Sleep(200 * time.Millisecond) // let stragglers land before counting
+	v4, v6, err := e.w.LeakedPackets(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v4 != base4 || v6 != base6 {
+		t.Errorf("guest packets reached the fake internet: IPv4 %d, IPv6 %d", v4-base4, v6-base6)
+	}
+	if h := e.hits("attacker"); len(h) > 0 {
+		t.Errorf("the attacker saw %+v", h)
+	}
+}
+
+// TestHostServicesUnreachable: TCP and UDP services on the host side of the
+// guest link (and on any host address) are out of the guest's reach, even
+// with an allowed SNI.
+func TestHostServicesUnreachable(t *testing.T) {
+	e := newEnv(t)
+	var accepted []string
+	hostIP := e.g.HostIP.String()
+	for _, addr := range []string{hostIP + ":22", hostIP + ":443", world.HostUplinkIP.String() + ":443", "0.0.0.0:8080"} {
+		ln, err := world.ListenIn(e.w.Host, "tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func(ln net.Listener) {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				accepted = append(accepted, ln.Addr().String())
+				c.Write([]byte("SSH-2.0-host\r\n"))
+				c.Close()
+			}
+		}(ln)
+	}
+	udp, err := world.ListenPacketIn(e.w.Host, "udp4", hostIP+":53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udp.Close()
+	gotUDP := make(chan struct{}, 1)
+	go func() {
+		buf := make([]byte, 1500)
+		if _, _, err := udp.ReadFrom(buf); err == nil {
+			gotUDP <- struct{}{}
+		}
+	}()
+
+	if out, err := e.guest("curl", "-sS", "--max-time", "5", "telnet://"+hostIP+":22"); err == nil && strings.Contains(out, "SSH") {
+		t.Errorf("guest reached the host's port 22: %q", out)
+	}
+	if _, err := e.guest("curl", "-sS", "--max-time", "5", "http://"+hostIP+":8080/"); err == nil {
+		t.Error("guest reached the host's port 8080")
+	}
+	// An allowed name pointed at the host itself: the proxy must not dial it.
+	for _, ip := range []string{hostIP, world.HostUplinkIP.String()} {
+		if _, err := e.curl("https://github.com", "--resolve", "github.com:443:"+ip); err == nil {
+			t.Errorf("allowed SNI to the host's own %s succeeded", ip)
+		}
+	}
+	for dst, reason := range map[string]string{
+		hostIP + ":443":                      "destination is in the guest range",
+		world.HostUplinkIP.String() + ":443": "destination is an address of the host itself",
+	} {
+		if line := e.accessLine("dst", dst); line["verdict"] != "deny" || line["reason"] != reason {
+			t.Errorf("allowed SNI to the host's %s: %v; want reason %q", dst, line, reason)
+		}
+	}
+	// The proxy's own port is not a service either.
+	if _, err := e.guest("curl", "-sS", "--max-time", "5", "http://"+hostIP+":15001/"); err == nil {
+		t.Error("guest reached the proxy port directly")
+	}
+	if _, err := e.guest("dig", "+time=2", "+tries=1", "@"+hostIP, "github.com"); err == nil {
+		t.Error("guest got a DNS answer from the host")
+	}
+	e.sendUDP("udp4", hostIP+":53")
+	select {
+	case <-gotUDP:
+		t.Error("a UDP datagram from the guest reached a host socket")
+	case <-time.After(500 * time.Millisecond):
+	}
+	if len(accepted) > 0 {
+		t.Errorf("host services accepted guest connections: %v", accepted)
+	}
+	e.noLeaks()
+}
+
+// TestUpDownLeavesNoTrace: up and down are idempotent, and after down the
+// host's ruleset, policy rules and routes are what they were before up.
+func TestUpDownLeavesNoTrace(t *testing.T) {
+	e := newWorld(t)
+	before := e.hostState()
+	if _, err := e.vmegress("--config", e.cfg, "up"); err != nil {
+		t.Fatal(err)
+	}
+	afterUp := e.hostState()
+	if afterUp == before {
+		t.Fatal("up changed nothing")
+	}
+	for _, want := range []string{"table inet vmegress", "fwmark 0x1 lookup 100", "local default dev lo table 100"} {
+		if !strings.Contains(afterUp, want) {
+			t.Errorf("after up, no %q in:\n%s", want, afterUp)
+		}
+	}
+	if _, err := e.vmegress("--config", e.cfg, "up"); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(afterUp, e.hostState()); diff != "" {
+		t.Errorf("a second up changed the host (-first +second):\n%s", diff)
+	}
+	// Guests are closed with interception but no data plane.
+	if _, err := e.curl("https://www.github.com", "--max-time", "3"); err == nil {
+		t.Error("egress worked with interception installed and no data plane")
+	}
+	for i := 0; i < 2; i++ {
+		if _, err := e.vmegress("down"); err != nil {
+			t.Fatalf("down #%d: %v", i+1, err)
+		}
+		if diff := cmp.Diff(before, e.hostState()); diff != "" {
+			t.Errorf("after down #%d the host differs from before up (-before +after):\n%s", i+1, diff)
+		}
+	}
+	// A daemon's run followed by down leaves no trace either.
+	e.start()
+	if err := e.d.Stop(10 * time.Second); err != nil {
+		t.Errorf("stopping: %v", err)
+	}
+	if _, err := e.vmegress("down"); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(before, e.hostState()); diff != "" {
+		t.Errorf("after run and down the host differs (-before +after):\n%s", diff)
+	}
+}
+
+// TestSpoofedSource: a guest using an address outside the guest range, or
+// another project's address, gets nothing out.
+func TestSpoofedSource(t *testing.T) {
+	e := newEnv(t)
+	for _, addr := range []string{"10.9.9.9", "172.31.0.6"} {
+		if err := world.Run(e.ctx, world.NS(e.g.NS, "ip", "addr", "add", addr+"/32", "dev", "eth0")...); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.curl("https://www.github.com", "--interface", addr, "--max-time", "3"); err == nil {
+			t.Errorf("curl from spoofed %s succeeded", addr)
+		}
+	}
+	if h := e.hits("tls:"); len(h) > 0 {
+		t.Errorf("servers saw spoofed connections: %+v", h)
+	}
+	e.noLeaks()
+}
