@@ -3,6 +3,7 @@ package e2e
 import (
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 // TestSpecVerification is spec 6.10 step 3: from the microVM, curl
 // https://www.github.com succeeds and curl https://example.com is refused.
 func TestSpecVerification(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	for _, name := range []string{"github.com", "www.github.com"} {
 		body, err := e.curl("https://" + name)
@@ -65,13 +67,19 @@ func TestSpecVerification(t *testing.T) {
 
 // TestNonTLSDenied: plain TCP to 443 and anything to port 80 are refused.
 func TestNonTLSDenied(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
-	for _, url := range []string{"http://github.com:443/", "http://github.com/", "http://attacker.test/", "telnet://attacker.test:22"} {
+	for _, url := range []string{"http://github.com:443/", "http://github.com/", "http://attacker.test/"} {
 		if out, err := e.guest("curl", "-sS", "--max-time", "10", url); err == nil {
 			t.Errorf("curl %s succeeded: %q", url, out)
 		} else if strings.Contains(err.Error(), "timed out") {
 			t.Errorf("curl %s timed out instead of being refused: %v", url, err)
 		}
+	}
+	// A server-first protocol (the client waits for a banner) is refused
+	// when no ClientHello comes.
+	if out, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://attacker.test:22"); err == nil || strings.Contains(out, "leaked") {
+		t.Errorf("telnet to attacker:22 got %q, %v", out, err)
 	}
 	if h := e.hits("http:"); len(h) > 0 {
 		t.Errorf("plain HTTP servers saw %+v", h)
@@ -87,6 +95,7 @@ func TestNonTLSDenied(t *testing.T) {
 // TestFailClosedWhenProxyDies: with the proxy killed (-9) and forwarding on,
 // nothing from the guest reaches the fake internet; a restart reconciles.
 func TestFailClosedWhenProxyDies(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	if _, err := e.curl("https://www.github.com"); err != nil {
 		t.Fatalf("allowed name before the crash: %v", err)
@@ -96,11 +105,17 @@ func TestFailClosedWhenProxyDies(t *testing.T) {
 		t.Fatalf("ip_forward is %q; the test needs forwarding on", out)
 	}
 	e.w.Log.Reset()
+	var wg sync.WaitGroup
 	for _, url := range []string{"https://www.github.com", "https://example.com", "https://attacker.test:8443", "http://attacker.test/"} {
-		if _, err := e.curl(url, "--max-time", "3"); err == nil {
-			t.Errorf("curl %s succeeded with the proxy dead", url)
-		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := e.curl(url, "--max-time", "3"); err == nil {
+				t.Errorf("curl %s succeeded with the proxy dead", url)
+			}
+		}()
 	}
+	wg.Wait()
 	if h := e.w.Log.Hits(); len(h) > 0 {
 		t.Errorf("with the proxy dead the fake internet saw %+v", h)
 	}
@@ -128,6 +143,7 @@ func TestFailClosedWhenProxyDies(t *testing.T) {
 // TestOtherProtocolsNeverLeave: UDP (DNS, QUIC), ICMP and IPv6 from the guest
 // arrive nowhere. The world first proves that without vmegress they would.
 func TestOtherProtocolsNeverLeave(t *testing.T) {
+	t.Parallel()
 	e := newWorld(t)
 	// Control: without interception, the forwarding host lets all of it out.
 	e.sendUDP("udp4", world.AttackerIP.String()+":9999")
@@ -182,8 +198,12 @@ func TestOtherProtocolsNeverLeave(t *testing.T) {
 // guest link (and on any host address) are out of the guest's reach, even
 // with an allowed SNI.
 func TestHostServicesUnreachable(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
-	var accepted []string
+	var (
+		mu       sync.Mutex
+		accepted []string
+	)
 	hostIP := e.g.HostIP.String()
 	for _, addr := range []string{hostIP + ":22", hostIP + ":443", world.HostUplinkIP.String() + ":443", "0.0.0.0:8080"} {
 		ln, err := world.ListenIn(e.w.Host, "tcp4", addr)
@@ -197,7 +217,9 @@ func TestHostServicesUnreachable(t *testing.T) {
 				if err != nil {
 					return
 				}
+				mu.Lock()
 				accepted = append(accepted, ln.Addr().String())
+				mu.Unlock()
 				c.Write([]byte("SSH-2.0-host\r\n"))
 				c.Close()
 			}
@@ -249,6 +271,8 @@ func TestHostServicesUnreachable(t *testing.T) {
 		t.Error("a UDP datagram from the guest reached a host socket")
 	case <-time.After(500 * time.Millisecond):
 	}
+	mu.Lock()
+	defer mu.Unlock()
 	if len(accepted) > 0 {
 		t.Errorf("host services accepted guest connections: %v", accepted)
 	}
@@ -258,6 +282,7 @@ func TestHostServicesUnreachable(t *testing.T) {
 // TestUpDownLeavesNoTrace: up and down are idempotent, and after down the
 // host's ruleset, policy rules and routes are what they were before up.
 func TestUpDownLeavesNoTrace(t *testing.T) {
+	t.Parallel()
 	e := newWorld(t)
 	before := e.hostState()
 	if _, err := e.vmegress("--config", e.cfg, "up"); err != nil {
@@ -306,6 +331,7 @@ func TestUpDownLeavesNoTrace(t *testing.T) {
 // TestSpoofedSource: a guest using an address outside the guest range, or
 // another project's address, gets nothing out.
 func TestSpoofedSource(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	for _, addr := range []string{"10.9.9.9", "172.31.0.6"} {
 		if err := world.Run(e.ctx, world.NS(e.g.NS, "ip", "addr", "add", addr+"/32", "dev", "eth0")...); err != nil {

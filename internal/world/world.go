@@ -88,7 +88,7 @@ type GuestSpec struct {
 }
 
 // New builds the world. On error, whatever was built is removed.
-func New(ctx context.Context, opts Options) (w *World, err error) {
+func New(ctx context.Context, opts Options) (*World, error) {
 	if opts.Prefix == "" {
 		opts.Prefix = "vmeg"
 	}
@@ -99,14 +99,9 @@ func New(ctx context.Context, opts Options) (w *World, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating world directory: %w", err)
 	}
-	w = &World{ID: id, Host: id + "-host", Inet: id + "-inet", Dir: dir, Log: &AccessLog{}}
-	defer func() {
-		if err != nil {
-			w.Close()
-			w = nil
-		}
-	}()
+	w := &World{ID: id, Host: id + "-host", Inet: id + "-inet", Dir: dir, Log: &AccessLog{}}
 	if err := w.build(ctx, opts); err != nil {
+		w.Close()
 		return nil, err
 	}
 	return w, nil
