@@ -40,6 +40,8 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// baseConfig names no DNS upstream: the host's resolv.conf (the world's
+// DNS server) is the default.
 const baseConfig = `vm_cidr: 172.31.0.0/16
 guest_interfaces: ["tap-*"]
 tproxy_port: 15001
@@ -49,6 +51,12 @@ projects:
     allow:
       - sni: github.com
       - sni: "*.github.com"
+      - http: www.github.com
+      - sni: private.test     # resolve to denied addresses:
+      - sni: loop.test        # the proxy must not dial them
+      - sni: meta.test
+      - cidr: 198.18.1.22/32  # a server-first banner service
+        ports: [22]
 `
 
 var alphaSubnet = netip.MustParsePrefix("172.31.0.0/30")
@@ -113,6 +121,23 @@ func (e *env) guest(argv ...string) (string, error) {
 func (e *env) curl(url string, extra ...string) (string, error) {
 	args := append([]string{"curl", "-sS", "--max-time", "10", "--cacert", e.w.CAFile}, extra...)
 	return e.guest(append(args, url)...)
+}
+
+// curlAt is curl with name:port pinned to ip (DNS bypassed), as a guest
+// that lies about where a name lives would do.
+func (e *env) curlAt(url, ip string, extra ...string) (string, error) {
+	u := strings.TrimPrefix(strings.TrimPrefix(url, "https://"), "http://")
+	host, port := u, "443"
+	if strings.HasPrefix(url, "http://") {
+		port = "80"
+	}
+	if i := strings.IndexAny(u, "/"); i >= 0 {
+		host = u[:i]
+	}
+	if h, p, err := net.SplitHostPort(host); err == nil {
+		host, port = h, p
+	}
+	return e.curl(url, append([]string{"--resolve", host + ":" + port + ":" + ip}, extra...)...)
 }
 
 // vmegress runs the CLI in the host namespace.

@@ -47,19 +47,30 @@ func TestSpecVerification(t *testing.T) {
 		t.Errorf("www.github.com allowed by %v, want sni:*.github.com", line["rule"])
 	}
 
+	// example.com is not resolved: NXDOMAIN, and the query never leaves.
 	_, err := e.curl("https://example.com")
-	if err == nil {
-		t.Fatal("curl https://example.com succeeded")
+	if err == nil || !strings.Contains(err.Error(), "Could not resolve host") {
+		t.Fatalf("curl https://example.com: %v; want a failed name resolution", err)
 	}
-	// Refused with a reset, promptly: not a timeout.
-	if !strings.Contains(err.Error(), "reset") {
-		t.Errorf("example.com refused with %v; want a connection reset", err)
+	for _, q := range e.w.Log.Queries() {
+		if q == "example.com" {
+			t.Error("the query for example.com reached the fake internet's DNS server")
+		}
+	}
+	// With the address known anyway, it is refused promptly and readably:
+	// a TLS access_denied alert, not a timeout.
+	_, err = e.curlAt("https://example.com", world.ExampleIP.String())
+	if err == nil {
+		t.Fatal("curl https://example.com at its address succeeded")
+	}
+	if !strings.Contains(err.Error(), "access denied") {
+		t.Errorf("example.com refused with %v; want a TLS access_denied alert", err)
 	}
 	if h := e.hits("tls:example.com"); len(h) > 0 {
 		t.Errorf("example.com's server saw %+v", h)
 	}
 	line := e.accessLine("sni", "example.com")
-	if line["verdict"] != "deny" || line["project"] != "alpha" || !strings.Contains(line["reason"].(string), "no rule") {
+	if line["verdict"] != "deny" || line["project"] != "alpha" || !strings.Contains(line["reason"].(string), "no sni rule") {
 		t.Errorf("access log for example.com: %v", line)
 	}
 	e.noLeaks()
@@ -69,17 +80,23 @@ func TestSpecVerification(t *testing.T) {
 func TestNonTLSDenied(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	for _, url := range []string{"http://github.com:443/", "http://github.com/", "http://attacker.test/"} {
-		if out, err := e.guest("curl", "-sS", "--max-time", "10", url); err == nil {
+	for url, ip := range map[string]string{
+		"http://github.com:443/": world.GitHubIP.String(),   // plain HTTP on a TLS port
+		"http://attacker.test/":  world.AttackerIP.String(), // an unlisted name on port 80
+		"http://github.com/":     world.GitHubIP.String(),   // an sni rule is not an http rule
+	} {
+		if out, err := e.curlAt(url, ip, "--fail"); err == nil {
 			t.Errorf("curl %s succeeded: %q", url, out)
 		} else if strings.Contains(err.Error(), "timed out") {
 			t.Errorf("curl %s timed out instead of being refused: %v", url, err)
 		}
 	}
-	// A server-first protocol (the client waits for a banner) is refused
-	// when no ClientHello comes.
-	if out, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://attacker.test:22"); err == nil || strings.Contains(out, "leaked") {
+	// A port no rule names is refused at once, even for a client that waits
+	// for the server to speak first.
+	if out, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://"+world.AttackerIP.String()+":22"); err == nil || strings.Contains(out, "leaked") {
 		t.Errorf("telnet to attacker:22 got %q, %v", out, err)
+	} else if strings.Contains(err.Error(), "timed out") {
+		t.Errorf("telnet to attacker:22 hung: %v", err)
 	}
 	if h := e.hits("http:"); len(h) > 0 {
 		t.Errorf("plain HTTP servers saw %+v", h)
@@ -88,7 +105,8 @@ func TestNonTLSDenied(t *testing.T) {
 	if line["verdict"] != "deny" || line["reason"] != "not a TLS ClientHello" {
 		t.Errorf("plain TCP to 443: %v", line)
 	}
-	e.accessLine("dst", world.GitHubIP.String()+":80", "verdict", "deny")
+	e.accessLine("dst", world.GitHubIP.String()+":80", "verdict", "deny", "host", "github.com")
+	e.accessLine("dst", world.AttackerIP.String()+":22", "verdict", "deny", "reason", "no rule of project alpha allows port 22")
 	e.noLeaks()
 }
 
@@ -101,16 +119,25 @@ func TestFailClosedWhenProxyDies(t *testing.T) {
 		t.Fatalf("allowed name before the crash: %v", err)
 	}
 	e.d.Kill()
+	e.w.Log.Reset()
+	if _, err := e.guest("dig", "+time=2", "+tries=1", "github.com"); err == nil {
+		t.Error("DNS answered with the daemon dead")
+	}
 	if out, _ := world.Output(e.ctx, world.NS(e.w.Host, "sysctl", "-n", "net.ipv4.ip_forward")...); strings.TrimSpace(out) != "1" {
 		t.Fatalf("ip_forward is %q; the test needs forwarding on", out)
 	}
-	e.w.Log.Reset()
 	var wg sync.WaitGroup
-	for _, url := range []string{"https://www.github.com", "https://example.com", "https://attacker.test:8443", "http://attacker.test/"} {
+	for url, ip := range map[string]world.Hit{
+		"https://www.github.com":     {Remote: world.WWWGitHubIP.String()},
+		"https://example.com":        {Remote: world.ExampleIP.String()},
+		"https://attacker.test:8443": {Remote: world.AttackerIP.String()},
+		"http://attacker.test/":      {Remote: world.AttackerIP.String()},
+		"telnet://banner.test:22":    {Remote: world.BannerIP.String()},
+	} {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := e.curl(url, "--max-time", "3"); err == nil {
+			if _, err := e.curlAt(url, ip.Remote, "--max-time", "3"); err == nil {
 				t.Errorf("curl %s succeeded with the proxy dead", url)
 			}
 		}()
@@ -131,7 +158,7 @@ func TestFailClosedWhenProxyDies(t *testing.T) {
 		t.Errorf("stopping the daemon: %v", err)
 	}
 	e.w.Log.Reset()
-	if _, err := e.curl("https://www.github.com", "--max-time", "3"); err == nil {
+	if _, err := e.curlAt("https://www.github.com", world.WWWGitHubIP.String(), "--max-time", "3"); err == nil {
 		t.Error("curl succeeded after the daemon stopped")
 	}
 	if h := e.w.Log.Hits(); len(h) > 0 {
@@ -169,8 +196,9 @@ func TestOtherProtocolsNeverLeave(t *testing.T) {
 	e.sendUDP("udp4", world.AttackerIP.String()+":9999")
 	e.sendUDP("udp4", world.AttackerIP.String()+":443") // QUIC
 	e.sendUDP("udp6", "["+world.InetIP6.String()+"]:9999")
-	if out, err := e.guest("dig", "+time=2", "+tries=1", "@"+world.AttackerIP.String(), "github.com"); err == nil {
-		t.Errorf("dig through the attacker's resolver answered: %s", out)
+	e.sendUDP("udp4", world.AttackerIP.String()+":853") // DNS over QUIC
+	if out, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://"+world.AttackerIP.String()+":853"); err == nil {
+		t.Errorf("TCP 853 (DNS over TLS) got through: %q", out)
 	}
 	if _, err := e.guest("ping", "-c", "2", "-W", "1", world.AttackerIP.String()); err == nil {
 		t.Error("ping of the fake internet answered")
@@ -225,7 +253,7 @@ func TestHostServicesUnreachable(t *testing.T) {
 			}
 		}(ln)
 	}
-	udp, err := world.ListenPacketIn(e.w.Host, "udp4", hostIP+":53")
+	udp, err := world.ListenPacketIn(e.w.Host, "udp4", hostIP+":5353")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,28 +272,21 @@ func TestHostServicesUnreachable(t *testing.T) {
 	if _, err := e.guest("curl", "-sS", "--max-time", "5", "http://"+hostIP+":8080/"); err == nil {
 		t.Error("guest reached the host's port 8080")
 	}
-	// An allowed name pointed at the host itself: the proxy must not dial it.
+	// An allowed name pointed at the host itself: the proxy dials the
+	// name's real address instead, never the host.
 	for _, ip := range []string{hostIP, world.HostUplinkIP.String()} {
-		if _, err := e.curl("https://github.com", "--resolve", "github.com:443:"+ip); err == nil {
-			t.Errorf("allowed SNI to the host's own %s succeeded", ip)
+		if body, err := e.curlAt("https://github.com", ip); err != nil || !strings.HasPrefix(body, "hello from github.com") {
+			t.Errorf("allowed SNI aimed at the host's %s: %q, %v; want the real github.com", ip, body, err)
 		}
-	}
-	for dst, reason := range map[string]string{
-		hostIP + ":443":                      "destination is in the guest range",
-		world.HostUplinkIP.String() + ":443": "destination is an address of the host itself",
-	} {
-		if line := e.accessLine("dst", dst); line["verdict"] != "deny" || line["reason"] != reason {
-			t.Errorf("allowed SNI to the host's %s: %v; want reason %q", dst, line, reason)
+		if line := e.accessLine("dst", ip+":443"); line["upstream"] != world.GitHubIP.String()+":443" {
+			t.Errorf("allowed SNI aimed at the host's %s dialled %v", ip, line["upstream"])
 		}
 	}
 	// The proxy's own port is not a service either.
 	if _, err := e.guest("curl", "-sS", "--max-time", "5", "http://"+hostIP+":15001/"); err == nil {
 		t.Error("guest reached the proxy port directly")
 	}
-	if _, err := e.guest("dig", "+time=2", "+tries=1", "@"+hostIP, "github.com"); err == nil {
-		t.Error("guest got a DNS answer from the host")
-	}
-	e.sendUDP("udp4", hostIP+":53")
+	e.sendUDP("udp4", hostIP+":5353")
 	select {
 	case <-gotUDP:
 		t.Error("a UDP datagram from the guest reached a host socket")
@@ -304,7 +325,7 @@ func TestUpDownLeavesNoTrace(t *testing.T) {
 		t.Errorf("a second up changed the host (-first +second):\n%s", diff)
 	}
 	// Guests are closed with interception but no data plane.
-	if _, err := e.curl("https://www.github.com", "--max-time", "3"); err == nil {
+	if _, err := e.curlAt("https://www.github.com", world.WWWGitHubIP.String(), "--max-time", "3"); err == nil {
 		t.Error("egress worked with interception installed and no data plane")
 	}
 	for i := 0; i < 2; i++ {
@@ -337,7 +358,7 @@ func TestSpoofedSource(t *testing.T) {
 		if err := world.Run(e.ctx, world.NS(e.g.NS, "ip", "addr", "add", addr+"/32", "dev", "eth0")...); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.curl("https://www.github.com", "--interface", addr, "--max-time", "3"); err == nil {
+		if _, err := e.curlAt("https://www.github.com", world.WWWGitHubIP.String(), "--interface", addr, "--max-time", "3"); err == nil {
 			t.Errorf("curl from spoofed %s succeeded", addr)
 		}
 	}

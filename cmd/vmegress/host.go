@@ -5,10 +5,12 @@ import (
 	"log/slog"
 	"net"
 
+	mdns "github.com/miekg/dns"
 	"github.com/spf13/cobra"
 	"github.com/vishvananda/netlink"
 
 	"github.com/vmegress/vmegress/internal/daemon"
+	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/proxy"
 )
@@ -50,6 +52,8 @@ and interception stays in place, so guests stay fail-closed until 'vmegress down
 				Interception: in,
 				Listen:       proxy.ListenTransparent,
 				Dial:         proxy.MarkedDialer(cfg.UpstreamMark, net.Dialer{Timeout: proxy.DefaultDialTimeout}),
+				DNSUDP:       &mdns.Client{Net: "udp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
+				DNSTCP:       &mdns.Client{Net: "tcp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
 				HostAddrs:    proxy.KernelAddrChecker{Handle: h},
 				Log:          a.log,
 				AccessLog:    slog.New(slog.NewJSONHandler(a.stdout, nil)),

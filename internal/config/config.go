@@ -29,6 +29,8 @@ const (
 	DefaultRouteTable     = 100
 	DefaultAdmin          = "127.0.0.1:9901"
 	DefaultMaxConnections = 1024
+	// SMTPPort is never opened by a name rule.
+	SMTPPort = 25
 )
 
 // DefaultVMCIDR is the spec's guest range.
@@ -91,9 +93,24 @@ type Rule struct {
 	Name string
 	// Prefix is the destination range of a cidr rule.
 	Prefix netip.Prefix
-	// Ports the rule applies to; empty means the kind's default (443 for sni).
+	// Ports the rule applies to; empty means the kind's default (443 for sni,
+	// 80 for http); always set for cidr.
 	Ports []uint16
 	Pos   Position
+}
+
+// EffectivePorts returns the ports the rule applies to, defaults applied.
+func (r Rule) EffectivePorts() []uint16 {
+	if len(r.Ports) > 0 {
+		return r.Ports
+	}
+	switch r.Kind {
+	case KindSNI:
+		return []uint16{443}
+	case KindHTTP:
+		return []uint16{80}
+	}
+	return nil
 }
 
 // String renders the rule as it would be written in the config, for logs.

@@ -24,6 +24,9 @@ projects:
       - sni: "*.GitHub.com"
       - sni: api.example.org
         ports: [443, 8443]
+      - http: deb.debian.org
+      - cidr: 198.51.100.7
+        ports: [22, 25]
   beta:
     allow:
 `))
@@ -45,8 +48,10 @@ projects:
 				{Kind: KindSNI, Name: "github.com", Pos: Position{12, 9}},
 				{Kind: KindSNI, Name: "*.github.com", Pos: Position{13, 9}},
 				{Kind: KindSNI, Name: "api.example.org", Ports: []uint16{443, 8443}, Pos: Position{14, 9}},
+				{Kind: KindHTTP, Name: "deb.debian.org", Pos: Position{16, 9}},
+				{Kind: KindCIDR, Prefix: netip.MustParsePrefix("198.51.100.7/32"), Ports: []uint16{22, 25}, Pos: Position{17, 9}},
 			}},
-		{Name: "beta", Mode: "enforce", MaxConnections: DefaultMaxConnections, Pos: Position{16, 3}},
+		{Name: "beta", Mode: "enforce", MaxConnections: DefaultMaxConnections, Pos: Position{19, 3}},
 	}
 	if diff := cmp.Diff(want, cfg.Projects, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 		t.Errorf("projects (-want +got):\n%s", diff)
@@ -128,8 +133,12 @@ func TestParseErrors(t *testing.T) {
 			[]string{`c.yaml:4:9: allow entry needs one of sni, http or cidr`}},
 		{"rule not a mapping", "projects:\n  a:\n    allow:\n      - github.com\n",
 			[]string{`c.yaml:4:9: allow entry must be a mapping such as {sni: example.com}`}},
-		{"http not yet", "projects:\n  a:\n    allow:\n      - http: a.com\n",
-			[]string{`c.yaml:4:15: http rules are not supported yet (only sni)`}},
+		{"cidr without ports", "projects:\n  a:\n    allow:\n      - cidr: 198.51.100.0/24\n",
+			[]string{`c.yaml:4:15: cidr rule 198.51.100.0/24 needs ports (a cidr rule is not inspected, so it must say where it applies)`}},
+		{"cidr host bits", "projects:\n  a:\n    allow:\n      - cidr: 198.51.100.1/24\n        ports: [22]\n",
+			[]string{`c.yaml:4:15: cidr: 198.51.100.1/24 has host bits set; did you mean 198.51.100.0/24?`}},
+		{"smtp by name", "projects:\n  a:\n    allow:\n      - sni: mail.example.com\n        ports: [465, 25]\n",
+			[]string{`c.yaml:4:14: sni rule mail.example.com: port 25 (SMTP) is never allowed by a name rule; use a cidr rule for a known mail relay`}},
 		{"yaml syntax", "projects:\n  a: [\n",
 			[]string{`c.yaml:2:1: invalid YAML: did not find expected node content`}},
 		{"empty", "",

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -424,10 +425,13 @@ func (p *parser) rule(n *yaml.Node) (Rule, bool) {
 	case kindNode == nil:
 		p.errf(n, "allow entry needs one of sni, http or cidr")
 		return r, false
-	case r.Kind == KindHTTP || r.Kind == KindCIDR:
-		// The contract reserves these kinds; the data plane does not enforce
-		// them yet, and a rule that is silently ignored is worse than an error.
-		p.errf(kindNode, "%s rules are not supported yet (only sni)", r.Kind)
+	case r.Kind == KindCIDR && len(r.Ports) == 0:
+		p.errf(kindNode, "cidr rule %s needs ports (a cidr rule is not inspected, so it must say where it applies)", r.Prefix)
+		return r, false
+	case r.Kind != KindCIDR && slices.Contains(r.Ports, SMTPPort):
+		// Mail from sandboxes is spam waiting to happen: only an explicit
+		// address range may open it.
+		p.errf(kindNode, "%s rule %s: port 25 (SMTP) is never allowed by a name rule; use a cidr rule for a known mail relay", r.Kind, r.Name)
 		return r, false
 	}
 	return r, true
@@ -472,6 +476,11 @@ func (p *parser) crossCheck() {
 	switch c.RouteTable {
 	case 253, 254, 255: // default, main, local
 		p.issues = append(p.issues, Issue{p.keyPos("route_table"), fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})
+	}
+	for _, pr := range c.Projects {
+		if pr.Mode == "audit" {
+			p.issues = append(p.issues, Issue{pr.Pos, fmt.Sprintf("project %q: mode audit is not supported yet (only enforce)", pr.Name)})
+		}
 	}
 	for i, a := range p.subnetPos {
 		if !c.VMCIDR.Contains(a.subnet.Addr()) || a.subnet.Bits() < c.VMCIDR.Bits() {

@@ -10,8 +10,13 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"time"
+
+	mdns "github.com/miekg/dns"
 
 	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/dest"
+	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/policy"
@@ -58,13 +63,35 @@ type Daemon struct {
 	Interception Interception
 	// Listen opens the data plane's transparent listener.
 	Listen func(ctx context.Context, addr string) (net.Listener, error)
+	// ListenPacket opens the resolver's UDP socket (zero: net.ListenPacket).
+	ListenPacket func(ctx context.Context, network, addr string) (net.PacketConn, error)
 	// Dial dials upstream with the upstream mark.
-	Dial      func(ctx context.Context, network, addr string) (net.Conn, error)
-	HostAddrs proxy.AddrChecker
-	Log       *slog.Logger
-	AccessLog *slog.Logger
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// DNSUDP and DNSTCP exchange upstream DNS queries with the upstream mark.
+	DNSUDP, DNSTCP vdns.Exchanger
+	// ResolvConf is read for upstream resolvers when the config names none
+	// (zero: /etc/resolv.conf).
+	ResolvConf string
+	HostAddrs  proxy.AddrChecker
+	Log        *slog.Logger
+	AccessLog  *slog.Logger
 	// Ready is called once interception and the data plane are up.
 	Ready func()
+}
+
+func (d *Daemon) upstreams() ([]string, error) {
+	if len(d.Config.DNSUpstreams) > 0 {
+		var out []string
+		for _, u := range d.Config.DNSUpstreams {
+			out = append(out, u.String())
+		}
+		return out, nil
+	}
+	path := d.ResolvConf
+	if path == "" {
+		path = "/etc/resolv.conf"
+	}
+	return vdns.UpstreamsFromResolvConf(path)
 }
 
 // Run installs interception, serves until ctx ends, then stops the data plane
@@ -72,6 +99,10 @@ type Daemon struct {
 func (d *Daemon) Run(ctx context.Context) error {
 	cfg := d.Config
 	pol, err := policy.Compile(cfg)
+	if err != nil {
+		return err
+	}
+	upstreams, err := d.upstreams()
 	if err != nil {
 		return err
 	}
@@ -83,22 +114,42 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("starting the builtin data plane: %w", err)
 	}
-	px := &proxy.Proxy{
+	answers := &dest.Answers{}
+	res := &vdns.Resolver{
+		Upstreams:  upstreams,
+		UDP:        d.DNSUDP,
+		TCP:        d.DNSTCP,
+		Answers:    answers,
 		GuestRange: cfg.VMCIDR,
-		Dial:       d.Dial,
-		HostAddrs:  d.HostAddrs,
-		Log:        d.Log,
-		AccessLog:  d.AccessLog,
+		Log:        d.Log.With("component", "dns"),
+	}
+	res.SetPolicy(pol)
+	dnsAddr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.DNSPort)))
+	stopDNS, err := d.serveDNS(ctx, dnsAddr, res)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer stopDNS()
+	px := &proxy.Proxy{
+		GuestRange:  cfg.VMCIDR,
+		Dial:        d.Dial,
+		HostAddrs:   d.HostAddrs,
+		Answers:     answers,
+		Resolver:    res,
+		OriginalDst: cfg.Upstream == "original_dst",
+		Log:         d.Log,
+		AccessLog:   d.AccessLog,
 	}
 	px.SetPolicy(pol)
 	var names []string
 	for _, p := range pol.Projects() {
 		names = append(names, p.Name+"="+p.Subnet.String())
 	}
-	d.Log.Info("vmegress ready", "dataplane", "builtin", "listen", addr, "projects", names,
-		"upstream", cfg.Upstream)
+	d.Log.Info("vmegress ready", "dataplane", "builtin", "listen", addr, "dns", dnsAddr,
+		"dns_upstreams", upstreams, "projects", names, "upstream", cfg.Upstream)
 	if cfg.Upstream == "original_dst" {
-		d.Log.Warn("upstream: original_dst dials the guest's chosen address on the strength of its SNI alone")
+		d.Log.Warn("upstream: original_dst dials the guest's chosen address on the strength of its SNI or Host alone: a guest can reach any address by naming an allowed host (SNI spoofing)")
 	}
 	if d.Ready != nil {
 		d.Ready()
@@ -106,4 +157,35 @@ func (d *Daemon) Run(ctx context.Context) error {
 	err = px.Serve(ctx, ln)
 	d.Log.Info("data plane stopped; interception stays in place (guests fail closed) until `vmegress down`")
 	return err
+}
+
+// serveDNS starts the resolver on UDP and TCP addr; the returned func stops it.
+func (d *Daemon) serveDNS(ctx context.Context, addr string, h mdns.Handler) (func(), error) {
+	listenPacket := d.ListenPacket
+	if listenPacket == nil {
+		listenPacket = func(ctx context.Context, network, addr string) (net.PacketConn, error) {
+			var lc net.ListenConfig
+			return lc.ListenPacket(ctx, network, addr)
+		}
+	}
+	pc, err := listenPacket(ctx, "udp4", addr)
+	if err != nil {
+		return nil, fmt.Errorf("starting the resolver on udp %s: %w", addr, err)
+	}
+	var lc net.ListenConfig
+	tl, err := lc.Listen(ctx, "tcp4", addr)
+	if err != nil {
+		pc.Close()
+		return nil, fmt.Errorf("starting the resolver on tcp %s: %w", addr, err)
+	}
+	udp := &mdns.Server{PacketConn: pc, Handler: h}
+	tcp := &mdns.Server{Listener: tl, Handler: h, ReadTimeout: 5 * time.Second}
+	for _, s := range []*mdns.Server{udp, tcp} {
+		go func() {
+			if err := s.ActivateAndServe(); err != nil && ctx.Err() == nil {
+				d.Log.Error("resolver stopped", "err", err)
+			}
+		}()
+	}
+	return func() { udp.Shutdown(); tcp.Shutdown() }, nil
 }

@@ -22,6 +22,8 @@ type State struct {
 	GuestInterfaces []string
 	// TProxyPort is where intercepted TCP goes (the data plane's listener).
 	TProxyPort uint16
+	// DNSPort is where guest DNS (UDP and TCP 53) is redirected (the resolver).
+	DNSPort uint16
 	// Mark is set on intercepted packets; policy routing delivers them locally.
 	Mark uint32
 	// UpstreamMark is carried by the data plane's own upstream sockets.
@@ -34,6 +36,7 @@ func FromConfig(cfg *config.Config) State {
 		VMCIDR:          cfg.VMCIDR,
 		GuestInterfaces: append([]string(nil), cfg.GuestInterfaces...),
 		TProxyPort:      cfg.TProxyPort,
+		DNSPort:         cfg.DNSPort,
 		Mark:            cfg.Mark,
 		UpstreamMark:    cfg.UpstreamMark,
 	}

@@ -74,6 +74,7 @@ func (b *NFTables) Installed(ctx context.Context) (bool, error) {
 const (
 	setGuestIfaces = "guest_ifaces"
 	chainPre       = "prerouting"
+	chainDNS       = "dns"
 	chainInput     = "input"
 	chainForward   = "forward"
 	chainOutput    = "output"
@@ -110,18 +111,31 @@ func Render(tx *knftables.Transaction, s State) {
 	rule(chainPre, "iifname != @"+setGuestIfaces+" return", "only traffic from guests is handled here")
 	rule(chainPre, "meta nfproto != ipv4 counter drop", "guest IPv6 (and anything not IPv4) never leaves")
 	rule(chainPre, fmt.Sprintf("ip saddr != %s counter drop", s.VMCIDR), "source outside the guest range: spoofed")
+	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
+	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
 	rule(chainPre, fmt.Sprintf("meta l4proto tcp tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark),
 		"guest TCP goes to the data plane, marked for local delivery")
 	// nft's tproxy falls through to the next rule when no socket listens on
 	// the port; without this drop a dead proxy would mean open egress.
 	rule(chainPre, "counter drop", "fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)")
 
-	// input: guests reach host sockets only through the TPROXY mark.
+	// dns: NAT redirect, so replies come from the address the guest asked
+	// (conntrack undoes it). Should it ever not happen, forward drops.
+	tx.Add(&knftables.Chain{
+		Name: chainDNS, Type: ptr(knftables.NATType), Hook: ptr(knftables.PreroutingHook),
+		Priority: ptr(knftables.DNATPriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainDNS, fmt.Sprintf("%s meta l4proto { tcp, udp } th dport 53 counter redirect to :%d", fromGuest, s.DNSPort), "guest DNS goes to the allowlist resolver")
+
+	// input: guests reach host sockets only through the TPROXY mark or the
+	// DNS redirect.
 	tx.Add(&knftables.Chain{
 		Name: chainInput, Type: ptr(knftables.FilterType), Hook: ptr(knftables.InputHook),
 		Priority: ptr(knftables.FilterPriority), Policy: ptr(knftables.AcceptPolicy),
 	})
 	rule(chainInput, fmt.Sprintf("tcp dport %d meta mark != %#x counter drop", s.TProxyPort, s.Mark), "the data plane's port is reachable only through TPROXY")
+	rule(chainInput, fmt.Sprintf("%s meta l4proto { tcp, udp } th dport %d ct status dnat accept", fromGuest, s.DNSPort), "redirected guest DNS to the resolver")
+	rule(chainInput, fmt.Sprintf("meta l4proto { tcp, udp } th dport %d counter drop", s.DNSPort), "the resolver is reachable only through the redirect")
 	rule(chainInput, fmt.Sprintf("%s meta mark %#x meta l4proto tcp accept", fromGuest, s.Mark), "intercepted guest TCP to the data plane")
 	rule(chainInput, fromGuest+" counter drop", "guests reach no host service directly")
 

@@ -23,6 +23,7 @@ var testState = State{
 	VMCIDR:          netip.MustParsePrefix("172.31.0.0/16"),
 	GuestInterfaces: []string{"tap-*", "fc-tap0"},
 	TProxyPort:      15001,
+	DNSPort:         15053,
 	Mark:            0x1,
 	UpstreamMark:    0x2,
 }

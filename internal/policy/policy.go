@@ -1,8 +1,10 @@
 // Package policy compiles the config's per-project allowlists into a matcher
 // and decides, for one connection's facts, whether it may leave the host.
 //
-// Decide is pure: no I/O, no clock. The data planes gather the facts (source
-// address, original destination, TLS server name) and act on the Decision.
+// A decision has two stages. Connect looks only at addresses: it settles
+// cidr rules (never inspected) and unknown ports at once, and otherwise says
+// what the data plane must read (a TLS ClientHello, an HTTP request head).
+// Decide then settles the name. Both are pure: no I/O, no clock.
 package policy
 
 import (
@@ -34,54 +36,103 @@ type Decision struct {
 	Reason string
 }
 
-// Facts are what the data plane knows about a connection when it decides.
+// Inspect is what the data plane must read before the name stage.
+type Inspect int
+
+// What to read.
+const (
+	// InspectNone: the Connect decision is final.
+	InspectNone Inspect = iota
+	// InspectTLS: read a ClientHello, then Decide with KindTLS.
+	InspectTLS
+	// InspectHTTP: read an HTTP request head, then Decide with KindHTTP.
+	InspectHTTP
+	// InspectEither: the port has both sni and http rules; tell by the first byte.
+	InspectEither
+)
+
+// Kind is the protocol a name came from.
+type Kind string
+
+// Kinds of Facts.
+const (
+	KindNone Kind = ""
+	KindTLS  Kind = "tls"
+	KindHTTP Kind = "http"
+)
+
+// Facts are what the data plane knows about a connection at the name stage.
 type Facts struct {
 	Src netip.Addr
 	Dst netip.AddrPort
-	// TLS is true when a complete TLS ClientHello was read.
-	TLS bool
-	// SNI is the ClientHello's server name ("" when absent).
-	SNI string
+	// Kind is how Name was learnt (KindNone: nothing usable was read).
+	Kind Kind
+	// Name is the TLS server name or the HTTP Host (without port).
+	Name string
 }
 
 // Policy is the compiled policy of every project. It is immutable; a reload
 // compiles a new one.
 type Policy struct {
 	bySubnet map[netip.Prefix]*Project
+	byName   map[string]*Project
 }
 
 // Project is one project's compiled allowlist.
 type Project struct {
-	Name   string
-	Subnet netip.Prefix
-	sni    nameMatcher
+	Name           string
+	Subnet         netip.Prefix
+	MaxConnections int
+	sni, http      nameMatcher
+	cidrs          []cidrRule
+	sniPorts       map[uint16]bool
+	httpPorts      map[uint16]bool
 }
 
-// Compile builds the matcher for every project of cfg that has a subnet.
+type cidrRule struct {
+	prefix netip.Prefix
+	ports  []uint16
+	rule   string
+}
+
+// Compile builds the matcher for every project of cfg.
 func Compile(cfg *config.Config) (*Policy, error) {
-	p := &Policy{bySubnet: map[netip.Prefix]*Project{}}
+	p := &Policy{bySubnet: map[netip.Prefix]*Project{}, byName: map[string]*Project{}}
 	for _, cp := range cfg.Projects {
+		pr := &Project{
+			Name: cp.Name, MaxConnections: cp.MaxConnections,
+			sni: newNameMatcher(), http: newNameMatcher(),
+			sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
+		}
+		for _, r := range cp.Allow {
+			ports := r.EffectivePorts()
+			switch r.Kind {
+			case config.KindSNI:
+				pr.sni.add(r.Name, ports, r.String())
+				for _, pt := range ports {
+					pr.sniPorts[pt] = true
+				}
+			case config.KindHTTP:
+				pr.http.add(r.Name, ports, r.String())
+				for _, pt := range ports {
+					pr.httpPorts[pt] = true
+				}
+			case config.KindCIDR:
+				pr.cidrs = append(pr.cidrs, cidrRule{r.Prefix, ports, r.String()})
+			default:
+				return nil, fmt.Errorf("compiling project %q: rule kind %q is not supported", cp.Name, r.Kind)
+			}
+		}
+		p.byName[pr.Name] = pr
 		if !cp.Subnet.IsValid() {
 			continue // not placed yet: no traffic can come from it
 		}
 		if cp.Subnet.Bits() != 30 {
 			return nil, fmt.Errorf("compiling project %q: subnet %s is not a /30", cp.Name, cp.Subnet)
 		}
-		pr := &Project{Name: cp.Name, Subnet: cp.Subnet.Masked(), sni: newNameMatcher()}
-		for _, r := range cp.Allow {
-			switch r.Kind {
-			case config.KindSNI:
-				ports := r.Ports
-				if len(ports) == 0 {
-					ports = []uint16{443}
-				}
-				pr.sni.add(r.Name, ports, r.String())
-			default:
-				return nil, fmt.Errorf("compiling project %q: rule kind %q is not supported", cp.Name, r.Kind)
-			}
-		}
-		if _, dup := p.bySubnet[pr.Subnet]; dup {
-			return nil, fmt.Errorf("compiling project %q: subnet %s is used twice", cp.Name, cp.Subnet)
+		pr.Subnet = cp.Subnet.Masked()
+		if other, dup := p.bySubnet[pr.Subnet]; dup {
+			return nil, fmt.Errorf("compiling project %q: subnet %s is also project %q's", cp.Name, cp.Subnet, other.Name)
 		}
 		p.bySubnet[pr.Subnet] = pr
 	}
@@ -90,17 +141,18 @@ func Compile(cfg *config.Config) (*Policy, error) {
 
 // ProjectFor returns the project whose /30 holds src, or nil.
 func (p *Policy) ProjectFor(src netip.Addr) *Project {
+	src = src.Unmap()
 	if !src.Is4() {
-		src = src.Unmap()
-		if !src.Is4() {
-			return nil
-		}
+		return nil
 	}
 	pf, _ := src.Prefix(30)
 	return p.bySubnet[pf]
 }
 
-// Projects returns the compiled projects sorted by name.
+// Project returns the named project (placed or not), or nil.
+func (p *Policy) Project(name string) *Project { return p.byName[name] }
+
+// Projects returns the placed projects sorted by name.
 func (p *Policy) Projects() []*Project {
 	out := make([]*Project, 0, len(p.bySubnet))
 	for _, pr := range p.bySubnet {
@@ -110,30 +162,111 @@ func (p *Policy) Projects() []*Project {
 	return out
 }
 
-// Decide returns the verdict for a connection with the given facts.
+// Connect is the address stage: it decides what it can from the source and
+// the original destination alone. When the returned Inspect is not
+// InspectNone, the Decision is provisional (a denial for the case that
+// nothing usable is read) and Decide settles it.
+func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect) {
+	pr := p.ProjectFor(src)
+	if pr == nil {
+		return Decision{Verdict: Deny, Reason: "source address is in no project"}, InspectNone
+	}
+	if rule, ok := pr.CIDRAllows(dst.Addr(), dst.Port()); ok {
+		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}, InspectNone
+	}
+	port := dst.Port()
+	d := Decision{Verdict: Deny, Project: pr.Name}
+	switch tls, http := pr.sniPorts[port], pr.httpPorts[port]; {
+	case tls && http:
+		d.Reason = "neither a TLS ClientHello nor an HTTP request"
+		return d, InspectEither
+	case tls:
+		d.Reason = "not a TLS ClientHello"
+		return d, InspectTLS
+	case http:
+		d.Reason = "not an HTTP request"
+		return d, InspectHTTP
+	}
+	d.Reason = fmt.Sprintf("no rule of project %s allows port %d", pr.Name, port)
+	return d, InspectNone
+}
+
+// Decide is the name stage for a connection whose Connect asked for inspection.
 func (p *Policy) Decide(f Facts) Decision {
 	pr := p.ProjectFor(f.Src)
 	if pr == nil {
 		return Decision{Verdict: Deny, Reason: "source address is in no project"}
 	}
 	d := Decision{Verdict: Deny, Project: pr.Name}
-	switch {
-	case !f.TLS:
-		d.Reason = "not a TLS ClientHello"
-	case f.SNI == "":
-		d.Reason = "TLS ClientHello without a server name (SNI)"
-	default:
-		name, err := config.NormalizeName(f.SNI)
-		if err != nil || strings.HasPrefix(name, "*.") {
-			d.Reason = "server name is not a valid host name"
+	port := f.Dst.Port()
+	var m nameMatcher
+	switch f.Kind {
+	case KindTLS:
+		m = pr.sni
+		if f.Name == "" {
+			d.Reason = "TLS ClientHello without a server name (SNI)"
 			return d
 		}
-		if rule, ok := pr.sni.match(name, f.Dst.Port()); ok {
-			return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}
+	case KindHTTP:
+		m = pr.http
+		if f.Name == "" {
+			d.Reason = "HTTP request without a Host"
+			return d
 		}
-		d.Reason = fmt.Sprintf("no rule of project %s allows %s on port %d", pr.Name, name, f.Dst.Port())
+	default:
+		d.Reason = "nothing to decide on: no ClientHello or HTTP request"
+		return d
 	}
+	name, err := config.NormalizeName(f.Name)
+	if err != nil || strings.HasPrefix(name, "*.") {
+		d.Reason = "server name is not a valid host name"
+		return d
+	}
+	if port == config.SMTPPort {
+		d.Reason = "port 25 is never allowed by a name rule"
+		return d
+	}
+	if rule, ok := m.match(name, port); ok {
+		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}
+	}
+	d.Reason = fmt.Sprintf("no %s rule of project %s allows %s on port %d", ruleKind(f.Kind), pr.Name, name, port)
 	return d
+}
+
+func ruleKind(k Kind) string {
+	if k == KindHTTP {
+		return "http"
+	}
+	return "sni"
+}
+
+// AllowsName reports whether any sni or http rule of the project matches
+// name (normalised), on any port: the resolver answers exactly these names.
+func (pr *Project) AllowsName(name string) bool {
+	return pr.sni.matchAny(name) || pr.http.matchAny(name)
+}
+
+// CIDRAllows returns the cidr rule allowing addr on port, if any.
+func (pr *Project) CIDRAllows(addr netip.Addr, port uint16) (string, bool) {
+	addr = addr.Unmap()
+	for _, c := range pr.cidrs {
+		if c.prefix.Contains(addr) && slices.Contains(c.ports, port) {
+			return c.rule, true
+		}
+	}
+	return "", false
+}
+
+// CIDRNames reports whether a cidr rule of the project names addr (any
+// port): such addresses are exempt from the always-denied set.
+func (pr *Project) CIDRNames(addr netip.Addr) bool {
+	addr = addr.Unmap()
+	for _, c := range pr.cidrs {
+		if c.prefix.Contains(addr) {
+			return true
+		}
+	}
+	return false
 }
 
 // nameMatcher finds the rule for a host name and port: exact names first,
@@ -169,21 +302,34 @@ func findPort(rs []portRule, port uint16) (string, bool) {
 	return "", false
 }
 
-// match reports the rule allowing name (normalised) on port.
-func (m nameMatcher) match(name string, port uint16) (string, bool) {
-	if r, ok := findPort(m.exact[name], port); ok {
-		return r, true
+// candidates calls f with the rules for name: exact, then each "*." suffix
+// from the longest ("*.x.com" matches "a.x.com" and "a.b.x.com", not "x.com").
+func (m nameMatcher) candidates(name string, f func([]portRule) bool) bool {
+	if rs, ok := m.exact[name]; ok && f(rs) {
+		return true
 	}
-	// "*.x.com" matches "a.x.com" and "a.b.x.com" but not "x.com": try every
-	// proper suffix, longest first.
 	for rest := name; ; {
 		i := strings.IndexByte(rest, '.')
 		if i < 0 {
-			return "", false
+			return false
 		}
 		rest = rest[i+1:]
-		if r, ok := findPort(m.wild[rest], port); ok {
-			return r, true
+		if rs, ok := m.wild[rest]; ok && f(rs) {
+			return true
 		}
 	}
+}
+
+// match reports the rule allowing name (normalised) on port.
+func (m nameMatcher) match(name string, port uint16) (rule string, ok bool) {
+	ok = m.candidates(name, func(rs []portRule) bool {
+		rule, ok = findPort(rs, port)
+		return ok
+	})
+	return rule, ok
+}
+
+// matchAny reports whether any rule matches name, whatever its ports.
+func (m nameMatcher) matchAny(name string) bool {
+	return m.candidates(name, func([]portRule) bool { return true })
 }

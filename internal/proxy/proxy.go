@@ -8,6 +8,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -15,10 +16,12 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/policy"
 )
 
@@ -34,6 +37,12 @@ type AddrChecker interface {
 	IsHostAddr(netip.Addr) (bool, error)
 }
 
+// Resolver resolves a name for the data plane's own dialing, filtered by the
+// project's policy (the allowlist resolver's Lookup).
+type Resolver interface {
+	Lookup(ctx context.Context, pr *policy.Project, name string) ([]netip.Addr, error)
+}
+
 // Proxy is the builtin data plane. Set the fields, then call Serve.
 type Proxy struct {
 	// Policy decides every connection; swap it with SetPolicy.
@@ -46,21 +55,45 @@ type Proxy struct {
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// HostAddrs tells the host's own addresses apart. Required.
 	HostAddrs AddrChecker
+	// Answers holds what the resolver gave each project; an original
+	// destination found there for the same name is dialled as is.
+	Answers *dest.Answers
+	// Resolver resolves names whose original destination is not vetted.
+	// Required unless OriginalDst.
+	Resolver Resolver
+	// OriginalDst dials the guest's original destination on the strength of
+	// the name alone (the spec's behaviour; open to SNI spoofing).
+	OriginalDst bool
 	// Log is the daemon's log; AccessLog gets one line per connection.
 	Log       *slog.Logger
 	AccessLog *slog.Logger
-	// HelloTimeout bounds the wait for a ClientHello (zero: DefaultHelloTimeout).
+	// HelloTimeout bounds the wait for a ClientHello or request head (zero:
+	// DefaultHelloTimeout).
 	HelloTimeout time.Duration
 	// Now is the clock (zero: time.Now).
 	Now func() time.Time
 
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns map[*net.TCPConn]struct{}
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  map[*net.TCPConn]struct{}
+	active sync.Map // project name → *atomic.Int64
 }
 
 // SetPolicy swaps the policy new connections are decided by.
 func (p *Proxy) SetPolicy(pol *policy.Policy) { p.policy.Store(pol) }
+
+// Active returns the number of open connections of a project.
+func (p *Proxy) Active(project string) int64 {
+	if v, ok := p.active.Load(project); ok {
+		return v.(*atomic.Int64).Load()
+	}
+	return 0
+}
+
+func (p *Proxy) counter(project string) *atomic.Int64 {
+	v, _ := p.active.LoadOrStore(project, new(atomic.Int64))
+	return v.(*atomic.Int64)
+}
 
 func (p *Proxy) now() time.Time {
 	if p.Now != nil {
@@ -144,12 +177,13 @@ func (p *Proxy) closeAll() {
 
 // entry is one access-log line being built.
 type entry struct {
-	start     time.Time
-	src, dst  netip.AddrPort
-	sni       string
-	d         policy.Decision
-	up, down  int64
-	upstreamA string
+	start    time.Time
+	src, dst netip.AddrPort
+	name     string // TLS server name or HTTP host
+	kind     policy.Kind
+	d        policy.Decision
+	up, down int64
+	upstream string
 }
 
 func (p *Proxy) logEntry(e *entry) {
@@ -160,7 +194,8 @@ func (p *Proxy) logEntry(e *entry) {
 		slog.String("project", e.d.Project),
 		slog.String("src", e.src.String()),
 		slog.String("dst", e.dst.String()),
-		slog.String("sni", e.sni),
+		slog.String("sni", nameIf(e, policy.KindTLS)),
+		slog.String("host", nameIf(e, policy.KindHTTP)),
 		slog.String("verdict", string(e.d.Verdict)),
 		slog.String("rule", e.d.Rule),
 		slog.String("reason", e.d.Reason),
@@ -168,10 +203,17 @@ func (p *Proxy) logEntry(e *entry) {
 		slog.Int64("bytes_down", e.down),
 		slog.Float64("duration_ms", float64(p.now().Sub(e.start).Microseconds())/1000),
 	}
-	if e.upstreamA != "" {
-		attrs = append(attrs, slog.String("upstream", e.upstreamA))
+	if e.upstream != "" {
+		attrs = append(attrs, slog.String("upstream", e.upstream))
 	}
 	p.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "connection", attrs...)
+}
+
+func nameIf(e *entry, k policy.Kind) string {
+	if e.kind == k {
+		return e.name
+	}
+	return ""
 }
 
 func addrPort(a net.Addr) netip.AddrPort {
@@ -182,54 +224,71 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
+// Verdicts beyond policy's: the policy allowed it but it could not be done.
+const verdictError policy.Verdict = "error"
+
+// refusal is how a denial is shown to the client.
+type refusal int
+
+const (
+	refuseReset refusal = iota // TCP RST
+	refuseTLS                  // TLS alert access_denied, then close
+	refuseHTTP                 // HTTP 403 with the reason, then close
+)
+
 // handle decides one connection and proxies or refuses it.
 func (p *Proxy) handle(ctx context.Context, c *net.TCPConn) {
 	e := &entry{start: p.now(), src: addrPort(c.RemoteAddr()), dst: addrPort(c.LocalAddr())}
 	pol := p.policy.Load()
-
-	// A source in no project is refused before reading a byte.
-	if pol.ProjectFor(e.src.Addr()) == nil {
-		e.d = pol.Decide(policy.Facts{Src: e.src.Addr(), Dst: e.dst})
-		p.refuse(c, e)
+	d, inspect := pol.Connect(e.src.Addr(), e.dst)
+	e.d = d
+	pr := pol.ProjectFor(e.src.Addr())
+	if pr == nil {
+		p.refuse(c, e, refuseReset)
 		return
 	}
-
-	c.SetReadDeadline(p.now().Add(p.helloTimeout()))
-	hello, prefix, herr := ReadClientHello(ctx, c)
-	c.SetReadDeadline(time.Time{})
-	facts := policy.Facts{Src: e.src.Addr(), Dst: e.dst}
-	if hello != nil {
-		facts.TLS, facts.SNI = true, hello.ServerName
-		e.sni = hello.ServerName
+	n := p.counter(pr.Name)
+	if n.Add(1) > int64(pr.MaxConnections) {
+		n.Add(-1)
+		e.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Reason: fmt.Sprintf("project connection limit (%d) reached", pr.MaxConnections)}
+		p.refuse(c, e, refuseReset)
+		return
 	}
-	e.d = pol.Decide(facts)
-	if herr != nil && !errors.Is(herr, ErrNotTLS) {
-		e.d.Reason = herr.Error()
+	defer n.Add(-1)
+
+	var prefix []byte
+	how := refuseReset
+	if inspect != policy.InspectNone {
+		var facts policy.Facts
+		facts, prefix, how = p.inspect(ctx, c, inspect, e)
+		e.name, e.kind = facts.Name, facts.Kind
+		if facts.Kind != policy.KindNone {
+			e.d = pol.Decide(facts)
+		}
 	}
 	if e.d.Verdict != policy.Allow {
-		p.refuse(c, e)
+		p.refuse(c, e, how)
 		return
 	}
-	if reason := p.checkDst(e.dst.Addr()); reason != "" {
-		e.d = policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: reason}
-		p.refuse(c, e)
+	target, reason := p.target(ctx, pr, e.name, e.dst, inspect == policy.InspectNone)
+	if reason != "" {
+		e.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Rule: e.d.Rule, Reason: reason}
+		p.refuse(c, e, how)
 		return
 	}
-
 	dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
-	up, err := p.dial(dctx, e.dst.String())
+	up, err := p.dial(dctx, target.String())
 	cancel()
 	if err != nil {
-		e.d.Verdict = "error"
-		e.d.Reason = fmt.Sprintf("dialing upstream: %v", err)
-		p.refuse(c, e)
+		e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("dialing upstream %s: %v", target, err)
+		p.refuse(c, e, how)
 		return
 	}
 	defer up.Close()
-	e.upstreamA = up.LocalAddr().String()
+	e.upstream = target.String()
 	if _, err := up.Write(prefix); err != nil {
-		e.d.Verdict, e.d.Reason = "error", fmt.Sprintf("sending ClientHello upstream: %v", err)
-		p.refuse(c, e)
+		e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("sending the request upstream: %v", err)
+		p.refuse(c, e, refuseReset)
 		return
 	}
 	e.up = int64(len(prefix))
@@ -240,9 +299,91 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn) {
 	p.logEntry(e)
 }
 
-// checkDst refuses destinations that would loop back into the host or
-// reach another guest; it returns "" when the address may be dialled.
-func (p *Proxy) checkDst(a netip.Addr) string {
+// inspect reads what the policy needs (ClientHello or request head) without
+// consuming it; it returns the facts, the bytes read and how to refuse.
+func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect, e *entry) (policy.Facts, []byte, refusal) {
+	facts := policy.Facts{Src: e.src.Addr(), Dst: e.dst}
+	c.SetReadDeadline(p.now().Add(p.helloTimeout()))
+	defer c.SetReadDeadline(time.Time{})
+	var r io.Reader = c
+	var first []byte
+	if what == policy.InspectEither {
+		// A TLS record starts with 0x16 (handshake); anything else is
+		// taken as HTTP.
+		first = make([]byte, 1)
+		if _, err := io.ReadFull(c, first); err != nil {
+			return facts, nil, refuseReset
+		}
+		r = io.MultiReader(bytes.NewReader(first), c)
+		what = policy.InspectHTTP
+		if first[0] == 0x16 {
+			what = policy.InspectTLS
+		}
+	}
+	switch what {
+	case policy.InspectTLS:
+		hello, prefix, err := ReadClientHello(ctx, r)
+		if err != nil {
+			if !errors.Is(err, ErrNotTLS) {
+				e.d.Reason = err.Error()
+			}
+			return facts, prefix, refuseReset
+		}
+		facts.Kind, facts.Name = policy.KindTLS, hello.ServerName
+		return facts, prefix, refuseTLS
+	default:
+		host, prefix, err := ReadHTTPHost(r)
+		if err != nil {
+			e.d.Reason = err.Error()
+			if errors.Is(err, ErrHostMismatch) {
+				return facts, prefix, refuseHTTP
+			}
+			return facts, prefix, refuseReset
+		}
+		facts.Kind, facts.Name = policy.KindHTTP, host
+		return facts, prefix, refuseHTTP
+	}
+}
+
+// target picks the address to dial for an allowed connection, or says why
+// there is none. Without a name (cidr rules) it is the original destination.
+// With a name it is the original destination only if the resolver gave it
+// to this project for this name; else an address the proxy resolves itself.
+func (p *Proxy) target(ctx context.Context, pr *policy.Project, name string, dst netip.AddrPort, byAddress bool) (netip.AddrPort, string) {
+	if byAddress || p.OriginalDst {
+		return dst, p.checkDst(pr, dst.Addr())
+	}
+	name = dnsName(name)
+	if p.Answers != nil && p.Answers.Vetted(pr.Name, name, dst.Addr()) {
+		if reason := p.checkDst(pr, dst.Addr()); reason == "" {
+			return dst, ""
+		}
+	}
+	if p.Resolver == nil {
+		return dst, "no resolver to vet the destination"
+	}
+	addrs, err := p.Resolver.Lookup(ctx, pr, name)
+	if err != nil {
+		return dst, fmt.Sprintf("cannot vet the destination: %v", err)
+	}
+	var reasons []string
+	for _, a := range addrs {
+		reason := p.checkDst(pr, a)
+		if reason == "" {
+			return netip.AddrPortFrom(a, dst.Port()), ""
+		}
+		reasons = append(reasons, a.String()+": "+reason)
+	}
+	return dst, fmt.Sprintf("no address of %s may be dialled (%s)", name, strings.Join(reasons, "; "))
+}
+
+func dnsName(s string) string { return strings.ToLower(strings.TrimSuffix(s, ".")) }
+
+// checkDst refuses destinations that would loop back into the host, reach
+// another guest, or land in the always-denied set (unless a cidr rule of
+// the project names the address); it returns "" when a may be dialled.
+func (p *Proxy) checkDst(pr *policy.Project, a netip.Addr) string {
+	a = a.Unmap()
 	if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
 		return "destination is not a routable unicast address"
 	}
@@ -256,15 +397,43 @@ func (p *Proxy) checkDst(a netip.Addr) string {
 	if local {
 		return "destination is an address of the host itself"
 	}
+	if why := dest.AlwaysDenied(a); why != "" && !pr.CIDRNames(a) {
+		return fmt.Sprintf("destination %s is always denied (%s)", a, why)
+	}
 	return ""
 }
 
-// refuse resets the connection (RST, not FIN: the client sees the refusal at
-// once) and logs it.
-func (p *Proxy) refuse(c *net.TCPConn, e *entry) {
-	c.SetLinger(0)
-	c.Close()
+// tlsAccessDenied is a TLS alert record: fatal (2), access_denied (49).
+var tlsAccessDenied = []byte{0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31}
+
+// refuse shows the client the denial (RST, TLS alert or HTTP 403: fast and
+// readable, never a hang) and logs it.
+func (p *Proxy) refuse(c *net.TCPConn, e *entry, how refusal) {
+	switch how {
+	case refuseTLS:
+		c.SetWriteDeadline(p.now().Add(2 * time.Second))
+		c.Write(tlsAccessDenied)
+		closeGently(c)
+	case refuseHTTP:
+		body := fmt.Sprintf("vmegress: egress policy of project %s refused this request to %s: %s\n", e.d.Project, e.name, e.d.Reason)
+		c.SetWriteDeadline(p.now().Add(2 * time.Second))
+		fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\nX-Vmegress-Project: %s\r\n\r\n%s",
+			len(body), e.d.Project, body)
+		closeGently(c)
+	default:
+		c.SetLinger(0) // RST, not FIN: the client sees the refusal at once
+		c.Close()
+	}
 	p.logEntry(e)
+}
+
+// closeGently sends FIN and drains briefly before closing, so unread input
+// does not turn the close into a RST that discards what was just written.
+func closeGently(c *net.TCPConn) {
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	io.Copy(io.Discard, io.LimitReader(c, 64<<10))
+	c.Close()
 }
 
 // splice copies both ways until both directions are done, half-closing each

@@ -34,10 +34,10 @@ func ListenTransparent(ctx context.Context, addr string) (net.Listener, error) {
 	return ln, nil
 }
 
-// MarkedDialer returns a dial function whose sockets carry SO_MARK mark, so
-// the host's interception and policy routing leave them alone.
-func MarkedDialer(mark uint32, d net.Dialer) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	d.Control = func(network, address string, rc syscall.RawConn) error {
+// MarkControl returns a socket Control function that sets SO_MARK mark, so
+// the host's interception and policy routing leave the socket alone.
+func MarkControl(mark uint32) func(network, address string, rc syscall.RawConn) error {
+	return func(network, address string, rc syscall.RawConn) error {
 		var serr error
 		if err := rc.Control(func(fd uintptr) {
 			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
@@ -49,6 +49,11 @@ func MarkedDialer(mark uint32, d net.Dialer) func(ctx context.Context, network, 
 		}
 		return nil
 	}
+}
+
+// MarkedDialer returns a dial function whose sockets carry SO_MARK mark.
+func MarkedDialer(mark uint32, d net.Dialer) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	d.Control = MarkControl(mark)
 	return d.DialContext
 }
 

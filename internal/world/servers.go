@@ -17,8 +17,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
+
+	mdns "github.com/miekg/dns"
 )
 
 // Hit is one connection or datagram that reached the fake internet.
@@ -101,14 +104,40 @@ func (w *World) startServers() error {
 		}
 		go srv.ServeTLS(ln, "", "")
 		w.onClose(func() { srv.Close() })
-		// Plain TCP on port 80 of the same address: logs and says hello.
-		if err := w.attackerTCP(Names[name].String(), 80, "http:"+name); err != nil {
-			return err
+		// Plain HTTP on port 80 of the same address.
+		hln, err := ListenIn(w.Inet, "tcp4", net.JoinHostPort(Names[name].String(), "80"))
+		if err != nil {
+			return fmt.Errorf("starting HTTP server for %s: %w", name, err)
 		}
+		hsrv := &http.Server{
+			Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+				w.Log.add(Hit{Server: "http:" + name, Remote: r.RemoteAddr, SNI: r.Host})
+				fmt.Fprintf(rw, "hello from %s via http; you asked for %s\n", name, r.Host)
+			}),
+			ReadHeaderTimeout: 5 * time.Second,
+		}
+		go hsrv.Serve(hln)
+		w.onClose(func() { hsrv.Close() })
+	}
+	if err := w.bannerTCP(BannerIP.String(), 22, "banner:22"); err != nil {
+		return err
+	}
+	if err := w.startDNS(); err != nil {
+		return err
 	}
 	for _, p := range AttackerTCPPorts {
 		if err := w.attackerTCP(AttackerIP.String(), p, fmt.Sprintf("attacker:tcp:%d", p)); err != nil {
 			return err
+		}
+	}
+	for _, a := range []struct {
+		ip    string
+		label string
+	}{{PrivateIP.String(), "attacker:private"}, {MetadataIP.String(), "attacker:metadata"}} {
+		for _, p := range []int{80, 443} {
+			if err := w.attackerTCP(a.ip, p, fmt.Sprintf("%s:%d", a.label, p)); err != nil {
+				return err
+			}
 		}
 	}
 	if err := w.attackerTCP("["+InetIP6.String()+"]", 443, "attacker6:tcp:443"); err != nil {
@@ -150,6 +179,104 @@ func (w *World) attackerTCP(host string, port int, label string) error {
 		}
 	}()
 	return nil
+}
+
+// bannerTCP is a server-first service: it speaks first, like SSH or SMTP.
+func (w *World) bannerTCP(host string, port int, label string) error {
+	ln, err := ListenIn(w.Inet, "tcp4", net.JoinHostPort(host, strconv.Itoa(port)))
+	if err != nil {
+		return fmt.Errorf("starting %s: %w", label, err)
+	}
+	w.onClose(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			w.Log.add(Hit{Server: label, Remote: c.RemoteAddr().String()})
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				c.Write([]byte(Banner))
+				buf := make([]byte, 4096)
+				n, _ := c.Read(buf)
+				c.Write(buf[:n]) // echo one line back
+			}()
+		}
+	}()
+	return nil
+}
+
+// Banner is what the server-first service says on connect.
+const Banner = "SSH-2.0-fakeinet_banner\r\n"
+
+// ECHConfig is the (dummy) ech parameter of github.com's HTTPS record.
+var ECHConfig = []byte{0x00, 0x08, 0xfe, 0x0d, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef}
+
+// startDNS serves Names (A), an HTTPS record with ech for github.com, and
+// NXDOMAIN for the rest, logging every query as a "dns:NAME" hit.
+func (w *World) startDNS() error {
+	h := mdns.HandlerFunc(func(rw mdns.ResponseWriter, req *mdns.Msg) {
+		m := new(mdns.Msg)
+		m.SetReply(req)
+		m.Authoritative = true
+		if len(req.Question) != 1 {
+			m.Rcode = mdns.RcodeFormatError
+			rw.WriteMsg(m)
+			return
+		}
+		q := req.Question[0]
+		name := strings.ToLower(strings.TrimSuffix(q.Name, "."))
+		w.Log.add(Hit{Server: "dns:" + name, Remote: rw.RemoteAddr().String()})
+		a, ok := Names[name]
+		if !ok {
+			m.Rcode = mdns.RcodeNameError
+			rw.WriteMsg(m)
+			return
+		}
+		hdr := mdns.RR_Header{Name: q.Name, Class: mdns.ClassINET, Ttl: 60}
+		switch q.Qtype {
+		case mdns.TypeA:
+			hdr.Rrtype = mdns.TypeA
+			m.Answer = append(m.Answer, &mdns.A{Hdr: hdr, A: a.AsSlice()})
+		case mdns.TypeHTTPS:
+			hdr.Rrtype = mdns.TypeHTTPS
+			m.Answer = append(m.Answer, &mdns.HTTPS{SVCB: mdns.SVCB{Hdr: hdr, Priority: 1, Target: ".", Value: []mdns.SVCBKeyValue{
+				&mdns.SVCBAlpn{Alpn: []string{"h2"}},
+				&mdns.SVCBIPv4Hint{Hint: []net.IP{a.AsSlice()}},
+				&mdns.SVCBECHConfig{ECH: ECHConfig},
+			}}})
+		}
+		rw.WriteMsg(m)
+	})
+	addr := net.JoinHostPort(DNSIP.String(), "53")
+	pc, err := ListenPacketIn(w.Inet, "udp4", addr)
+	if err != nil {
+		return fmt.Errorf("starting DNS server: %w", err)
+	}
+	ln, err := ListenIn(w.Inet, "tcp4", addr)
+	if err != nil {
+		pc.Close()
+		return fmt.Errorf("starting DNS server: %w", err)
+	}
+	udp := &mdns.Server{PacketConn: pc, Handler: h}
+	tcp := &mdns.Server{Listener: ln, Handler: h}
+	go udp.ActivateAndServe()
+	go tcp.ActivateAndServe()
+	w.onClose(func() { udp.Shutdown(); tcp.Shutdown() })
+	return nil
+}
+
+// Queries returns the names the fake internet's DNS server was asked.
+func (l *AccessLog) Queries() []string {
+	var out []string
+	for _, h := range l.Hits() {
+		if n, ok := strings.CutPrefix(h.Server, "dns:"); ok {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 func (w *World) attackerUDP(network, host string, port int, label string) error {

@@ -35,15 +35,27 @@ var (
 	WWWGitHubIP  = netip.MustParseAddr("198.18.1.11")
 	ExampleIP    = netip.MustParseAddr("198.18.1.12")
 	AttackerIP   = netip.MustParseAddr("198.18.1.66")
-	InetIP6      = netip.MustParseAddr("2001:db8:2::66")
+	BannerIP     = netip.MustParseAddr("198.18.1.22") // a server-first (SSH-like) service on port 22
+	DNSIP        = netip.MustParseAddr("198.18.1.53") // the fake internet's DNS server
+	PrivateIP    = netip.MustParseAddr("10.0.0.5")
+	MetadataIP   = netip.MustParseAddr("169.254.169.254")
+	// GuestNameserver is what guests' resolv.conf names: nothing is there;
+	// vmegress intercepts DNS to any address.
+	GuestNameserver = netip.MustParseAddr("203.0.113.53")
+	InetIP6         = netip.MustParseAddr("2001:db8:2::66")
 )
 
-// Names served by the fake internet and their addresses.
+// Names served by the fake internet's DNS server and their addresses. The
+// last three point where a guest must never get: rebinding attempts.
 var Names = map[string]netip.Addr{
 	"github.com":     GitHubIP,
 	"www.github.com": WWWGitHubIP,
 	"example.com":    ExampleIP,
 	"attacker.test":  AttackerIP,
+	"banner.test":    BannerIP,
+	"private.test":   PrivateIP,
+	"loop.test":      netip.MustParseAddr("127.0.0.1"),
+	"meta.test":      MetadataIP,
 }
 
 // Guest is one guest namespace.
@@ -192,6 +204,11 @@ func (w *World) build(ctx context.Context, opts Options) error {
 			return err
 		}
 	}
+	// The host's resolver is the fake internet's DNS server (vmegress's
+	// default upstream is the host's resolv.conf).
+	if err := writeEtc(w.Host, "127.0.0.1 localhost\n", "nameserver "+DNSIP.String()+"\n"); err != nil {
+		return err
+	}
 	steps := [][]string{
 		{"ip", "link", "add", "up0", "netns", w.Host, "type", "veth", "peer", "name", "eth0", "netns", w.Inet},
 		NS(w.Host, "ip", "addr", "add", HostUplinkIP.String()+"/24", "dev", "up0"),
@@ -212,7 +229,10 @@ func (w *World) build(ctx context.Context, opts Options) error {
 		NS(w.Inet, "ip", "route", "add", "172.31.0.0/16", "via", HostUplinkIP.String()),
 		NS(w.Inet, "ip", "-6", "route", "add", "2001:db8:1::/48", "via", "2001:db8:0::1"),
 	}
-	for _, a := range Names {
+	// The private and metadata addresses are reachable in the fake internet
+	// too, each with a logging listener: if the proxy ever dialled them, the
+	// attacker log would show it.
+	for _, a := range append(namesAddrs(), DNSIP, PrivateIP, MetadataIP) {
 		steps = append(steps, NS(w.Inet, "ip", "addr", "add", a.String()+"/32", "dev", "lo"))
 	}
 	for _, s := range steps {
@@ -265,23 +285,46 @@ func (w *World) addGuest(ctx context.Context, i int, gs GuestSpec) error {
 			return fmt.Errorf("building guest %s: %w", g.Name, err)
 		}
 	}
-	// `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts: the
-	// guest resolves the fake internet's names without DNS.
-	etc := filepath.Join("/etc/netns", g.NS)
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		return fmt.Errorf("creating %s: %w", etc, err)
-	}
-	var hosts strings.Builder
-	hosts.WriteString("127.0.0.1 localhost\n")
-	for n, a := range Names {
-		fmt.Fprintf(&hosts, "%s %s\n", a, n)
-	}
-	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte(hosts.String()), 0o644); err != nil {
-		return fmt.Errorf("writing guest hosts file: %w", err)
+	// `ip netns exec` bind-mounts /etc/netns/NS/* over /etc: the guest has
+	// no host names and a nameserver address where nothing listens.
+	if err := writeEtc(g.NS, "127.0.0.1 localhost\n", "nameserver "+GuestNameserver.String()+"\n"); err != nil {
+		return err
 	}
 	w.Guests = append(w.Guests, g)
 	return nil
 }
+
+// writeEtc writes the hosts and resolv.conf that `ip netns exec NS` shows.
+func writeEtc(ns, hosts, resolv string) error {
+	etc := filepath.Join("/etc/netns", ns)
+	if err := os.MkdirAll(etc, 0o755); err != nil {
+		return fmt.Errorf("creating %s: %w", etc, err)
+	}
+	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte(hosts), 0o644); err != nil {
+		return fmt.Errorf("writing hosts for %s: %w", ns, err)
+	}
+	if err := os.WriteFile(filepath.Join(etc, "resolv.conf"), []byte(resolv), 0o644); err != nil {
+		return fmt.Errorf("writing resolv.conf for %s: %w", ns, err)
+	}
+	return nil
+}
+
+func namesAddrs() []netip.Addr {
+	seen := map[netip.Addr]bool{}
+	var out []netip.Addr
+	for _, a := range Names {
+		if !seen[a] && AlwaysPublic(a) {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// AlwaysPublic reports whether a is one of the fake internet's own
+// addresses (198.18.0.0/15), as opposed to the private or loopback
+// addresses some test names resolve to.
+func AlwaysPublic(a netip.Addr) bool { return netip.MustParsePrefix("198.18.0.0/15").Contains(a) }
 
 // Guest returns the guest of a project.
 func (w *World) Guest(project string) *Guest {

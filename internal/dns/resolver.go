@@ -1,0 +1,328 @@
+// Package dns is vmegress's allowlist resolver. Guests' DNS (UDP and TCP port
+// 53, to any address) is redirected to it. It answers only names the guest's
+// project allows, NXDOMAIN for the rest without asking anyone (no DNS
+// exfiltration), strips denied addresses (DNS rebinding) and ECH parameters
+// from what upstream answers, and remembers which addresses it gave to which
+// project so the data plane can dial them without a second lookup.
+package dns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mdns "github.com/miekg/dns"
+	"golang.org/x/time/rate"
+
+	"github.com/vmegress/vmegress/internal/dest"
+	"github.com/vmegress/vmegress/internal/policy"
+)
+
+// Per-project query rate limit: a resolver for sandboxes, not a DNS flood relay.
+const (
+	DefaultRate  = 200 // queries per second, sustained
+	DefaultBurst = 400
+)
+
+// UpstreamTimeout bounds one upstream exchange.
+const UpstreamTimeout = 3 * time.Second
+
+// Exchanger sends one query upstream (a *mdns.Client in production).
+type Exchanger interface {
+	ExchangeContext(ctx context.Context, m *mdns.Msg, addr string) (*mdns.Msg, time.Duration, error)
+}
+
+// Resolver answers guests' queries. Set the fields, then serve it with
+// mdns.Server (it is an mdns.Handler) or use Lookup.
+type Resolver struct {
+	policy atomic.Pointer[policy.Policy]
+
+	// Upstreams are "ip:port" resolvers tried in order.
+	Upstreams []string
+	// UDP and TCP exchange queries with upstreams; their sockets must carry
+	// the upstream mark. Zero: plain clients.
+	UDP, TCP Exchanger
+	// Answers records what was given to whom (may be nil).
+	Answers *dest.Answers
+	// GuestRange is never given out as an answer.
+	GuestRange netip.Prefix
+	// Rate and Burst limit each project's queries (zero: defaults).
+	Rate  rate.Limit
+	Burst int
+	Log   *slog.Logger
+	// OnQuery is called with each query's project and verdict (may be nil).
+	OnQuery func(project, verdict string)
+
+	mu       sync.Mutex
+	limiters map[string]*rate.Limiter
+}
+
+// SetPolicy swaps the policy queries are answered by.
+func (r *Resolver) SetPolicy(p *policy.Policy) { r.policy.Store(p) }
+
+func (r *Resolver) limiter(project string) *rate.Limiter {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.limiters == nil {
+		r.limiters = map[string]*rate.Limiter{}
+	}
+	l := r.limiters[project]
+	if l == nil {
+		lim, burst := r.Rate, r.Burst
+		if lim == 0 {
+			lim = DefaultRate
+		}
+		if burst == 0 {
+			burst = DefaultBurst
+		}
+		l = rate.NewLimiter(lim, burst)
+		r.limiters[project] = l
+	}
+	return l
+}
+
+func (r *Resolver) udp() Exchanger {
+	if r.UDP != nil {
+		return r.UDP
+	}
+	return &mdns.Client{Net: "udp", Timeout: UpstreamTimeout}
+}
+
+func (r *Resolver) tcp() Exchanger {
+	if r.TCP != nil {
+		return r.TCP
+	}
+	return &mdns.Client{Net: "tcp", Timeout: UpstreamTimeout}
+}
+
+func addrOf(a net.Addr) netip.Addr {
+	switch v := a.(type) {
+	case *net.UDPAddr:
+		return v.AddrPort().Addr().Unmap()
+	case *net.TCPAddr:
+		return v.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// Name normalises a query name: lower case, no trailing dot.
+func Name(q string) string { return strings.ToLower(strings.TrimSuffix(q, ".")) }
+
+// ServeDNS implements mdns.Handler.
+func (r *Resolver) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
+	src := addrOf(w.RemoteAddr())
+	resp, verdict, project := r.answer(context.Background(), src, req)
+	if r.OnQuery != nil {
+		r.OnQuery(project, verdict)
+	}
+	if resp == nil {
+		return
+	}
+	if _, ok := w.RemoteAddr().(*net.UDPAddr); ok {
+		size := mdns.MinMsgSize
+		if opt := req.IsEdns0(); opt != nil {
+			size = max(int(opt.UDPSize()), mdns.MinMsgSize)
+		}
+		resp.Truncate(size)
+	}
+	w.WriteMsg(resp)
+}
+
+func reply(req *mdns.Msg, rcode int) *mdns.Msg {
+	m := new(mdns.Msg)
+	m.SetRcode(req, rcode)
+	m.RecursionAvailable = true
+	return m
+}
+
+// answer builds the response for one query; it returns the verdict for logs.
+func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*mdns.Msg, string, string) {
+	pol := r.policy.Load()
+	pr := pol.ProjectFor(src)
+	if pr == nil {
+		return reply(req, mdns.RcodeRefused), "refused", ""
+	}
+	log := r.Log.With("project", pr.Name, "src", src.String())
+	if !r.limiter(pr.Name).Allow() {
+		log.Warn("dns query over the project's rate limit")
+		return reply(req, mdns.RcodeRefused), "rate_limited", pr.Name
+	}
+	if req.Opcode != mdns.OpcodeQuery || len(req.Question) != 1 {
+		return reply(req, mdns.RcodeNotImplemented), "refused", pr.Name
+	}
+	q := req.Question[0]
+	name := Name(q.Name)
+	switch q.Qtype {
+	case mdns.TypeAXFR, mdns.TypeIXFR, mdns.TypeANY:
+		return reply(req, mdns.RcodeRefused), "refused", pr.Name
+	}
+	if q.Qclass != mdns.ClassINET || !pr.AllowsName(name) {
+		// NXDOMAIN, decided here: the name never leaves the host.
+		log.Info("dns query denied", "name", name, "type", mdns.TypeToString[q.Qtype])
+		m := reply(req, mdns.RcodeNameError)
+		m.Authoritative = true
+		return m, "deny", pr.Name
+	}
+	up := new(mdns.Msg)
+	up.SetQuestion(mdns.Fqdn(name), q.Qtype)
+	up.RecursionDesired = true
+	up.SetEdns0(1232, false)
+	resp, err := r.exchange(ctx, up)
+	if err != nil {
+		log.Warn("dns upstream failed", "name", name, "err", err)
+		return reply(req, mdns.RcodeServerFailure), "error", pr.Name
+	}
+	out := reply(req, resp.Rcode)
+	out.Answer = r.filter(pr, name, resp.Answer)
+	out.Ns = resp.Ns
+	log.Info("dns query allowed", "name", name, "type", mdns.TypeToString[q.Qtype], "answers", len(out.Answer))
+	return out, "allow", pr.Name
+}
+
+// exchange asks each upstream in turn, over TCP when the UDP answer is truncated.
+func (r *Resolver) exchange(ctx context.Context, m *mdns.Msg) (*mdns.Msg, error) {
+	if len(r.Upstreams) == 0 {
+		return nil, errors.New("no upstream resolvers configured")
+	}
+	var errs []error
+	for _, u := range r.Upstreams {
+		cctx, cancel := context.WithTimeout(ctx, UpstreamTimeout)
+		resp, _, err := r.udp().ExchangeContext(cctx, m, u)
+		if err == nil && resp.Truncated {
+			resp, _, err = r.tcp().ExchangeContext(cctx, m, u)
+		}
+		cancel()
+		if err == nil {
+			return resp, nil
+		}
+		errs = append(errs, fmt.Errorf("asking %s: %w", u, err))
+	}
+	return nil, errors.Join(errs...)
+}
+
+// allowedAddr reports whether an answer may carry addr for project pr.
+func (r *Resolver) allowedAddr(pr *policy.Project, a netip.Addr) bool {
+	a = a.Unmap()
+	if r.GuestRange.IsValid() && r.GuestRange.Contains(a) {
+		return false
+	}
+	return dest.AlwaysDenied(a) == "" || pr.CIDRNames(a)
+}
+
+// filter drops denied addresses (rebinding) and ECH parameters from an
+// answer section and records the addresses given out for name.
+func (r *Resolver) filter(pr *policy.Project, name string, rrs []mdns.RR) []mdns.RR {
+	out := rrs[:0:0]
+	for _, rr := range rrs {
+		var ip net.IP
+		switch v := rr.(type) {
+		case *mdns.A:
+			ip = v.A
+		case *mdns.AAAA:
+			ip = v.AAAA
+		case *mdns.HTTPS:
+			v.Value = r.filterSVCB(pr, v.Value)
+		case *mdns.SVCB:
+			v.Value = r.filterSVCB(pr, v.Value)
+		}
+		if ip != nil {
+			a, ok := netip.AddrFromSlice(ip)
+			if !ok || !r.allowedAddr(pr, a) {
+				continue
+			}
+			if r.Answers != nil {
+				r.Answers.Record(pr.Name, name, a, time.Duration(rr.Header().Ttl)*time.Second)
+			}
+		}
+		out = append(out, rr)
+	}
+	return out
+}
+
+// filterSVCB removes ech (the client must show the real name in SNI) and
+// denied address hints.
+func (r *Resolver) filterSVCB(pr *policy.Project, kvs []mdns.SVCBKeyValue) []mdns.SVCBKeyValue {
+	out := kvs[:0:0]
+	for _, kv := range kvs {
+		switch v := kv.(type) {
+		case *mdns.SVCBECHConfig:
+			continue
+		case *mdns.SVCBIPv4Hint:
+			v.Hint = r.filterIPs(pr, v.Hint)
+			if len(v.Hint) == 0 {
+				continue
+			}
+		case *mdns.SVCBIPv6Hint:
+			v.Hint = r.filterIPs(pr, v.Hint)
+			if len(v.Hint) == 0 {
+				continue
+			}
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+func (r *Resolver) filterIPs(pr *policy.Project, ips []net.IP) []net.IP {
+	out := ips[:0:0]
+	for _, ip := range ips {
+		if a, ok := netip.AddrFromSlice(ip); ok && r.allowedAddr(pr, a) {
+			out = append(out, ip)
+		}
+	}
+	return out
+}
+
+// Lookup resolves name's IPv4 addresses upstream for the data plane's own
+// use (vetted dialing), filtered as a guest's answer would be.
+func (r *Resolver) Lookup(ctx context.Context, pr *policy.Project, name string) ([]netip.Addr, error) {
+	m := new(mdns.Msg)
+	m.SetQuestion(mdns.Fqdn(name), mdns.TypeA)
+	m.RecursionDesired = true
+	m.SetEdns0(1232, false)
+	resp, err := r.exchange(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	if resp.Rcode != mdns.RcodeSuccess {
+		return nil, fmt.Errorf("resolving %s: %s", name, mdns.RcodeToString[resp.Rcode])
+	}
+	var addrs []netip.Addr
+	for _, rr := range r.filter(pr, name, resp.Answer) {
+		if a, ok := rr.(*mdns.A); ok {
+			if ip, ok := netip.AddrFromSlice(a.A); ok {
+				addrs = append(addrs, ip.Unmap())
+			}
+		}
+	}
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("resolving %s: no usable address", name)
+	}
+	return addrs, nil
+}
+
+// UpstreamsFromResolvConf reads the nameservers of a resolv.conf file as
+// "ip:port" strings (the default for dns.upstreams).
+func UpstreamsFromResolvConf(path string) ([]string, error) {
+	cc, err := mdns.ClientConfigFromFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading upstream resolvers from %s: %w", path, err)
+	}
+	var out []string
+	for _, s := range cc.Servers {
+		if a, err := netip.ParseAddr(s); err == nil {
+			out = append(out, net.JoinHostPort(a.String(), cc.Port))
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no nameserver in %s", path)
+	}
+	return out, nil
+}
