@@ -71,22 +71,28 @@ type env struct {
 	cfg string
 }
 
-// newWorld builds a world with guest alpha; vmegress is not started.
+// newWorld builds a world with guest alpha and baseConfig; vmegress is not started.
 func newWorld(t *testing.T) *env {
+	t.Helper()
+	return newWorldWith(t, []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}, baseConfig)
+}
+
+// newWorldWith builds a world with the given guests and config.
+func newWorldWith(t *testing.T, guests []world.GuestSpec, config string) *env {
 	t.Helper()
 	nettest.Privileged(t, "curl", "dig", "ping")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
-	w, err := world.New(ctx, world.Options{Prefix: "vmege", Guests: []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}})
+	w, err := world.New(ctx, world.Options{Prefix: "vmege", Guests: guests})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(w.Close)
-	cfg, err := w.WriteConfig("config.yaml", baseConfig)
+	cfg, err := w.WriteConfig("config.yaml", config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, ctx: ctx, w: w, g: w.Guest("alpha"), cfg: cfg}
+	return &env{t: t, ctx: ctx, w: w, g: w.Guests[0], cfg: cfg}
 }
 
 // start runs `vmegress run`; on failure the daemon's logs are printed.

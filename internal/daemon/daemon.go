@@ -79,19 +79,20 @@ type Daemon struct {
 	Ready func()
 }
 
-func (d *Daemon) upstreams() ([]string, error) {
-	if len(d.Config.DNSUpstreams) > 0 {
+// Upstreams returns the resolvers guests' allowed queries go to: the config's
+// dns.upstreams, else the nameservers of resolvConf (zero: /etc/resolv.conf).
+func Upstreams(cfg *config.Config, resolvConf string) ([]string, error) {
+	if len(cfg.DNSUpstreams) > 0 {
 		var out []string
-		for _, u := range d.Config.DNSUpstreams {
+		for _, u := range cfg.DNSUpstreams {
 			out = append(out, u.String())
 		}
 		return out, nil
 	}
-	path := d.ResolvConf
-	if path == "" {
-		path = "/etc/resolv.conf"
+	if resolvConf == "" {
+		resolvConf = "/etc/resolv.conf"
 	}
-	return vdns.UpstreamsFromResolvConf(path)
+	return vdns.UpstreamsFromResolvConf(resolvConf)
 }
 
 // Run installs interception, serves until ctx ends, then stops the data plane
@@ -102,7 +103,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	upstreams, err := d.upstreams()
+	upstreams, err := Upstreams(cfg, d.ResolvConf)
 	if err != nil {
 		return err
 	}

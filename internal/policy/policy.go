@@ -176,16 +176,16 @@ func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect)
 	}
 	port := dst.Port()
 	d := Decision{Verdict: Deny, Project: pr.Name}
-	switch tls, http := pr.sniPorts[port], pr.httpPorts[port]; {
-	case tls && http:
+	switch in := pr.InspectFor(port); in {
+	case InspectEither:
 		d.Reason = "neither a TLS ClientHello nor an HTTP request"
-		return d, InspectEither
-	case tls:
+		return d, in
+	case InspectTLS:
 		d.Reason = "not a TLS ClientHello"
-		return d, InspectTLS
-	case http:
+		return d, in
+	case InspectHTTP:
 		d.Reason = "not an HTTP request"
-		return d, InspectHTTP
+		return d, in
 	}
 	d.Reason = fmt.Sprintf("no rule of project %s allows port %d", pr.Name, port)
 	return d, InspectNone
@@ -197,19 +197,37 @@ func (p *Policy) Decide(f Facts) Decision {
 	if pr == nil {
 		return Decision{Verdict: Deny, Reason: "source address is in no project"}
 	}
+	return pr.DecideName(f.Kind, f.Name, f.Dst.Port())
+}
+
+// InspectFor says what the project's rules need read on port (InspectNone:
+// no name rule applies there).
+func (pr *Project) InspectFor(port uint16) Inspect {
+	switch tls, http := pr.sniPorts[port], pr.httpPorts[port]; {
+	case tls && http:
+		return InspectEither
+	case tls:
+		return InspectTLS
+	case http:
+		return InspectHTTP
+	}
+	return InspectNone
+}
+
+// DecideName decides a name learnt as kind on port for this project.
+func (pr *Project) DecideName(kind Kind, name string, port uint16) Decision {
 	d := Decision{Verdict: Deny, Project: pr.Name}
-	port := f.Dst.Port()
 	var m nameMatcher
-	switch f.Kind {
+	switch kind {
 	case KindTLS:
 		m = pr.sni
-		if f.Name == "" {
+		if name == "" {
 			d.Reason = "TLS ClientHello without a server name (SNI)"
 			return d
 		}
 	case KindHTTP:
 		m = pr.http
-		if f.Name == "" {
+		if name == "" {
 			d.Reason = "HTTP request without a Host"
 			return d
 		}
@@ -217,8 +235,8 @@ func (p *Policy) Decide(f Facts) Decision {
 		d.Reason = "nothing to decide on: no ClientHello or HTTP request"
 		return d
 	}
-	name, err := config.NormalizeName(f.Name)
-	if err != nil || strings.HasPrefix(name, "*.") {
+	norm, err := config.NormalizeName(name)
+	if err != nil || strings.HasPrefix(norm, "*.") {
 		d.Reason = "server name is not a valid host name"
 		return d
 	}
@@ -226,10 +244,10 @@ func (p *Policy) Decide(f Facts) Decision {
 		d.Reason = "port 25 is never allowed by a name rule"
 		return d
 	}
-	if rule, ok := m.match(name, port); ok {
+	if rule, ok := m.match(norm, port); ok {
 		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}
 	}
-	d.Reason = fmt.Sprintf("no %s rule of project %s allows %s on port %d", ruleKind(f.Kind), pr.Name, name, port)
+	d.Reason = fmt.Sprintf("no %s rule of project %s allows %s on port %d", ruleKind(kind), pr.Name, norm, port)
 	return d
 }
 

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -15,7 +16,7 @@ const MaxRequestHeadBytes = 16 << 10
 // Errors of ReadHTTPHost.
 var (
 	ErrNotHTTP      = errors.New("not an HTTP request")
-	ErrHostMismatch = errors.New("HTTP request's URI names another host than its Host header")
+	ErrHostMismatch = errors.New("HTTP request names two hosts (URI and Host header, or two Host headers)")
 )
 
 // ReadHTTPHost reads from r until it holds a complete HTTP/1.x request head
@@ -36,11 +37,32 @@ func ReadHTTPHost(r io.Reader) (string, []byte, error) {
 		}
 		return "", rc.buf.Bytes(), ErrNotHTTP
 	}
-	host := req.Host // the absolute URI's host if there is one, else the Host header
-	if h := req.Header.Get("Host"); h != "" && req.URL.Host != "" && !strings.EqualFold(stripPort(h), stripPort(req.URL.Host)) {
+	// net/http folds the Host header into req.Host (preferring an absolute
+	// URI's host) and drops it: read the raw header lines to compare.
+	hosts := rawHostHeaders(rc.buf.Bytes())
+	if len(hosts) > 1 {
 		return "", rc.buf.Bytes(), ErrHostMismatch
 	}
-	return stripPort(host), rc.buf.Bytes(), nil
+	if len(hosts) == 1 && req.URL.Host != "" && !strings.EqualFold(stripPort(hosts[0]), stripPort(req.URL.Host)) {
+		return "", rc.buf.Bytes(), ErrHostMismatch
+	}
+	return stripPort(req.Host), rc.buf.Bytes(), nil
+}
+
+// rawHostHeaders returns the values of every Host header line in a request head.
+func rawHostHeaders(b []byte) []string {
+	head, _, _ := bytes.Cut(b, []byte("\r\n\r\n"))
+	var out []string
+	for i, line := range bytes.Split(head, []byte("\r\n")) {
+		if i == 0 {
+			continue // request line
+		}
+		k, v, ok := bytes.Cut(line, []byte(":"))
+		if ok && strings.EqualFold(string(bytes.TrimSpace(k)), "host") {
+			out = append(out, string(bytes.TrimSpace(v)))
+		}
+	}
+	return out
 }
 
 func stripPort(hostport string) string {

@@ -1,0 +1,199 @@
+package dns
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/dest"
+	"github.com/vmegress/vmegress/internal/policy"
+)
+
+// fakeUpstream answers from a table and records what it was asked.
+type fakeUpstream struct {
+	asked []string
+	rrs   map[string][]string // "name. TYPE" -> RRs in zone-file syntax
+}
+
+func (f *fakeUpstream) ExchangeContext(_ context.Context, m *mdns.Msg, _ string) (*mdns.Msg, time.Duration, error) {
+	q := m.Question[0]
+	f.asked = append(f.asked, q.Name)
+	r := new(mdns.Msg)
+	r.SetReply(m)
+	for _, s := range f.rrs[q.Name+" "+mdns.TypeToString[q.Qtype]] {
+		rr, err := mdns.NewRR(s)
+		if err != nil {
+			panic(err)
+		}
+		r.Answer = append(r.Answer, rr)
+	}
+	return r, 0, nil
+}
+
+func newTestResolver(t testing.TB, up *fakeUpstream) (*Resolver, *dest.Answers) {
+	t.Helper()
+	cfg, err := config.Parse("t.yaml", []byte(`
+projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: github.com
+      - sni: "*.example.org"
+      - cidr: 10.9.0.0/16
+        ports: [443]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol, err := policy.Compile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ans := &dest.Answers{}
+	r := &Resolver{Upstreams: []string{"192.0.2.53:53"}, UDP: up, TCP: up, Answers: ans,
+		GuestRange: cfg.VMCIDR, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	r.SetPolicy(pol)
+	return r, ans
+}
+
+var alpha = netip.MustParseAddr("172.31.0.2")
+
+func query(name string, qtype uint16) *mdns.Msg {
+	m := new(mdns.Msg)
+	m.SetQuestion(name, qtype)
+	return m
+}
+
+func TestResolverRefusedNamesStayHome(t *testing.T) {
+	up := &fakeUpstream{}
+	r, _ := newTestResolver(t, up)
+	for _, name := range []string{"example.com.", "github.com.evil.test.", "data.github.com.", "example.org."} {
+		resp, verdict, _ := r.answer(context.Background(), alpha, query(name, mdns.TypeA))
+		if resp.Rcode != mdns.RcodeNameError || verdict != "deny" {
+			t.Errorf("%s: rcode %s, verdict %s", name, mdns.RcodeToString[resp.Rcode], verdict)
+		}
+	}
+	if len(up.asked) != 0 {
+		t.Errorf("refused names were sent upstream: %v", up.asked)
+	}
+	resp, _, _ := r.answer(context.Background(), netip.MustParseAddr("172.31.9.2"), query("github.com.", mdns.TypeA))
+	if resp.Rcode != mdns.RcodeRefused {
+		t.Errorf("source in no project: %s", mdns.RcodeToString[resp.Rcode])
+	}
+}
+
+func TestResolverFiltersAnswers(t *testing.T) {
+	up := &fakeUpstream{rrs: map[string][]string{
+		"github.com. A": {"github.com. 60 IN A 140.82.112.3", "github.com. 60 IN A 10.0.0.1", "github.com. 60 IN A 127.0.0.1",
+			"github.com. 60 IN A 169.254.169.254", "github.com. 60 IN A 172.31.0.6", "github.com. 60 IN A 10.9.1.1"},
+		"github.com. AAAA":  {"github.com. 60 IN AAAA ::ffff:10.0.0.1", "github.com. 60 IN AAAA 2606:50c0::1"},
+		"github.com. HTTPS": {`github.com. 60 IN HTTPS 1 . alpn="h2" ipv4hint="140.82.112.3,10.0.0.1" ech="AAj+DQAE3q2+7w=="`},
+	}}
+	r, ans := newTestResolver(t, up)
+	resp, _, _ := r.answer(context.Background(), alpha, query("GitHub.com.", mdns.TypeA))
+	var got []string
+	for _, rr := range resp.Answer {
+		got = append(got, rr.(*mdns.A).A.String())
+	}
+	// 140.82.112.3 is public; 10.9.1.1 is named by a cidr rule.
+	if len(got) != 2 || got[0] != "140.82.112.3" || got[1] != "10.9.1.1" {
+		t.Errorf("A answers %v", got)
+	}
+	if !ans.Vetted("alpha", "github.com", netip.MustParseAddr("140.82.112.3")) || ans.Vetted("alpha", "github.com", netip.MustParseAddr("10.0.0.1")) {
+		t.Error("answers recorded wrongly")
+	}
+	resp, _, _ = r.answer(context.Background(), alpha, query("github.com.", mdns.TypeAAAA))
+	if len(resp.Answer) != 1 || resp.Answer[0].(*mdns.AAAA).AAAA.String() != "2606:50c0::1" {
+		t.Errorf("AAAA answers %v", resp.Answer)
+	}
+	resp, _, _ = r.answer(context.Background(), alpha, query("github.com.", mdns.TypeHTTPS))
+	h := resp.Answer[0].(*mdns.HTTPS)
+	for _, kv := range h.Value {
+		switch v := kv.(type) {
+		case *mdns.SVCBECHConfig:
+			t.Error("ech survived")
+		case *mdns.SVCBIPv4Hint:
+			if len(v.Hint) != 1 || !v.Hint[0].Equal(net.ParseIP("140.82.112.3")) {
+				t.Errorf("ipv4hint %v", v.Hint)
+			}
+		}
+	}
+}
+
+func TestResolverRateLimit(t *testing.T) {
+	r, _ := newTestResolver(t, &fakeUpstream{})
+	r.Rate, r.Burst = 1, 5
+	refused := 0
+	for i := 0; i < 20; i++ {
+		if _, v, _ := r.answer(context.Background(), alpha, query("example.com.", mdns.TypeA)); v == "rate_limited" {
+			refused++
+		}
+	}
+	if refused < 14 {
+		t.Errorf("%d of 20 refused with a burst of 5", refused)
+	}
+}
+
+// FuzzFilter feeds arbitrary upstream answers through the filter: no denied
+// address may come out, whatever the records.
+func FuzzFilter(f *testing.F) {
+	m := new(mdns.Msg)
+	m.SetQuestion("github.com.", mdns.TypeA)
+	for _, s := range []string{"github.com. 60 IN A 10.0.0.1", "github.com. 60 IN A 140.82.112.3", "github.com. 60 IN AAAA ::ffff:127.0.0.1",
+		`github.com. 60 IN HTTPS 1 . ipv4hint="127.0.0.1" ech="AAj+DQAE3q2+7w=="`} {
+		rr, _ := mdns.NewRR(s)
+		m.Answer = append(m.Answer, rr)
+	}
+	b, _ := m.Pack()
+	f.Add(b)
+	r, _ := newTestResolver(f, &fakeUpstream{})
+	pr := r.policy.Load().Project("alpha")
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var msg mdns.Msg
+		if msg.Unpack(data) != nil {
+			return
+		}
+		check := func(ip net.IP) {
+			a, ok := netip.AddrFromSlice(ip)
+			if ok && !r.allowedAddr(pr, a) {
+				t.Fatalf("denied address %s passed the filter", a)
+			}
+		}
+		for _, rr := range r.filter(pr, "github.com", msg.Answer) {
+			switch v := rr.(type) {
+			case *mdns.A:
+				check(v.A)
+			case *mdns.AAAA:
+				check(v.AAAA)
+			case *mdns.HTTPS:
+				checkSVCB(t, v.Value, check)
+			case *mdns.SVCB:
+				checkSVCB(t, v.Value, check)
+			}
+		}
+	})
+}
+
+func checkSVCB(t *testing.T, kvs []mdns.SVCBKeyValue, check func(net.IP)) {
+	for _, kv := range kvs {
+		switch v := kv.(type) {
+		case *mdns.SVCBECHConfig:
+			t.Fatal("ech passed the filter")
+		case *mdns.SVCBIPv4Hint:
+			for _, ip := range v.Hint {
+				check(ip)
+			}
+		case *mdns.SVCBIPv6Hint:
+			for _, ip := range v.Hint {
+				check(ip)
+			}
+		}
+	}
+}
