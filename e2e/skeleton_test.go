@@ -2,12 +2,14 @@ package e2e
 
 import (
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	mdns "github.com/miekg/dns"
 
 	"github.com/vmegress/vmegress/internal/world"
 )
@@ -349,20 +351,84 @@ func TestUpDownLeavesNoTrace(t *testing.T) {
 	}
 }
 
-// TestSpoofedSource: a guest using an address outside the guest range, or
-// another project's address, gets nothing out.
+// TestSpoofedSource: a guest using an address outside the guest range,
+// another project's address or the host's gets nothing out, and never the
+// other project's policy.
 func TestSpoofedSource(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	for _, addr := range []string{"10.9.9.9", "172.31.0.6"} {
+	e := newWorldWith(t, []world.GuestSpec{
+		{Project: "alpha", Subnet: alphaSubnet},
+		{Project: "beta", Subnet: netip.MustParsePrefix("172.31.0.4/30")},
+	}, `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: github.com
+  beta:
+    subnet: 172.31.0.4/30
+    allow:
+      - sni: www.github.com
+      - cidr: 198.18.1.22/32
+        ports: [22]
+`)
+	e.start()
+	beta := e.w.Guest("beta")
+	// The control: beta itself reaches www.github.com.
+	if _, err := world.Output(e.ctx, world.NS(beta.NS, "curl", "-sS", "--max-time", "10", "--cacert", e.w.CAFile,
+		"--resolve", "www.github.com:443:"+world.WWWGitHubIP.String(), "https://www.github.com")...); err != nil {
+		t.Fatalf("control: beta cannot reach its own allowed name: %v", err)
+	}
+	e.accessLine("project", "beta", "verdict", "allow")
+	before := len(e.d.AccessLog())
+	e.w.Log.Reset()
+	spoofed := []string{"10.9.9.9", beta.GuestIP.String(), beta.HostIP.String(), "172.31.0.1", "172.31.0.9"}
+	for _, addr := range spoofed {
 		if err := world.Run(e.ctx, world.NS(e.g.NS, "ip", "addr", "add", addr+"/32", "dev", "eth0")...); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.curlAt("https://www.github.com", world.WWWGitHubIP.String(), "--interface", addr, "--max-time", "3"); err == nil {
-			t.Errorf("curl from spoofed %s succeeded", addr)
-		}
 	}
-	if h := e.hits("tls:"); len(h) > 0 {
+	var wg sync.WaitGroup
+	for _, addr := range spoofed {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if _, err := e.curlAt("https://www.github.com", world.WWWGitHubIP.String(), "--interface", addr, "--max-time", "3"); err == nil {
+				t.Errorf("curl from spoofed %s succeeded", addr)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			if _, err := e.guest("curl", "-sS", "--max-time", "3", "--interface", addr, "telnet://"+world.BannerIP.String()+":22"); err == nil {
+				t.Errorf("beta's cidr rule reached from spoofed %s", addr)
+			}
+		}()
+	}
+	wg.Wait()
+	// Blind one-way traffic: a DNS query for a name only beta may resolve,
+	// sent from beta's address, must not be forwarded.
+	err := world.InNS(e.g.NS, func() error {
+		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: beta.GuestIP.AsSlice()}, &net.UDPAddr{IP: world.GuestNameserver.AsSlice(), Port: 53})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		m := new(mdns.Msg)
+		m.SetQuestion("www.github.com.", mdns.TypeA)
+		b, _ := m.Pack()
+		_, err = c.Write(b)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if e.queried("www.github.com") {
+		t.Error("a DNS query spoofed with beta's address was forwarded upstream")
+	}
+	if lines := e.d.AccessLog(); len(lines) > before {
+		t.Errorf("spoofed connections reached the proxy: %v", lines[before:])
+	}
+	if h := e.w.Log.Hits(); len(h) > 0 {
 		t.Errorf("servers saw spoofed connections: %+v", h)
 	}
 	e.noLeaks()

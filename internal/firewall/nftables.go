@@ -111,6 +111,11 @@ func Render(tx *knftables.Transaction, s State) {
 	rule(chainPre, "iifname != @"+setGuestIfaces+" return", "only traffic from guests is handled here")
 	rule(chainPre, "meta nfproto != ipv4 counter drop", "guest IPv6 (and anything not IPv4) never leaves")
 	rule(chainPre, fmt.Sprintf("ip saddr != %s counter drop", s.VMCIDR), "source outside the guest range: spoofed")
+	// Reverse-path check in the ruleset, whatever rp_filter says: a guest's
+	// source must route back through the interface it came in on, so one
+	// guest cannot take another's (or the host's) address and policy.
+	rule(chainPre, "fib saddr . iif oif missing counter drop", "anti-spoofing: source address does not belong behind this interface")
+	rule(chainPre, "fib saddr type local counter drop", "anti-spoofing: source is one of the host's own addresses")
 	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
 	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
 	rule(chainPre, fmt.Sprintf("meta l4proto tcp tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark),
