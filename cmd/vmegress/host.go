@@ -1,9 +1,19 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/fsnotify/fsnotify"
 
 	mdns "github.com/miekg/dns"
 	"github.com/spf13/cobra"
@@ -33,9 +43,13 @@ func (a *app) runCmd() *cobra.Command {
 		Use:   "run",
 		Short: "Run the daemon: install interception and serve the data plane",
 		Long: `Run installs the host's interception (replacing whatever a previous run left),
-serves the builtin data plane, and writes one JSON access-log line per connection
-to stdout (daemon logs go to stderr). On SIGTERM or SIGINT the data plane stops
-and interception stays in place, so guests stay fail-closed until 'vmegress down'.`,
+serves the builtin data plane, the allowlist resolver and the admin endpoint, and
+writes one JSON access-log line per connection and per guest DNS query to stdout
+(or the access_log file; SIGUSR1 reopens it). Daemon logs go to stderr.
+SIGHUP, or a change of the config file, reloads the policy live; an invalid config
+is refused and the running policy stays. On SIGTERM or SIGINT the data plane stops
+and interception stays in place, so guests stay fail-closed until 'vmegress down'.
+Under systemd (Type=notify) readiness is sent once interception and data plane are up.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := a.loadConfig()
@@ -47,6 +61,15 @@ and interception stays in place, so guests stay fail-closed until 'vmegress down
 				return err
 			}
 			defer h.Close()
+			var access io.Writer = a.stdout
+			var logFile *reopenFile
+			if cfg.AccessLog != "" {
+				if logFile, err = openLog(cfg.AccessLog); err != nil {
+					return err
+				}
+				defer logFile.Close()
+				access = logFile
+			}
 			d := &daemon.Daemon{
 				Config:       cfg,
 				Interception: in,
@@ -56,10 +79,58 @@ and interception stays in place, so guests stay fail-closed until 'vmegress down
 				DNSTCP:       &mdns.Client{Net: "tcp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
 				HostAddrs:    proxy.KernelAddrChecker{Handle: h},
 				Log:          a.log,
-				AccessLog:    slog.New(slog.NewJSONHandler(a.stdout, nil)),
+				AccessLog:    slog.New(slog.NewJSONHandler(access, nil)),
+				Notify:       func(state string) { sdnotify.SdNotify(false, state) },
+				Version:      version,
 			}
-			return d.Run(cmd.Context())
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
+			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, logFile)
+			return d.Run(ctx)
 		},
+	}
+}
+
+// reloadOnSignalOrChange reloads d on SIGHUP and when the config file
+// changes (watched through its directory, so editors' rename-and-replace
+// and ConfigMap-style symlink swaps are seen); SIGUSR1 reopens the access log.
+func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path string, logFile *reopenFile) {
+	sig := make(chan os.Signal, 4)
+	signal.Notify(sig, syscall.SIGHUP, syscall.SIGUSR1)
+	defer signal.Stop(sig)
+	var events <-chan fsnotify.Event
+	w, err := fsnotify.NewWatcher()
+	if err == nil {
+		defer w.Close()
+		if err := w.Add(filepath.Dir(path)); err != nil {
+			a.log.Warn("not watching the config file; reload with SIGHUP", "err", err.Error())
+		}
+		events = w.Events
+	}
+	// Editors write in several steps: wait for quiet before reloading.
+	var debounce <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case s := <-sig:
+			if s == syscall.SIGUSR1 {
+				if logFile != nil {
+					if err := logFile.Reopen(); err != nil {
+						a.log.Error("reopening the access log", "err", err.Error())
+					}
+				}
+				continue
+			}
+			d.Reload(ctx, "SIGHUP")
+		case ev := <-events:
+			if filepath.Clean(ev.Name) == filepath.Clean(path) || filepath.Base(ev.Name) == "..data" {
+				debounce = time.After(200 * time.Millisecond)
+			}
+		case <-debounce:
+			debounce = nil
+			d.Reload(ctx, "config file changed")
+		}
 	}
 }
 

@@ -58,8 +58,10 @@ type Config struct {
 	Admin           netip.AddrPort
 	Upstream        string
 	OnPolicyChange  string
-	EnvoyBinary     string
-	DNSUpstreams    []netip.AddrPort
+	// AccessLog is a file for the access log ("": stdout).
+	AccessLog    string
+	EnvoyBinary  string
+	DNSUpstreams []netip.AddrPort
 	// Projects in file order.
 	Projects []Project
 }

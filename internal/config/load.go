@@ -256,6 +256,15 @@ func (p *parser) top(n *yaml.Node) {
 		},
 		"upstream":         p.str("upstream", &c.Upstream, "vetted", "original_dst"),
 		"on_policy_change": p.str("on_policy_change", &c.OnPolicyChange, "drop", "keep"),
+		"access_log": func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "access_log"); ok {
+				if !filepath.IsAbs(s) {
+					p.errf(v, "access_log: %q must be an absolute path", s)
+					return
+				}
+				c.AccessLog = s
+			}
+		},
 		"envoy": func(v *yaml.Node) {
 			p.mapping(v, "envoy", map[string]func(*yaml.Node){
 				"binary": p.str("envoy.binary", &c.EnvoyBinary),
@@ -476,11 +485,6 @@ func (p *parser) crossCheck() {
 	switch c.RouteTable {
 	case 253, 254, 255: // default, main, local
 		p.issues = append(p.issues, Issue{p.keyPos("route_table"), fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})
-	}
-	for _, pr := range c.Projects {
-		if pr.Mode == "audit" {
-			p.issues = append(p.issues, Issue{pr.Pos, fmt.Sprintf("project %q: mode audit is not supported yet (only enforce)", pr.Name)})
-		}
 	}
 	for i, a := range p.subnetPos {
 		if !c.VMCIDR.Contains(a.subnet.Addr()) || a.subnet.Bits() < c.VMCIDR.Bits() {

@@ -1,5 +1,6 @@
 // Package daemon wires vmegress's pieces together: it installs the host's
-// interception, runs the data plane, and keeps guests fail-closed when it
+// interception, runs the data plane, the resolver and the admin endpoint,
+// reloads policy live, repairs drift, and keeps guests fail-closed when it
 // stops (interception stays until `vmegress down`).
 package daemon
 
@@ -10,22 +11,34 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	mdns "github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
 	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/proxy"
 )
 
+// Firewall is the backend the daemon drives: apply, clean up, and read back.
+type Firewall interface {
+	firewall.Backend
+	// Snapshot is the installed ruleset in canonical text ("" if absent).
+	Snapshot(ctx context.Context) (string, error)
+	// Counters are the ruleset's packet counters by "chain: comment".
+	Counters(ctx context.Context) (map[string]uint64, error)
+}
+
 // Interception is the host side of vmegress: packet filter plus policy routing.
 type Interception struct {
-	Firewall firewall.Backend
+	Firewall Firewall
 	Netlink  hostnet.Netlink
 }
 
@@ -57,10 +70,16 @@ func (in Interception) Remove(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// Daemon is `vmegress run`.
+// DefaultDriftInterval is how often the daemon checks that the ruleset and
+// routing are still what it installed.
+const DefaultDriftInterval = time.Second
+
+// Daemon is `vmegress run`. Set the fields, then call Run.
 type Daemon struct {
 	Config       *config.Config
 	Interception Interception
+	// Load reads the config again on reload (zero: config.Load of Config.Path).
+	Load func() (*config.Config, error)
 	// Listen opens the data plane's transparent listener.
 	Listen func(ctx context.Context, addr string) (net.Listener, error)
 	// ListenPacket opens the resolver's UDP socket (zero: net.ListenPacket).
@@ -75,8 +94,27 @@ type Daemon struct {
 	HostAddrs  proxy.AddrChecker
 	Log        *slog.Logger
 	AccessLog  *slog.Logger
-	// Ready is called once interception and the data plane are up.
-	Ready func()
+	// Registry receives the metrics (zero: a private registry).
+	Registry *prometheus.Registry
+	// DriftInterval (zero: DefaultDriftInterval).
+	DriftInterval time.Duration
+	// Notify is told "READY=1", "RELOADING=1", "STOPPING=1" (systemd; may be nil).
+	Notify func(state string)
+	// Version is reported by /status.
+	Version string
+
+	mu        sync.Mutex // guards the fields below and serialises reloads
+	cfg       *config.Config
+	pol       *policy.Policy
+	applied   string // ruleset snapshot after the last apply
+	started   time.Time
+	lastLoad  time.Time
+	lastError string
+	ready     bool
+
+	metrics  *metrics.Metrics
+	proxy    *proxy.Proxy
+	resolver *vdns.Resolver
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
@@ -95,10 +133,36 @@ func Upstreams(cfg *config.Config, resolvConf string) ([]string, error) {
 	return vdns.UpstreamsFromResolvConf(resolvConf)
 }
 
+func (d *Daemon) notify(state string) {
+	if d.Notify != nil {
+		d.Notify(state)
+	}
+}
+
+// install applies cfg's interception and remembers the resulting ruleset.
+func (d *Daemon) install(ctx context.Context, cfg *config.Config) error {
+	if err := d.Interception.Install(ctx, cfg); err != nil {
+		return err
+	}
+	snap, err := d.Interception.Firewall.Snapshot(ctx)
+	if err != nil {
+		return err
+	}
+	d.applied = snap
+	return nil
+}
+
 // Run installs interception, serves until ctx ends, then stops the data plane
 // and leaves interception in place (guests stay fail-closed).
 func (d *Daemon) Run(ctx context.Context) error {
 	cfg := d.Config
+	if d.Registry == nil {
+		d.Registry = prometheus.NewRegistry()
+	}
+	d.metrics = metrics.New(d.Registry)
+	d.Registry.MustRegister(metrics.NewRulesetCollector(func() (map[string]uint64, error) {
+		return d.Interception.Firewall.Counters(context.Background())
+	}))
 	pol, err := policy.Compile(cfg)
 	if err != nil {
 		return err
@@ -107,7 +171,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := d.Interception.Install(ctx, cfg); err != nil {
+	d.mu.Lock()
+	d.cfg, d.pol, d.started, d.lastLoad = cfg, pol, time.Now(), time.Now()
+	err = d.install(ctx, cfg)
+	d.mu.Unlock()
+	if err != nil {
 		return err
 	}
 	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
@@ -116,48 +184,162 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return fmt.Errorf("starting the builtin data plane: %w", err)
 	}
 	answers := &dest.Answers{}
-	res := &vdns.Resolver{
+	d.resolver = &vdns.Resolver{
 		Upstreams:  upstreams,
 		UDP:        d.DNSUDP,
 		TCP:        d.DNSTCP,
 		Answers:    answers,
 		GuestRange: cfg.VMCIDR,
 		Log:        d.Log.With("component", "dns"),
+		AccessLog:  d.AccessLog,
+		Metrics:    d.metrics,
 	}
-	res.SetPolicy(pol)
+	d.resolver.SetPolicy(pol)
 	dnsAddr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.DNSPort)))
-	stopDNS, err := d.serveDNS(ctx, dnsAddr, res)
+	stopDNS, err := d.serveDNS(ctx, dnsAddr, d.resolver)
 	if err != nil {
 		ln.Close()
 		return err
 	}
 	defer stopDNS()
-	px := &proxy.Proxy{
+	stopAdmin, err := d.serveAdmin(ctx, cfg.Admin.String())
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer stopAdmin()
+	d.proxy = &proxy.Proxy{
 		GuestRange:  cfg.VMCIDR,
 		Dial:        d.Dial,
 		HostAddrs:   d.HostAddrs,
 		Answers:     answers,
-		Resolver:    res,
+		Resolver:    d.resolver,
 		OriginalDst: cfg.Upstream == "original_dst",
 		Log:         d.Log,
 		AccessLog:   d.AccessLog,
+		Metrics:     d.metrics,
 	}
-	px.SetPolicy(pol)
+	d.proxy.SetPolicy(pol, false)
 	var names []string
 	for _, p := range pol.Projects() {
 		names = append(names, p.Name+"="+p.Subnet.String())
 	}
-	d.Log.Info("vmegress ready", "dataplane", "builtin", "listen", addr, "dns", dnsAddr,
+	d.Log.Info("vmegress ready", "dataplane", "builtin", "listen", addr, "dns", dnsAddr, "admin", cfg.Admin.String(),
 		"dns_upstreams", upstreams, "projects", names, "upstream", cfg.Upstream)
 	if cfg.Upstream == "original_dst" {
 		d.Log.Warn("upstream: original_dst dials the guest's chosen address on the strength of its SNI or Host alone: a guest can reach any address by naming an allowed host (SNI spoofing)")
 	}
-	if d.Ready != nil {
-		d.Ready()
-	}
-	err = px.Serve(ctx, ln)
+	d.mu.Lock()
+	d.ready = true
+	d.mu.Unlock()
+	d.metrics.DataplaneUp(true)
+	d.notify("READY=1")
+
+	driftCtx, stopDrift := context.WithCancel(ctx)
+	driftDone := make(chan struct{})
+	go func() { defer close(driftDone); d.watchDrift(driftCtx) }()
+
+	err = d.proxy.Serve(ctx, ln)
+	stopDrift()
+	<-driftDone
+	d.metrics.DataplaneUp(false)
+	d.notify("STOPPING=1")
 	d.Log.Info("data plane stopped; interception stays in place (guests fail closed) until `vmegress down`")
 	return err
+}
+
+// Reload reads the config again and swaps it in atomically. An invalid
+// config is logged and counted, and the running policy stays in force.
+// Established connections the new policy refuses are closed unless
+// on_policy_change is keep.
+func (d *Daemon) Reload(ctx context.Context, why string) error {
+	d.notify("RELOADING=1")
+	defer d.notify("READY=1")
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	load := d.Load
+	if load == nil {
+		load = func() (*config.Config, error) { return config.Load(d.cfg.Path) }
+	}
+	cfg, err := load()
+	if err == nil {
+		err = reloadable(d.cfg, cfg)
+	}
+	var pol *policy.Policy
+	if err == nil {
+		pol, err = policy.Compile(cfg)
+	}
+	if err == nil && firewall.FromConfig(cfg).String() != firewall.FromConfig(d.cfg).String() {
+		err = d.install(ctx, cfg)
+	}
+	d.lastLoad = time.Now()
+	if err != nil {
+		d.lastError = err.Error()
+		d.metrics.Reload(false)
+		d.Log.Error("policy reload failed; the previous policy stays in force", "trigger", why, "err", err.Error())
+		return err
+	}
+	d.lastError = ""
+	d.cfg, d.pol = cfg, pol
+	d.resolver.SetPolicy(pol)
+	closed := d.proxy.SetPolicy(pol, cfg.OnPolicyChange != "keep")
+	d.metrics.Reload(true)
+	d.Log.Info("policy reloaded", "trigger", why, "projects", len(pol.Projects()), "closed_connections", closed)
+	return nil
+}
+
+// reloadable refuses changes that need a restart (listening sockets).
+func reloadable(old, cfg *config.Config) error {
+	switch {
+	case old.TProxyPort != cfg.TProxyPort, old.DNSPort != cfg.DNSPort, old.Admin != cfg.Admin, old.Upstream != cfg.Upstream:
+		return errors.New("tproxy_port, dns_port, admin and upstream change only with a restart")
+	}
+	return nil
+}
+
+// watchDrift restores the ruleset or routing when they change behind the
+// daemon's back.
+func (d *Daemon) watchDrift(ctx context.Context) {
+	every := d.DriftInterval
+	if every == 0 {
+		every = DefaultDriftInterval
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := d.repairDrift(ctx); err != nil && ctx.Err() == nil {
+			d.Log.Error("checking for drift", "err", err.Error())
+		}
+	}
+}
+
+func (d *Daemon) repairDrift(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	snap, err := d.Interception.Firewall.Snapshot(ctx)
+	if err != nil {
+		return err
+	}
+	pr := hostnet.PolicyRouting{Mark: d.cfg.Mark, Table: d.cfg.RouteTable}
+	routed, err := pr.Installed(d.Interception.Netlink)
+	if err != nil {
+		return err
+	}
+	if snap == d.applied && routed {
+		return nil
+	}
+	what := "policy routing"
+	if snap != d.applied {
+		what = "nftables table " + firewall.TableName
+	}
+	d.Log.Warn("interception changed behind vmegress's back; restoring it", "what", what)
+	d.metrics.DriftRepaired()
+	return d.install(ctx, d.cfg)
 }
 
 // serveDNS starts the resolver on UDP and TCP addr; the returned func stops it.

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/vmegress/vmegress/internal/dest"
+	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/policy"
 )
 
@@ -57,8 +58,10 @@ type Resolver struct {
 	Rate  rate.Limit
 	Burst int
 	Log   *slog.Logger
-	// OnQuery is called with each query's project and verdict (may be nil).
-	OnQuery func(project, verdict string)
+	// AccessLog gets one "dns" line per query of a project (may be nil).
+	AccessLog *slog.Logger
+	// Metrics counts queries by verdict (may be nil).
+	Metrics *metrics.Metrics
 
 	mu       sync.Mutex
 	limiters map[string]*rate.Limiter
@@ -119,8 +122,12 @@ func Name(q string) string { return strings.ToLower(strings.TrimSuffix(q, ".")) 
 func (r *Resolver) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
 	src := addrOf(w.RemoteAddr())
 	resp, verdict, project := r.answer(context.Background(), src, req)
-	if r.OnQuery != nil {
-		r.OnQuery(project, verdict)
+	r.Metrics.DNSQuery(project, verdict)
+	if r.AccessLog != nil && project != "" && len(req.Question) == 1 {
+		r.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "dns",
+			slog.String("project", project), slog.String("src", src.String()),
+			slog.String("name", Name(req.Question[0].Name)), slog.String("type", mdns.TypeToString[req.Question[0].Qtype]),
+			slog.String("verdict", verdict))
 	}
 	if resp == nil {
 		return
@@ -163,9 +170,12 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*
 	case mdns.TypeAXFR, mdns.TypeIXFR, mdns.TypeANY:
 		return reply(req, mdns.RcodeRefused), "refused", pr.Name
 	}
-	if q.Qclass != mdns.ClassINET || !pr.AllowsName(name) {
+	verdict := "allow"
+	if q.Qclass == mdns.ClassINET && !pr.AllowsName(name) && pr.Audit {
+		verdict = "would_deny" // audit: answered, but enforcement would not
+	} else if q.Qclass != mdns.ClassINET || !pr.AllowsName(name) {
 		// NXDOMAIN, decided here: the name never leaves the host.
-		log.Info("dns query denied", "name", name, "type", mdns.TypeToString[q.Qtype])
+		log.Debug("dns query denied", "name", name, "type", mdns.TypeToString[q.Qtype])
 		m := reply(req, mdns.RcodeNameError)
 		m.Authoritative = true
 		return m, "deny", pr.Name
@@ -182,8 +192,8 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*
 	out := reply(req, resp.Rcode)
 	out.Answer = r.filter(pr, name, resp.Answer)
 	out.Ns = resp.Ns
-	log.Info("dns query allowed", "name", name, "type", mdns.TypeToString[q.Qtype], "answers", len(out.Answer))
-	return out, "allow", pr.Name
+	log.Debug("dns query answered", "name", name, "type", mdns.TypeToString[q.Qtype], "answers", len(out.Answer), "verdict", verdict)
+	return out, verdict, pr.Name
 }
 
 // exchange asks each upstream in turn, over TCP when the UDP answer is truncated.

@@ -8,6 +8,7 @@ package firewall
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 
 	"github.com/vmegress/vmegress/internal/config"
@@ -40,6 +41,12 @@ func FromConfig(cfg *config.Config) State {
 		Mark:            cfg.Mark,
 		UpstreamMark:    cfg.UpstreamMark,
 	}
+}
+
+// String renders s for logs and comparisons.
+func (s State) String() string {
+	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x",
+		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark)
 }
 
 // Backend applies a desired State to the host.

@@ -1,8 +1,14 @@
 package firewall
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
 
 	"sigs.k8s.io/knftables"
 )
@@ -15,12 +21,88 @@ const TableName = "vmegress"
 // a single transaction on every Apply.
 type NFTables struct {
 	nft knftables.Interface
+	// Exec runs the nft binary for listings knftables does not offer (zero:
+	// os/exec with LC_ALL=C).
+	Exec func(ctx context.Context, argv ...string) ([]byte, error)
 }
 
 // NewNFTables returns the nftables backend over nft (knftables.New(knftables.InetFamily,
 // TableName) for the real host, knftables.NewFake for tests).
 func NewNFTables(nft knftables.Interface) *NFTables {
 	return &NFTables{nft: nft}
+}
+
+func execNFT(ctx context.Context, argv ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("running %s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+func (b *NFTables) run(ctx context.Context, argv ...string) ([]byte, error) {
+	if b.Exec != nil {
+		return b.Exec(ctx, argv...)
+	}
+	return execNFT(ctx, argv...)
+}
+
+var counterRE = regexp.MustCompile(`counter packets \d+ bytes \d+`)
+
+// Snapshot returns the kernel's listing of the table with counter values
+// blanked, so two snapshots are equal when the rules are; "" when the table
+// does not exist.
+func (b *NFTables) Snapshot(ctx context.Context) (string, error) {
+	if ok, err := b.Installed(ctx); err != nil || !ok {
+		return "", err
+	}
+	out, err := b.run(ctx, "nft", "list", "table", "inet", TableName)
+	if err != nil {
+		return "", fmt.Errorf("listing nftables table %s: %w", TableName, err)
+	}
+	return counterRE.ReplaceAllString(string(out), "counter"), nil
+}
+
+// Counters returns the packet count of every counted rule, keyed by
+// "chain: comment".
+func (b *NFTables) Counters(ctx context.Context) (map[string]uint64, error) {
+	out, err := b.run(ctx, "nft", "-j", "list", "table", "inet", TableName)
+	if err != nil {
+		return nil, fmt.Errorf("listing nftables counters: %w", err)
+	}
+	var doc struct {
+		Nftables []struct {
+			Rule *struct {
+				Chain   string            `json:"chain"`
+				Comment string            `json:"comment"`
+				Expr    []json.RawMessage `json:"expr"`
+			} `json:"rule"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		return nil, fmt.Errorf("parsing nft -j output: %w", err)
+	}
+	counts := map[string]uint64{}
+	for _, o := range doc.Nftables {
+		if o.Rule == nil {
+			continue
+		}
+		for _, e := range o.Rule.Expr {
+			var c struct {
+				Counter *struct {
+					Packets uint64 `json:"packets"`
+				} `json:"counter"`
+			}
+			if json.Unmarshal(e, &c) == nil && c.Counter != nil {
+				counts[o.Rule.Chain+": "+o.Rule.Comment] += c.Counter.Packets
+			}
+		}
+	}
+	return counts, nil
 }
 
 // NewHostNFTables returns the nftables backend for the current network namespace.

@@ -83,10 +83,12 @@ type Project struct {
 	Name           string
 	Subnet         netip.Prefix
 	MaxConnections int
-	sni, http      nameMatcher
-	cidrs          []cidrRule
-	sniPorts       map[uint16]bool
-	httpPorts      map[uint16]bool
+	// Audit: allow everything, log what enforcement would refuse.
+	Audit     bool
+	sni, http nameMatcher
+	cidrs     []cidrRule
+	sniPorts  map[uint16]bool
+	httpPorts map[uint16]bool
 }
 
 type cidrRule struct {
@@ -100,7 +102,7 @@ func Compile(cfg *config.Config) (*Policy, error) {
 	p := &Policy{bySubnet: map[netip.Prefix]*Project{}, byName: map[string]*Project{}}
 	for _, cp := range cfg.Projects {
 		pr := &Project{
-			Name: cp.Name, MaxConnections: cp.MaxConnections,
+			Name: cp.Name, MaxConnections: cp.MaxConnections, Audit: cp.Mode == "audit",
 			sni: newNameMatcher(), http: newNameMatcher(),
 			sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
 		}

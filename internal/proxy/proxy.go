@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/vmegress/vmegress/internal/dest"
+	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/policy"
 )
 
@@ -67,6 +68,8 @@ type Proxy struct {
 	// Log is the daemon's log; AccessLog gets one line per connection.
 	Log       *slog.Logger
 	AccessLog *slog.Logger
+	// Metrics counts verdicts and bytes (may be nil).
+	Metrics *metrics.Metrics
 	// HelloTimeout bounds the wait for a ClientHello or request head (zero:
 	// DefaultHelloTimeout).
 	HelloTimeout time.Duration
@@ -75,12 +78,44 @@ type Proxy struct {
 
 	wg     sync.WaitGroup
 	mu     sync.Mutex
-	conns  map[*net.TCPConn]struct{}
+	conns  map[*net.TCPConn]*entry
 	active sync.Map // project name → *atomic.Int64
 }
 
-// SetPolicy swaps the policy new connections are decided by.
-func (p *Proxy) SetPolicy(pol *policy.Policy) { p.policy.Store(pol) }
+// SetPolicy swaps the policy new connections are decided by. With drop,
+// established connections that pol refuses are closed (their log line says
+// why); the ones it allows are never disturbed. It returns how many closed.
+func (p *Proxy) SetPolicy(pol *policy.Policy, drop bool) int {
+	p.policy.Store(pol)
+	if !drop {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	closed := 0
+	for c, e := range p.conns {
+		if e == nil || !e.established.Load() {
+			continue
+		}
+		d := redecide(pol, e)
+		if d.Verdict == policy.Allow {
+			continue
+		}
+		e.revoked.Store(true)
+		c.Close()
+		closed++
+	}
+	return closed
+}
+
+// redecide decides an established connection again under pol.
+func redecide(pol *policy.Policy, e *entry) policy.Decision {
+	d, in := pol.Connect(e.src.Addr(), e.dst)
+	if in == policy.InspectNone || d.Verdict == policy.Allow {
+		return d
+	}
+	return pol.Decide(policy.Facts{Src: e.src.Addr(), Dst: e.dst, Kind: e.kind, Name: e.name})
+}
 
 // Active returns the number of open connections of a project.
 func (p *Proxy) Active(project string) int64 {
@@ -142,26 +177,28 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 			c.Close()
 			continue
 		}
-		p.track(tc, true)
+		e := &entry{start: p.now(), src: addrPort(tc.RemoteAddr()), dst: addrPort(tc.LocalAddr())}
+		p.track(tc, e)
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			defer p.track(tc, false)
-			p.handle(ctx, tc)
+			defer p.track(tc, nil)
+			p.handle(ctx, tc, e)
 		}()
 	}
 	p.wg.Wait()
 	return err
 }
 
-func (p *Proxy) track(c *net.TCPConn, add bool) {
+// track registers c's entry (nil: forget c).
+func (p *Proxy) track(c *net.TCPConn, e *entry) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.conns == nil {
-		p.conns = map[*net.TCPConn]struct{}{}
+		p.conns = map[*net.TCPConn]*entry{}
 	}
-	if add {
-		p.conns[c] = struct{}{}
+	if e != nil {
+		p.conns[c] = e
 	} else {
 		delete(p.conns, c)
 	}
@@ -184,9 +221,20 @@ type entry struct {
 	d        policy.Decision
 	up, down int64
 	upstream string
+	// established is set once splicing starts; revoked when a policy
+	// change closed the connection.
+	established, revoked atomic.Bool
 }
 
 func (p *Proxy) logEntry(e *entry) {
+	if e.revoked.Load() {
+		e.d.Reason = "closed: the new policy no longer allows it"
+		e.d.Verdict = "revoked"
+	}
+	p.Metrics.Connection(e.d.Project, string(e.d.Verdict))
+	if e.up > 0 || e.down > 0 {
+		p.Metrics.Bytes(e.d.Project, e.up, e.down)
+	}
 	if p.AccessLog == nil {
 		return
 	}
@@ -224,8 +272,13 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// Verdicts beyond policy's: the policy allowed it but it could not be done.
-const verdictError policy.Verdict = "error"
+// Verdicts beyond policy's.
+const (
+	// verdictError: the policy allowed it but it could not be done.
+	verdictError policy.Verdict = "error"
+	// WouldDeny: a project in audit mode let through what enforce would refuse.
+	WouldDeny policy.Verdict = "would_deny"
+)
 
 // refusal is how a denial is shown to the client.
 type refusal int
@@ -237,8 +290,7 @@ const (
 )
 
 // handle decides one connection and proxies or refuses it.
-func (p *Proxy) handle(ctx context.Context, c *net.TCPConn) {
-	e := &entry{start: p.now(), src: addrPort(c.RemoteAddr()), dst: addrPort(c.LocalAddr())}
+func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) {
 	pol := p.policy.Load()
 	d, inspect := pol.Connect(e.src.Addr(), e.dst)
 	e.d = d
@@ -254,7 +306,8 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn) {
 		p.refuse(c, e, refuseReset)
 		return
 	}
-	defer n.Add(-1)
+	p.Metrics.Active(pr.Name, 1)
+	defer func() { n.Add(-1); p.Metrics.Active(pr.Name, -1) }()
 
 	var prefix []byte
 	how := refuseReset
@@ -266,11 +319,21 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn) {
 			e.d = pol.Decide(facts)
 		}
 	}
-	if e.d.Verdict != policy.Allow {
+	if e.d.Verdict != policy.Allow && pr.Audit {
+		// Audit: let it through, log what enforcement would have done.
+		e.d.Verdict = WouldDeny
+	}
+	if e.d.Verdict != policy.Allow && e.d.Verdict != WouldDeny {
 		p.refuse(c, e, how)
 		return
 	}
-	target, reason := p.target(ctx, pr, e.name, e.dst, inspect == policy.InspectNone)
+	byAddress := inspect == policy.InspectNone || e.name == ""
+	target, reason := p.target(ctx, pr, e.name, e.dst, byAddress)
+	if reason != "" && e.d.Verdict == WouldDeny && !byAddress {
+		// In audit, a name that cannot be vetted still goes where the
+		// guest asked, within the always-denied rules.
+		target, reason = e.dst, p.checkDst(pr, e.dst.Addr())
+	}
 	if reason != "" {
 		e.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Rule: e.d.Rule, Reason: reason}
 		p.refuse(c, e, how)
@@ -292,6 +355,7 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	e.up = int64(len(prefix))
+	e.established.Store(true)
 	n1, n2 := splice(c, up)
 	e.up += n1
 	e.down = n2

@@ -1,0 +1,134 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Status is what /status reports (and `vmegress status` prints).
+type Status struct {
+	Version      string          `json:"version"`
+	Ready        bool            `json:"ready"`
+	Started      time.Time       `json:"started"`
+	Config       string          `json:"config"`
+	Dataplane    string          `json:"dataplane"`
+	Upstream     string          `json:"upstream"`
+	LastReload   time.Time       `json:"last_reload"`
+	LastError    string          `json:"last_reload_error,omitempty"`
+	Interception bool            `json:"interception_installed"`
+	Projects     []ProjectStatus `json:"projects"`
+}
+
+// ProjectStatus is one project's line in Status.
+type ProjectStatus struct {
+	Name        string            `json:"name"`
+	Subnet      string            `json:"subnet,omitempty"`
+	Mode        string            `json:"mode"`
+	Rules       int               `json:"rules"`
+	Active      int64             `json:"active_connections"`
+	Connections map[string]uint64 `json:"connections"` // by verdict
+	DNSQueries  map[string]uint64 `json:"dns_queries"` // by verdict
+}
+
+// Status returns the daemon's current status.
+func (d *Daemon) Status(ctx context.Context) Status {
+	d.mu.Lock()
+	cfg, ready := d.cfg, d.ready
+	st := Status{Version: d.Version, Ready: ready, Started: d.started, Config: cfg.Path, Dataplane: cfg.Dataplane,
+		Upstream: cfg.Upstream, LastReload: d.lastLoad, LastError: d.lastError}
+	d.mu.Unlock()
+	if ok, err := d.Interception.Firewall.Installed(ctx); err == nil {
+		st.Interception = ok
+	}
+	conns, dns := d.countsByProject()
+	for _, p := range cfg.Projects {
+		ps := ProjectStatus{Name: p.Name, Mode: p.Mode, Rules: len(p.Allow),
+			Connections: conns[p.Name], DNSQueries: dns[p.Name]}
+		if p.Subnet.IsValid() {
+			ps.Subnet = p.Subnet.String()
+		}
+		if d.proxy != nil {
+			ps.Active = d.proxy.Active(p.Name)
+		}
+		st.Projects = append(st.Projects, ps)
+	}
+	sort.Slice(st.Projects, func(i, j int) bool { return st.Projects[i].Name < st.Projects[j].Name })
+	return st
+}
+
+// countsByProject reads the connection and query counters back from the registry.
+func (d *Daemon) countsByProject() (conns, dns map[string]map[string]uint64) {
+	conns, dns = map[string]map[string]uint64{}, map[string]map[string]uint64{}
+	families, err := d.Registry.Gather()
+	if err != nil {
+		return conns, dns
+	}
+	for _, f := range families {
+		var into map[string]map[string]uint64
+		switch f.GetName() {
+		case "vmegress_proxy_connections_total":
+			into = conns
+		case "vmegress_dns_queries_total":
+			into = dns
+		default:
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			var project, verdict string
+			for _, l := range m.GetLabel() {
+				switch l.GetName() {
+				case "project":
+					project = l.GetValue()
+				case "verdict":
+					verdict = l.GetValue()
+				}
+			}
+			if into[project] == nil {
+				into[project] = map[string]uint64{}
+			}
+			into[project][verdict] += uint64(m.GetCounter().GetValue())
+		}
+	}
+	return conns, dns
+}
+
+// serveAdmin serves /metrics, /healthz, /readyz and /status on addr.
+func (d *Daemon) serveAdmin(ctx context.Context, addr string) (func(), error) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		st := d.Status(r.Context())
+		if !st.Ready || !st.Interception {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(d.Status(r.Context()))
+	})
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("starting the admin endpoint on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.Log.Error("admin endpoint stopped", "err", err)
+		}
+	}()
+	return func() { srv.Close() }, nil
+}
