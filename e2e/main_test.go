@@ -222,6 +222,7 @@ func (e *env) hostState() string {
 		{"ip", "-6", "rule", "show"},
 		{"ip", "-4", "route", "show", "table", "all"},
 		{"ip", "-6", "route", "show", "table", "all"},
+		{"sh", "-c", "grep -H . /proc/sys/net/ipv4/conf/*/forwarding"},
 	} {
 		out, err := world.Output(e.ctx, world.NS(e.w.Host, argv...)...)
 		if err != nil {

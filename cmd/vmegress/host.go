@@ -22,11 +22,12 @@ import (
 	"github.com/vmegress/vmegress/internal/daemon"
 	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/firewall"
+	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/proxy"
 )
 
 // hostInterception builds the interception over the real host (current netns).
-func hostInterception() (daemon.Interception, *netlink.Handle, error) {
+func (a *app) hostInterception() (daemon.Interception, *netlink.Handle, error) {
 	fw, err := firewall.NewHostNFTables()
 	if err != nil {
 		return daemon.Interception{}, nil, err
@@ -35,7 +36,21 @@ func hostInterception() (daemon.Interception, *netlink.Handle, error) {
 	if err != nil {
 		return daemon.Interception{}, nil, fmt.Errorf("opening netlink: %w", err)
 	}
-	return daemon.Interception{Firewall: fw, Netlink: h}, h, nil
+	guard := &hostnet.ForwardingGuard{
+		StateFile: filepath.Join(a.stateDir, "forwarding.json"),
+		Links: func() ([]string, error) {
+			links, err := h.LinkList()
+			if err != nil {
+				return nil, err
+			}
+			names := make([]string, len(links))
+			for i, l := range links {
+				names[i] = l.Attrs().Name
+			}
+			return names, nil
+		},
+	}
+	return daemon.Interception{Firewall: fw, Netlink: h, Guard: guard}, h, nil
 }
 
 func (a *app) runCmd() *cobra.Command {
@@ -56,7 +71,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			if err != nil {
 				return err
 			}
-			in, h, err := hostInterception()
+			in, h, err := a.hostInterception()
 			if err != nil {
 				return err
 			}
@@ -144,7 +159,7 @@ func (a *app) upCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			in, h, err := hostInterception()
+			in, h, err := a.hostInterception()
 			if err != nil {
 				return err
 			}
@@ -165,7 +180,7 @@ func (a *app) downCmd() *cobra.Command {
 		Short: "Remove everything 'up' added; idempotent, needs no config",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			in, h, err := hostInterception()
+			in, h, err := a.hostInterception()
 			if err != nil {
 				return err
 			}

@@ -40,6 +40,20 @@ type Firewall interface {
 type Interception struct {
 	Firewall Firewall
 	Netlink  hostnet.Netlink
+	// Guard turns forwarding off on guest interfaces (may be nil). Its
+	// Patterns are set from the config on Install.
+	Guard *hostnet.ForwardingGuard
+}
+
+func (in Interception) guard(cfg *config.Config) error {
+	if in.Guard == nil {
+		return nil
+	}
+	in.Guard.Patterns = cfg.GuestInterfaces
+	if _, err := in.Guard.Apply(); err != nil {
+		return fmt.Errorf("turning forwarding off on guest interfaces: %w", err)
+	}
+	return nil
 }
 
 // Install makes the host's interception match cfg. It replaces whatever a
@@ -49,6 +63,9 @@ type Interception struct {
 func (in Interception) Install(ctx context.Context, cfg *config.Config) error {
 	if err := in.Firewall.Apply(ctx, firewall.FromConfig(cfg)); err != nil {
 		return fmt.Errorf("installing interception: %w", err)
+	}
+	if err := in.guard(cfg); err != nil {
+		return err
 	}
 	pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
 	if err := pr.Ensure(in.Netlink); err != nil {
@@ -66,6 +83,11 @@ func (in Interception) Remove(ctx context.Context) error {
 	}
 	if err := in.Firewall.Cleanup(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("removing interception: %w", err))
+	}
+	if in.Guard != nil {
+		if err := in.Guard.Restore(); err != nil {
+			errs = append(errs, fmt.Errorf("restoring forwarding on guest interfaces: %w", err))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -321,6 +343,11 @@ func (d *Daemon) watchDrift(ctx context.Context) {
 func (d *Daemon) repairDrift(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// New guest interfaces (and ones a global ip_forward write reset) get
+	// their forwarding turned off.
+	if err := d.Interception.guard(d.cfg); err != nil {
+		return err
+	}
 	snap, err := d.Interception.Firewall.Snapshot(ctx)
 	if err != nil {
 		return err

@@ -51,15 +51,19 @@ func (w *World) WriteConfig(name, body string) (string, error) {
 }
 
 // Vmegress runs `binary args...` in the host namespace and returns its output.
+// The state directory is the world's own.
 func (w *World) Vmegress(ctx context.Context, binary string, args ...string) (string, error) {
-	return Output(ctx, NS(w.Host, append([]string{binary}, args...)...)...)
+	return Output(ctx, NS(w.Host, append([]string{binary, "--state-dir", w.StateDir()}, args...)...)...)
 }
+
+// StateDir is the vmegress state directory of the world.
+func (w *World) StateDir() string { return filepath.Join(w.Dir, "state") }
 
 // StartDaemon starts `binary run --config config` in the host namespace and
 // waits until it logs that it is ready.
 func (w *World) StartDaemon(ctx context.Context, binary, config string) (*Daemon, error) {
 	d := &Daemon{done: make(chan struct{})}
-	d.Cmd = exec.Command("ip", NS(w.Host, binary, "run", "--config", config, "--state-dir", filepath.Join(w.Dir, "state"))[1:]...)
+	d.Cmd = exec.Command("ip", NS(w.Host, binary, "run", "--config", config, "--state-dir", w.StateDir())[1:]...)
 	d.Cmd.Stdout, d.Cmd.Stderr = &d.stdout, &d.stderr
 	if err := d.Cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting vmegress run: %w", err)

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -197,11 +198,9 @@ func (w *World) bannerTCP(host string, port int, label string) error {
 			w.Log.add(Hit{Server: label, Remote: c.RemoteAddr().String()})
 			go func() {
 				defer c.Close()
-				c.SetDeadline(time.Now().Add(5 * time.Second))
+				c.SetDeadline(time.Now().Add(30 * time.Second))
 				c.Write([]byte(Banner))
-				buf := make([]byte, 4096)
-				n, _ := c.Read(buf)
-				c.Write(buf[:n]) // echo one line back
+				io.Copy(c, c) // echo until the client closes
 			}()
 		}
 	}()

@@ -1,0 +1,293 @@
+package e2e
+
+import (
+	"bufio"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// guestConn opens a TCP connection from the guest with the Go stack.
+func (e *env) guestConn(addr string) net.Conn {
+	e.t.Helper()
+	var c net.Conn
+	err := world.InNS(e.g.NS, func() error {
+		var err error
+		c, err = net.DialTimeout("tcp4", addr, 5*time.Second)
+		return err
+	})
+	if err != nil {
+		e.t.Fatalf("dialing %s from the guest: %v", addr, err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// bannerConn is an open connection to the banner service (a cidr rule).
+func (e *env) bannerConn() (net.Conn, *bufio.Reader) {
+	e.t.Helper()
+	c := e.guestConn(world.BannerIP.String() + ":22")
+	r := bufio.NewReader(c)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if line, err := r.ReadString('\n'); err != nil || line != world.Banner {
+		e.t.Fatalf("banner: %q, %v", line, err)
+	}
+	return c, r
+}
+
+// alive reports whether an echo connection still answers.
+func alive(c net.Conn, r *bufio.Reader) bool {
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write([]byte("ping\n")); err != nil {
+		return false
+	}
+	line, err := r.ReadString('\n')
+	return err == nil && line == "ping\n"
+}
+
+// tlsConn is an open HTTPS connection to www.github.com (an sni rule).
+func (e *env) tlsConn() (*tls.Conn, *bufio.Reader) {
+	e.t.Helper()
+	pem, err := os.ReadFile(e.w.CAFile)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	raw := e.guestConn(world.WWWGitHubIP.String() + ":443")
+	c := tls.Client(raw, &tls.Config{ServerName: "www.github.com", RootCAs: pool})
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := c.Handshake(); err != nil {
+		e.t.Fatalf("TLS to www.github.com: %v", err)
+	}
+	return c, bufio.NewReader(c)
+}
+
+// get does one HTTP request on an open connection.
+func get(c net.Conn, r *bufio.Reader, host string) error {
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n")); err != nil {
+		return err
+	}
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return os.ErrInvalid
+	}
+	_, err = bufio.NewReader(resp.Body).ReadString('\n')
+	return err
+}
+
+// hostGet fetches an admin URL from inside the host namespace.
+func (e *env) hostGet(url string) (string, error) {
+	return world.Output(e.ctx, world.NS(e.w.Host, "curl", "-sS", "--fail", "--max-time", "5", url)...)
+}
+
+// TestLiveReload: config changes apply without a restart; a revoked
+// connection is closed while an allowed one is untouched; an invalid config
+// is refused and the old policy stays; SIGHUP reloads too.
+func TestLiveReload(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	banner, br := e.bannerConn()
+	web, wr := e.tlsConn()
+	if err := get(web, wr, "www.github.com"); err != nil {
+		t.Fatalf("request before reload: %v", err)
+	}
+
+	// Drop the cidr rule: the banner connection is cut, HTTPS stays.
+	revoked := strings.Replace(baseConfig, "      - cidr: 198.18.1.22/32  # a server-first banner service\n        ports: [22]\n", "", 1)
+	if revoked == baseConfig {
+		t.Fatal("test bug: the cidr rule was not removed")
+	}
+	if err := os.WriteFile(e.cfg, []byte(revoked), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(e.d.Stderr(), `"policy reloaded"`) }) {
+		t.Fatalf("no reload after the config file changed:\n%s", e.d.Stderr())
+	}
+	if alive(banner, br) {
+		t.Error("the connection the new policy refuses is still open")
+	}
+	if err := get(web, wr, "www.github.com"); err != nil {
+		t.Errorf("an allowed connection was disturbed by the reload: %v", err)
+	}
+	e.accessLine("dst", world.BannerIP.String()+":22", "verdict", "revoked")
+	if _, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://"+world.BannerIP.String()+":22"); err == nil {
+		t.Error("new banner connection allowed after the rule was removed")
+	}
+
+	// An invalid config is refused; the running policy stays.
+	if err := os.WriteFile(e.cfg, []byte(revoked+"      - sni: bad..name\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(e.d.Stderr(), `"policy reload failed`) }) {
+		t.Fatalf("no failed reload logged:\n%s", e.d.Stderr())
+	}
+	if !strings.Contains(e.d.Stderr(), "config.yaml:") || !strings.Contains(e.d.Stderr(), `bad..name`) {
+		t.Errorf("the failed reload does not name the file and position:\n%s", e.d.Stderr())
+	}
+	if body, err := e.curl("https://www.github.com"); err != nil || !strings.HasPrefix(body, "hello from") {
+		t.Errorf("after a failed reload the old policy is gone: %q, %v", body, err)
+	}
+	metrics, err := e.hostGet("http://127.0.0.1:9901/metrics")
+	if err != nil || !strings.Contains(metrics, `vmegress_policy_reloads_total{result="failure"} 1`) {
+		t.Errorf("failed reload not counted: %v\n%s", err, grep(metrics, "reloads"))
+	}
+
+	// SIGHUP reloads (the fixed file back).
+	if err := os.WriteFile(e.cfg, []byte(revoked), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	e.d.Cmd.Process.Signal(syscall.SIGHUP)
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(e.d.Stderr(), `"trigger":"SIGHUP"`) }) {
+		t.Errorf("SIGHUP did not reload:\n%s", e.d.Stderr())
+	}
+}
+
+// TestReloadKeep: with on_policy_change: keep, revoked connections stay.
+func TestReloadKeep(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	cfg := "on_policy_change: keep\n" + baseConfig
+	os.WriteFile(e.cfg, []byte(cfg), 0o644)
+	e.start()
+	banner, br := e.bannerConn()
+	os.WriteFile(e.cfg, []byte(strings.Replace(cfg, "        ports: [22]\n", "        ports: [2222]\n", 1)), 0o644)
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(e.d.Stderr(), `"policy reloaded"`) }) {
+		t.Fatalf("no reload:\n%s", e.d.Stderr())
+	}
+	if !alive(banner, br) {
+		t.Error("on_policy_change: keep closed a connection")
+	}
+}
+
+// TestAdminEndpoint: metrics, health, readiness and status, and `vmegress
+// status`; the admin port is out of the guests' reach even on 0.0.0.0.
+func TestAdminEndpoint(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	os.WriteFile(e.cfg, []byte("admin: 0.0.0.0:9901\n"+baseConfig), 0o644)
+	e.start()
+	if _, err := e.curl("https://www.github.com"); err != nil {
+		t.Fatal(err)
+	}
+	e.curlAt("https://example.com", world.ExampleIP.String())
+	e.guest("dig", "example.com")
+	e.accessLine("sni", "example.com")
+	for url, want := range map[string]string{
+		"http://127.0.0.1:9901/healthz": "ok",
+		"http://127.0.0.1:9901/readyz":  "ready",
+	} {
+		if out, err := e.hostGet(url); err != nil || strings.TrimSpace(out) != want {
+			t.Errorf("%s: %q, %v", url, out, err)
+		}
+	}
+	metrics, err := e.hostGet("http://127.0.0.1:9901/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`vmegress_proxy_connections_total{project="alpha",verdict="allow"} 1`,
+		`vmegress_proxy_connections_total{project="alpha",verdict="deny"} 1`,
+		`vmegress_dns_queries_total{project="alpha",verdict="allow"}`,
+		`vmegress_dns_queries_total{project="alpha",verdict="deny"} 1`,
+		`vmegress_proxy_bytes_total{direction="up",project="alpha"}`,
+		`vmegress_proxy_active_connections{project="alpha"} 0`,
+		`vmegress_dataplane_up 1`,
+		`vmegress_firewall_packets_total{rule="prerouting: fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)"}`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	var st struct {
+		Ready    bool `json:"ready"`
+		Projects []struct {
+			Name        string            `json:"name"`
+			Connections map[string]uint64 `json:"connections"`
+		} `json:"projects"`
+	}
+	out, err := e.vmegress("--config", e.cfg, "status", "--json")
+	if err != nil || json.Unmarshal([]byte(out), &st) != nil || !st.Ready || len(st.Projects) != 1 ||
+		st.Projects[0].Connections["allow"] != 1 || st.Projects[0].Connections["deny"] != 1 {
+		t.Errorf("status --json: %v\n%s", err, out)
+	}
+	out, err = e.vmegress("--config", e.cfg, "status")
+	if err != nil || !strings.Contains(out, "alpha") || !strings.Contains(out, "allow=1 deny=1") {
+		t.Errorf("status: %v\n%s", err, out)
+	}
+	for _, ip := range []string{e.g.HostIP.String(), world.HostUplinkIP.String()} {
+		if out, err := e.guest("curl", "-sS", "--max-time", "3", "http://"+ip+":9901/metrics"); err == nil {
+			t.Errorf("guest reached the admin endpoint on %s: %q", ip, out)
+		}
+	}
+}
+
+// TestDriftRepair: a ruleset or routing removed behind the daemon's back is
+// restored within seconds, and guests get nothing out in the gap.
+func TestDriftRepair(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	for _, argv := range [][]string{
+		{"nft", "delete", "table", "inet", "vmegress"},
+		{"ip", "rule", "del", "pref", "9000"},
+	} {
+		if err := world.Run(e.ctx, world.NS(e.w.Host, argv...)...); err != nil {
+			t.Fatal(err)
+		}
+		// In the gap: guest traffic is forwarded nowhere.
+		e.sendUDP("udp4", world.AttackerIP.String()+":9999")
+		e.guest("ping", "-c", "1", "-W", "1", world.AttackerIP.String())
+		if !waitFor(5*time.Second, func() bool {
+			_, err := e.curl("https://www.github.com", "--max-time", "2")
+			return err == nil
+		}) {
+			t.Errorf("after %v the daemon did not restore egress", argv)
+		}
+		if !strings.Contains(e.d.Stderr(), "restoring it") {
+			t.Errorf("after %v no drift logged", argv)
+		}
+	}
+	e.noLeaks()
+	metrics, _ := e.hostGet("http://127.0.0.1:9901/metrics")
+	if !strings.Contains(metrics, "vmegress_firewall_drift_repairs_total 2") {
+		t.Errorf("drift repairs not counted:\n%s", grep(metrics, "drift"))
+	}
+}
+
+func waitFor(d time.Duration, f func() bool) bool {
+	end := time.Now().Add(d)
+	for {
+		if f() {
+			return true
+		}
+		if time.Now().After(end) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func grep(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
