@@ -291,3 +291,58 @@ func grep(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestDoctor: all checks pass on a working host; a broken one fails with fixes.
+func TestDoctor(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	out, err := e.vmegress("--config", e.cfg, "doctor")
+	if err != nil {
+		t.Fatalf("doctor on a working host: %v\n%s", err, out)
+	}
+	for _, name := range []string{"capabilities", "kernel support", "ruleset", "policy routing", "daemon and listeners", "upstream DNS", "guest interfaces", "upstream mode"} {
+		if !strings.Contains(out, "[ok  ] "+name) {
+			t.Errorf("no passing %q check in:\n%s", name, out)
+		}
+	}
+	// Break it: stop the daemon, change a rule behind its back.
+	e.d.Kill()
+	world.Run(e.ctx, world.NS(e.w.Host, "nft", "delete", "rule", "inet", "vmegress", "forward", "handle",
+		strings.TrimSpace(mustOutput(t, e, "sh", "-c", "nft -a list chain inet vmegress forward | awk '/oifname/ {print $NF; exit}'")))...)
+	os.WriteFile(e.cfg, []byte("upstream: original_dst\n"+baseConfig), 0o644)
+	out, err = e.vmegress("--config", e.cfg, "doctor", "--json")
+	if err == nil {
+		t.Fatalf("doctor passed a broken host:\n%s", out)
+	}
+	var results []struct {
+		Name string `json:"name"`
+		OK   bool   `json:"ok"`
+		Fix  string `json:"fix"`
+	}
+	if err := json.Unmarshal([]byte(out), &results); err != nil {
+		t.Fatalf("doctor --json: %v\n%s", err, out)
+	}
+	failed := map[string]bool{}
+	for _, r := range results {
+		if !r.OK {
+			failed[r.Name] = true
+			if r.Fix == "" {
+				t.Errorf("failed check %s has no fix", r.Name)
+			}
+		}
+	}
+	for _, name := range []string{"ruleset", "daemon and listeners", "upstream mode"} {
+		if !failed[name] {
+			t.Errorf("check %s did not fail: %s", name, out)
+		}
+	}
+}
+
+func mustOutput(t *testing.T, e *env, argv ...string) string {
+	t.Helper()
+	out, err := world.Output(e.ctx, world.NS(e.w.Host, argv...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}

@@ -34,6 +34,9 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
+// errSilent fails a command that already printed why.
+var errSilent = errors.New("failed")
+
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
 // app holds the global flags and the injected outputs.
@@ -62,6 +65,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return exitOK
+	}
+	if errors.Is(err, errSilent) {
+		return exitFailure // the command printed its own report
 	}
 	if config.IsInvalid(err) {
 		// Compiler style, one file:line:col: message per line.
@@ -94,7 +100,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.configPath, "config", envOr("VMEGRESS_CONFIG", config.DefaultPath), "config file (env VMEGRESS_CONFIG)")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("VMEGRESS_STATE_DIR", config.DefaultStateDir), "state directory (env VMEGRESS_STATE_DIR)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd())
+	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd(), a.doctorCmd())
 	// Unknown subcommands and bad arguments are usage errors.
 	for _, c := range root.Commands() {
 		wrapArgs(c)

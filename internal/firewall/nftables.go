@@ -8,8 +8,10 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strings"
 
+	"github.com/vishvananda/netns"
 	"sigs.k8s.io/knftables"
 )
 
@@ -243,4 +245,53 @@ func Render(tx *knftables.Transaction, s State) {
 	})
 	rule(chainOutput, fmt.Sprintf("meta mark %#x fib daddr type { local, broadcast, multicast } counter drop", s.UpstreamMark),
 		"the proxy never dials the host's own addresses")
+}
+
+// Expected renders s in a throwaway network namespace and returns the
+// kernel's listing of it, in Snapshot's form: what an installed table must
+// equal. Needs root; nothing touches the caller's namespace.
+func Expected(ctx context.Context, s State) (string, error) {
+	var snap string
+	err := inScratchNetns(func() error {
+		b, err := NewHostNFTables()
+		if err != nil {
+			return err
+		}
+		if err := b.Apply(ctx, s); err != nil {
+			return err
+		}
+		snap, err = b.Snapshot(ctx)
+		return err
+	})
+	return snap, err
+}
+
+// inScratchNetns runs f on a locked thread moved into a new, empty network
+// namespace; commands f starts inherit it. The namespace goes when the
+// thread leaves it.
+func inScratchNetns(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked on failure: the thread dies with the goroutine
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("getting current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		scratch, err := netns.New()
+		if err != nil {
+			errc <- fmt.Errorf("creating a scratch netns: %w", err)
+			return
+		}
+		defer scratch.Close()
+		ferr := f()
+		if err := netns.Set(orig); err != nil {
+			errc <- fmt.Errorf("leaving the scratch netns: %w", err)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
 }

@@ -95,6 +95,15 @@ func TestKernelRuleset(t *testing.T) {
 	}
 	golden(t, "kernel.nft", listTable(t, ns))
 
+	// Expected renders the same in a scratch namespace of its own.
+	want, err := Expected(ctx, testState)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := counterRE.ReplaceAllString(listTable(t, ns), "counter"); got != want {
+		t.Errorf("Expected differs from the applied table:\n%s\nvs\n%s", want, got)
+	}
+
 	// A failing apply leaves the previous ruleset in force.
 	before := listTable(t, ns)
 	bad := testState

@@ -61,9 +61,10 @@ func (w *World) StateDir() string { return filepath.Join(w.Dir, "state") }
 
 // StartDaemon starts `binary run --config config` in the host namespace and
 // waits until it logs that it is ready.
-func (w *World) StartDaemon(ctx context.Context, binary, config string) (*Daemon, error) {
+func (w *World) StartDaemon(ctx context.Context, binary, config string, env ...string) (*Daemon, error) {
 	d := &Daemon{done: make(chan struct{})}
 	d.Cmd = exec.Command("ip", NS(w.Host, binary, "run", "--config", config, "--state-dir", w.StateDir())[1:]...)
+	d.Cmd.Env = append(os.Environ(), env...)
 	d.Cmd.Stdout, d.Cmd.Stderr = &d.stdout, &d.stderr
 	if err := d.Cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting vmegress run: %w", err)

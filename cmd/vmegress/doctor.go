@@ -1,0 +1,211 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+
+	mdns "github.com/miekg/dns"
+	"github.com/spf13/cobra"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/daemon"
+	"github.com/vmegress/vmegress/internal/doctor"
+	"github.com/vmegress/vmegress/internal/firewall"
+	"github.com/vmegress/vmegress/internal/hostnet"
+)
+
+// kernelProbe is a table using every expression vmegress needs; nft --check
+// sends it to the kernel and aborts, so nothing is installed.
+const kernelProbe = `table inet vmegress_doctor_probe {
+	chain p { type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp tproxy ip to :1 meta mark set 0x1 accept
+		fib saddr . iif oif missing drop
+	}
+	chain n { type nat hook prerouting priority dstnat; policy accept;
+		meta l4proto udp th dport 53 redirect to :2
+	}
+	chain o { type route hook output priority mangle; policy accept;
+		meta mark 0x2 fib daddr type local drop
+	}
+}
+`
+
+func (a *app) doctorCmd() *cobra.Command {
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "doctor",
+		Short: "Check the host: kernel support, interception, routing, daemon, DNS, guest interfaces",
+		Long: `Doctor runs the spec's verification (6.3, 6.10) as named checks. Each failure
+says how to fix it; the exit code is 1 when any check fails.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := a.loadConfig()
+			if err != nil {
+				return err
+			}
+			results := doctor.Run(cmd.Context(), a.checks(cfg))
+			if asJSON {
+				enc := json.NewEncoder(a.stdout)
+				enc.SetIndent("", "  ")
+				enc.Encode(results)
+			} else {
+				for _, r := range results {
+					mark := "ok  "
+					if !r.OK {
+						mark = "FAIL"
+					}
+					fmt.Fprintf(a.stdout, "[%s] %s: %s\n", mark, r.Name, r.Detail)
+					if !r.OK && r.Fix != "" {
+						fmt.Fprintf(a.stdout, "       fix: %s\n", r.Fix)
+					}
+				}
+			}
+			if doctor.Failed(results) {
+				return errSilent
+			}
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return c
+}
+
+func (a *app) checks(cfg *config.Config) []doctor.Check {
+	in, h, ierr := a.hostInterception()
+	return []doctor.Check{
+		{Name: "capabilities", Run: func(context.Context) doctor.Result { return doctor.Capabilities("/proc/self/status") }},
+		{Name: "nft", Run: func(context.Context) doctor.Result {
+			if ierr != nil {
+				return doctor.Fail("install nftables (Debian: apt-get install nftables) and run as root", "%v", ierr)
+			}
+			return doctor.Pass("nft found and nf_tables usable")
+		}},
+		{Name: "kernel support (TPROXY, fib, NAT redirect)", Run: func(ctx context.Context) doctor.Result {
+			cmd := exec.CommandContext(ctx, "nft", "--check", "-f", "-")
+			cmd.Stdin = strings.NewReader(kernelProbe)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return doctor.Fail("use a kernel with nft_tproxy, nft_socket, nft_fib and nft_nat (CONFIG_NFT_TPROXY, CONFIG_NFT_FIB_INET, CONFIG_NFT_NAT) or load the modules",
+					"the kernel refused a probe ruleset: %s", strings.TrimSpace(string(out)))
+			}
+			return doctor.Pass("nft_tproxy, nft_fib, nft_nat available")
+		}},
+		{Name: "ruleset", Run: func(ctx context.Context) doctor.Result {
+			if ierr != nil {
+				return doctor.Fail("fix the nft check first", "cannot read the ruleset")
+			}
+			have, err := in.Firewall.Snapshot(ctx)
+			if err != nil {
+				return doctor.Fail("run as root", "%v", err)
+			}
+			if have == "" {
+				return doctor.Fail("start the daemon (vmegress run) or run vmegress up", "table inet %s is not installed: guests are not filtered", firewall.TableName)
+			}
+			want, err := firewall.Expected(ctx, firewall.FromConfig(cfg))
+			if err != nil {
+				return doctor.Fail("run as root", "rendering the desired ruleset: %v", err)
+			}
+			if have != want {
+				return doctor.Fail("restart the daemon or run vmegress up (a running daemon restores it within a second)",
+					"table inet %s differs from what the config asks for", firewall.TableName)
+			}
+			return doctor.Pass("table inet %s installed and equal to the desired ruleset", firewall.TableName)
+		}},
+		{Name: "policy routing", Run: func(context.Context) doctor.Result {
+			if ierr != nil {
+				return doctor.Fail("fix the nft check first", "cannot read routing")
+			}
+			pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
+			ok, err := pr.Installed(h)
+			if err != nil {
+				return doctor.Fail("run as root", "%v", err)
+			}
+			if !ok {
+				return doctor.Fail("run vmegress up (or start the daemon)",
+					"missing `ip rule fwmark %#x lookup %d` or `local 0.0.0.0/0 dev lo table %d`", cfg.Mark, cfg.RouteTable, cfg.RouteTable)
+			}
+			return doctor.Pass("ip rule fwmark %#x lookup %d; local 0.0.0.0/0 dev lo table %d", cfg.Mark, cfg.RouteTable, cfg.RouteTable)
+		}},
+		{Name: "daemon and listeners", Run: func(ctx context.Context) doctor.Result {
+			ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			defer cancel()
+			st, err := fetchStatus(ctx, "http://"+cfg.Admin.String()+"/status")
+			if err != nil {
+				return doctor.Fail("start it: systemctl start vmegress (or vmegress run)", "no daemon answers on %s: %v", cfg.Admin, err)
+			}
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+cfg.Admin.String()+"/readyz", nil)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil || resp.StatusCode != http.StatusOK {
+				return doctor.Fail("see the daemon's log (journalctl -u vmegress)", "daemon %s is not ready", st.Version)
+			}
+			resp.Body.Close()
+			return doctor.Pass("daemon %s ready: data plane on :%d, resolver on :%d, admin on %s", st.Version, cfg.TProxyPort, cfg.DNSPort, cfg.Admin)
+		}},
+		{Name: "upstream DNS", Run: func(ctx context.Context) doctor.Result {
+			ups, err := daemon.Upstreams(cfg, "")
+			if err != nil {
+				return doctor.Fail("set dns.upstreams in the config", "%v", err)
+			}
+			c := &mdns.Client{Timeout: 2 * time.Second}
+			m := new(mdns.Msg)
+			m.SetQuestion(".", mdns.TypeNS)
+			var errs []string
+			for _, u := range ups {
+				if _, _, err := c.ExchangeContext(ctx, m, u); err == nil {
+					return doctor.Pass("%s answers", u)
+				} else {
+					errs = append(errs, fmt.Sprintf("%s: %v", u, err))
+				}
+			}
+			return doctor.Fail("check dns.upstreams (or the host's /etc/resolv.conf) and that the host reaches them", "no upstream answers: %s", strings.Join(errs, "; "))
+		}},
+		{Name: "guest interfaces", Run: func(context.Context) doctor.Result {
+			if ierr != nil {
+				return doctor.Fail("fix the nft check first", "cannot list interfaces")
+			}
+			links, err := h.LinkList()
+			if err != nil {
+				return doctor.Fail("run as root", "%v", err)
+			}
+			var up, down, forwarding []string
+			for _, l := range links {
+				name := l.Attrs().Name
+				if !hostnet.Matches(cfg.GuestInterfaces, name) {
+					continue
+				}
+				if l.Attrs().OperState.String() == "down" {
+					down = append(down, name)
+				} else {
+					up = append(up, name)
+				}
+				if b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + name + "/forwarding"); err == nil && strings.TrimSpace(string(b)) != "0" {
+					forwarding = append(forwarding, name)
+				}
+			}
+			switch {
+			case len(down) > 0:
+				return doctor.Fail("bring them up (ip link set IF up) or remove stale ones", "guest interfaces down: %s", strings.Join(down, " "))
+			case len(forwarding) > 0:
+				return doctor.Fail("start the daemon: it turns forwarding off on guest interfaces", "forwarding on for guest interfaces: %s", strings.Join(forwarding, " "))
+			}
+			return doctor.Pass("%d guest interfaces match %v, all up, forwarding off", len(up), cfg.GuestInterfaces)
+		}},
+		{Name: "rp_filter and ip_forward", Run: func(context.Context) doctor.Result {
+			rp, _ := os.ReadFile("/proc/sys/net/ipv4/conf/all/rp_filter")
+			fw, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+			return doctor.Pass("rp_filter=%s, ip_forward=%s: vmegress needs neither (its ruleset does reverse-path checks per guest interface, and guest interfaces have forwarding off)",
+				strings.TrimSpace(string(rp)), strings.TrimSpace(string(fw)))
+		}},
+		{Name: "upstream mode", Run: func(context.Context) doctor.Result {
+			if cfg.Upstream == "original_dst" {
+				return doctor.Fail("set upstream: vetted", "upstream: original_dst dials the guest's chosen address on the strength of a name: open to SNI spoofing")
+			}
+			return doctor.Pass("vetted: names are dialled only at addresses vmegress resolved")
+		}},
+	}
+}
