@@ -346,3 +346,90 @@ func mustOutput(t *testing.T, e *env, argv ...string) string {
 	}
 	return out
 }
+
+// TestAuditThenEnforce: audit lets traffic through and logs would_deny;
+// suggest turns the log into rules; enforcing them allows the same traffic.
+func TestAuditThenEnforce(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	accessLog := e.w.Dir + "/access.log"
+	audit := "access_log: " + accessLog + `
+projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    mode: audit
+    allow:
+      - sni: github.com
+`
+	os.WriteFile(e.cfg, []byte(audit), 0o644)
+	e.start()
+	for _, url := range []string{"https://github.com", "https://www.github.com", "https://example.com"} {
+		if body, err := e.curl(url); err != nil || !strings.HasPrefix(body, "hello from") {
+			t.Errorf("audit: %s: %q, %v", url, body, err)
+		}
+	}
+	c, r := e.bannerConn()
+	c.Close()
+	_ = r
+	// Audit is not a way around the invariants: the metadata address stays out.
+	e.guest("curl", "-sS", "--max-time", "3", "http://"+world.MetadataIP.String()+"/")
+	if h := e.hits("attacker:metadata"); len(h) > 0 {
+		t.Errorf("audit mode reached the metadata address: %+v", h)
+	}
+	time.Sleep(300 * time.Millisecond) // let the last lines be written
+	logData, _ := os.ReadFile(accessLog)
+	for _, want := range []string{`"sni":"example.com","host":"","verdict":"would_deny"`, `"msg":"dns","project":"alpha","src":"172.31.0.2","name":"example.com","type":"A","verdict":"would_deny"`} {
+		if !strings.Contains(string(logData), want) {
+			t.Errorf("access log lacks %s:\n%s", want, logData)
+		}
+	}
+	out, err := e.vmegress("--config", e.cfg, "policy", "suggest", "alpha")
+	if err != nil {
+		t.Fatalf("suggest: %v", err)
+	}
+	for _, want := range []string{`- sni: "example.com"`, `- sni: "github.com"`, `- sni: "www.github.com"`, `- cidr: "198.18.1.22/32"`, `ports: [22]`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("suggestion lacks %s:\n%s", want, out)
+		}
+	}
+	// Paste it and enforce.
+	enforce := "access_log: " + accessLog + "\n" + strings.Replace(out, "    allow:\n", "    subnet: 172.31.0.0/30\n    allow:\n", 1)
+	os.WriteFile(e.cfg, []byte(enforce), 0o644)
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(e.d.Stderr(), `"policy reloaded"`) }) {
+		t.Fatalf("the suggested config did not load:\n%s\n%s", enforce, e.d.Stderr())
+	}
+	if body, err := e.curl("https://example.com"); err != nil || !strings.HasPrefix(body, "hello from example.com") {
+		t.Errorf("enforcing the suggestion: %q, %v", body, err)
+	}
+	if _, err := e.curlAt("https://attacker.test", world.AttackerIP.String(), "-k"); err == nil {
+		t.Error("enforcing the suggestion allowed what was never seen")
+	}
+}
+
+// TestAccessLogReopen: after rotation moves the file, SIGUSR1 reopens it.
+func TestAccessLogReopen(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	accessLog := e.w.Dir + "/access.log"
+	os.WriteFile(e.cfg, []byte("access_log: "+accessLog+"\n"+baseConfig), 0o644)
+	e.start()
+	e.curl("https://github.com")
+	if err := os.Rename(accessLog, accessLog+".1"); err != nil {
+		t.Fatal(err)
+	}
+	e.d.Cmd.Process.Signal(syscall.SIGUSR1)
+	if !waitFor(5*time.Second, func() bool { _, err := os.Stat(accessLog); return err == nil }) {
+		t.Fatal("SIGUSR1 did not reopen the access log")
+	}
+	e.curl("https://www.github.com")
+	if !waitFor(5*time.Second, func() bool {
+		b, _ := os.ReadFile(accessLog)
+		return strings.Contains(string(b), `"sni":"www.github.com"`)
+	}) {
+		t.Error("new lines did not go to the reopened file")
+	}
+	old, _ := os.ReadFile(accessLog + ".1")
+	if !strings.Contains(string(old), `"sni":"github.com"`) {
+		t.Errorf("rotated file lost its lines:\n%s", old)
+	}
+}

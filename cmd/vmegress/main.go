@@ -148,7 +148,7 @@ func (a *app) loadConfig() (*config.Config, error) {
 
 func (a *app) policyCmd() *cobra.Command {
 	pc := &cobra.Command{Use: "policy", Short: "Check and explain policy"}
-	pc.AddCommand(a.explainCmd())
+	pc.AddCommand(a.explainCmd(), a.suggestCmd())
 	pc.AddCommand(&cobra.Command{
 		Use:   "check [FILE]",
 		Short: "Validate a config file (errors as file:line:col, exit 2)",
