@@ -41,7 +41,9 @@ func TestSuggest(t *testing.T) {
 		{config.KindCIDR, "198.51.100.7/32", []uint16{22, 5432}},
 	}
 	got := o.Rules()
-	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b Rule) bool { return cmp.Equal(a.Kind, b.Kind) && a.Value == b.Value && cmp.Equal(a.Ports, b.Ports) })); diff != "" {
+	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b Rule) bool {
+		return cmp.Equal(a.Kind, b.Kind) && a.Value == b.Value && cmp.Equal(a.Ports, b.Ports)
+	})); diff != "" {
 		t.Errorf("rules (-want +got):\n%s", diff)
 	}
 	y := YAML("alpha", got, o)
