@@ -95,7 +95,11 @@ func newWorldWith(t *testing.T, guests []world.GuestSpec, config string) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, ctx: ctx, w: w, g: w.Guests[0], cfg: cfg}
+	e := &env{t: t, ctx: ctx, w: w, cfg: cfg}
+	if len(w.Guests) > 0 {
+		e.g = w.Guests[0]
+	}
+	return e
 }
 
 // start runs `vmegress run`; on failure the daemon's logs are printed.

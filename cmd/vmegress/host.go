@@ -19,12 +19,16 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/vishvananda/netlink"
 
+	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
 	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/proxy"
+	"github.com/vmegress/vmegress/internal/state"
 )
+
+func (a *app) store() state.Store { return state.Store{Dir: a.stateDir} }
 
 // hostInterception builds the interception over the real host (current netns).
 func (a *app) hostInterception() (daemon.Interception, *netlink.Handle, error) {
@@ -87,6 +91,8 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			}
 			d := &daemon.Daemon{
 				Config:       cfg,
+				Load:         func() (*config.Config, error) { return config.Load(cfg.Path) },
+				State:        a.store().Load,
 				Interception: in,
 				Listen:       proxy.ListenTransparent,
 				Dial:         proxy.MarkedDialer(cfg.UpstreamMark, net.Dialer{Timeout: proxy.DefaultDialTimeout}),
@@ -100,7 +106,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			}
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
-			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, logFile)
+			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, a.stateDir, logFile)
 			return d.Run(ctx)
 		},
 	}
@@ -109,7 +115,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 // reloadOnSignalOrChange reloads d on SIGHUP and when the config file
 // changes (watched through its directory, so editors' rename-and-replace
 // and ConfigMap-style symlink swaps are seen); SIGUSR1 reopens the access log.
-func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path string, logFile *reopenFile) {
+func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path, stateDir string, logFile *reopenFile) {
 	sig := make(chan os.Signal, 4)
 	signal.Notify(sig, syscall.SIGHUP, syscall.SIGUSR1)
 	defer signal.Stop(sig)
@@ -119,6 +125,10 @@ func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path
 		defer w.Close()
 		if err := w.Add(filepath.Dir(path)); err != nil {
 			a.log.Warn("not watching the config file; reload with SIGHUP", "err", err.Error())
+		}
+		os.MkdirAll(stateDir, 0o700)
+		if err := w.Add(stateDir); err != nil {
+			a.log.Warn("not watching the state directory; reload with SIGHUP after net up/down", "err", err.Error())
 		}
 		events = w.Events
 	}
@@ -139,12 +149,13 @@ func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path
 			}
 			d.Reload(ctx, "SIGHUP")
 		case ev := <-events:
-			if filepath.Clean(ev.Name) == filepath.Clean(path) || filepath.Base(ev.Name) == "..data" {
-				debounce = time.After(200 * time.Millisecond)
+			if filepath.Clean(ev.Name) == filepath.Clean(path) || filepath.Base(ev.Name) == "..data" ||
+				filepath.Clean(ev.Name) == filepath.Join(stateDir, state.FileName) {
+				debounce = time.After(100 * time.Millisecond)
 			}
 		case <-debounce:
 			debounce = nil
-			d.Reload(ctx, "config file changed")
+			d.Reload(ctx, "config or state changed")
 		}
 	}
 }
@@ -164,7 +175,15 @@ func (a *app) upCmd() *cobra.Command {
 				return err
 			}
 			defer h.Close()
-			if err := in.Install(cmd.Context(), cfg); err != nil {
+			st, err := a.store().Load()
+			if err != nil {
+				return err
+			}
+			eff, err := daemon.Effective(cfg, st)
+			if err != nil {
+				return usageError{err}
+			}
+			if err := in.Install(cmd.Context(), eff, st); err != nil {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "interception installed: nft table inet %s, ip rule fwmark %#x lookup %d, local 0.0.0.0/0 dev lo table %d\n",

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"reflect"
 	"strconv"
 	"sync"
 	"time"
@@ -25,6 +26,7 @@ import (
 	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/proxy"
+	"github.com/vmegress/vmegress/internal/state"
 )
 
 // Firewall is the backend the daemon drives: apply, clean up, and read back.
@@ -45,11 +47,20 @@ type Interception struct {
 	Guard *hostnet.ForwardingGuard
 }
 
-func (in Interception) guard(cfg *config.Config) error {
+func (in Interception) guard(cfg *config.Config, st *state.State) error {
 	if in.Guard == nil {
 		return nil
 	}
 	in.Guard.Patterns = cfg.GuestInterfaces
+	// NAT egress and inbound SSH need the kernel to route what the TAP sends.
+	in.Guard.Exclude = nil
+	if st != nil {
+		for _, p := range st.Projects {
+			if p.Egress == state.EgressNAT || p.SSHPort != 0 {
+				in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
+			}
+		}
+	}
 	if _, err := in.Guard.Apply(); err != nil {
 		return fmt.Errorf("turning forwarding off on guest interfaces: %w", err)
 	}
@@ -60,11 +71,11 @@ func (in Interception) guard(cfg *config.Config) error {
 // previous (possibly crashed) run left, in one atomic ruleset transaction.
 // The ruleset goes first: with it in place and no routing, guest traffic is
 // dropped, never forwarded.
-func (in Interception) Install(ctx context.Context, cfg *config.Config) error {
-	if err := in.Firewall.Apply(ctx, firewall.FromConfig(cfg)); err != nil {
+func (in Interception) Install(ctx context.Context, cfg *config.Config, st *state.State) error {
+	if err := in.Firewall.Apply(ctx, firewall.Desired(cfg, st)); err != nil {
 		return fmt.Errorf("installing interception: %w", err)
 	}
-	if err := in.guard(cfg); err != nil {
+	if err := in.guard(cfg, st); err != nil {
 		return err
 	}
 	pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
@@ -102,6 +113,8 @@ type Daemon struct {
 	Interception Interception
 	// Load reads the config again on reload (zero: config.Load of Config.Path).
 	Load func() (*config.Config, error)
+	// State reads the projects `net up` placed (zero: none).
+	State func() (*state.State, error)
 	// Listen opens the data plane's transparent listener.
 	Listen func(ctx context.Context, addr string) (net.Listener, error)
 	// ListenPacket opens the resolver's UDP socket (zero: net.ListenPacket).
@@ -126,7 +139,8 @@ type Daemon struct {
 	Version string
 
 	mu        sync.Mutex // guards the fields below and serialises reloads
-	cfg       *config.Config
+	cfg       *config.Config // effective: config merged with state
+	st        *state.State
 	pol       *policy.Policy
 	applied   string // ruleset snapshot after the last apply
 	started   time.Time
@@ -161,9 +175,17 @@ func (d *Daemon) notify(state string) {
 	}
 }
 
-// install applies cfg's interception and remembers the resulting ruleset.
-func (d *Daemon) install(ctx context.Context, cfg *config.Config) error {
-	if err := d.Interception.Install(ctx, cfg); err != nil {
+func (d *Daemon) loadState() (*state.State, error) {
+	if d.State == nil {
+		return &state.State{Projects: map[string]state.Project{}}, nil
+	}
+	return d.State()
+}
+
+// install applies the interception for cfg and st and remembers the
+// resulting ruleset.
+func (d *Daemon) install(ctx context.Context, cfg *config.Config, st *state.State) error {
+	if err := d.Interception.Install(ctx, cfg, st); err != nil {
 		return err
 	}
 	snap, err := d.Interception.Firewall.Snapshot(ctx)
@@ -177,7 +199,14 @@ func (d *Daemon) install(ctx context.Context, cfg *config.Config) error {
 // Run installs interception, serves until ctx ends, then stops the data plane
 // and leaves interception in place (guests stay fail-closed).
 func (d *Daemon) Run(ctx context.Context) error {
-	cfg := d.Config
+	st, err := d.loadState()
+	if err != nil {
+		return err
+	}
+	cfg, err := Effective(d.Config, st)
+	if err != nil {
+		return err
+	}
 	if d.Registry == nil {
 		d.Registry = prometheus.NewRegistry()
 	}
@@ -194,8 +223,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	d.mu.Lock()
-	d.cfg, d.pol, d.started, d.lastLoad = cfg, pol, time.Now(), time.Now()
-	err = d.install(ctx, cfg)
+	d.cfg, d.st, d.pol, d.started, d.lastLoad = cfg, st, pol, time.Now(), time.Now()
+	err = d.install(ctx, cfg, st)
 	d.mu.Unlock()
 	if err != nil {
 		return err
@@ -284,6 +313,13 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 		load = func() (*config.Config, error) { return config.Load(d.cfg.Path) }
 	}
 	cfg, err := load()
+	var st *state.State
+	if err == nil {
+		st, err = d.loadState()
+	}
+	if err == nil {
+		cfg, err = Effective(cfg, st)
+	}
 	if err == nil {
 		err = reloadable(d.cfg, cfg)
 	}
@@ -291,8 +327,8 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 	if err == nil {
 		pol, err = policy.Compile(cfg)
 	}
-	if err == nil && firewall.FromConfig(cfg).String() != firewall.FromConfig(d.cfg).String() {
-		err = d.install(ctx, cfg)
+	if err == nil && firewall.Desired(cfg, st).String() != firewall.Desired(d.cfg, d.st).String() {
+		err = d.install(ctx, cfg, st)
 	}
 	d.lastLoad = time.Now()
 	if err != nil {
@@ -302,7 +338,7 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 		return err
 	}
 	d.lastError = ""
-	d.cfg, d.pol = cfg, pol
+	d.cfg, d.st, d.pol = cfg, st, pol
 	d.resolver.SetPolicy(pol)
 	closed := d.proxy.SetPolicy(pol, cfg.OnPolicyChange != "keep")
 	d.metrics.Reload(true)
@@ -334,18 +370,27 @@ func (d *Daemon) watchDrift(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if err := d.repairDrift(ctx); err != nil && ctx.Err() == nil {
+		err := d.repairDrift(ctx)
+		if errors.Is(err, errStateChanged) {
+			// `net up/down` changed elements ahead of the state watch.
+			d.Reload(ctx, "state changed")
+			continue
+		}
+		if err != nil && ctx.Err() == nil {
 			d.Log.Error("checking for drift", "err", err.Error())
 		}
 	}
 }
+
+// errStateChanged: the ruleset differs because the project state changed.
+var errStateChanged = errors.New("project state changed")
 
 func (d *Daemon) repairDrift(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	// New guest interfaces (and ones a global ip_forward write reset) get
 	// their forwarding turned off.
-	if err := d.Interception.guard(d.cfg); err != nil {
+	if err := d.Interception.guard(d.cfg, d.st); err != nil {
 		return err
 	}
 	snap, err := d.Interception.Firewall.Snapshot(ctx)
@@ -360,13 +405,16 @@ func (d *Daemon) repairDrift(ctx context.Context) error {
 	if snap == d.applied && routed {
 		return nil
 	}
+	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
+		return errStateChanged
+	}
 	what := "policy routing"
 	if snap != d.applied {
 		what = "nftables table " + firewall.TableName
 	}
 	d.Log.Warn("interception changed behind vmegress's back; restoring it", "what", what)
 	d.metrics.DriftRepaired()
-	return d.install(ctx, d.cfg)
+	return d.install(ctx, d.cfg, d.st)
 }
 
 // serveDNS starts the resolver on UDP and TCP addr; the returned func stops it.

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 
 	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/state"
 )
 
 // State is everything the host's interception needs to know.
@@ -29,11 +30,27 @@ type State struct {
 	Mark uint32
 	// UpstreamMark is carried by the data plane's own upstream sockets.
 	UpstreamMark uint32
+	// NATIfaces are guest interfaces of projects with the spec's direct NAT
+	// egress (unfiltered): no interception, forwarded and masqueraded.
+	NATIfaces []string
+	// SSH forwards a host port to a guest's port 22 (inbound only; replies
+	// only for those flows).
+	SSH []SSHForward
 }
 
-// FromConfig returns the desired state for cfg.
-func FromConfig(cfg *config.Config) State {
-	return State{
+// SSHForward is one inbound SSH DNAT.
+type SSHForward struct {
+	HostPort uint16
+	GuestIP  netip.Addr
+}
+
+// FromConfig returns the desired state for cfg with no projects placed.
+func FromConfig(cfg *config.Config) State { return Desired(cfg, nil) }
+
+// Desired returns the desired state for cfg and the projects placed by
+// `net up` (st may be nil).
+func Desired(cfg *config.Config, st *state.State) State {
+	s := State{
 		VMCIDR:          cfg.VMCIDR,
 		GuestInterfaces: append([]string(nil), cfg.GuestInterfaces...),
 		TProxyPort:      cfg.TProxyPort,
@@ -41,12 +58,23 @@ func FromConfig(cfg *config.Config) State {
 		Mark:            cfg.Mark,
 		UpstreamMark:    cfg.UpstreamMark,
 	}
+	if st != nil {
+		for _, p := range st.Sorted() {
+			if p.Egress == state.EgressNAT {
+				s.NATIfaces = append(s.NATIfaces, p.TAP)
+			}
+			if p.SSHPort != 0 {
+				s.SSH = append(s.SSH, SSHForward{HostPort: p.SSHPort, GuestIP: p.GuestIP()})
+			}
+		}
+	}
+	return s
 }
 
 // String renders s for logs and comparisons.
 func (s State) String() string {
-	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x",
-		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark)
+	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x nat=%v ssh=%v",
+		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.NATIfaces, s.SSH)
 }
 
 // Backend applies a desired State to the host.

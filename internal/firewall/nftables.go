@@ -131,6 +131,49 @@ func (b *NFTables) Apply(ctx context.Context, s State) error {
 	return nil
 }
 
+// UpdateProjects changes only the per-project elements (NAT interfaces,
+// SSH forwards) from old to s, in one transaction, without touching rules.
+func (b *NFTables) UpdateProjects(ctx context.Context, old, s State) error {
+	tx := b.nft.NewTransaction()
+	oldNAT, newNAT := map[string]bool{}, map[string]bool{}
+	for _, i := range old.NATIfaces {
+		oldNAT[i] = true
+	}
+	for _, i := range s.NATIfaces {
+		newNAT[i] = true
+		if !oldNAT[i] {
+			tx.Add(&knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", i)}})
+		}
+	}
+	for i := range oldNAT {
+		if !newNAT[i] {
+			tx.Delete(&knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", i)}})
+		}
+	}
+	oldSSH, newSSH := map[SSHForward]bool{}, map[SSHForward]bool{}
+	for _, f := range old.SSH {
+		oldSSH[f] = true
+	}
+	for _, f := range s.SSH {
+		newSSH[f] = true
+		if !oldSSH[f] {
+			tx.Add(&knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}, Value: []string{f.GuestIP.String(), "22"}})
+		}
+	}
+	for f := range oldSSH {
+		if !newSSH[f] {
+			tx.Delete(&knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}})
+		}
+	}
+	if tx.NumOperations() == 0 {
+		return nil
+	}
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("updating project elements of table %s: %w", TableName, err)
+	}
+	return nil
+}
+
 // Cleanup deletes the vmegress table if it exists.
 func (b *NFTables) Cleanup(ctx context.Context) error {
 	tx := b.nft.NewTransaction()
@@ -158,7 +201,10 @@ func (b *NFTables) Installed(ctx context.Context) (bool, error) {
 const (
 	setGuestIfaces = "guest_ifaces"
 	chainPre       = "prerouting"
-	chainDNS       = "dns"
+	chainNATPre    = "nat_prerouting"
+	chainNATPost   = "nat_postrouting"
+	setNATIfaces   = "nat_ifaces"
+	mapSSH         = "ssh_dnat"
 	chainInput     = "input"
 	chainForward   = "forward"
 	chainOutput    = "output"
@@ -180,6 +226,16 @@ func Render(tx *knftables.Transaction, s State) {
 	for _, ifc := range s.GuestInterfaces {
 		tx.Add(&knftables.Element{Set: setGuestIfaces, Key: []string{fmt.Sprintf("%q", ifc)}})
 	}
+	// Per-project membership lives in a set and a map, changed element by
+	// element: the rules do not grow with the number of projects.
+	tx.Add(&knftables.Set{Name: setNATIfaces, Type: "ifname", Comment: ptr("guest interfaces with direct NAT egress (unfiltered)")})
+	for _, ifc := range s.NATIfaces {
+		tx.Add(&knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", ifc)}})
+	}
+	tx.Add(&knftables.Map{Name: mapSSH, Type: "inet_service : ipv4_addr . inet_service", Comment: ptr("inbound SSH: host port to guest address and port 22")})
+	for _, f := range s.SSH {
+		tx.Add(&knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}, Value: []string{f.GuestIP.String(), "22"}})
+	}
 
 	rule := func(chain, r, comment string) {
 		tx.Add(&knftables.Rule{Chain: chain, Rule: r, Comment: ptr(comment)})
@@ -200,6 +256,8 @@ func Render(tx *knftables.Transaction, s State) {
 	// guest cannot take another's (or the host's) address and policy.
 	rule(chainPre, "fib saddr . iif oif missing counter drop", "anti-spoofing: source address does not belong behind this interface")
 	rule(chainPre, "fib saddr type local counter drop", "anti-spoofing: source is one of the host's own addresses")
+	rule(chainPre, "ct direction reply ct status dnat accept", "replies of inbound SSH to the guest")
+	rule(chainPre, "iifname @"+setNATIfaces+" accept", "direct NAT egress: not intercepted")
 	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
 	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
 	rule(chainPre, fmt.Sprintf("meta l4proto tcp tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark),
@@ -208,13 +266,22 @@ func Render(tx *knftables.Transaction, s State) {
 	// the port; without this drop a dead proxy would mean open egress.
 	rule(chainPre, "counter drop", "fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)")
 
-	// dns: NAT redirect, so replies come from the address the guest asked
-	// (conntrack undoes it). Should it ever not happen, forward drops.
+	// nat_prerouting: guest DNS is redirected (conntrack makes replies come
+	// from the address the guest asked; should it not happen, forward drops
+	// the query); inbound SSH is DNATed to guests.
 	tx.Add(&knftables.Chain{
-		Name: chainDNS, Type: ptr(knftables.NATType), Hook: ptr(knftables.PreroutingHook),
+		Name: chainNATPre, Type: ptr(knftables.NATType), Hook: ptr(knftables.PreroutingHook),
 		Priority: ptr(knftables.DNATPriority), Policy: ptr(knftables.AcceptPolicy),
 	})
-	rule(chainDNS, fmt.Sprintf("%s meta l4proto { tcp, udp } th dport 53 counter redirect to :%d", fromGuest, s.DNSPort), "guest DNS goes to the allowlist resolver")
+	rule(chainNATPre, "iifname @"+setNATIfaces+" return", "direct NAT egress: DNS not intercepted")
+	rule(chainNATPre, fmt.Sprintf("%s meta l4proto { tcp, udp } th dport 53 counter redirect to :%d", fromGuest, s.DNSPort), "guest DNS goes to the allowlist resolver")
+	rule(chainNATPre, "iifname != @"+setGuestIfaces+" meta nfproto ipv4 dnat ip to tcp dport map @"+mapSSH, "inbound SSH to guests")
+
+	tx.Add(&knftables.Chain{
+		Name: chainNATPost, Type: ptr(knftables.NATType), Hook: ptr(knftables.PostroutingHook),
+		Priority: ptr(knftables.SNATPriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainNATPost, "iifname @"+setNATIfaces+" oifname != @"+setGuestIfaces+" masquerade", "direct NAT egress (spec: MASQUERADE)")
 
 	// input: guests reach host sockets only through the TPROXY mark or the
 	// DNS redirect.
@@ -233,6 +300,10 @@ func Render(tx *knftables.Transaction, s State) {
 		Name: chainForward, Type: ptr(knftables.FilterType), Hook: ptr(knftables.ForwardHook),
 		Priority: ptr(knftables.FilterPriority), Policy: ptr(knftables.AcceptPolicy),
 	})
+	rule(chainForward, "oifname @"+setGuestIfaces+" ct status dnat ct direction original tcp dport 22 accept", "inbound SSH to a guest")
+	rule(chainForward, fromGuest+" ct status dnat ct direction reply accept", "replies of inbound SSH")
+	rule(chainForward, "iifname @"+setNATIfaces+" oifname != @"+setGuestIfaces+" accept", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
+	rule(chainForward, "oifname @"+setNATIfaces+" ct state established,related accept", "replies to direct NAT egress")
 	rule(chainForward, fromGuest+" counter drop", "no forwarding from guests: egress only via the proxy")
 	rule(chainForward, "oifname @"+setGuestIfaces+" counter drop", "no forwarding to guests")
 	rule(chainForward, fmt.Sprintf("ip saddr %s counter drop", s.VMCIDR), "guest-range source on another interface")

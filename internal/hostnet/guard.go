@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -18,6 +19,8 @@ import (
 type ForwardingGuard struct {
 	// Patterns are interface names or prefixes ending in '*'.
 	Patterns []string
+	// Exclude are matching interfaces left alone (NAT egress, inbound SSH).
+	Exclude []string
 	// StateFile records the original values (crash-safe: written before change).
 	StateFile string
 	// ProcSys is the root of the sysctl tree (zero: /proc/sys).
@@ -85,7 +88,7 @@ func (g ForwardingGuard) Apply() ([]string, error) {
 	var changed []string
 	var errs []error
 	for _, ifname := range links {
-		if !Matches(g.Patterns, ifname) {
+		if !Matches(g.Patterns, ifname) || slices.Contains(g.Exclude, ifname) {
 			continue
 		}
 		cur, err := os.ReadFile(g.path(ifname))

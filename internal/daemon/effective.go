@@ -1,0 +1,51 @@
+package daemon
+
+import (
+	"fmt"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/state"
+)
+
+// Effective merges the config with the projects `net up` placed: a config
+// project without a subnet takes its allocation; a placed project the
+// config does not name joins with no rules (it allows nothing). A config
+// subnet that disagrees with the placement is an error: the TAP carries the
+// placed address, so the config's would never match.
+func Effective(cfg *config.Config, st *state.State) (*config.Config, error) {
+	if st == nil || len(st.Projects) == 0 {
+		return cfg, nil
+	}
+	out := *cfg
+	out.Projects = append([]config.Project(nil), cfg.Projects...)
+	seen := map[string]bool{}
+	for i := range out.Projects {
+		p := &out.Projects[i]
+		seen[p.Name] = true
+		placed, ok := st.Projects[p.Name]
+		if !ok {
+			continue
+		}
+		switch {
+		case !p.Subnet.IsValid():
+			p.Subnet = placed.Subnet
+		case p.Subnet != placed.Subnet:
+			return nil, fmt.Errorf("project %q: the config says subnet %s but `net up` placed it at %s (run `vmegress net down %s` and up again)",
+				p.Name, p.Subnet, placed.Subnet, p.Name)
+		}
+	}
+	for _, placed := range st.Sorted() {
+		if seen[placed.Name] {
+			continue
+		}
+		out.Projects = append(out.Projects, config.Project{Name: placed.Name, Subnet: placed.Subnet, Mode: "enforce", MaxConnections: config.DefaultMaxConnections})
+	}
+	for i, a := range out.Projects {
+		for _, b := range out.Projects[:i] {
+			if a.Subnet.IsValid() && b.Subnet.IsValid() && a.Subnet.Overlaps(b.Subnet) {
+				return nil, fmt.Errorf("projects %q and %q overlap (%s, %s)", b.Name, a.Name, b.Subnet, a.Subnet)
+			}
+		}
+	}
+	return &out, nil
+}

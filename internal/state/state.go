@@ -1,0 +1,173 @@
+// Package state keeps vmegress's per-project host allocations (TAP, /30,
+// MAC, SSH port, egress mode) in the state directory. Every change runs
+// under an exclusive file lock and is written atomically (temporary file,
+// fsync, rename), so concurrent `net up` calls never collide and a crash
+// never leaves a half-written record.
+package state
+
+import (
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"golang.org/x/sys/unix"
+)
+
+// FileName is the state file inside the state directory.
+const FileName = "projects.json"
+
+// Egress modes of a project.
+const (
+	EgressProxy = "proxy" // through vmegress's interception (default)
+	EgressNAT   = "nat"   // the spec's direct NAT egress, unfiltered
+)
+
+// Project is one project's host allocation.
+type Project struct {
+	Name    string       `json:"name"`
+	TAP     string       `json:"tap"`
+	Subnet  netip.Prefix `json:"subnet"`
+	MAC     string       `json:"mac"`
+	Owner   *uint32      `json:"owner,omitempty"`
+	Group   *uint32      `json:"group,omitempty"`
+	SSHPort uint16       `json:"ssh_port,omitempty"`
+	Egress  string       `json:"egress"`
+}
+
+// HostIP is the host's address on the project's TAP (.1 of the /30).
+func (p Project) HostIP() netip.Addr { return p.Subnet.Masked().Addr().Next() }
+
+// GuestIP is the guest's address (.2 of the /30).
+func (p Project) GuestIP() netip.Addr { return p.HostIP().Next() }
+
+// State is every project's allocation.
+type State struct {
+	Projects map[string]Project `json:"projects"`
+}
+
+// Sorted returns the projects by name.
+func (s *State) Sorted() []Project {
+	out := make([]Project, 0, len(s.Projects))
+	for _, p := range s.Projects {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Store is the state file of one state directory.
+type Store struct {
+	Dir string
+}
+
+func (st Store) path() string { return filepath.Join(st.Dir, FileName) }
+
+// Load reads the state (empty if there is none yet). It takes no lock: the
+// file is only ever replaced whole, so a reader sees the old or the new one.
+func (st Store) Load() (*State, error) {
+	s := &State{Projects: map[string]Project{}}
+	b, err := os.ReadFile(st.path())
+	if errors.Is(err, os.ErrNotExist) {
+		return s, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading state: %w", err)
+	}
+	if err := json.Unmarshal(b, s); err != nil {
+		return nil, fmt.Errorf("parsing state %s: %w", st.path(), err)
+	}
+	if s.Projects == nil {
+		s.Projects = map[string]Project{}
+	}
+	return s, nil
+}
+
+// Update runs f on the current state under an exclusive lock and writes the
+// result atomically if f succeeds. f's error aborts without writing.
+func (st Store) Update(f func(*State) error) error {
+	if err := os.MkdirAll(st.Dir, 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(st.Dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening state lock: %w", err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("locking state: %w", err)
+	}
+	defer unix.Flock(int(lock.Fd()), unix.LOCK_UN)
+	s, err := st.Load()
+	if err != nil {
+		return err
+	}
+	if err := f(s); err != nil {
+		return err
+	}
+	b, _ := json.MarshalIndent(s, "", "  ")
+	tmp, err := os.CreateTemp(st.Dir, FileName+".*")
+	if err != nil {
+		return fmt.Errorf("writing state: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return fmt.Errorf("writing state: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("writing state: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("writing state: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), st.path()); err != nil {
+		return fmt.Errorf("writing state: %w", err)
+	}
+	return nil
+}
+
+// MAC derives a stable, locally administered unicast MAC for a project's
+// guest: 02 followed by five bytes of SHA-256 of the project name.
+func MAC(project string) string {
+	h := sha256.Sum256([]byte("vmegress:" + project))
+	return net.HardwareAddr{0x02, h[0], h[1], h[2], h[3], h[4]}.String()
+}
+
+// TAPName is the default TAP name of a project: "tap-" and the name, or a
+// hashed form when that would exceed the kernel's 15 characters.
+func TAPName(project string) string {
+	if n := "tap-" + project; len(n) <= 15 {
+		return n
+	}
+	h := sha256.Sum256([]byte(project))
+	return fmt.Sprintf("tap-%.6s%x", project, h[:2])
+}
+
+// ErrNoFreeSubnet is returned when vm_cidr has no free /30 left.
+var ErrNoFreeSubnet = errors.New("no free /30 left in vm_cidr")
+
+// Allocate returns the first /30 of vmCIDR not in used.
+func Allocate(vmCIDR netip.Prefix, used map[netip.Prefix]bool) (netip.Prefix, error) {
+	p := netip.PrefixFrom(vmCIDR.Masked().Addr(), 30)
+	for vmCIDR.Contains(p.Addr()) {
+		if !used[p] {
+			return p, nil
+		}
+		next := p.Addr()
+		for i := 0; i < 4; i++ {
+			next = next.Next()
+		}
+		if !next.IsValid() {
+			break
+		}
+		p = netip.PrefixFrom(next, 30)
+	}
+	return netip.Prefix{}, ErrNoFreeSubnet
+}

@@ -1,0 +1,84 @@
+package state
+
+import (
+	"fmt"
+	"net/netip"
+	"sync"
+	"testing"
+)
+
+func TestAllocate(t *testing.T) {
+	vm := netip.MustParsePrefix("172.31.0.0/16")
+	used := map[netip.Prefix]bool{}
+	for i := 0; i < 3; i++ {
+		p, err := Allocate(vm, used)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := netip.MustParsePrefix(fmt.Sprintf("172.31.0.%d/30", 4*i)); p != want {
+			t.Errorf("allocation %d = %s, want %s", i, p, want)
+		}
+		used[p] = true
+	}
+	small := netip.MustParsePrefix("10.0.0.0/29")
+	used = map[netip.Prefix]bool{netip.MustParsePrefix("10.0.0.0/30"): true, netip.MustParsePrefix("10.0.0.4/30"): true}
+	if _, err := Allocate(small, used); err != ErrNoFreeSubnet {
+		t.Errorf("full range: %v", err)
+	}
+}
+
+func TestNamesAndMAC(t *testing.T) {
+	if TAPName("alpha") != "tap-alpha" {
+		t.Error(TAPName("alpha"))
+	}
+	if n := TAPName("a-very-long-project-name"); len(n) > 15 || n == TAPName("a-very-long-project-nam2") {
+		t.Errorf("long names: %q", n)
+	}
+	if MAC("alpha") != MAC("alpha") || MAC("alpha") == MAC("beta") || MAC("alpha")[:3] != "02:" {
+		t.Errorf("MAC: %s %s", MAC("alpha"), MAC("beta"))
+	}
+}
+
+// TestConcurrentUpdates: parallel allocations never collide.
+func TestConcurrentUpdates(t *testing.T) {
+	st := Store{Dir: t.TempDir()}
+	vm := netip.MustParsePrefix("172.31.0.0/16")
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := st.Update(func(s *State) error {
+				used := map[netip.Prefix]bool{}
+				for _, p := range s.Projects {
+					used[p.Subnet] = true
+				}
+				sub, err := Allocate(vm, used)
+				if err != nil {
+					return err
+				}
+				name := fmt.Sprintf("p%d", i)
+				s.Projects[name] = Project{Name: name, Subnet: sub}
+				return nil
+			})
+			if err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	s, err := st.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[netip.Prefix]string{}
+	for _, p := range s.Projects {
+		if other, dup := seen[p.Subnet]; dup {
+			t.Errorf("%s and %s share %s", p.Name, other, p.Subnet)
+		}
+		seen[p.Subnet] = p.Name
+	}
+	if len(s.Projects) != 20 {
+		t.Errorf("%d projects recorded", len(s.Projects))
+	}
+}
