@@ -131,3 +131,126 @@ func mustJSON(v any) []byte {
 	b, _ := json.Marshal(v)
 	return b
 }
+
+// TestSSHAndNATEgress: --ssh-port forwards inbound SSH to the guest (and
+// only replies go back); --egress nat gives the spec's unfiltered direct NAT
+// to that project alone.
+func TestSSHAndNATEgress(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, projectsConfig)
+	e.start()
+	alpha, _ := e.netUp("alpha", "--ssh-port", "2201")
+	beta, _ := e.netUp("beta", "--egress", "nat")
+	// An "sshd" in alpha's guest.
+	ln, err := world.ListenIn(alpha.NS, "tcp4", ":22")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("SSH-2.0-guest-alpha\r\n"))
+			c.Close()
+		}
+	}()
+	var banner string
+	if !waitFor(5*time.Second, func() bool {
+		err := world.InNS(e.w.Inet, func() error {
+			c, err := net.DialTimeout("tcp4", world.HostUplinkIP.String()+":2201", 2*time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			banner, err = bufio.NewReader(c).ReadString('\n')
+			return err
+		})
+		return err == nil
+	}) || banner != "SSH-2.0-guest-alpha\r\n" {
+		t.Errorf("inbound SSH through host port 2201: %q", banner)
+	}
+	// alpha's own egress is still filtered.
+	if _, err := e.curlFrom(alpha, "https://example.com", "--resolve", "example.com:443:"+world.ExampleIP.String()); err == nil {
+		t.Error("alpha (proxied, with SSH) reached example.com")
+	}
+	// beta: direct NAT, unfiltered, masqueraded to the host's address.
+	body, err := e.curlFrom(beta, "https://example.com", "--resolve", "example.com:443:"+world.ExampleIP.String())
+	if err != nil || !strings.Contains(body, "you are "+world.HostUplinkIP.String()) {
+		t.Errorf("beta (nat egress): %q, %v", body, err)
+	}
+	// ... but never to another guest or the host.
+	if _, err := world.Output(e.ctx, world.NS(beta.NS, "curl", "-sS", "--max-time", "3", "telnet://"+alpha.GuestIP.String()+":22")...); err == nil {
+		t.Error("beta (nat) reached alpha's guest")
+	}
+}
+
+// TestSpecScripts: microvm-net-up.sh / -down.sh keep the spec's interface;
+// MICROVM_EGRESS_VIA_ENVOY=1 gives proxied egress and never NAT, unset gives
+// direct NAT; `down --restore-nat` switches everyone to NAT (spec 6.8).
+func TestSpecScripts(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, projectsConfig)
+	e.start()
+	script := func(env []string, name string, args ...string) string {
+		t.Helper()
+		argv := append([]string{"env", "VMEGRESS=" + binary, "VMEGRESS_CONFIG=" + e.cfg, "VMEGRESS_STATE_DIR=" + e.w.StateDir()}, env...)
+		argv = append(argv, append([]string{"../scripts/" + name}, args...)...)
+		out, err := world.Output(e.ctx, world.NS(e.w.Host, argv...)...)
+		if err != nil {
+			t.Fatalf("%s %v: %v", name, args, err)
+		}
+		return out
+	}
+	plug := func(out string) *world.Guest {
+		t.Helper()
+		fields := map[string]string{}
+		for _, l := range strings.Split(out, "\n") {
+			if k, v, ok := strings.Cut(l, "  "); ok {
+				fields[strings.TrimSpace(k)] = strings.TrimSpace(v)
+			}
+		}
+		g, err := e.w.PlugTAP(e.ctx, fields["project"], fields["tap"], netip.MustParseAddr(fields["guest ip"]), netip.MustParseAddr(fields["host ip"]), fields["mac"])
+		if err != nil {
+			t.Fatalf("plugging %q: %v", out, err)
+		}
+		return g
+	}
+	alpha := plug(script([]string{"MICROVM_EGRESS_VIA_ENVOY=1"}, "microvm-net-up.sh", "alpha", "2201"))
+	beta := plug(script(nil, "microvm-net-up.sh", "beta"))
+	nat := mustOutput(t, e, "nft", "list", "set", "inet", "vmegress", "nat_ifaces")
+	if strings.Contains(nat, "tap-alpha") || !strings.Contains(nat, "tap-beta") {
+		t.Errorf("NAT set after the scripts:\n%s", nat)
+	}
+	at := func(g *world.Guest) error {
+		_, err := e.curlFrom(g, "https://example.com", "--resolve", "example.com:443:"+world.ExampleIP.String(), "--max-time", "3")
+		return err
+	}
+	if at(alpha) == nil {
+		t.Error("alpha (MICROVM_EGRESS_VIA_ENVOY=1) reached example.com")
+	}
+	if err := at(beta); err != nil {
+		t.Errorf("beta (direct NAT) did not reach example.com: %v", err)
+	}
+	script(nil, "microvm-net-down.sh", "beta")
+	if out, _ := e.vmegress("--config", e.cfg, "net", "list"); strings.Contains(out, "beta") {
+		t.Errorf("beta still listed:\n%s", out)
+	}
+	// Spec 6.8: stop the proxy, restore direct NAT for everyone.
+	if out, err := e.vmegress("--config", e.cfg, "down", "--restore-nat"); err == nil {
+		t.Errorf("restore-nat with the daemon running succeeded: %s", out)
+	}
+	e.d.Stop(5 * time.Second)
+	if out, err := e.vmegress("--config", e.cfg, "down", "--restore-nat"); err != nil {
+		t.Fatalf("down --restore-nat: %v\n%s", err, out)
+	}
+	if err := at(alpha); err != nil {
+		t.Errorf("alpha after --restore-nat: %v", err)
+	}
+	if rules := mustOutput(t, e, "ip", "rule"); strings.Contains(rules, "fwmark") {
+		t.Errorf("policy routing left after --restore-nat:\n%s", rules)
+	}
+}

@@ -194,21 +194,72 @@ func (a *app) upCmd() *cobra.Command {
 }
 
 func (a *app) downCmd() *cobra.Command {
-	return &cobra.Command{
+	var restoreNAT bool
+	c := &cobra.Command{
 		Use:   "down",
 		Short: "Remove everything 'up' added; idempotent, needs no config",
-		Args:  cobra.NoArgs,
+		Long: `Down removes the nftables table, the policy routing rule and route, and puts
+back the forwarding setting of guest interfaces. With --restore-nat (spec 6.8
+step 4) every project that net up placed is switched to direct NAT egress
+instead (unfiltered; the table then holds only the NAT rules) and the
+interception is removed; stop the daemon first.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			in, h, err := a.hostInterception()
 			if err != nil {
 				return err
 			}
 			defer h.Close()
-			if err := in.Remove(cmd.Context()); err != nil {
+			if !restoreNAT {
+				if err := in.Remove(cmd.Context()); err != nil {
+					return err
+				}
+				fmt.Fprintln(a.stdout, "interception removed")
+				return nil
+			}
+			cfg, err := a.loadConfig()
+			if err != nil {
 				return err
 			}
-			fmt.Fprintln(a.stdout, "interception removed")
+			ctx, cancel := context.WithTimeout(cmd.Context(), time.Second)
+			_, derr := fetchStatus(ctx, "http://"+cfg.Admin.String()+"/status")
+			cancel()
+			if derr == nil {
+				return usagef("the daemon is running and would put interception back: stop it first (systemctl stop vmegress)")
+			}
+			var st *state.State
+			if err := a.store().Update(func(s *state.State) error {
+				for n, p := range s.Projects {
+					p.Egress = state.EgressNAT
+					s.Projects[n] = p
+				}
+				st = copyState(s)
+				return nil
+			}); err != nil {
+				return err
+			}
+			eff, err := daemon.Effective(cfg, st)
+			if err != nil {
+				return usageError{err}
+			}
+			if err := in.Firewall.Apply(cmd.Context(), firewall.Desired(eff, st)); err != nil {
+				return err
+			}
+			if err := (hostnet.PolicyRouting{}).Remove(h); err != nil {
+				return err
+			}
+			if err := in.Guard.Restore(); err != nil {
+				return err
+			}
+			for _, p := range st.Sorted() {
+				if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+p.TAP+"/forwarding", []byte("1"), 0o644); err != nil && !os.IsNotExist(err) {
+					return fmt.Errorf("turning forwarding on for %s: %w", p.TAP, err)
+				}
+			}
+			fmt.Fprintf(a.stdout, "interception removed; %d projects switched to direct NAT egress (unfiltered)\n", len(st.Projects))
 			return nil
 		},
 	}
+	c.Flags().BoolVar(&restoreNAT, "restore-nat", false, "switch every project to direct NAT egress instead (spec 6.8)")
+	return c
 }

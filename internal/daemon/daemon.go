@@ -138,7 +138,7 @@ type Daemon struct {
 	// Version is reported by /status.
 	Version string
 
-	mu        sync.Mutex // guards the fields below and serialises reloads
+	mu        sync.Mutex     // guards the fields below and serialises reloads
 	cfg       *config.Config // effective: config merged with state
 	st        *state.State
 	pol       *policy.Policy
@@ -388,6 +388,10 @@ var errStateChanged = errors.New("project state changed")
 func (d *Daemon) repairDrift(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// `net up/down` first: acting on stale state would undo their work.
+	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
+		return errStateChanged
+	}
 	// New guest interfaces (and ones a global ip_forward write reset) get
 	// their forwarding turned off.
 	if err := d.Interception.guard(d.cfg, d.st); err != nil {
@@ -404,9 +408,6 @@ func (d *Daemon) repairDrift(ctx context.Context) error {
 	}
 	if snap == d.applied && routed {
 		return nil
-	}
-	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
-		return errStateChanged
 	}
 	what := "policy routing"
 	if snap != d.applied {

@@ -19,7 +19,8 @@ import (
 type ForwardingGuard struct {
 	// Patterns are interface names or prefixes ending in '*'.
 	Patterns []string
-	// Exclude are matching interfaces left alone (NAT egress, inbound SSH).
+	// Exclude are matching interfaces that need forwarding (NAT egress,
+	// inbound SSH replies): Apply turns it on for them.
 	Exclude []string
 	// StateFile records the original values (crash-safe: written before change).
 	StateFile string
@@ -88,7 +89,13 @@ func (g ForwardingGuard) Apply() ([]string, error) {
 	var changed []string
 	var errs []error
 	for _, ifname := range links {
-		if !Matches(g.Patterns, ifname) || slices.Contains(g.Exclude, ifname) {
+		if slices.Contains(g.Exclude, ifname) {
+			if err := os.WriteFile(g.path(ifname), []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("turning forwarding on for %s: %w", ifname, err))
+			}
+			continue
+		}
+		if !Matches(g.Patterns, ifname) {
 			continue
 		}
 		cur, err := os.ReadFile(g.path(ifname))
