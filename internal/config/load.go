@@ -486,15 +486,18 @@ func (p *parser) crossCheck() {
 	case 253, 254, 255: // default, main, local
 		p.issues = append(p.issues, Issue{p.keyPos("route_table"), fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})
 	}
-	for i, a := range p.subnetPos {
+	// Subnets are /30s (checked when parsed): two overlap only when equal,
+	// so a map finds it in linear time, however many projects there are.
+	first := make(map[netip.Prefix]subnetAt, len(p.subnetPos))
+	for _, a := range p.subnetPos {
 		if !c.VMCIDR.Contains(a.subnet.Addr()) || a.subnet.Bits() < c.VMCIDR.Bits() {
 			p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q is outside vm_cidr %s", a.subnet, a.project, c.VMCIDR)})
 		}
-		for _, b := range p.subnetPos[:i] {
-			if a.subnet.Overlaps(b.subnet) {
-				p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q overlaps project %q (line %d)", a.subnet, a.project, b.project, b.pos.Line)})
-			}
+		if b, dup := first[a.subnet.Masked()]; dup {
+			p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q overlaps project %q (line %d)", a.subnet, a.project, b.project, b.pos.Line)})
+			continue
 		}
+		first[a.subnet.Masked()] = a
 	}
 }
 
