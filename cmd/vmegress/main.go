@@ -109,7 +109,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.configPath, "config", envOr("VMEGRESS_CONFIG", config.DefaultPath), "config file (env VMEGRESS_CONFIG)")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("VMEGRESS_STATE_DIR", config.DefaultStateDir), "state directory (env VMEGRESS_STATE_DIR)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd(), a.doctorCmd(), a.netCmd())
+	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd(), a.doctorCmd(), a.netCmd(), a.envoyCmd())
 	// Unknown subcommands and bad arguments are usage errors.
 	for _, c := range root.Commands() {
 		wrapArgs(c)

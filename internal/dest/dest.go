@@ -126,3 +126,12 @@ func (a *Answers) Forget(project string) {
 	delete(a.m, project)
 	a.mu.Unlock()
 }
+
+// Ranges returns the always-denied ranges.
+func Ranges() []netip.Prefix {
+	out := make([]netip.Prefix, len(denied))
+	for i, d := range denied {
+		out[i] = d.prefix
+	}
+	return out
+}

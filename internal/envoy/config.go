@@ -1,0 +1,407 @@
+// Package envoy renders vmegress's compiled policy as Envoy configuration
+// (the spec's data plane, sections 6.5-6.7): a transparent listener on
+// tproxy_port whose filter-chain matcher picks a chain by source /30 first
+// (projects can never affect each other's matching), then destination port,
+// then TLS server name; allowed names are dialled through Envoy's dynamic
+// forward proxy, which resolves the name itself (never the guest's chosen
+// address: no SNI spoofing) and drops always-denied answers.
+//
+// The configuration is built as plain data (maps in Envoy's JSON form) so the
+// same builder serves the static bootstrap and, later, xDS resources.
+package envoy
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/dest"
+)
+
+// M is a JSON object of Envoy configuration.
+type M = map[string]any
+
+// Typed wraps a message with its @type.
+func typed(t string, m M) M {
+	out := M{"@type": "type.googleapis.com/" + t}
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// Names of the generated resources.
+const (
+	ListenerName   = "vmegress_egress"
+	ClusterTLS     = "vmegress_dfp_tls"
+	ClusterHTTP    = "vmegress_dfp_http"
+	ClusterOrigDst = "vmegress_original_dst"
+	ClusterDeny    = "vmegress_deny"
+	dnsCacheName   = "vmegress_dns"
+	denyChain      = "deny"
+	// SOL_SOCKET / SO_MARK (asm-generic/socket.h): the upstream mark.
+	solSocket = 1
+	soMark    = 36
+)
+
+// Options are what the bootstrap needs beyond the config.
+type Options struct {
+	// Upstreams are the DNS resolvers ("ip:port") the forward proxy uses.
+	Upstreams []string
+	// AdminAddress is Envoy's admin listener (loopback ip:port).
+	AdminAddress netip.AddrPort
+	// AccessLogPath receives one JSON line per connection ("/dev/stdout").
+	AccessLogPath string
+}
+
+func socketAddr(ap netip.AddrPort) M {
+	return M{"socket_address": M{"address": ap.Addr().String(), "port_value": ap.Port()}}
+}
+
+func cidr(p netip.Prefix) M {
+	return M{"address_prefix": p.Masked().Addr().String(), "prefix_len": p.Bits()}
+}
+
+// deniedRanges is the always-denied set plus the guest range: the forward
+// proxy never connects to such an answer.
+func deniedRanges(cfg *config.Config) []M {
+	var out []M
+	for _, p := range dest.Ranges() {
+		out = append(out, cidr(p))
+	}
+	return append(out, cidr(cfg.VMCIDR))
+}
+
+func dnsCache(cfg *config.Config, o Options) M {
+	var resolvers []M
+	for _, u := range o.Upstreams {
+		if ap, err := netip.ParseAddrPort(u); err == nil {
+			resolvers = append(resolvers, socketAddr(ap))
+		}
+	}
+	return M{
+		"name":              dnsCacheName,
+		"dns_lookup_family": "V4_ONLY",
+		"typed_dns_resolver_config": M{
+			"name": "envoy.network.dns_resolver.cares",
+			"typed_config": typed("envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig", M{
+				"resolvers":                 resolvers,
+				"use_resolvers_as_fallback": false,
+			}),
+		},
+		// Answers in the always-denied set are dropped (rebinding, metadata).
+		"resolved_address_filter": M{"ranges": deniedRanges(cfg)},
+	}
+}
+
+// markedBind sets SO_MARK on upstream sockets before connect.
+func markedBind(mark uint32) M {
+	return M{"socket_options": []M{{"level": solSocket, "name": soMark, "int_value": mark, "state": "STATE_PREBIND"}}}
+}
+
+func clusters(cfg *config.Config, o Options) []M {
+	dfp := func(name string) M {
+		return M{
+			"name":                 name,
+			"connect_timeout":      "10s",
+			"lb_policy":            "CLUSTER_PROVIDED",
+			"upstream_bind_config": markedBind(cfg.UpstreamMark),
+			"cluster_type": M{
+				"name":         "envoy.clusters.dynamic_forward_proxy",
+				"typed_config": typed("envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig", M{"dns_cache_config": dnsCache(cfg, o)}),
+			},
+		}
+	}
+	return []M{
+		dfp(ClusterTLS),
+		dfp(ClusterHTTP),
+		{
+			// cidr rules only: the original destination, restricted by the
+			// matcher to the rule's ranges.
+			"name": ClusterOrigDst, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+			"connect_timeout": "10s", "upstream_bind_config": markedBind(cfg.UpstreamMark),
+		},
+		{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny, "endpoints": []M{}}},
+	}
+}
+
+// accessLog is the listener's JSON log, with the builtin plane's field names
+// where Envoy has the fact.
+func accessLog(o Options) []M {
+	if o.AccessLogPath == "" {
+		return nil
+	}
+	return []M{{
+		"name": "envoy.access_loggers.file",
+		"typed_config": typed("envoy.extensions.access_loggers.file.v3.FileAccessLog", M{
+			"path": o.AccessLogPath,
+			"log_format": M{"json_format": M{
+				"msg":         "connection",
+				"time":        "%START_TIME%",
+				"project":     "%FILTER_CHAIN_NAME%",
+				"src":         "%DOWNSTREAM_REMOTE_ADDRESS%",
+				"dst":         "%DOWNSTREAM_LOCAL_ADDRESS%",
+				"sni":         "%REQUESTED_SERVER_NAME%",
+				"upstream":    "%UPSTREAM_HOST%",
+				"bytes_up":    "%BYTES_RECEIVED%",
+				"bytes_down":  "%BYTES_SENT%",
+				"duration_ms": "%DURATION%",
+				"reason":      "%RESPONSE_FLAGS% %CONNECTION_TERMINATION_DETAILS%",
+			}},
+		}),
+	}}
+}
+
+func tcpProxy(stat, cluster string) M {
+	return M{"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+		M{"stat_prefix": stat, "cluster": cluster})}
+}
+
+func action(chain string) M {
+	return M{"action": M{"name": chain, "typed_config": typed("google.protobuf.StringValue", M{"value": chain})}}
+}
+
+func input(name, t string) M {
+	return M{"name": name, "typed_config": typed("envoy.extensions.matching.common_inputs.network.v3."+t, M{})}
+}
+
+// chainName names a project's chain: "PROJECT/KIND/PORT".
+func chainName(project, kind string, port uint16) string {
+	return project + "/" + kind + "/" + strconv.Itoa(int(port))
+}
+
+// portRules groups a project's rules by port and kind.
+type portRules struct {
+	sni, http []string
+	cidrs     []netip.Prefix
+}
+
+func byPort(p config.Project) map[uint16]*portRules {
+	out := map[uint16]*portRules{}
+	get := func(pt uint16) *portRules {
+		if out[pt] == nil {
+			out[pt] = &portRules{}
+		}
+		return out[pt]
+	}
+	for _, r := range p.Allow {
+		for _, pt := range r.EffectivePorts() {
+			switch r.Kind {
+			case config.KindSNI:
+				get(pt).sni = append(get(pt).sni, r.Name)
+			case config.KindHTTP:
+				get(pt).http = append(get(pt).http, r.Name)
+			case config.KindCIDR:
+				get(pt).cidrs = append(get(pt).cidrs, r.Prefix)
+			}
+		}
+	}
+	return out
+}
+
+func uniq(s []string) []string {
+	sort.Strings(s)
+	out := s[:0]
+	for i, x := range s {
+		if i == 0 || x != s[i-1] {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// Listener builds the transparent egress listener for cfg's placed projects.
+func Listener(cfg *config.Config, o Options) M {
+	var chains []M
+	var projectMatchers []M
+	projects := append([]config.Project(nil), cfg.Projects...)
+	sort.Slice(projects, func(i, j int) bool { return projects[i].Name < projects[j].Name })
+	for _, p := range projects {
+		if !p.Subnet.IsValid() {
+			continue
+		}
+		ports := byPort(p)
+		portList := make([]int, 0, len(ports))
+		for pt := range ports {
+			portList = append(portList, int(pt))
+		}
+		sort.Ints(portList)
+		portMap := M{}
+		for _, pti := range portList {
+			pt := uint16(pti)
+			rules := ports[pt]
+			var onPort M // the matcher for this port
+			// Names: TLS server names (sni rules) or the HTTP route (http rules).
+			switch {
+			case len(rules.sni) > 0:
+				name := chainName(p.Name, "tls", pt)
+				chains = append(chains, M{
+					"name": name,
+					"filters": []M{
+						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
+							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
+							M{"dns_cache_config": dnsCache(cfg, o), "port_value": pt})},
+						tcpProxy(name, ClusterTLS),
+					},
+				})
+				onPort = M{"matcher": M{"matcher_tree": M{
+					"input": input("sni", "ServerNameInput"),
+					"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
+						"domain_matchers": []M{{"domains": uniq(rules.sni), "on_match": action(name)}},
+					})},
+				}}}
+			case len(rules.http) > 0:
+				name := chainName(p.Name, "http", pt)
+				chains = append(chains, httpChain(cfg, o, p, name, uniq(rules.http)))
+				onPort = action(name)
+			}
+			if len(rules.cidrs) > 0 {
+				name := chainName(p.Name, "cidr", pt)
+				chains = append(chains, M{"name": name, "filters": []M{tcpProxy(name, ClusterOrigDst)}})
+				var ranges []M
+				for _, c := range rules.cidrs {
+					ranges = append(ranges, cidr(c))
+				}
+				m := M{"matcher_tree": M{
+					"input": input("dst-ip", "DestinationIPInput"),
+					"custom_match": M{"name": "ip", "typed_config": typed("xds.type.matcher.v3.IPMatcher", M{
+						"range_matchers": []M{{"ranges": ranges, "on_match": action(name)}},
+					})},
+				}}
+				if onPort != nil {
+					m["on_no_match"] = onPort
+				}
+				onPort = M{"matcher": m}
+			}
+			if onPort != nil {
+				portMap[strconv.Itoa(pti)] = onPort
+			}
+		}
+		if len(portMap) == 0 {
+			continue // a project with no rules: everything goes to the deny chain
+		}
+		projectMatchers = append(projectMatchers, M{
+			"ranges": []M{cidr(p.Subnet)},
+			"on_match": M{"matcher": M{"matcher_tree": M{
+				"input":           input("dst-port", "DestinationPortInput"),
+				"exact_match_map": M{"map": portMap},
+			}}},
+		})
+	}
+	l := M{
+		"name":              ListenerName,
+		"address":           M{"socket_address": M{"address": "0.0.0.0", "port_value": cfg.TProxyPort}},
+		"transparent":       true,
+		"traffic_direction": "OUTBOUND",
+		"listener_filters": []M{
+			{"name": "envoy.filters.listener.original_dst", "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", M{})},
+			{"name": "envoy.filters.listener.tls_inspector", "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", M{}),
+				// Never wait for a ClientHello on a port no sni rule names:
+				// server-first protocols (cidr rules) must work.
+				"filter_disabled": inspectorDisabled(tlsPorts(cfg))},
+		},
+		"listener_filters_timeout":             "10s",
+		"continue_on_listener_filters_timeout": false,
+		"default_filter_chain":                 M{"name": denyChain, "filters": []M{tcpProxy("deny", ClusterDeny)}},
+		"access_log":                           accessLog(o),
+	}
+	if len(chains) > 0 {
+		l["filter_chains"] = chains
+		l["filter_chain_matcher"] = M{"matcher_tree": M{
+			"input": input("src-ip", "SourceIPInput"),
+			"custom_match": M{"name": "projects", "typed_config": typed("xds.type.matcher.v3.IPMatcher", M{
+				"range_matchers": projectMatchers,
+			})},
+		}}
+	} else {
+		// Envoy needs at least one chain to use the matcher; with none, all
+		// connections take the deny chain.
+		l["filter_chains"] = []M{{"name": "unused", "filter_chain_match": M{"destination_port": 1}, "filters": []M{tcpProxy("unused", ClusterDeny)}}}
+	}
+	return l
+}
+
+// tlsPorts are the ports some project's sni rules name.
+func tlsPorts(cfg *config.Config) []uint16 {
+	seen := map[uint16]bool{}
+	for _, p := range cfg.Projects {
+		for _, r := range p.Allow {
+			if r.Kind == config.KindSNI {
+				for _, pt := range r.EffectivePorts() {
+					seen[pt] = true
+				}
+			}
+		}
+	}
+	out := make([]uint16, 0, len(seen))
+	for pt := range seen {
+		out = append(out, pt)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
+
+// inspectorDisabled is the predicate that turns the TLS inspector off on
+// every destination port but ports.
+func inspectorDisabled(ports []uint16) M {
+	var rules []M
+	for _, pt := range ports {
+		rules = append(rules, M{"destination_port_range": M{"start": pt, "end": int(pt) + 1}})
+	}
+	switch len(rules) {
+	case 0:
+		return M{"any_match": true}
+	case 1:
+		return M{"not_match": rules[0]}
+	}
+	return M{"not_match": M{"or_match": M{"rules": rules}}}
+}
+
+// httpChain is an HTTP connection manager whose route allows the project's
+// http names through the forward proxy and answers 403 to the rest.
+func httpChain(cfg *config.Config, o Options, p config.Project, name string, names []string) M {
+	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
+	return M{
+		"name": name,
+		"filters": []M{{
+			"name": "envoy.filters.network.http_connection_manager",
+			"typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", M{
+				"stat_prefix": name,
+				"route_config": M{
+					"name": name,
+					"virtual_hosts": []M{
+						{"name": "allowed", "domains": names, "routes": []M{{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}}},
+						{"name": "denied", "domains": []string{"*"}, "routes": []M{{"match": M{"prefix": "/"},
+							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
+					},
+				},
+				"strip_any_host_port": true,
+				"http_filters": []M{
+					{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+						M{"dns_cache_config": dnsCache(cfg, o)})},
+					{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})},
+				},
+			}),
+		}},
+	}
+}
+
+// Bootstrap is the standalone configuration (spec 6.6) with the policy applied.
+func Bootstrap(cfg *config.Config, o Options) M {
+	return M{
+		"admin": M{"address": socketAddr(o.AdminAddress)},
+		"static_resources": M{
+			"listeners": []M{Listener(cfg, o)},
+			"clusters":  clusters(cfg, o),
+		},
+	}
+}
+
+// JSON renders m indented.
+func JSON(m M) []byte {
+	b, _ := json.MarshalIndent(m, "", "  ")
+	return b
+}
