@@ -103,6 +103,8 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				AccessLog:    slog.New(slog.NewJSONHandler(access, nil)),
 				Notify:       func(state string) { sdnotify.SdNotify(false, state) },
 				Version:      version,
+				StateDir:     a.stateDir,
+				AccessWriter: access,
 			}
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()

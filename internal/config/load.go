@@ -466,8 +466,15 @@ func (p *parser) prefix(n *yaml.Node, key string) (netip.Prefix, bool) {
 // crossCheck validates what depends on more than one key.
 func (p *parser) crossCheck() {
 	c := p.cfg
-	if c.Dataplane != "builtin" {
-		p.issues = append(p.issues, Issue{p.keyPos("dataplane"), fmt.Sprintf("dataplane %q is not supported yet (only builtin)", c.Dataplane)})
+	if c.Dataplane == "envoy" {
+		for _, pr := range c.Projects {
+			if pr.Mode == "audit" {
+				p.issues = append(p.issues, Issue{pr.Pos, fmt.Sprintf("project %q: mode audit needs dataplane builtin", pr.Name)})
+			}
+		}
+		if c.Upstream == "original_dst" {
+			p.issues = append(p.issues, Issue{p.keyPos("upstream"), "upstream original_dst is not available with dataplane envoy (it always resolves names itself)"})
+		}
 	}
 	if c.Firewall != "nftables" {
 		p.issues = append(p.issues, Issue{p.keyPos("firewall"), fmt.Sprintf("firewall %q is not supported yet (only nftables)", c.Firewall)})

@@ -8,8 +8,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strconv"
 	"sync"
@@ -21,6 +25,7 @@ import (
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
 	vdns "github.com/vmegress/vmegress/internal/dns"
+	"github.com/vmegress/vmegress/internal/envoy"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/metrics"
@@ -137,6 +142,10 @@ type Daemon struct {
 	Notify func(state string)
 	// Version is reported by /status.
 	Version string
+	// StateDir holds runtime files (Envoy's bootstrap and xDS socket).
+	StateDir string
+	// AccessWriter receives Envoy's JSON access-log lines as they are.
+	AccessWriter io.Writer
 
 	mu        sync.Mutex     // guards the fields below and serialises reloads
 	cfg       *config.Config // effective: config merged with state
@@ -151,6 +160,8 @@ type Daemon struct {
 	metrics  *metrics.Metrics
 	proxy    *proxy.Proxy
 	resolver *vdns.Resolver
+	xds      *envoy.Server
+	envoyOpt envoy.Options
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
@@ -229,11 +240,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
-	ln, err := d.Listen(ctx, addr)
-	if err != nil {
-		return fmt.Errorf("starting the builtin data plane: %w", err)
-	}
 	answers := &dest.Answers{}
 	d.resolver = &vdns.Resolver{
 		Upstreams:  upstreams,
@@ -249,33 +255,30 @@ func (d *Daemon) Run(ctx context.Context) error {
 	dnsAddr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.DNSPort)))
 	stopDNS, err := d.serveDNS(ctx, dnsAddr, d.resolver)
 	if err != nil {
-		ln.Close()
 		return err
 	}
 	defer stopDNS()
 	stopAdmin, err := d.serveAdmin(ctx, cfg.Admin.String())
 	if err != nil {
-		ln.Close()
 		return err
 	}
 	defer stopAdmin()
-	d.proxy = &proxy.Proxy{
-		GuestRange:  cfg.VMCIDR,
-		Dial:        d.Dial,
-		HostAddrs:   d.HostAddrs,
-		Answers:     answers,
-		Resolver:    d.resolver,
-		OriginalDst: cfg.Upstream == "original_dst",
-		Log:         d.Log,
-		AccessLog:   d.AccessLog,
-		Metrics:     d.metrics,
+	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
+	var serve func(context.Context) error
+	if cfg.Dataplane == "envoy" {
+		if serve, err = d.startEnvoy(ctx, cfg, upstreams); err != nil {
+			return err
+		}
+	} else {
+		if serve, err = d.startProxy(ctx, cfg, addr, answers, pol); err != nil {
+			return err
+		}
 	}
-	d.proxy.SetPolicy(pol, false)
 	var names []string
 	for _, p := range pol.Projects() {
 		names = append(names, p.Name+"="+p.Subnet.String())
 	}
-	d.Log.Info("vmegress ready", "dataplane", "builtin", "listen", addr, "dns", dnsAddr, "admin", cfg.Admin.String(),
+	d.Log.Info("vmegress ready", "dataplane", cfg.Dataplane, "listen", addr, "dns", dnsAddr, "admin", cfg.Admin.String(),
 		"dns_upstreams", upstreams, "projects", names, "upstream", cfg.Upstream)
 	if cfg.Upstream == "original_dst" {
 		d.Log.Warn("upstream: original_dst dials the guest's chosen address on the strength of its SNI or Host alone: a guest can reach any address by naming an allowed host (SNI spoofing)")
@@ -290,13 +293,91 @@ func (d *Daemon) Run(ctx context.Context) error {
 	driftDone := make(chan struct{})
 	go func() { defer close(driftDone); d.watchDrift(driftCtx) }()
 
-	err = d.proxy.Serve(ctx, ln)
+	err = serve(ctx)
 	stopDrift()
 	<-driftDone
 	d.metrics.DataplaneUp(false)
 	d.notify("STOPPING=1")
 	d.Log.Info("data plane stopped; interception stays in place (guests fail closed) until `vmegress down`")
 	return err
+}
+
+// startProxy opens the builtin data plane's listener; the returned func
+// serves until ctx ends.
+func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string, answers *dest.Answers, pol *policy.Policy) (func(context.Context) error, error) {
+	ln, err := d.Listen(ctx, addr)
+	if err != nil {
+		return nil, fmt.Errorf("starting the builtin data plane: %w", err)
+	}
+	d.proxy = &proxy.Proxy{
+		GuestRange:  cfg.VMCIDR,
+		Dial:        d.Dial,
+		HostAddrs:   d.HostAddrs,
+		Answers:     answers,
+		Resolver:    d.resolver,
+		OriginalDst: cfg.Upstream == "original_dst",
+		Log:         d.Log,
+		AccessLog:   d.AccessLog,
+		Metrics:     d.metrics,
+	}
+	d.proxy.SetPolicy(pol, false)
+	return func(ctx context.Context) error { return d.proxy.Serve(ctx, ln) }, nil
+}
+
+// startEnvoy serves the policy over xDS and runs a supervised Envoy that
+// takes it; it returns once Envoy has the listener, and the returned func
+// keeps Envoy running until ctx ends.
+func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams []string) (func(context.Context) error, error) {
+	bin, err := envoy.FindBinary(cfg.EnvoyBinary)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(d.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating state directory: %w", err)
+	}
+	sock := filepath.Join(d.StateDir, "envoy-xds.sock")
+	os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("starting the xDS server: %w", err)
+	}
+	// Envoy's admin: loopback, the port after vmegress's own.
+	d.envoyOpt = envoy.Options{Upstreams: upstreams, AccessLogPath: "/dev/stdout", OnPolicyChange: cfg.OnPolicyChange,
+		AdminAddress: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cfg.Admin.Port()+1)}
+	d.xds = envoy.NewServer()
+	if err := d.xds.Update(ctx, cfg, d.envoyOpt); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	go d.xds.Serve(ctx, ln)
+	boot := filepath.Join(d.StateDir, "envoy-bootstrap.json")
+	if err := os.WriteFile(boot, envoy.JSON(envoy.XDSBootstrap(d.envoyOpt, sock)), 0o600); err != nil {
+		return nil, fmt.Errorf("writing the Envoy bootstrap: %w", err)
+	}
+	access := d.AccessWriter
+	if access == nil {
+		access = io.Discard
+	}
+	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, Admin: d.envoyOpt.AdminAddress.String(), Access: access,
+		Log: d.Log.With("component", "envoy"), OnState: func(up bool) { d.metrics.DataplaneUp(up) }}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); sup.Run(runCtx) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for !sup.Ready(ctx) {
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			stop()
+			<-done
+			return nil, fmt.Errorf("envoy did not become ready with the vmegress listener within 30s (see its log above)")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return func(ctx context.Context) error {
+		<-ctx.Done()
+		stop()
+		<-done
+		return nil
+	}, nil
 }
 
 // Reload reads the config again and swaps it in atomically. An invalid
@@ -340,7 +421,15 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 	d.lastError = ""
 	d.cfg, d.st, d.pol = cfg, st, pol
 	d.resolver.SetPolicy(pol)
-	closed := d.proxy.SetPolicy(pol, cfg.OnPolicyChange != "keep")
+	closed := 0
+	if d.proxy != nil {
+		closed = d.proxy.SetPolicy(pol, cfg.OnPolicyChange != "keep")
+	}
+	if d.xds != nil {
+		if err := d.xds.Update(ctx, cfg, d.envoyOpt); err != nil {
+			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
+		}
+	}
 	d.metrics.Reload(true)
 	d.Log.Info("policy reloaded", "trigger", why, "projects", len(pol.Projects()), "closed_connections", closed)
 	return nil
@@ -349,8 +438,9 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 // reloadable refuses changes that need a restart (listening sockets).
 func reloadable(old, cfg *config.Config) error {
 	switch {
-	case old.TProxyPort != cfg.TProxyPort, old.DNSPort != cfg.DNSPort, old.Admin != cfg.Admin, old.Upstream != cfg.Upstream:
-		return errors.New("tproxy_port, dns_port, admin and upstream change only with a restart")
+	case old.TProxyPort != cfg.TProxyPort, old.DNSPort != cfg.DNSPort, old.Admin != cfg.Admin, old.Upstream != cfg.Upstream,
+		old.Dataplane != cfg.Dataplane, old.EnvoyBinary != cfg.EnvoyBinary:
+		return errors.New("tproxy_port, dns_port, admin, upstream, dataplane and envoy change only with a restart")
 	}
 	return nil
 }

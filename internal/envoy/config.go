@@ -11,6 +11,8 @@
 package envoy
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -55,6 +57,11 @@ type Options struct {
 	AdminAddress netip.AddrPort
 	// AccessLogPath receives one JSON line per connection ("/dev/stdout").
 	AccessLogPath string
+	// OnPolicyChange "drop" versions each chain with a hash of its project's
+	// rules, so Envoy drains (closes) a changed project's connections; with
+	// "keep" a change that only edits names touches just the matcher and
+	// drains nothing.
+	OnPolicyChange string
 }
 
 func socketAddr(ap netip.AddrPort) M {
@@ -224,6 +231,10 @@ func Listener(cfg *config.Config, o Options) M {
 			continue
 		}
 		ports := byPort(p)
+		version := ""
+		if o.OnPolicyChange != "keep" {
+			version = "#" + rulesHash(p)
+		}
 		portList := make([]int, 0, len(ports))
 		for pt := range ports {
 			portList = append(portList, int(pt))
@@ -244,7 +255,7 @@ func Listener(cfg *config.Config, o Options) M {
 						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
 							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
 							M{"dns_cache_config": dnsCache(cfg, o), "port_value": pt})},
-						tcpProxy(name, ClusterTLS),
+						tcpProxy(name+version, ClusterTLS),
 					},
 				})
 				onPort = M{"matcher": M{"matcher_tree": M{
@@ -260,7 +271,7 @@ func Listener(cfg *config.Config, o Options) M {
 			}
 			if len(rules.cidrs) > 0 {
 				name := chainName(p.Name, "cidr", pt)
-				chains = append(chains, M{"name": name, "filters": []M{tcpProxy(name, ClusterOrigDst)}})
+				chains = append(chains, M{"name": name, "filters": []M{tcpProxy(name+version, ClusterOrigDst)}})
 				var ranges []M
 				for _, c := range rules.cidrs {
 					ranges = append(ranges, cidr(c))
@@ -322,6 +333,15 @@ func Listener(cfg *config.Config, o Options) M {
 		l["filter_chains"] = []M{{"name": "unused", "filter_chain_match": M{"destination_port": 1}, "filters": []M{tcpProxy("unused", ClusterDeny)}}}
 	}
 	return l
+}
+
+// rulesHash is a short digest of a project's rules.
+func rulesHash(p config.Project) string {
+	h := sha256.New()
+	for _, r := range p.Allow {
+		fmt.Fprintln(h, r.String())
+	}
+	return hex.EncodeToString(h.Sum(nil)[:4])
 }
 
 // tlsPorts are the ports some project's sni rules name.

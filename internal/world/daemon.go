@@ -65,6 +65,7 @@ func (w *World) StartDaemon(ctx context.Context, binary, config string, env ...s
 	d := &Daemon{done: make(chan struct{})}
 	d.Cmd = exec.Command("ip", NS(w.Host, binary, "run", "--config", config, "--state-dir", w.StateDir())[1:]...)
 	d.Cmd.Env = append(os.Environ(), env...)
+	d.Cmd.WaitDelay = 2 * time.Second // children holding the pipes must not hang Wait
 	d.Cmd.Stdout, d.Cmd.Stderr = &d.stdout, &d.stderr
 	if err := d.Cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting vmegress run: %w", err)
