@@ -15,7 +15,7 @@ import (
 // TestSystemdUnit checks the shipped unit with systemd-analyze verify (with
 // ExecStart pointed at the binary under test, which verify requires to exist).
 func TestSystemdUnit(t *testing.T) {
-	nettest.Privileged(t, "systemd-analyze")
+	nettest.Privileged(t, "systemd-analyze", "envoy")
 	unit, err := os.ReadFile("../packaging/systemd/vmegress.service")
 	if err != nil {
 		t.Fatal(err)
@@ -25,12 +25,25 @@ func TestSystemdUnit(t *testing.T) {
 			t.Errorf("unit lacks %q", want)
 		}
 	}
+	envoyBin, err := exec.LookPath("envoy")
+	if err != nil {
+		t.Fatalf("envoy: %v", err)
+	}
 	dir := t.TempDir()
-	path := filepath.Join(dir, "vmegress.service")
-	os.WriteFile(path, []byte(strings.ReplaceAll(string(unit), "/usr/local/bin/vmegress", binary)), 0o644)
-	out, err := exec.Command("systemd-analyze", "verify", path).CombinedOutput()
-	if err != nil || strings.TrimSpace(string(out)) != "" {
-		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	for name, replace := range map[string][2]string{
+		"vmegress.service":              {"/usr/local/bin/vmegress", binary},
+		"envoy-microvm-egress.service": {"/usr/bin/envoy", envoyBin},
+	} {
+		unit, err := os.ReadFile("../packaging/systemd/" + name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, name)
+		os.WriteFile(path, []byte(strings.ReplaceAll(string(unit), replace[0], replace[1])), 0o644)
+		out, err := exec.Command("systemd-analyze", "verify", path).CombinedOutput()
+		if err != nil || strings.TrimSpace(string(out)) != "" {
+			t.Errorf("systemd-analyze verify %s: %v\n%s", name, err, out)
+		}
 	}
 }
 

@@ -135,36 +135,45 @@ func clusters(cfg *config.Config, o Options) []M {
 	}
 }
 
-// accessLog is the listener's JSON log, with the builtin plane's field names
-// where Envoy has the fact.
-func accessLog(o Options) []M {
+// accessLog is one JSON line per connection (per request for http chains)
+// with the builtin plane's field names; what Envoy knows only per chain
+// (project, verdict) is written into each chain's log as a literal.
+func accessLog(o Options, fields M) []M {
 	if o.AccessLogPath == "" {
 		return nil
+	}
+	format := M{
+		"msg":         "connection",
+		"time":        "%START_TIME%",
+		"src":         "%DOWNSTREAM_REMOTE_ADDRESS%",
+		"dst":         "%DOWNSTREAM_LOCAL_ADDRESS%",
+		"sni":         "%REQUESTED_SERVER_NAME%",
+		"upstream":    "%UPSTREAM_HOST%",
+		"bytes_up":    "%BYTES_RECEIVED%",
+		"bytes_down":  "%BYTES_SENT%",
+		"duration_ms": "%DURATION%",
+		"dataplane":   "envoy",
+	}
+	for k, v := range fields {
+		format[k] = v
 	}
 	return []M{{
 		"name": "envoy.access_loggers.file",
 		"typed_config": typed("envoy.extensions.access_loggers.file.v3.FileAccessLog", M{
-			"path": o.AccessLogPath,
-			"log_format": M{"json_format": M{
-				"msg":         "connection",
-				"time":        "%START_TIME%",
-				"project":     "%FILTER_CHAIN_NAME%",
-				"src":         "%DOWNSTREAM_REMOTE_ADDRESS%",
-				"dst":         "%DOWNSTREAM_LOCAL_ADDRESS%",
-				"sni":         "%REQUESTED_SERVER_NAME%",
-				"upstream":    "%UPSTREAM_HOST%",
-				"bytes_up":    "%BYTES_RECEIVED%",
-				"bytes_down":  "%BYTES_SENT%",
-				"duration_ms": "%DURATION%",
-				"reason":      "%RESPONSE_FLAGS% %CONNECTION_TERMINATION_DETAILS%",
-			}},
+			"path":       o.AccessLogPath,
+			"log_format": M{"json_format": format},
 		}),
 	}}
 }
 
-func tcpProxy(stat, cluster string) M {
+func tcpProxy(stat, cluster string, log []M) M {
 	return M{"name": "envoy.filters.network.tcp_proxy", "typed_config": typed("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-		M{"stat_prefix": stat, "cluster": cluster})}
+		M{"stat_prefix": stat, "cluster": cluster, "access_log": log})}
+}
+
+// chainLog is the access log of an allowing chain.
+func chainLog(o Options, project, rule string) []M {
+	return accessLog(o, M{"project": project, "verdict": "allow", "rule": rule, "reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%%RESPONSE_FLAGS%"})
 }
 
 func action(chain string) M {
@@ -255,7 +264,7 @@ func Listener(cfg *config.Config, o Options) M {
 						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
 							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
 							M{"dns_cache_config": dnsCache(cfg, o), "port_value": pt})},
-						tcpProxy(name+version, ClusterTLS),
+						tcpProxy(name+version, ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
 					},
 				})
 				onPort = M{"matcher": M{"matcher_tree": M{
@@ -271,7 +280,7 @@ func Listener(cfg *config.Config, o Options) M {
 			}
 			if len(rules.cidrs) > 0 {
 				name := chainName(p.Name, "cidr", pt)
-				chains = append(chains, M{"name": name, "filters": []M{tcpProxy(name+version, ClusterOrigDst)}})
+				chains = append(chains, M{"name": name, "filters": []M{tcpProxy(name+version, ClusterOrigDst, chainLog(o, p.Name, "cidr ("+name+")"))}})
 				var ranges []M
 				for _, c := range rules.cidrs {
 					ranges = append(ranges, cidr(c))
@@ -316,8 +325,7 @@ func Listener(cfg *config.Config, o Options) M {
 		},
 		"listener_filters_timeout":             "10s",
 		"continue_on_listener_filters_timeout": false,
-		"default_filter_chain":                 M{"name": denyChain, "filters": []M{tcpProxy("deny", ClusterDeny)}},
-		"access_log":                           accessLog(o),
+		"default_filter_chain":                 M{"name": denyChain, "filters": []M{tcpProxy("deny", ClusterDeny, nil)}},
 	}
 	if len(chains) > 0 {
 		l["filter_chains"] = chains
@@ -330,7 +338,7 @@ func Listener(cfg *config.Config, o Options) M {
 	} else {
 		// Envoy needs at least one chain to use the matcher; with none, all
 		// connections take the deny chain.
-		l["filter_chains"] = []M{{"name": "unused", "filter_chain_match": M{"destination_port": 1}, "filters": []M{tcpProxy("unused", ClusterDeny)}}}
+		l["filter_chains"] = []M{{"name": "unused", "filter_chain_match": M{"destination_port": 1}, "filters": []M{tcpProxy("unused", ClusterDeny, nil)}}}
 	}
 	return l
 }
@@ -399,6 +407,8 @@ func httpChain(cfg *config.Config, o Options, p config.Project, name string, nam
 					},
 				},
 				"strip_any_host_port": true,
+				"access_log": accessLog(o, M{"project": p.Name, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
+					"verdict": "%RESPONSE_CODE_DETAILS%", "rule": "http (" + name + ")"}),
 				"http_filters": []M{
 					{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
 						M{"dns_cache_config": dnsCache(cfg, o)})},
