@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
+	"os"
 	"sort"
 	"time"
 
@@ -119,6 +121,11 @@ func (d *Daemon) serveAdmin(ctx context.Context, addr string) (func(), error) {
 		enc.SetIndent("", "  ")
 		enc.Encode(d.Status(r.Context()))
 	})
+	if os.Getenv("VMEGRESS_PPROF") == "1" {
+		// Profiling for benchmarks only (the admin address is loopback).
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {

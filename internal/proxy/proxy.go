@@ -19,7 +19,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/metrics"
@@ -182,8 +185,9 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			defer p.track(tc, nil)
-			p.handle(ctx, tc, e)
+			if !p.handle(ctx, tc, e) {
+				p.track(tc, nil)
+			}
 		}()
 	}
 	p.wg.Wait()
@@ -289,8 +293,12 @@ const (
 	refuseHTTP                 // HTTP 403 with the reason, then close
 )
 
-// handle decides one connection and proxies or refuses it.
-func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) {
+// handle decides one connection and refuses it, or connects it and hands it
+// to two copying goroutines (it returns true then: they finish the entry).
+// The handler's stack grew deep in parsing and dialling; letting it end
+// while fresh, small goroutines carry the long idle life of the connection
+// is what keeps memory per connection low.
+func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached bool) {
 	pol := p.policy.Load()
 	d, inspect := pol.Connect(e.src.Addr(), e.dst)
 	e.d = d
@@ -307,7 +315,12 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) {
 		return
 	}
 	p.Metrics.Active(pr.Name, 1)
-	defer func() { n.Add(-1); p.Metrics.Active(pr.Name, -1) }()
+	release := func() { n.Add(-1); p.Metrics.Active(pr.Name, -1) }
+	defer func() {
+		if !detached {
+			release()
+		}
+	}()
 
 	var prefix []byte
 	how := refuseReset
@@ -347,20 +360,34 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) {
 		p.refuse(c, e, how)
 		return
 	}
-	defer up.Close()
 	e.upstream = target.String()
 	if _, err := up.Write(prefix); err != nil {
+		up.Close()
 		e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("sending the request upstream: %v", err)
 		p.refuse(c, e, refuseReset)
 		return
 	}
 	e.up = int64(len(prefix))
 	e.established.Store(true)
-	n1, n2 := splice(c, up)
-	e.up += n1
-	e.down = n2
-	c.Close()
-	p.logEntry(e)
+	var left atomic.Int32
+	left.Store(2)
+	var upBytes, downBytes int64
+	finish := func() {
+		if left.Add(-1) != 0 {
+			return
+		}
+		up.Close()
+		c.Close()
+		e.up += upBytes
+		e.down = downBytes
+		release()
+		p.track(c, nil)
+		p.logEntry(e)
+	}
+	p.wg.Add(2)
+	go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
+	go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
+	return true
 }
 
 // inspect reads what the policy needs (ClientHello or request head) without
@@ -500,21 +527,18 @@ func closeGently(c *net.TCPConn) {
 	c.Close()
 }
 
-// splice copies both ways until both directions are done, half-closing each
-// side as its source ends. Copies between *net.TCPConn use splice(2).
-func splice(down net.Conn, up net.Conn) (upBytes, downBytes int64) {
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); upBytes = copyHalf(up, down) }()
-	go func() { defer wg.Done(); downBytes = copyHalf(down, up) }()
-	wg.Wait()
-	return upBytes, downBytes
-}
-
 // copyHalf copies src to dst, then closes dst for writing and src for reading.
 // If the copy fails, both are closed so the other direction ends too.
 func copyHalf(dst, src net.Conn) int64 {
-	n, err := io.Copy(dst, src)
+	var n int64
+	var err error
+	dt, ok1 := dst.(*net.TCPConn)
+	st, ok2 := src.(*net.TCPConn)
+	if ok1 && ok2 {
+		n, err = spliceAvailable(dt, st)
+	} else {
+		n, err = io.Copy(dst, src)
+	}
 	if err != nil {
 		dst.Close()
 		src.Close()
@@ -529,4 +553,66 @@ func copyHalf(dst, src net.Conn) int64 {
 		cr.CloseRead()
 	}
 	return n
+}
+
+// spliceAvailable copies src to dst with splice(2), but only ever what src
+// has already received: between bursts it waits on the poller holding
+// nothing. (io.Copy's splice keeps a pipe, two descriptors and their
+// buffers, for as long as a connection is idle.)
+func spliceAvailable(dst, src *net.TCPConn) (int64, error) {
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return io.Copy(dst, src)
+	}
+	var total int64
+	for {
+		avail, eof, err := waitAvailable(rc)
+		if err != nil {
+			return total, err
+		}
+		if eof {
+			return total, nil
+		}
+		n, err := dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
+		total += n
+		if err != nil {
+			return total, err
+		}
+		if n == 0 {
+			return total, nil
+		}
+	}
+}
+
+// waitAvailable waits until the socket has data or its end, and returns how
+// many bytes are queued (SIOCINQ) or that the peer has finished.
+func waitAvailable(rc syscall.RawConn) (avail int, eof bool, err error) {
+	cerr := rc.Read(func(fd uintptr) bool {
+		n, ierr := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		if ierr != nil {
+			err = ierr
+			return true
+		}
+		if n > 0 {
+			avail = n
+			return true
+		}
+		var b [1]byte
+		m, _, perr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case perr == unix.EAGAIN || perr == unix.EWOULDBLOCK:
+			return false // nothing yet: wait for the poller
+		case perr != nil:
+			err = perr
+		case m == 0:
+			eof = true
+		default:
+			avail = m // data arrived between the two calls
+		}
+		return true
+	})
+	if err == nil {
+		err = cerr
+	}
+	return avail, eof, err
 }
