@@ -63,8 +63,94 @@ type Resolver struct {
 	// Metrics counts queries by verdict (may be nil).
 	Metrics *metrics.Metrics
 
+	// Now is the clock of the answer cache (zero: time.Now).
+	Now func() time.Time
+
 	mu       sync.Mutex
 	limiters map[string]*rate.Limiter
+	cache    map[cacheKey]cached
+}
+
+// The answer cache holds upstream responses (before per-project filtering)
+// for their TTL, at most CacheMaxTTL, negative ones NegativeTTL.
+const (
+	CacheEntries = 10000
+	CacheMaxTTL  = 300 * time.Second
+	NegativeTTL  = 30 * time.Second
+)
+
+type cacheKey struct {
+	name  string
+	qtype uint16
+}
+
+type cached struct {
+	msg     *mdns.Msg
+	stored  time.Time
+	expires time.Time
+}
+
+func (r *Resolver) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+// cacheGet returns a copy of a fresh cached response, TTLs aged.
+func (r *Resolver) cacheGet(k cacheKey) *mdns.Msg {
+	now := r.now()
+	r.mu.Lock()
+	c, ok := r.cache[k]
+	r.mu.Unlock()
+	if !ok || now.After(c.expires) {
+		return nil
+	}
+	m := c.msg.Copy()
+	age := uint32(now.Sub(c.stored) / time.Second)
+	for _, rr := range append(m.Answer, m.Ns...) {
+		if h := rr.Header(); h.Ttl > age {
+			h.Ttl -= age
+		} else {
+			h.Ttl = 0
+		}
+	}
+	return m
+}
+
+func (r *Resolver) cachePut(k cacheKey, m *mdns.Msg) {
+	if m.Rcode != mdns.RcodeSuccess && m.Rcode != mdns.RcodeNameError {
+		return
+	}
+	ttl := CacheMaxTTL
+	if len(m.Answer) == 0 {
+		ttl = NegativeTTL
+	}
+	for _, rr := range m.Answer {
+		if t := time.Duration(rr.Header().Ttl) * time.Second; t < ttl {
+			ttl = t
+		}
+	}
+	if ttl <= 0 {
+		return
+	}
+	now := r.now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cache == nil {
+		r.cache = map[cacheKey]cached{}
+	}
+	if len(r.cache) >= CacheEntries {
+		for ck, c := range r.cache {
+			if now.After(c.expires) {
+				delete(r.cache, ck)
+			}
+		}
+		if len(r.cache) >= CacheEntries {
+			clear(r.cache)
+		}
+	}
+	r.cache[k] = cached{msg: m.Copy(), stored: now, expires: now.Add(ttl)}
 }
 
 // SetPolicy swaps the policy queries are answered by.
@@ -196,8 +282,21 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*
 	return out, verdict, pr.Name
 }
 
-// exchange asks each upstream in turn, over TCP when the UDP answer is truncated.
+// exchange answers from the cache or asks each upstream in turn, over TCP
+// when the UDP answer is truncated. The result is the caller's to modify.
 func (r *Resolver) exchange(ctx context.Context, m *mdns.Msg) (*mdns.Msg, error) {
+	k := cacheKey{Name(m.Question[0].Name), m.Question[0].Qtype}
+	if c := r.cacheGet(k); c != nil {
+		return c, nil
+	}
+	resp, err := r.ask(ctx, m)
+	if err == nil {
+		r.cachePut(k, resp)
+	}
+	return resp, err
+}
+
+func (r *Resolver) ask(ctx context.Context, m *mdns.Msg) (*mdns.Msg, error) {
 	if len(r.Upstreams) == 0 {
 		return nil, errors.New("no upstream resolvers configured")
 	}

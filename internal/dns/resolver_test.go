@@ -127,6 +127,35 @@ func TestResolverFiltersAnswers(t *testing.T) {
 	}
 }
 
+func TestResolverCache(t *testing.T) {
+	up := &fakeUpstream{rrs: map[string][]string{"github.com. A": {"github.com. 60 IN A 140.82.112.3", "github.com. 60 IN A 10.0.0.1"}}}
+	r, ans := newTestResolver(t, up)
+	now := time.Unix(1000, 0)
+	r.Now = func() time.Time { return now }
+	for i := 0; i < 3; i++ {
+		resp, _, _ := r.answer(context.Background(), alpha, query("github.com.", mdns.TypeA))
+		if len(resp.Answer) != 1 { // the private address is filtered from cached answers too
+			t.Fatalf("answer %d: %v", i, resp.Answer)
+		}
+		now = now.Add(10 * time.Second)
+	}
+	if len(up.asked) != 1 {
+		t.Errorf("upstream asked %d times within the TTL", len(up.asked))
+	}
+	resp, _, _ := r.answer(context.Background(), alpha, query("github.com.", mdns.TypeA))
+	if ttl := resp.Answer[0].Header().Ttl; ttl != 30 {
+		t.Errorf("cached TTL %d after 30s of 60", ttl)
+	}
+	if !ans.Vetted("alpha", "github.com", netip.MustParseAddr("140.82.112.3")) {
+		t.Error("a cached answer was not recorded for vetting")
+	}
+	now = now.Add(31 * time.Second)
+	r.answer(context.Background(), alpha, query("github.com.", mdns.TypeA))
+	if len(up.asked) != 2 {
+		t.Errorf("upstream asked %d times; want a refresh after the TTL", len(up.asked))
+	}
+}
+
 func TestResolverRateLimit(t *testing.T) {
 	r, _ := newTestResolver(t, &fakeUpstream{})
 	r.Rate, r.Burst = 1, 5
