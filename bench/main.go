@@ -45,6 +45,8 @@ var (
 )
 
 const benchConfig = `dataplane: %s
+dns:
+  rate_limit: 10000000
 projects:
   alpha:
     subnet: 172.31.0.0/30

@@ -29,6 +29,8 @@ const (
 	DefaultRouteTable     = 100
 	DefaultAdmin          = "127.0.0.1:9901"
 	DefaultMaxConnections = 1024
+	// DefaultDNSRateLimit is each project's DNS queries per second.
+	DefaultDNSRateLimit = 200
 	// SMTPPort is never opened by a name rule.
 	SMTPPort = 25
 )
@@ -62,6 +64,8 @@ type Config struct {
 	AccessLog    string
 	EnvoyBinary  string
 	DNSUpstreams []netip.AddrPort
+	// DNSRateLimit is each project's sustained queries per second (burst: twice).
+	DNSRateLimit int
 	// Projects in file order.
 	Projects []Project
 }
@@ -153,6 +157,7 @@ func Default() *Config {
 		Upstream:        "vetted",
 		OnPolicyChange:  "drop",
 		EnvoyBinary:     "envoy",
+		DNSRateLimit:    DefaultDNSRateLimit,
 	}
 }
 

@@ -272,6 +272,18 @@ func (p *parser) top(n *yaml.Node) {
 		},
 		"dns": func(v *yaml.Node) {
 			p.mapping(v, "dns", map[string]func(*yaml.Node){
+				"rate_limit": func(n *yaml.Node) {
+					s, ok := p.scalar(n, "dns.rate_limit")
+					if !ok {
+						return
+					}
+					r, err := strconv.Atoi(s)
+					if err != nil || r < 1 || r > 10000000 {
+						p.errf(n, "dns.rate_limit: %q is not a number of queries per second from 1 to 10000000", s)
+						return
+					}
+					c.DNSRateLimit = r
+				},
 				"upstreams": func(l *yaml.Node) {
 					p.list(l, "dns.upstreams", func(e *yaml.Node) {
 						s, ok := p.scalar(e, "dns.upstreams entry")

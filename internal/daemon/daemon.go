@@ -21,6 +21,7 @@ import (
 
 	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
@@ -247,6 +248,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		TCP:        d.DNSTCP,
 		Answers:    answers,
 		GuestRange: cfg.VMCIDR,
+		Rate:       rate.Limit(cfg.DNSRateLimit),
+		Burst:      2 * cfg.DNSRateLimit,
 		Log:        d.Log.With("component", "dns"),
 		AccessLog:  d.AccessLog,
 		Metrics:    d.metrics,

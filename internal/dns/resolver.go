@@ -26,7 +26,8 @@ import (
 	"github.com/vmegress/vmegress/internal/policy"
 )
 
-// Per-project query rate limit: a resolver for sandboxes, not a DNS flood relay.
+// Per-project query rate limit (zero Rate/Burst): a resolver for sandboxes,
+// not a DNS flood relay. The config's dns.rate_limit sets it.
 const (
 	DefaultRate  = 200 // queries per second, sustained
 	DefaultBurst = 400

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -163,6 +164,30 @@ func BenchmarkDecide10k(b *testing.B) {
 	for b.Loop() {
 		if d := p.Decide(f); d.Verdict != Allow {
 			b.Fatal(d)
+		}
+	}
+}
+
+// BenchmarkReload4000x50 is a policy reload of 4,000 projects with 50 rules
+// each: parse and validate the config, then compile the matchers.
+func BenchmarkReload4000x50(b *testing.B) {
+	var y strings.Builder
+	y.WriteString("projects:\n")
+	for p := 0; p < 4000; p++ {
+		fmt.Fprintf(&y, "  p%d:\n    subnet: 172.31.%d.%d/30\n    allow:\n", p, (4*p)/256, (4*p)%256)
+		for r := 0; r < 50; r++ {
+			fmt.Fprintf(&y, "      - sni: h%d.p%d.example.com\n", r, p)
+		}
+	}
+	data := []byte(y.String())
+	b.ReportAllocs()
+	for b.Loop() {
+		cfg, err := config.Parse("big.yaml", data)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := Compile(cfg); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

@@ -160,3 +160,16 @@ func FuzzReadClientHello(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkReadClientHello parses a real post-quantum ClientHello, as the
+// data plane does for every TLS connection.
+func BenchmarkReadClientHello(b *testing.B) {
+	hello := realHello(b, "www.github.com")
+	b.ReportAllocs()
+	b.SetBytes(int64(len(hello)))
+	for b.Loop() {
+		if h, _, err := ReadClientHello(context.Background(), bytes.NewReader(hello)); err != nil || h.ServerName == "" {
+			b.Fatal(err)
+		}
+	}
+}
