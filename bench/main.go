@@ -564,6 +564,36 @@ and noisy; ratios are computed within each run and their medians reported.
 		}
 		fmt.Fprintf(&b, "| %s (%s) | %s (%s) | %s (%s) |\n", m.name, better, r1, s1, r2, s2)
 	}
+	b.WriteString("\n## Targets for the builtin plane (from issue 7), as measured above\n\n| target | measured | verdict |\n|---|---|---|\n")
+	for _, t := range []struct {
+		what, a, bb, key string
+		min, max         float64
+	}{
+		{"throughput ≥ 0.95× direct (1 stream)", "builtin", "direct", "tput1", 0.95, 0},
+		{"throughput ≥ 0.95× direct (8 streams)", "builtin", "direct", "tput8", 0.95, 0},
+		{"throughput ≥ Envoy (1 stream)", "builtin", "envoy", "tput1", 1, 0},
+		{"throughput ≥ Envoy (8 streams)", "builtin", "envoy", "tput8", 1, 0},
+		{"new connections/s ≥ Envoy", "builtin", "envoy", "cps", 1, 0},
+		{"p99 latency ≤ Envoy", "builtin", "envoy", "p99", 0, 1},
+		{"memory per idle connection ≤ 0.5× Envoy", "builtin", "envoy", "idlemem", 0, 0.5},
+	} {
+		r, _ := ratio(t.a, t.bb, t.key, true)
+		verdict := "—"
+		var rs []float64
+		for i := range res[t.a] {
+			if i < len(res[t.bb]) && res[t.bb][i][t.key] > 0 {
+				rs = append(rs, res[t.a][i][t.key]/res[t.bb][i][t.key])
+			}
+		}
+		if len(rs) > 0 {
+			m := median(rs)
+			verdict = "met"
+			if (t.min > 0 && m < t.min) || (t.max > 0 && m > t.max) {
+				verdict = "**missed**"
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s |\n", t.what, r, verdict)
+	}
 	b.WriteString("\n## Figures (median, spread over runs)\n\n| metric | unit | direct | builtin | envoy |\n|---|---|---|---|---|\n")
 	for _, m := range metrics {
 		fmt.Fprintf(&b, "| %s | %s |", m.name, m.unit)
