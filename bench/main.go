@@ -137,7 +137,11 @@ func run(o options) error {
 			results[p] = append(results[p], res)
 		}
 	}
-	report := render(o, results)
+	density, err := hostDensity(o)
+	if err != nil {
+		return fmt.Errorf("host density: %w", err)
+	}
+	report := render(o, results) + density
 	fmt.Print(report)
 	if o.out != "" {
 		return os.WriteFile(o.out, []byte(report), 0o644)
@@ -521,6 +525,58 @@ func machine() string {
 		ev = ev[i+len("version: "):]
 	}
 	return fmt.Sprintf("%d CPUs (%s), kernel %s, %s, Envoy %s", runtime.NumCPU(), cpu, strings.TrimSpace(string(kernel)), runtime.Version(), ev)
+}
+
+// hostDensity runs the Go benchmarks for `net up`/`net down` at 0, 1,000 and
+// 4,000 projects and for a 4,000 × 50 policy reload, and renders them.
+func hostDensity(o options) (string, error) {
+	iters := "10x"
+	if o.smoke {
+		iters = "1x"
+	}
+	var b strings.Builder
+	b.WriteString("\n## Host density\n\n")
+	fmt.Fprintf(&b, "`go test -run '^$' -bench 'BenchmarkNetScale|BenchmarkReload4000x50' -benchtime %s ./e2e ./internal/policy` (the real CLI and TAPs in a throwaway namespace, the daemon running; means over the iterations):\n\n", iters)
+	b.WriteString("| projects already up | net up | net down | daemon RSS |\n|---|---|---|---|\n")
+	cmd := exec.Command("go", "test", "-count=1", "-run", "^$", "-bench", "BenchmarkNetScale|BenchmarkReload4000x50", "-benchtime", iters, "./e2e", "./internal/policy")
+	cmd.Env = append(os.Environ(), "VMEGRESS_E2E=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%v\n%s", err, out)
+	}
+	var reload string
+	ups := map[string]float64{}
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 0 {
+			continue
+		}
+		vals := map[string]string{}
+		for i := 2; i+1 < len(f); i += 2 {
+			vals[f[i+1]] = f[i]
+		}
+		switch {
+		case strings.HasPrefix(f[0], "BenchmarkNetScale/projects="):
+			n := strings.TrimSuffix(strings.TrimPrefix(f[0], "BenchmarkNetScale/projects="), "-2")
+			n = strings.Split(n, "-")[0]
+			fmt.Fprintf(&b, "| %s | %s ms | %s ms | %s MiB |\n", n, vals["ms/up"], vals["ms/down"], vals["MiB-daemon-rss"])
+			ups[n], _ = strconv.ParseFloat(vals["ms/up"], 64)
+		case strings.HasPrefix(f[0], "BenchmarkReload4000x50"):
+			if ns, err := strconv.ParseFloat(vals["ns/op"], 64); err == nil {
+				reload = fmt.Sprintf("%.2f s", ns/1e9)
+			}
+		}
+	}
+	fmt.Fprintf(&b, "\nPolicy reload (parse, validate, compile) of 4,000 projects × 50 rules: %s.\n", reload)
+	if ups["0"] > 0 {
+		r := ups["4000"] / ups["0"]
+		verdict := "met"
+		if r > 1.2 {
+			verdict = "**missed** (the CLI reads and rewrites the whole state file, and the running daemon reloads the policy on every change, on the same two cores)"
+		}
+		fmt.Fprintf(&b, "Target `net up` at 4,000 projects within 1.2× of `net up` at 0: %.2f×, %s.\n", r, verdict)
+	}
+	return b.String(), nil
 }
 
 // render writes the report: ratios first, then every figure.

@@ -300,7 +300,7 @@ func TestDoctor(t *testing.T) {
 	if err != nil {
 		t.Fatalf("doctor on a working host: %v\n%s", err, out)
 	}
-	for _, name := range []string{"capabilities", "kernel support", "ruleset", "policy routing", "daemon and listeners", "upstream DNS", "guest interfaces", "upstream mode"} {
+	for _, name := range []string{"capabilities", "kernel support", "ruleset", "policy routing", "daemon and listeners", "upstream DNS", "guest interfaces", "envoy", "upstream mode"} {
 		if !strings.Contains(out, "[ok  ] "+name) {
 			t.Errorf("no passing %q check in:\n%s", name, out)
 		}

