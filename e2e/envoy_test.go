@@ -35,7 +35,7 @@ func (e *env) startEnvoy() {
 	// Envoy opens /dev/stdout itself: an append-only file keeps its access
 	// log and its stderr from overwriting each other.
 	logf, _ := os.OpenFile(filepath.Join(e.w.Dir, "envoy.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	cmd := exec.Command("ip", "netns", "exec", e.w.Host, "envoy", "-c", path, "--disable-hot-restart", "--log-level", "warning")
+	cmd := exec.Command("ip", "netns", "exec", e.w.Host, "envoy", "-c", path, "--disable-hot-restart", "--file-flush-interval-msec", "200", "--log-level", "warning")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)

@@ -131,7 +131,8 @@ func clusters(cfg *config.Config, o Options) []M {
 			"name": ClusterOrigDst, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
 			"connect_timeout": "10s", "upstream_bind_config": markedBind(cfg.UpstreamMark),
 		},
-		{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny, "endpoints": []M{}}},
+		{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny,
+			"endpoints": []M{{"lb_endpoints": []M{{"endpoint": M{"address": socketAddr(netip.MustParseAddrPort("127.0.0.1:1"))}}}}}}},
 	}
 }
 
@@ -325,7 +326,10 @@ func Listener(cfg *config.Config, o Options) M {
 		},
 		"listener_filters_timeout":             "10s",
 		"continue_on_listener_filters_timeout": false,
-		"default_filter_chain":                 M{"name": denyChain, "filters": []M{tcpProxy("deny", ClusterDeny, nil)}},
+		// The spec's reject cluster (127.0.0.1:1, where nothing listens): the
+		// upstream attempt fails at once and the guest gets a reset.
+		"default_filter_chain": M{"name": denyChain, "filters": []M{tcpProxy("deny", ClusterDeny,
+			accessLog(o, M{"project": "", "verdict": "deny", "rule": "", "reason": "no rule of the source's project allows it"}))}},
 	}
 	if len(chains) > 0 {
 		l["filter_chains"] = chains

@@ -62,7 +62,9 @@ func (s *Supervisor) Run(ctx context.Context) {
 }
 
 func (s *Supervisor) once(ctx context.Context) error {
-	cmd := exec.Command(s.Binary, "-c", s.Bootstrap, "--disable-hot-restart",
+	// Access-log lines are flushed within 200 ms (Envoy's default holds
+	// them for up to 10 s).
+	cmd := exec.Command(s.Binary, "-c", s.Bootstrap, "--disable-hot-restart", "--file-flush-interval-msec", "200",
 		"--drain-time-s", "2", "--drain-strategy", "immediate", "--log-level", "warning")
 	cmd.Stdout = s.Access
 	// Envoy dies with the daemon: an orphan would keep serving a stale
