@@ -33,7 +33,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binary = filepath.Join(dir, "vmegress")
-	out, err := exec.Command("go", "build", "-o", binary, "../cmd/vmegress").CombinedOutput()
+	args := []string{"build", "-o", binary}
+	if os.Getenv("VMEGRESS_RACE") == "1" {
+		args = append(args, "-race") // the daemon under the race detector
+	}
+	out, err := exec.Command("go", append(args, "../cmd/vmegress")...).CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building vmegress: %v\n%s", err, out)
 		os.Exit(1)
@@ -111,6 +115,9 @@ func (e *env) start() *world.Daemon {
 	}
 	e.d = d
 	e.t.Cleanup(func() {
+		if strings.Contains(d.Stderr(), "DATA RACE") {
+			e.t.Errorf("the daemon has a data race:\n%s", d.Stderr())
+		}
 		if e.t.Failed() {
 			e.t.Logf("vmegress log:\n%s\naccess log:\n%s", d.Stderr(), d.RawAccessLog())
 		}
