@@ -78,6 +78,52 @@ type env struct {
 	cfg string
 }
 
+// testPlane is the data plane the suite runs on: VMEGRESS_TEST_PLANE
+// (builtin, the default, or envoy). .ci/run runs the suite on both.
+var testPlane = func() string {
+	if p := os.Getenv("VMEGRESS_TEST_PLANE"); p != "" {
+		return p
+	}
+	return "builtin"
+}()
+
+// writeConfig replaces the world's config file, on the suite's data plane
+// unless body names one.
+func (e *env) writeConfig(body string) error {
+	if !strings.Contains(body, "dataplane:") {
+		body = "dataplane: " + testPlane + "\n" + body
+	}
+	return os.WriteFile(e.cfg, []byte(body), 0o644)
+}
+
+// wantRule is the access log's rule for a connection a rule allowed: the
+// rule on the builtin plane; on Envoy, which only knows the chain, the rule
+// kind and the project's chain ("sni (alpha/tls/443)").
+func wantRule(builtin, envoyKind, chain string) string {
+	if onEnvoy() {
+		return envoyKind + " (" + chain + ")"
+	}
+	return builtin
+}
+
+// refusedReadably checks how a refused connection looked to the client:
+// the builtin plane sends TLS access_denied (or 403, or RST); Envoy resets
+// (a pinned difference, README).
+func refusedReadably(t *testing.T, err error, tls bool) {
+	t.Helper()
+	switch {
+	case err == nil:
+		t.Error("the connection was not refused")
+	case strings.Contains(err.Error(), "timed out"):
+		t.Errorf("refused by a timeout, not promptly: %v", err)
+	case tls && !onEnvoy() && !strings.Contains(err.Error(), "access denied"):
+		t.Errorf("refused with %v; want a TLS access_denied alert", err)
+	}
+}
+
+// onEnvoy reports whether the suite runs on the Envoy data plane.
+func onEnvoy() bool { return testPlane == "envoy" }
+
 // newWorld builds a world with guest alpha and baseConfig; vmegress is not started.
 func newWorld(t *testing.T) *env {
 	t.Helper()
@@ -95,6 +141,9 @@ func newWorldWith(t *testing.T, guests []world.GuestSpec, config string) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(w.Close)
+	if !strings.Contains(config, "dataplane:") {
+		config = "dataplane: " + testPlane + "\n" + config
+	}
 	cfg, err := w.WriteConfig("config.yaml", config)
 	if err != nil {
 		t.Fatal(err)

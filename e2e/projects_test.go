@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -87,12 +88,29 @@ func TestProjectsOnTAPs(t *testing.T) {
 	if _, err := world.Output(e.ctx, world.NS(alpha.NS, "ping", "-c", "1", "-W", "1", beta.GuestIP.String())...); err == nil {
 		t.Error("alpha pinged beta")
 	}
-	if _, err := world.Output(e.ctx, world.NS(alpha.NS, "curl", "-sS", "--max-time", "3", "telnet://"+beta.GuestIP.String()+":22")...); err == nil {
+	sshd, err := world.ListenIn(beta.NS, "tcp4", ":22")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reached atomic.Int32
+	go func() {
+		for {
+			c, err := sshd.Accept()
+			if err != nil {
+				return
+			}
+			reached.Add(1)
+			c.Close()
+		}
+	}()
+	world.Output(e.ctx, world.NS(alpha.NS, "curl", "-sS", "--max-time", "3", "telnet://"+beta.GuestIP.String()+":22")...)
+	sshd.Close()
+	if reached.Load() > 0 {
 		t.Error("alpha reached beta over TCP")
 	}
 	// beta holds a connection (its cidr rule); alpha goes down; it survives.
 	var bc net.Conn
-	err := world.InNS(beta.NS, func() error {
+	err = world.InNS(beta.NS, func() error {
 		var err error
 		bc, err = net.DialTimeout("tcp4", world.BannerIP.String()+":22", 5*time.Second)
 		return err

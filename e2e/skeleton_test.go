@@ -42,11 +42,11 @@ func TestSpecVerification(t *testing.T) {
 			t.Errorf("access log bytes: %v up, %v down", line["bytes_up"], line["bytes_down"])
 		}
 	}
-	if line := e.accessLine("sni", "github.com"); line["rule"] != "sni:github.com" {
-		t.Errorf("github.com allowed by %v, want sni:github.com", line["rule"])
+	if line, want := e.accessLine("sni", "github.com"), wantRule("sni:github.com", "sni", "alpha/tls/443"); line["rule"] != want {
+		t.Errorf("github.com allowed by %v, want %s", line["rule"], want)
 	}
-	if line := e.accessLine("sni", "www.github.com"); line["rule"] != "sni:*.github.com" {
-		t.Errorf("www.github.com allowed by %v, want sni:*.github.com", line["rule"])
+	if line, want := e.accessLine("sni", "www.github.com"), wantRule("sni:*.github.com", "sni", "alpha/tls/443"); line["rule"] != want {
+		t.Errorf("www.github.com allowed by %v, want %s", line["rule"], want)
 	}
 
 	// example.com is not resolved: NXDOMAIN, and the query never leaves.
@@ -62,17 +62,13 @@ func TestSpecVerification(t *testing.T) {
 	// With the address known anyway, it is refused promptly and readably:
 	// a TLS access_denied alert, not a timeout.
 	_, err = e.curlAt("https://example.com", world.ExampleIP.String())
-	if err == nil {
-		t.Fatal("curl https://example.com at its address succeeded")
-	}
-	if !strings.Contains(err.Error(), "access denied") {
-		t.Errorf("example.com refused with %v; want a TLS access_denied alert", err)
-	}
+	refusedReadably(t, err, true)
 	if h := e.hits("tls:example.com"); len(h) > 0 {
 		t.Errorf("example.com's server saw %+v", h)
 	}
 	line := e.accessLine("sni", "example.com")
-	if line["verdict"] != "deny" || line["project"] != "alpha" || !strings.Contains(line["reason"].(string), "no sni rule") {
+	// Envoy's deny chain is shared: it knows no project (README).
+	if line["verdict"] != "deny" || (!onEnvoy() && (line["project"] != "alpha" || !strings.Contains(line["reason"].(string), "no sni rule"))) {
 		t.Errorf("access log for example.com: %v", line)
 	}
 	e.noLeaks()
@@ -95,20 +91,23 @@ func TestNonTLSDenied(t *testing.T) {
 	}
 	// A port no rule names is refused at once, even for a client that waits
 	// for the server to speak first.
-	if out, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://"+world.AttackerIP.String()+":22"); err == nil || strings.Contains(out, "leaked") {
+	// (Envoy accepts and closes without data where the builtin plane resets.)
+	if out, err := e.guest("curl", "-sS", "--max-time", "3", "telnet://"+world.AttackerIP.String()+":22"); (err == nil && !onEnvoy()) || out != "" {
 		t.Errorf("telnet to attacker:22 got %q, %v", out, err)
-	} else if strings.Contains(err.Error(), "timed out") {
+	} else if err != nil && strings.Contains(err.Error(), "timed out") {
 		t.Errorf("telnet to attacker:22 hung: %v", err)
 	}
 	if h := e.hits("http:"); len(h) > 0 {
 		t.Errorf("plain HTTP servers saw %+v", h)
 	}
 	line := e.accessLine("dst", world.GitHubIP.String()+":443")
-	if line["verdict"] != "deny" || line["reason"] != "not a TLS ClientHello" {
+	if line["verdict"] != "deny" || (!onEnvoy() && line["reason"] != "not a TLS ClientHello") {
 		t.Errorf("plain TCP to 443: %v", line)
 	}
 	e.accessLine("dst", world.GitHubIP.String()+":80", "verdict", "deny", "host", "github.com")
-	e.accessLine("dst", world.AttackerIP.String()+":22", "verdict", "deny", "reason", "no rule of project alpha allows port 22")
+	if line := e.accessLine("dst", world.AttackerIP.String()+":22"); line["verdict"] != "deny" || (!onEnvoy() && line["reason"] != "no rule of project alpha allows port 22") {
+		t.Errorf("attacker:22: %v", line)
+	}
 	e.noLeaks()
 }
 

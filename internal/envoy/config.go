@@ -172,6 +172,15 @@ func tcpProxy(stat, cluster string, log []M) M {
 		M{"stat_prefix": stat, "cluster": cluster, "access_log": log})}
 }
 
+// connLimit caps a chain's open connections at a project's max_connections.
+// Envoy counts per filter chain, so on this plane the cap applies per port
+// and rule kind rather than per project (README).
+func connLimit(chain string, max int) M {
+	return M{"name": "envoy.filters.network.connection_limit", "typed_config": typed(
+		"envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+		M{"stat_prefix": chain, "max_connections": max})}
+}
+
 // chainLog is the access log of an allowing chain.
 func chainLog(o Options, project, rule string) []M {
 	return accessLog(o, M{"project": project, "verdict": "allow", "rule": rule, "reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%%RESPONSE_FLAGS%"})
@@ -241,9 +250,14 @@ func Listener(cfg *config.Config, o Options) M {
 			continue
 		}
 		ports := byPort(p)
-		version := ""
-		if o.OnPolicyChange != "keep" {
-			version = "#" + rulesHash(p)
+		// With on_policy_change drop, each chain carries a digest of its own
+		// rules: changing them replaces (drains) that chain alone, so a
+		// project's other ports and kinds keep their connections.
+		version := func(parts ...any) string {
+			if o.OnPolicyChange == "keep" {
+				return ""
+			}
+			return "#" + digest(parts...)
 		}
 		portList := make([]int, 0, len(ports))
 		for pt := range ports {
@@ -262,10 +276,11 @@ func Listener(cfg *config.Config, o Options) M {
 				chains = append(chains, M{
 					"name": name,
 					"filters": []M{
+						connLimit(name, p.MaxConnections),
 						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
 							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
 							M{"dns_cache_config": dnsCache(cfg, o), "port_value": pt})},
-						tcpProxy(name+version, ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
+						tcpProxy(name+version(uniq(rules.sni)), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
 					},
 				})
 				onPort = M{"matcher": M{"matcher_tree": M{
@@ -281,7 +296,8 @@ func Listener(cfg *config.Config, o Options) M {
 			}
 			if len(rules.cidrs) > 0 {
 				name := chainName(p.Name, "cidr", pt)
-				chains = append(chains, M{"name": name, "filters": []M{tcpProxy(name+version, ClusterOrigDst, chainLog(o, p.Name, "cidr ("+name+")"))}})
+				chains = append(chains, M{"name": name, "filters": []M{connLimit(name, p.MaxConnections),
+					tcpProxy(name+version(rules.cidrs), ClusterOrigDst, chainLog(o, p.Name, "cidr ("+name+")"))}})
 				var ranges []M
 				for _, c := range rules.cidrs {
 					ranges = append(ranges, cidr(c))
@@ -347,13 +363,33 @@ func Listener(cfg *config.Config, o Options) M {
 	return l
 }
 
-// rulesHash is a short digest of a project's rules.
-func rulesHash(p config.Project) string {
+// digest is a short digest of the values given.
+func digest(parts ...any) string {
 	h := sha256.New()
-	for _, r := range p.Allow {
-		fmt.Fprintln(h, r.String())
+	for _, p := range parts {
+		fmt.Fprintln(h, p)
 	}
 	return hex.EncodeToString(h.Sum(nil)[:4])
+}
+
+// httpLogs log each request: "deny" when the route answered 403, "allow"
+// otherwise (two logs, each with a status filter).
+func httpLogs(o Options, project, chain string) []M {
+	if o.AccessLogPath == "" {
+		return nil
+	}
+	status := func(op string, v int) M {
+		return M{"status_code_filter": M{"comparison": M{"op": op, "value": M{"default_value": v, "runtime_key": "vmegress.status"}}}}
+	}
+	fields := func(verdict, reason string) M {
+		return M{"project": project, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
+			"verdict": verdict, "rule": "http (" + chain + ")", "reason": reason}
+	}
+	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host"))
+	deny[0]["filter"] = status("EQ", 403)
+	allow := accessLog(o, fields("allow", "%RESPONSE_FLAGS%"))
+	allow[0]["filter"] = M{"or_filter": M{"filters": []M{status("LE", 402), status("GE", 404)}}}
+	return append(allow, deny...)
 }
 
 // tlsPorts are the ports some project's sni rules name.
@@ -398,7 +434,7 @@ func httpChain(cfg *config.Config, o Options, p config.Project, name string, nam
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
 	return M{
 		"name": name,
-		"filters": []M{{
+		"filters": []M{connLimit(name, p.MaxConnections), {
 			"name": "envoy.filters.network.http_connection_manager",
 			"typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", M{
 				"stat_prefix": name,
@@ -411,8 +447,7 @@ func httpChain(cfg *config.Config, o Options, p config.Project, name string, nam
 					},
 				},
 				"strip_any_host_port": true,
-				"access_log": accessLog(o, M{"project": p.Name, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
-					"verdict": "%RESPONSE_CODE_DETAILS%", "rule": "http (" + name + ")"}),
+				"access_log":          httpLogs(o, p.Name, name),
 				"http_filters": []M{
 					{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
 						M{"dns_cache_config": dnsCache(cfg, o)})},
