@@ -168,7 +168,11 @@ func (e *env) start() *world.Daemon {
 			e.t.Errorf("the daemon has a data race:\n%s", d.Stderr())
 		}
 		if e.t.Failed() {
-			e.t.Logf("vmegress log:\n%s\naccess log:\n%s", d.Stderr(), d.RawAccessLog())
+			e.t.Logf("vmegress log (Envoy's lines included):\n%s\naccess log:\n%s", d.Stderr(), d.RawAccessLog())
+			if onEnvoy() {
+				dump, _ := e.hostGet("http://127.0.0.1:9902/config_dump")
+				e.t.Logf("envoy config dump:\n%s", dump)
+			}
 		}
 	})
 	return d
