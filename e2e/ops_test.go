@@ -395,10 +395,12 @@ projects:
 	if h := e.hits("attacker:metadata"); len(h) > 0 {
 		t.Errorf("audit mode reached the metadata address: %+v", h)
 	}
-	time.Sleep(300 * time.Millisecond) // let the last lines be written
-	logData, _ := os.ReadFile(accessLog)
 	for _, want := range []string{`"sni":"example.com","host":"","verdict":"would_deny"`, `"msg":"dns","project":"alpha","src":"172.31.0.2","name":"example.com","type":"A","verdict":"would_deny"`} {
-		if !strings.Contains(string(logData), want) {
+		var logData []byte
+		if !waitFor(5*time.Second, func() bool {
+			logData, _ = os.ReadFile(accessLog)
+			return strings.Contains(string(logData), want)
+		}) {
 			t.Errorf("access log lacks %s:\n%s", want, logData)
 		}
 	}
@@ -433,6 +435,14 @@ func TestAccessLogReopen(t *testing.T) {
 	e.writeConfig("access_log: " + accessLog + "\n" + baseConfig)
 	e.start()
 	e.curl("https://github.com")
+	// The line is written when the proxy closes the connection, just after
+	// curl has its answer: rotate once it is in the file.
+	if !waitFor(5*time.Second, func() bool {
+		b, _ := os.ReadFile(accessLog)
+		return strings.Contains(string(b), `"sni":"github.com"`)
+	}) {
+		t.Fatal("the connection was never logged")
+	}
 	if err := os.Rename(accessLog, accessLog+".1"); err != nil {
 		t.Fatal(err)
 	}
