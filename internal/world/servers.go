@@ -152,8 +152,9 @@ func (w *World) startServers() error {
 	return w.attackerUDP("udp6", "["+InetIP6.String()+"]", 9999, "attacker6:udp:9999")
 }
 
-// attackerTCP logs every connection on host:port, reads a little and answers.
-func (w *World) attackerTCP(host string, port int, label string) error {
+// serveTCP logs every connection to host:port (IPv6 hosts in brackets) as a
+// hit labelled label and hands it to serve.
+func (w *World) serveTCP(host string, port int, label string, serve func(net.Conn)) error {
 	network := "tcp4"
 	if host[0] == '[' {
 		network = "tcp6"
@@ -172,39 +173,31 @@ func (w *World) attackerTCP(host string, port int, label string) error {
 			w.Log.add(Hit{Server: label, Remote: c.RemoteAddr().String()})
 			go func() {
 				defer c.Close()
-				c.SetDeadline(time.Now().Add(5 * time.Second))
-				c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nleaked"))
-				buf := make([]byte, 4096)
-				c.Read(buf)
+				serve(c)
 			}()
 		}
 	}()
 	return nil
 }
 
-// bannerTCP is a server-first service: it speaks first, like SSH or SMTP.
+// attackerTCP logs every connection on host:port, answers as if it had
+// leaked and reads a little.
+func (w *World) attackerTCP(host string, port int, label string) error {
+	return w.serveTCP(host, port, label, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nleaked"))
+		c.Read(make([]byte, 4096))
+	})
+}
+
+// bannerTCP is a server-first service: it speaks first, like SSH or SMTP,
+// then echoes until the client closes.
 func (w *World) bannerTCP(host string, port int, label string) error {
-	ln, err := ListenIn(w.Inet, "tcp4", net.JoinHostPort(host, strconv.Itoa(port)))
-	if err != nil {
-		return fmt.Errorf("starting %s: %w", label, err)
-	}
-	w.onClose(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			w.Log.add(Hit{Server: label, Remote: c.RemoteAddr().String()})
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(30 * time.Second))
-				c.Write([]byte(Banner))
-				io.Copy(c, c) // echo until the client closes
-			}()
-		}
-	}()
-	return nil
+	return w.serveTCP(host, port, label, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		c.Write([]byte(Banner))
+		io.Copy(c, c)
+	})
 }
 
 // Banner is what the server-first service says on connect.
