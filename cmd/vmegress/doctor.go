@@ -78,16 +78,27 @@ says how to fix it; the exit code is 1 when any check fails.`,
 }
 
 func (a *app) checks(cfg *config.Config) []doctor.Check {
-	in, h, ierr := a.hostInterception()
+	in, h, ierr := a.hostInterception(cfg.Firewall)
 	return []doctor.Check{
 		{Name: "capabilities", Run: func(context.Context) doctor.Result { return doctor.Capabilities("/proc/self/status") }},
-		{Name: "nft", Run: func(context.Context) doctor.Result {
+		{Name: "firewall tools", Run: func(context.Context) doctor.Result {
 			if ierr != nil {
+				if cfg.Firewall == firewall.KindIPTables {
+					return doctor.Fail("install iptables (Debian: apt-get install iptables) and run as root", "%v", ierr)
+				}
 				return doctor.Fail("install nftables (Debian: apt-get install nftables) and run as root", "%v", ierr)
 			}
-			return doctor.Pass("nft found and nf_tables usable")
+			return doctor.Pass("%s: tools found", cfg.Firewall)
 		}},
-		{Name: "kernel support (TPROXY, fib, NAT redirect)", Run: func(ctx context.Context) doctor.Result {
+		{Name: "kernel support (TPROXY, reverse-path check, NAT redirect)", Run: func(ctx context.Context) doctor.Result {
+			if cfg.Firewall == firewall.KindIPTables {
+				// The whole ruleset, applied in a scratch namespace.
+				if _, err := firewall.Expected(ctx, cfg.Firewall, firewall.FromConfig(cfg)); err != nil {
+					return doctor.Fail("use a kernel with xt_TPROXY, xt_rpfilter, xt_addrtype, xt_conntrack, xt_set (ip_set hash:ip) and iptable_nat, or load the modules",
+						"the kernel refused the ruleset in a scratch namespace: %v", err)
+				}
+				return doctor.Pass("TPROXY, rpfilter, addrtype, conntrack, set and NAT targets available")
+			}
 			cmd := exec.CommandContext(ctx, "nft", "--check", "-f", "-")
 			cmd.Stdin = strings.NewReader(kernelProbe)
 			if out, err := cmd.CombinedOutput(); err != nil {
@@ -98,28 +109,36 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 		}},
 		{Name: "ruleset", Run: func(ctx context.Context) doctor.Result {
 			if ierr != nil {
-				return doctor.Fail("fix the nft check first", "cannot read the ruleset")
+				return doctor.Fail("fix the firewall tools check first", "cannot read the ruleset")
 			}
 			have, err := in.Firewall.Snapshot(ctx)
 			if err != nil {
 				return doctor.Fail("run as root", "%v", err)
 			}
 			if have == "" {
-				return doctor.Fail("start the daemon (vmegress run) or run vmegress up", "table inet %s is not installed: guests are not filtered", firewall.TableName)
+				return doctor.Fail("start the daemon (vmegress run) or run vmegress up", "%s is not installed: guests are not filtered", in.Firewall.Describe())
 			}
-			want, err := firewall.Expected(ctx, firewall.FromConfig(cfg))
+			st, err := a.store().Load()
+			if err != nil {
+				return doctor.Fail("check the state directory", "reading placed projects: %v", err)
+			}
+			eff, err := daemon.Effective(cfg, st)
+			if err != nil {
+				return doctor.Fail("fix the config or the placed projects", "%v", err)
+			}
+			want, err := firewall.Expected(ctx, cfg.Firewall, firewall.Desired(eff, st))
 			if err != nil {
 				return doctor.Fail("run as root", "rendering the desired ruleset: %v", err)
 			}
 			if have != want {
 				return doctor.Fail("restart the daemon or run vmegress up (a running daemon restores it within a second)",
-					"table inet %s differs from what the config asks for", firewall.TableName)
+					"%s differs from what the config asks for", in.Firewall.Describe())
 			}
-			return doctor.Pass("table inet %s installed and equal to the desired ruleset", firewall.TableName)
+			return doctor.Pass("%s installed and equal to the desired ruleset", in.Firewall.Describe())
 		}},
 		{Name: "policy routing", Run: func(context.Context) doctor.Result {
 			if ierr != nil {
-				return doctor.Fail("fix the nft check first", "cannot read routing")
+				return doctor.Fail("fix the firewall tools check first", "cannot read routing")
 			}
 			pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
 			ok, err := pr.Installed(h)
@@ -167,7 +186,7 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 		}},
 		{Name: "guest interfaces", Run: func(context.Context) doctor.Result {
 			if ierr != nil {
-				return doctor.Fail("fix the nft check first", "cannot list interfaces")
+				return doctor.Fail("fix the firewall tools check first", "cannot list interfaces")
 			}
 			links, err := h.LinkList()
 			if err != nil {

@@ -30,11 +30,22 @@ import (
 
 func (a *app) store() state.Store { return state.Store{Dir: a.stateDir} }
 
-// hostInterception builds the interception over the real host (current netns).
-func (a *app) hostInterception() (daemon.Interception, *netlink.Handle, error) {
-	fw, err := firewall.NewHostNFTables()
+// hostInterception builds the interception over the real host (current
+// netns) with the firewall backend of kind; the other backend, when its
+// tools are there, is Stale.
+func (a *app) hostInterception(kind string) (daemon.Interception, *netlink.Handle, error) {
+	fw, err := firewall.NewHost(kind)
 	if err != nil {
 		return daemon.Interception{}, nil, err
+	}
+	var stale []daemon.Firewall
+	for _, other := range []string{firewall.KindNFTables, firewall.KindIPTables} {
+		if other == kind || (kind == "" && other == firewall.KindNFTables) {
+			continue
+		}
+		if b, err := firewall.NewHost(other); err == nil {
+			stale = append(stale, b)
+		}
 	}
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -54,7 +65,7 @@ func (a *app) hostInterception() (daemon.Interception, *netlink.Handle, error) {
 			return names, nil
 		},
 	}
-	return daemon.Interception{Firewall: fw, Netlink: h, Guard: guard}, h, nil
+	return daemon.Interception{Firewall: fw, Stale: stale, Netlink: h, Guard: guard}, h, nil
 }
 
 func (a *app) runCmd() *cobra.Command {
@@ -75,7 +86,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			if err != nil {
 				return err
 			}
-			in, h, err := a.hostInterception()
+			in, h, err := a.hostInterception(cfg.Firewall)
 			if err != nil {
 				return err
 			}
@@ -172,7 +183,7 @@ func (a *app) upCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			in, h, err := a.hostInterception()
+			in, h, err := a.hostInterception(cfg.Firewall)
 			if err != nil {
 				return err
 			}
@@ -188,8 +199,8 @@ func (a *app) upCmd() *cobra.Command {
 			if err := in.Install(cmd.Context(), eff, st); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "interception installed: nft table inet %s, ip rule fwmark %#x lookup %d, local 0.0.0.0/0 dev lo table %d\n",
-				firewall.TableName, cfg.Mark, cfg.RouteTable, cfg.RouteTable)
+			fmt.Fprintf(a.stdout, "interception installed: %s, ip rule fwmark %#x lookup %d, local 0.0.0.0/0 dev lo table %d\n",
+				in.Firewall.Describe(), cfg.Mark, cfg.RouteTable, cfg.RouteTable)
 			return nil
 		},
 	}
@@ -207,7 +218,12 @@ instead (unfiltered; the table then holds only the NAT rules) and the
 interception is removed; stop the daemon first.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			in, h, err := a.hostInterception()
+			// Down needs no config; with one, its backend goes first.
+			kind := firewall.KindNFTables
+			if cfg, err := a.loadConfig(); err == nil {
+				kind = cfg.Firewall
+			}
+			in, h, err := a.hostInterception(kind)
 			if err != nil {
 				return err
 			}

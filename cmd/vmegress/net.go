@@ -214,7 +214,7 @@ func copyState(s *state.State) *state.State {
 // the changed elements when interception is installed, the whole table
 // otherwise (a TAP never comes up unfiltered).
 func (a *app) applyProjects(ctx context.Context, cfg *config.Config, before, after *state.State) error {
-	in, h, err := a.hostInterception()
+	in, h, err := a.hostInterception(cfg.Firewall)
 	if err != nil {
 		return err
 	}
@@ -230,11 +230,7 @@ func (a *app) applyProjects(ctx context.Context, cfg *config.Config, before, aft
 	if !installed {
 		return in.Install(ctx, eff, after)
 	}
-	fw, ok := in.Firewall.(*firewall.NFTables)
-	if !ok {
-		return in.Install(ctx, eff, after)
-	}
-	return fw.UpdateProjects(ctx, firewall.Desired(cfg, before), firewall.Desired(cfg, after))
+	return in.Firewall.UpdateProjects(ctx, firewall.Desired(cfg, before), firewall.Desired(cfg, after))
 }
 
 func (a *app) netDownCmd() *cobra.Command {

@@ -488,9 +488,6 @@ func (p *parser) crossCheck() {
 			p.issues = append(p.issues, Issue{p.keyPos("upstream"), "upstream original_dst is not available with dataplane envoy (it always resolves names itself)"})
 		}
 	}
-	if c.Firewall != "nftables" {
-		p.issues = append(p.issues, Issue{p.keyPos("firewall"), fmt.Sprintf("firewall %q is not supported yet (only nftables)", c.Firewall)})
-	}
 	if c.TProxyPort == c.DNSPort {
 		p.issues = append(p.issues, Issue{p.keyPos("dns_port"), fmt.Sprintf("dns_port %d is the same as tproxy_port", c.DNSPort)})
 	}

@@ -36,17 +36,14 @@ import (
 )
 
 // Firewall is the backend the daemon drives: apply, clean up, and read back.
-type Firewall interface {
-	firewall.Backend
-	// Snapshot is the installed ruleset in canonical text ("" if absent).
-	Snapshot(ctx context.Context) (string, error)
-	// Counters are the ruleset's packet counters by "chain: comment".
-	Counters(ctx context.Context) (map[string]uint64, error)
-}
+type Firewall = firewall.Backend
 
 // Interception is the host side of vmegress: packet filter plus policy routing.
 type Interception struct {
 	Firewall Firewall
+	// Stale are the other backends available on the host: Install removes
+	// what they left (a switch of the firewall key), Remove cleans them too.
+	Stale []Firewall
 	Netlink  hostnet.Netlink
 	// Guard turns forwarding off on guest interfaces (may be nil). Its
 	// Patterns are set from the config on Install.
@@ -81,6 +78,11 @@ func (in Interception) Install(ctx context.Context, cfg *config.Config, st *stat
 	if err := in.Firewall.Apply(ctx, firewall.Desired(cfg, st)); err != nil {
 		return fmt.Errorf("installing interception: %w", err)
 	}
+	for _, old := range in.Stale {
+		if err := old.Cleanup(ctx); err != nil {
+			return fmt.Errorf("removing the rules of %s: %w", old.Describe(), err)
+		}
+	}
 	if err := in.guard(cfg, st); err != nil {
 		return err
 	}
@@ -98,8 +100,10 @@ func (in Interception) Remove(ctx context.Context) error {
 	if err := (hostnet.PolicyRouting{}).Remove(in.Netlink); err != nil {
 		errs = append(errs, fmt.Errorf("removing policy routing: %w", err))
 	}
-	if err := in.Firewall.Cleanup(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("removing interception: %w", err))
+	for _, fw := range append([]Firewall{in.Firewall}, in.Stale...) {
+		if err := fw.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("removing interception (%s): %w", fw.Describe(), err))
+		}
 	}
 	if in.Guard != nil {
 		if err := in.Guard.Restore(); err != nil {
@@ -442,8 +446,8 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 func reloadable(old, cfg *config.Config) error {
 	switch {
 	case old.TProxyPort != cfg.TProxyPort, old.DNSPort != cfg.DNSPort, old.Admin != cfg.Admin, old.Upstream != cfg.Upstream,
-		old.Dataplane != cfg.Dataplane, old.EnvoyBinary != cfg.EnvoyBinary:
-		return errors.New("tproxy_port, dns_port, admin, upstream, dataplane and envoy change only with a restart")
+		old.Dataplane != cfg.Dataplane, old.EnvoyBinary != cfg.EnvoyBinary, old.Firewall != cfg.Firewall:
+		return errors.New("tproxy_port, dns_port, admin, upstream, dataplane, envoy and firewall change only with a restart")
 	}
 	return nil
 }
@@ -504,7 +508,7 @@ func (d *Daemon) repairDrift(ctx context.Context) error {
 	}
 	what := "policy routing"
 	if snap != d.applied {
-		what = "nftables table " + firewall.TableName
+		what = d.Interception.Firewall.Describe()
 	}
 	d.Log.Warn("interception changed behind vmegress's back; restoring it", "what", what)
 	d.metrics.DriftRepaired()

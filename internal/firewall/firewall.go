@@ -33,6 +33,9 @@ type State struct {
 	// NATIfaces are guest interfaces of projects with the spec's direct NAT
 	// egress (unfiltered): no interception, forwarded and masqueraded.
 	NATIfaces []string
+	// NATGuests are the guest addresses of those projects (the iptables
+	// backend keys its NAT set by address).
+	NATGuests []netip.Addr
 	// SSH forwards a host port to a guest's port 22 (inbound only; replies
 	// only for those flows).
 	SSH []SSHForward
@@ -62,6 +65,7 @@ func Desired(cfg *config.Config, st *state.State) State {
 		for _, p := range st.Sorted() {
 			if p.Egress == state.EgressNAT {
 				s.NATIfaces = append(s.NATIfaces, p.TAP)
+				s.NATGuests = append(s.NATGuests, p.GuestIP())
 			}
 			if p.SSHPort != 0 {
 				s.SSH = append(s.SSH, SSHForward{HostPort: p.SSHPort, GuestIP: p.GuestIP()})
@@ -81,8 +85,34 @@ func (s State) String() string {
 type Backend interface {
 	// Apply makes the host's rules equal to s in one atomic step.
 	Apply(ctx context.Context, s State) error
+	// UpdateProjects changes only the per-project parts (NAT egress, SSH
+	// forwards) from old to s, element by element.
+	UpdateProjects(ctx context.Context, old, s State) error
 	// Cleanup removes everything Apply added; it is not an error if nothing is there.
 	Cleanup(ctx context.Context) error
 	// Installed reports whether the backend's rules are present.
 	Installed(ctx context.Context) (bool, error)
+	// Snapshot is the installed ruleset in canonical text ("" if absent).
+	Snapshot(ctx context.Context) (string, error)
+	// Counters are the ruleset's packet counters by "chain: comment".
+	Counters(ctx context.Context) (map[string]uint64, error)
+	// Describe names what the backend installs, for messages.
+	Describe() string
+}
+
+// Kinds are the config's firewall values.
+const (
+	KindNFTables = "nftables"
+	KindIPTables = "iptables"
+)
+
+// NewHost returns the backend of kind for the current network namespace.
+func NewHost(kind string) (Backend, error) {
+	switch kind {
+	case KindNFTables, "":
+		return NewHostNFTables()
+	case KindIPTables:
+		return NewHostIPTables()
+	}
+	return nil, fmt.Errorf("unknown firewall backend %q", kind)
 }

@@ -55,6 +55,9 @@ func (b *NFTables) run(ctx context.Context, argv ...string) ([]byte, error) {
 
 var counterRE = regexp.MustCompile(`counter packets \d+ bytes \d+`)
 
+// Describe names what the backend installs.
+func (b *NFTables) Describe() string { return "nftables table inet " + TableName }
+
 // Snapshot returns the kernel's listing of the table with counter values
 // blanked, so two snapshots are equal when the rules are; "" when the table
 // does not exist.
@@ -318,15 +321,19 @@ func Render(tx *knftables.Transaction, s State) {
 		"the proxy never dials the host's own addresses")
 }
 
-// Expected renders s in a throwaway network namespace and returns the
-// kernel's listing of it, in Snapshot's form: what an installed table must
-// equal. Needs root; nothing touches the caller's namespace.
-func Expected(ctx context.Context, s State) (string, error) {
+// Expected renders s with a backend of kind in a throwaway network
+// namespace and returns the kernel's listing of it, in Snapshot's form: what
+// an installed ruleset must equal. Needs root; nothing touches the caller's
+// namespace.
+func Expected(ctx context.Context, kind string, s State) (string, error) {
 	var snap string
 	err := inScratchNetns(func() error {
-		b, err := NewHostNFTables()
+		b, err := NewHost(kind)
 		if err != nil {
 			return err
+		}
+		if c, ok := b.(interface{ Close() }); ok {
+			defer c.Close()
 		}
 		if err := b.Apply(ctx, s); err != nil {
 			return err

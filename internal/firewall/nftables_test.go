@@ -96,7 +96,7 @@ func TestKernelRuleset(t *testing.T) {
 	golden(t, "kernel.nft", listTable(t, ns))
 
 	// Expected renders the same in a scratch namespace of its own.
-	want, err := Expected(ctx, testState)
+	want, err := Expected(ctx, KindNFTables, testState)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,628 @@
+package firewall
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+)
+
+// IPTables is the iptables backend: the spec's own rule shape (mangle
+// PREROUTING -j TPROXY --tproxy-mark M/M --on-port P) in chains of
+// vmegress's own (VMEGRESS-*), each entered by one jump rule at the top of
+// a built-in chain, plus one ipset (hash:ip) holding the guest addresses of
+// direct-NAT projects, so the rules do not grow with the number of projects.
+// The only per-project rules are inbound SSH forwards (iptables has no
+// DNAT map): one rule each in chain VMEGRESS-SSH.
+//
+// iptables-restore commits table by table, so Apply is atomic per table;
+// should a later table fail, Apply puts the earlier tables' vmegress chains
+// back as they were, so a failed apply leaves the previous rules in force.
+type IPTables struct {
+	// Exec runs iptables-restore, iptables-save and their ip6tables twins
+	// with stdin (zero: os/exec with LC_ALL=C).
+	Exec func(ctx context.Context, stdin []byte, argv ...string) ([]byte, error)
+	// Sets manages the ipset (a *netlink.Handle for the current netns).
+	Sets IPSets
+}
+
+// IPSets is the part of the kernel's ipset interface the backend uses
+// (*netlink.Handle implements it).
+type IPSets interface {
+	IpsetCreate(name, typename string, opts netlink.IpsetCreateOptions) error
+	IpsetDestroy(name string) error
+	IpsetSwap(a, b string) error
+	IpsetList(name string) (*netlink.IPSetResult, error)
+	IpsetAdd(name string, e *netlink.IPSetEntry) error
+	IpsetDel(name string, e *netlink.IPSetEntry) error
+}
+
+// NATSet is the ipset of guest addresses whose projects have direct NAT
+// egress; natSetNext is the scratch set Apply fills and swaps in.
+const (
+	NATSet     = "vmegress-nat"
+	natSetNext = "vmegress-nat-next"
+)
+
+// NewHostIPTables returns the iptables backend for the current network
+// namespace. It fails when iptables-restore is missing.
+func NewHostIPTables() (*IPTables, error) {
+	for _, bin := range []string{"iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return nil, fmt.Errorf("setting up iptables (is the iptables package installed?): %w", err)
+		}
+	}
+	h, err := netlink.NewHandle(syscall.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink for ipset: %w", err)
+	}
+	return &IPTables{Sets: h}, nil
+}
+
+// Close releases the ipset handle.
+func (b *IPTables) Close() {
+	if c, ok := b.Sets.(interface{ Close() }); ok {
+		c.Close()
+	}
+}
+
+// Describe names what the backend installs.
+func (b *IPTables) Describe() string { return "iptables chains VMEGRESS-* and ipset " + NATSet }
+
+func execStdin(ctx context.Context, stdin []byte, argv ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	cmd.Stdin = bytes.NewReader(stdin)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("running %s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+func (b *IPTables) run(ctx context.Context, stdin []byte, argv ...string) ([]byte, error) {
+	if b.Exec != nil {
+		return b.Exec(ctx, stdin, argv...)
+	}
+	return execStdin(ctx, stdin, argv...)
+}
+
+// ipTable is one (family, table) vmegress has chains in.
+type ipTable struct {
+	v6    bool
+	name  string
+	jumps []jump // into vmegress's chains from built-in ones
+}
+
+type jump struct{ from, to string }
+
+// String is the jump as iptables-save prints it.
+func (j jump) String() string { return "-A " + j.from + " -j " + j.to }
+
+// ipTables lists every table vmegress touches, in apply order: IPv6 first
+// (its only job is to drop), then mangle (interception) before the
+// tables that accept.
+var ipTables = []ipTable{
+	{v6: true, name: "mangle", jumps: []jump{{"PREROUTING", "VMEGRESS-PREROUTING"}}},
+	{name: "mangle", jumps: []jump{{"PREROUTING", "VMEGRESS-PREROUTING"}, {"OUTPUT", "VMEGRESS-OUTPUT"}}},
+	{name: "nat", jumps: []jump{{"PREROUTING", "VMEGRESS-NAT-PRE"}, {"POSTROUTING", "VMEGRESS-NAT-POST"}}},
+	{name: "filter", jumps: []jump{{"INPUT", "VMEGRESS-INPUT"}, {"FORWARD", "VMEGRESS-FORWARD"}}},
+}
+
+func (t ipTable) String() string {
+	if t.v6 {
+		return "ip6 " + t.name
+	}
+	return "ip " + t.name
+}
+
+func (t ipTable) save() []string {
+	if t.v6 {
+		return []string{"ip6tables-save", "-t", t.name}
+	}
+	return []string{"iptables-save", "-t", t.name}
+}
+
+func (t ipTable) restore() []string {
+	if t.v6 {
+		return []string{"ip6tables-restore", "--noflush"}
+	}
+	return []string{"iptables-restore", "--noflush"}
+}
+
+// logicalChain maps vmegress's iptables chains to the nftables backend's
+// chain names, so counters (metrics) are named alike on both backends.
+var logicalChain = map[string]string{
+	"VMEGRESS-GUEST":      "prerouting",
+	"VMEGRESS-PREROUTING": "prerouting",
+	"VMEGRESS-OUTPUT":     "output",
+	"VMEGRESS-NAT-PRE":    "nat_prerouting",
+	"VMEGRESS-NAT-GUEST":  "nat_prerouting",
+	"VMEGRESS-SSH":        "nat_prerouting",
+	"VMEGRESS-NAT-POST":   "nat_postrouting",
+	"VMEGRESS-INPUT":      "input",
+	"VMEGRESS-FORWARD":    "forward",
+	"VMEGRESS-NAT-EGRESS": "forward",
+}
+
+// ifaceRE is what an interface name (or pattern) may hold here: nothing
+// that could break out of an iptables-restore line.
+var ifaceRE = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,15}\*?$`)
+
+// iptIface turns a guest_interfaces entry into iptables' form ("tap-*" is
+// "tap-+").
+func iptIface(name string) (string, error) {
+	if !ifaceRE.MatchString(name) {
+		return "", fmt.Errorf("guest interface %q is not a valid interface name or pattern", name)
+	}
+	return strings.Replace(name, "*", "+", 1), nil
+}
+
+// iptRules is the desired content of vmegress's chains: per table, chain
+// declarations and rules in iptables-restore form.
+type iptRules map[string][]string
+
+// RenderIPTables returns vmegress's chains for s, keyed by table ("ip
+// mangle", "ip6 mangle", ...), in iptables-restore form (chain
+// declarations, then -A lines). Jumps from built-in chains are not included.
+func RenderIPTables(s State) (map[string][]string, error) {
+	var ifaces []string
+	for _, g := range s.GuestInterfaces {
+		i, err := iptIface(g)
+		if err != nil {
+			return nil, err
+		}
+		ifaces = append(ifaces, i)
+	}
+	if !s.VMCIDR.Addr().Is4() {
+		return nil, fmt.Errorf("vm_cidr %s is not IPv4", s.VMCIDR)
+	}
+	out := iptRules{}
+	add := func(table, chain, rule, comment string) {
+		if comment != "" {
+			rule += " -m comment --comment " + strconv.Quote(comment)
+		}
+		out[table] = append(out[table], "-A "+chain+" "+rule)
+	}
+	// Verdict placement: the mangle and nat chains only drop, or RETURN
+	// to let the built-in chain go on (the nftables backend's "accept" in a
+	// table of its own); the filter chains ACCEPT the flows vmegress exists
+	// to let through (the spec's FORWARD ... -j ACCEPT), so a host whose
+	// INPUT or FORWARD policy is DROP still works.
+	guestIn := func(table, chain, rule, comment string) {
+		for _, i := range ifaces {
+			add(table, chain, "-i "+i+" "+rule, comment)
+		}
+	}
+	guestOut := func(table, chain, rule, comment string) {
+		for _, i := range ifaces {
+			add(table, chain, "-o "+i+" "+rule, comment)
+		}
+	}
+	natSrc := "-m set --match-set " + NATSet + " src"
+	cidr := s.VMCIDR.Masked().String()
+	mark := fmt.Sprintf("%#x", s.Mark)
+
+	const m6 = "ip6 mangle"
+	guestIn(m6, "VMEGRESS-PREROUTING", "-j DROP", "guest IPv6 (and anything not IPv4) never leaves")
+
+	const m = "ip mangle"
+	// Only traffic from guests is handled: goto, so a RETURN in
+	// VMEGRESS-GUEST goes back to PREROUTING itself.
+	guestIn(m, "VMEGRESS-PREROUTING", "-g VMEGRESS-GUEST", "")
+	add(m, "VMEGRESS-GUEST", "! -s "+cidr+" -j DROP", "source outside the guest range: spoofed")
+	// Reverse-path check in the ruleset, whatever rp_filter says.
+	add(m, "VMEGRESS-GUEST", "-m rpfilter --invert -j DROP", "anti-spoofing: source address does not belong behind this interface")
+	add(m, "VMEGRESS-GUEST", "-m addrtype --src-type LOCAL -j DROP", "anti-spoofing: source is one of the host's own addresses")
+	add(m, "VMEGRESS-GUEST", "-m conntrack --ctstate DNAT --ctdir REPLY -j RETURN", "replies of inbound SSH to the guest")
+	add(m, "VMEGRESS-GUEST", natSrc+" -j RETURN", "direct NAT egress: not intercepted")
+	add(m, "VMEGRESS-GUEST", "-p tcp --dport 853 -j DROP", "no DNS over TLS: guests use the allowlist resolver")
+	add(m, "VMEGRESS-GUEST", "-p udp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
+	add(m, "VMEGRESS-GUEST", "-p tcp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
+	// xt_TPROXY drops the packet itself when no socket listens on the port.
+	add(m, "VMEGRESS-GUEST", fmt.Sprintf("-p tcp -j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s/%s", s.TProxyPort, mark, mark),
+		"guest TCP goes to the data plane, marked for local delivery")
+	add(m, "VMEGRESS-GUEST", "-j DROP", "fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)")
+	add(m, "VMEGRESS-OUTPUT", fmt.Sprintf("-m mark --mark %#x -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j DROP", s.UpstreamMark),
+		"the proxy never dials the host's own addresses")
+
+	const n = "ip nat"
+	guestIn(n, "VMEGRESS-NAT-PRE", "-g VMEGRESS-NAT-GUEST", "")
+	add(n, "VMEGRESS-NAT-PRE", "-j VMEGRESS-SSH", "")
+	add(n, "VMEGRESS-NAT-GUEST", natSrc+" -j RETURN", "direct NAT egress: DNS not intercepted")
+	for _, p := range []string{"udp", "tcp"} {
+		add(n, "VMEGRESS-NAT-GUEST", fmt.Sprintf("-p %s --dport 53 -j REDIRECT --to-ports %d", p, s.DNSPort), "guest DNS goes to the allowlist resolver")
+	}
+	for _, f := range s.SSH {
+		add(n, "VMEGRESS-SSH", sshRule(f), "inbound SSH to guests")
+	}
+	guestOut(n, "VMEGRESS-NAT-POST", "-j RETURN", "")
+	add(n, "VMEGRESS-NAT-POST", natSrc+" -j MASQUERADE", "direct NAT egress (spec: MASQUERADE)")
+
+	const f = "ip filter"
+	add(f, "VMEGRESS-INPUT", fmt.Sprintf("-p tcp --dport %d -m mark ! --mark %s -j DROP", s.TProxyPort, mark), "the data plane's port is reachable only through TPROXY")
+	for _, p := range []string{"udp", "tcp"} {
+		guestIn(f, "VMEGRESS-INPUT", fmt.Sprintf("-p %s --dport %d -m conntrack --ctstate DNAT -j ACCEPT", p, s.DNSPort), "redirected guest DNS to the resolver")
+	}
+	for _, p := range []string{"udp", "tcp"} {
+		add(f, "VMEGRESS-INPUT", fmt.Sprintf("-p %s --dport %d -j DROP", p, s.DNSPort), "the resolver is reachable only through the redirect")
+	}
+	guestIn(f, "VMEGRESS-INPUT", "-p tcp -m mark --mark "+mark+" -j ACCEPT", "intercepted guest TCP to the data plane")
+	guestIn(f, "VMEGRESS-INPUT", "-j DROP", "guests reach no host service directly")
+
+	guestOut(f, "VMEGRESS-FORWARD", "-p tcp --dport 22 -m conntrack --ctstate DNAT --ctdir ORIGINAL -j ACCEPT", "inbound SSH to a guest")
+	guestIn(f, "VMEGRESS-FORWARD", "-m conntrack --ctstate DNAT --ctdir REPLY -j ACCEPT", "replies of inbound SSH")
+	guestIn(f, "VMEGRESS-FORWARD", natSrc+" -j VMEGRESS-NAT-EGRESS", "")
+	guestOut(f, "VMEGRESS-NAT-EGRESS", "-j RETURN", "")
+	add(f, "VMEGRESS-NAT-EGRESS", "-j ACCEPT", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
+	add(f, "VMEGRESS-FORWARD", "-m set --match-set "+NATSet+" dst -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "replies to direct NAT egress")
+	guestIn(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding from guests: egress only via the proxy")
+	guestOut(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding to guests")
+	add(f, "VMEGRESS-FORWARD", "-s "+cidr+" -j DROP", "guest-range source on another interface")
+
+	// Every chain is declared (an empty one too), first, in a fixed order.
+	decl := map[string][]string{
+		m6: {"VMEGRESS-PREROUTING"},
+		m:  {"VMEGRESS-PREROUTING", "VMEGRESS-GUEST", "VMEGRESS-OUTPUT"},
+		n:  {"VMEGRESS-NAT-PRE", "VMEGRESS-NAT-GUEST", "VMEGRESS-SSH", "VMEGRESS-NAT-POST"},
+		f:  {"VMEGRESS-INPUT", "VMEGRESS-FORWARD", "VMEGRESS-NAT-EGRESS"},
+	}
+	res := map[string][]string{}
+	for t, chains := range decl {
+		var lines []string
+		for _, c := range chains {
+			lines = append(lines, ":"+c+" - [0:0]")
+		}
+		res[t] = append(lines, out[t]...)
+	}
+	return res, nil
+}
+
+func sshRule(f SSHForward) string {
+	return fmt.Sprintf("-p tcp --dport %d -j DNAT --to-destination %s:22", f.HostPort, f.GuestIP)
+}
+
+// ours reports whether an iptables-save line belongs to vmegress: one of
+// its chains, a rule in one, or a jump into one.
+func ours(line string) bool {
+	return strings.HasPrefix(line, ":VMEGRESS-") || strings.HasPrefix(line, "-A VMEGRESS-") || jumpRE.MatchString(line)
+}
+
+var jumpRE = regexp.MustCompile(`^-A [A-Z]+ -j VMEGRESS-[A-Z-]+$`)
+
+// saved is iptables-save's listing of one table, vmegress's lines only.
+func (b *IPTables) saved(ctx context.Context, t ipTable, counters bool) ([]string, error) {
+	argv := t.save()
+	if counters {
+		argv = append(argv, "-c")
+	}
+	out, err := b.run(ctx, nil, argv...)
+	if err != nil {
+		return nil, fmt.Errorf("listing table %s: %w", t, err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(out), "\n") {
+		bare := l
+		if counters && strings.HasPrefix(l, "[") {
+			if i := strings.Index(l, "] "); i > 0 {
+				bare = l[i+2:]
+			}
+		}
+		if ours(bare) {
+			lines = append(lines, l)
+		}
+	}
+	return lines, nil
+}
+
+// Installed reports whether vmegress's interception chain exists.
+func (b *IPTables) Installed(ctx context.Context) (bool, error) {
+	lines, err := b.saved(ctx, ipTables[1], false)
+	if err != nil {
+		return false, err
+	}
+	for _, l := range lines {
+		if strings.HasPrefix(l, ":VMEGRESS-GUEST ") {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// Apply makes vmegress's chains and set equal to s.
+func (b *IPTables) Apply(ctx context.Context, s State) error {
+	want, err := RenderIPTables(s)
+	if err != nil {
+		return fmt.Errorf("rendering iptables rules: %w", err)
+	}
+	// The set must exist before rules name it; its content changes last.
+	if err := b.Sets.IpsetCreate(NATSet, "hash:ip", netlink.IpsetCreateOptions{Replace: true}); err != nil {
+		return fmt.Errorf("creating ipset %s: %w", NATSet, err)
+	}
+	var done []ipTable
+	prev := map[string][]string{}
+	for _, t := range ipTables {
+		have, err := b.saved(ctx, t, false)
+		if err != nil {
+			return b.rollback(ctx, done, prev, err)
+		}
+		prev[t.String()] = have
+		if err := b.restore(ctx, t, want[t.String()], have); err != nil {
+			return b.rollback(ctx, done, prev, fmt.Errorf("applying vmegress chains in table %s: %w", t, err))
+		}
+		done = append(done, t)
+	}
+	if err := b.fillNATSet(s); err != nil {
+		return b.rollback(ctx, done, prev, err)
+	}
+	return nil
+}
+
+// restore replaces vmegress's chains in t with rules (declarations first)
+// and adds the jumps that have lines missing, at the top of their chains.
+func (b *IPTables) restore(ctx context.Context, t ipTable, rules, have []string) error {
+	present := map[string]bool{}
+	for _, l := range have {
+		present[l] = true
+	}
+	var in strings.Builder
+	fmt.Fprintf(&in, "*%s\n", t.name)
+	for _, r := range rules {
+		in.WriteString(r + "\n")
+	}
+	for _, j := range t.jumps {
+		if !present[j.String()] {
+			fmt.Fprintf(&in, "-I %s 1 -j %s\n", j.from, j.to)
+		}
+	}
+	// Chains a previous version had and this one does not.
+	declared := map[string]bool{}
+	for _, r := range rules {
+		if strings.HasPrefix(r, ":") {
+			declared[strings.Fields(r)[0][1:]] = true
+		}
+	}
+	for _, l := range have {
+		if strings.HasPrefix(l, ":") {
+			if c := strings.Fields(l)[0][1:]; !declared[c] {
+				fmt.Fprintf(&in, "-F %s\n-X %s\n", c, c)
+			}
+		}
+	}
+	in.WriteString("COMMIT\n")
+	_, err := b.run(ctx, []byte(in.String()), t.restore()...)
+	return err
+}
+
+// rollback puts the tables already changed back as they were and returns
+// cause.
+func (b *IPTables) rollback(ctx context.Context, done []ipTable, prev map[string][]string, cause error) error {
+	for _, t := range done {
+		old := prev[t.String()]
+		var rules []string
+		hadChains := false
+		for _, l := range old {
+			if strings.HasPrefix(l, ":") {
+				hadChains = true
+			}
+			if strings.HasPrefix(l, ":VMEGRESS-") || strings.HasPrefix(l, "-A VMEGRESS-") {
+				rules = append(rules, l)
+			}
+		}
+		var err error
+		if hadChains {
+			cur, serr := b.saved(ctx, t, false)
+			if serr == nil {
+				err = b.restore(ctx, t, rules, cur)
+			} else {
+				err = serr
+			}
+		} else {
+			err = b.cleanTable(ctx, t)
+		}
+		if err != nil {
+			return fmt.Errorf("%w (and putting table %s back failed: %v)", cause, t, err)
+		}
+	}
+	return cause
+}
+
+// fillNATSet makes the NAT set hold exactly s's NAT guests: a scratch set
+// is filled and swapped in, so the change is atomic.
+func (b *IPTables) fillNATSet(s State) error {
+	// A scratch set left by a crash would keep its members: start anew.
+	if err := b.Sets.IpsetDestroy(natSetNext); err != nil && !errors.Is(err, syscall.ENOENT) {
+		return fmt.Errorf("destroying ipset %s: %w", natSetNext, err)
+	}
+	if err := b.Sets.IpsetCreate(natSetNext, "hash:ip", netlink.IpsetCreateOptions{}); err != nil {
+		return fmt.Errorf("creating ipset %s: %w", natSetNext, err)
+	}
+	defer b.Sets.IpsetDestroy(natSetNext)
+	for _, ip := range s.NATGuests {
+		if err := b.Sets.IpsetAdd(natSetNext, &netlink.IPSetEntry{IP: net.IP(ip.AsSlice()), Replace: true}); err != nil {
+			return fmt.Errorf("adding %s to ipset %s: %w", ip, natSetNext, err)
+		}
+	}
+	if err := b.Sets.IpsetSwap(natSetNext, NATSet); err != nil {
+		return fmt.Errorf("swapping ipset %s in: %w", NATSet, err)
+	}
+	return nil
+}
+
+// cleanTable removes vmegress's jumps and chains from t.
+func (b *IPTables) cleanTable(ctx context.Context, t ipTable) error {
+	have, err := b.saved(ctx, t, false)
+	if err != nil {
+		return err
+	}
+	if len(have) == 0 {
+		return nil
+	}
+	var in strings.Builder
+	fmt.Fprintf(&in, "*%s\n", t.name)
+	var chains []string
+	for _, l := range have {
+		switch {
+		case strings.HasPrefix(l, ":"):
+			chains = append(chains, strings.Fields(l)[0][1:])
+		case !strings.HasPrefix(l, "-A VMEGRESS-"):
+			in.WriteString("-D" + l[2:] + "\n") // a jump from a built-in chain
+		}
+	}
+	for _, c := range chains {
+		fmt.Fprintf(&in, "-F %s\n", c)
+	}
+	for _, c := range chains {
+		fmt.Fprintf(&in, "-X %s\n", c)
+	}
+	in.WriteString("COMMIT\n")
+	if _, err := b.run(ctx, []byte(in.String()), t.restore()...); err != nil {
+		return fmt.Errorf("removing vmegress chains from table %s: %w", t, err)
+	}
+	return nil
+}
+
+// Cleanup removes vmegress's jumps, chains and set; nothing there is fine.
+func (b *IPTables) Cleanup(ctx context.Context) error {
+	for i := len(ipTables) - 1; i >= 0; i-- {
+		if err := b.cleanTable(ctx, ipTables[i]); err != nil {
+			return err
+		}
+	}
+	for _, set := range []string{natSetNext, NATSet} {
+		if err := b.Sets.IpsetDestroy(set); err != nil && !errors.Is(err, syscall.ENOENT) {
+			return fmt.Errorf("destroying ipset %s: %w", set, err)
+		}
+	}
+	return nil
+}
+
+// Snapshot is vmegress's lines of every table (iptables-save form, no
+// counters) and the NAT set's members; "" when not installed.
+func (b *IPTables) Snapshot(ctx context.Context) (string, error) {
+	if ok, err := b.Installed(ctx); err != nil || !ok {
+		return "", err
+	}
+	var out strings.Builder
+	for _, t := range ipTables {
+		lines, err := b.saved(ctx, t, false)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(&out, "*%s\n%s\n", t, strings.Join(lines, "\n"))
+	}
+	members, err := b.natMembers()
+	if err != nil {
+		return "", err
+	}
+	fmt.Fprintf(&out, "ipset %s: %s\n", NATSet, strings.Join(members, " "))
+	return out.String(), nil
+}
+
+func (b *IPTables) natMembers() ([]string, error) {
+	res, err := b.Sets.IpsetList(NATSet)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("listing ipset %s: %w", NATSet, err)
+	}
+	var members []string
+	for _, e := range res.Entries {
+		members = append(members, e.IP.String())
+	}
+	sort.Strings(members)
+	return members, nil
+}
+
+var (
+	countedRE = regexp.MustCompile(`^\[(\d+):\d+\] -A (VMEGRESS-[A-Z-]+) .*-j (DROP|REDIRECT|DNAT)\b`)
+	commentRE = regexp.MustCompile(`--comment ("(?:[^"\\]|\\.)*"|\S+)`)
+	unescapeRE = regexp.MustCompile(`\\(.)`)
+)
+
+// Counters returns the packet count of every dropping or redirecting rule,
+// keyed "chain: comment" with the nftables backend's chain names.
+func (b *IPTables) Counters(ctx context.Context) (map[string]uint64, error) {
+	counts := map[string]uint64{}
+	for _, t := range ipTables {
+		lines, err := b.saved(ctx, t, true)
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range lines {
+			m := countedRE.FindStringSubmatch(l)
+			c := commentRE.FindStringSubmatch(l)
+			if m == nil || c == nil {
+				continue
+			}
+			comment := c[1]
+			if strings.HasPrefix(comment, `"`) {
+				// iptables-save escapes with a backslash (\' \" \\).
+				comment = unescapeRE.ReplaceAllString(comment[1:len(comment)-1], "$1")
+			}
+			n, _ := strconv.ParseUint(m[1], 10, 64)
+			counts[logicalChain[m[2]]+": "+comment] += n
+		}
+	}
+	return counts, nil
+}
+
+// UpdateProjects changes only the per-project parts from old to s: NAT
+// set members one by one, and SSH forward rules one by one.
+func (b *IPTables) UpdateProjects(ctx context.Context, old, s State) error {
+	oldNAT, newNAT := map[string]bool{}, map[string]bool{}
+	for _, ip := range old.NATGuests {
+		oldNAT[ip.String()] = true
+	}
+	for _, ip := range s.NATGuests {
+		newNAT[ip.String()] = true
+		if !oldNAT[ip.String()] {
+			if err := b.Sets.IpsetAdd(NATSet, &netlink.IPSetEntry{IP: net.IP(ip.AsSlice()), Replace: true}); err != nil {
+				return fmt.Errorf("adding %s to ipset %s: %w", ip, NATSet, err)
+			}
+		}
+	}
+	for ip := range oldNAT {
+		if !newNAT[ip] {
+			if err := b.Sets.IpsetDel(NATSet, &netlink.IPSetEntry{IP: net.ParseIP(ip), Replace: true}); err != nil {
+				return fmt.Errorf("removing %s from ipset %s: %w", ip, NATSet, err)
+			}
+		}
+	}
+	oldSSH, newSSH := map[SSHForward]bool{}, map[SSHForward]bool{}
+	for _, f := range old.SSH {
+		oldSSH[f] = true
+	}
+	var in strings.Builder
+	for _, f := range s.SSH {
+		newSSH[f] = true
+		if !oldSSH[f] {
+			fmt.Fprintf(&in, "-A VMEGRESS-SSH %s -m comment --comment %q\n", sshRule(f), "inbound SSH to guests")
+		}
+	}
+	for f := range oldSSH {
+		if !newSSH[f] {
+			fmt.Fprintf(&in, "-D VMEGRESS-SSH %s -m comment --comment %q\n", sshRule(f), "inbound SSH to guests")
+		}
+	}
+	if in.Len() == 0 {
+		return nil
+	}
+	if _, err := b.run(ctx, []byte("*nat\n"+in.String()+"COMMIT\n"), ipTables[2].restore()...); err != nil {
+		return fmt.Errorf("updating SSH forwards: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,186 @@
+package firewall
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/vmegress/vmegress/internal/nettest"
+)
+
+// iptablesIn returns the iptables backend bound to network namespace ns:
+// commands run under `ip netns exec`, the ipset handle is opened there.
+func iptablesIn(t *testing.T, ns string) *IPTables {
+	t.Helper()
+	for _, bin := range []string{"iptables-restore", "ip6tables-restore"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s is needed: %v", bin, err)
+		}
+	}
+	nsh, err := netns.GetFromName(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh, syscall.NETLINK_NETFILTER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return &IPTables{
+		Sets: h,
+		Exec: func(ctx context.Context, stdin []byte, argv ...string) ([]byte, error) {
+			return execStdin(ctx, stdin, append([]string{"ip", "netns", "exec", ns}, argv...)...)
+		},
+	}
+}
+
+var projectState = func() State {
+	s := testState
+	s.NATIfaces = []string{"tap-b"}
+	s.NATGuests = []netip.Addr{netip.MustParseAddr("172.31.0.6")}
+	s.SSH = []SSHForward{{HostPort: 2201, GuestIP: netip.MustParseAddr("172.31.0.2")}}
+	return s
+}()
+
+func snapshot(t *testing.T, b *IPTables) string {
+	t.Helper()
+	s, err := b.Snapshot(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestIPTablesKernel applies the rules in a fresh netns: the kernel (through
+// iptables-restore) is the judge of the golden listing, of idempotence, of
+// element-wise project updates, of rollback and of cleanup.
+func TestIPTablesKernel(t *testing.T) {
+	nettest.Privileged(t)
+	ns := nettest.NewNS(t)
+	ctx := context.Background()
+	b := iptablesIn(t, ns)
+
+	if ok, err := b.Installed(ctx); ok || err != nil {
+		t.Fatalf("Installed before Apply = %v, %v", ok, err)
+	}
+	if err := b.Apply(ctx, testState); err != nil {
+		t.Fatal(err)
+	}
+	first := snapshot(t, b)
+	golden(t, "kernel.iptables", first)
+	if ok, err := b.Installed(ctx); !ok || err != nil {
+		t.Errorf("Installed after Apply = %v, %v", ok, err)
+	}
+
+	// A second Apply changes nothing (no second jump rule).
+	if err := b.Apply(ctx, testState); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(first, snapshot(t, b)); diff != "" {
+		t.Errorf("second Apply changed the rules (-first +second):\n%s", diff)
+	}
+
+	// Expected renders the same in a scratch namespace of its own.
+	want, err := Expected(ctx, KindIPTables, testState)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want != first {
+		t.Errorf("Expected differs from the applied rules:\n%s\nvs\n%s", want, first)
+	}
+
+	// Projects element by element equal a whole Apply of the same state,
+	// and the rule count does not grow with NAT projects.
+	if err := b.UpdateProjects(ctx, testState, projectState); err != nil {
+		t.Fatal(err)
+	}
+	updated := snapshot(t, b)
+	if !strings.Contains(updated, "ipset vmegress-nat: 172.31.0.6\n") || !strings.Contains(updated, "--to-destination 172.31.0.2:22") {
+		t.Errorf("UpdateProjects did not add the NAT guest and the SSH forward:\n%s", updated)
+	}
+	if err := b.Apply(ctx, projectState); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(updated, snapshot(t, b)); diff != "" {
+		t.Errorf("UpdateProjects and Apply differ (-update +apply):\n%s", diff)
+	}
+	if got, want := strings.Count(updated, "\n-A "), strings.Count(first, "\n-A ")+1; got != want {
+		t.Errorf("%d rules with one SSH forward and one NAT project, want %d (one per SSH forward, none per NAT project)", got, want)
+	}
+	if err := b.UpdateProjects(ctx, projectState, testState); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(first, snapshot(t, b)); diff != "" {
+		t.Errorf("removing the projects element by element left (-want +got):\n%s", diff)
+	}
+
+	// A bad state is refused before anything changes.
+	bad := testState
+	bad.GuestInterfaces = []string{`tap-" -j ACCEPT`}
+	if err := b.Apply(ctx, bad); err == nil {
+		t.Error("apply of an invalid interface name succeeded")
+	}
+	if diff := cmp.Diff(first, snapshot(t, b)); diff != "" {
+		t.Errorf("refused apply changed the rules (-before +after):\n%s", diff)
+	}
+
+	// A failure in a later table puts the earlier ones back: the previous
+	// rules stay in force.
+	failing := *b
+	failing.Exec = func(ctx context.Context, stdin []byte, argv ...string) ([]byte, error) {
+		if strings.HasPrefix(string(stdin), "*filter") {
+			return nil, errors.New("injected failure")
+		}
+		return b.Exec(ctx, stdin, argv...)
+	}
+	if err := failing.Apply(ctx, projectState); err == nil || !strings.Contains(err.Error(), "injected failure") {
+		t.Errorf("apply with a failing filter table: %v", err)
+	}
+	if diff := cmp.Diff(first, snapshot(t, b)); diff != "" {
+		t.Errorf("failed apply left changes (-before +after):\n%s", diff)
+	}
+
+	counts, err := b.Counters(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{
+		"prerouting: fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)",
+		"prerouting: guest IPv6 (and anything not IPv4) never leaves",
+		"nat_prerouting: guest DNS goes to the allowlist resolver",
+		"forward: no forwarding from guests: egress only via the proxy",
+		"output: the proxy never dials the host's own addresses",
+	} {
+		if _, ok := counts[k]; !ok {
+			t.Errorf("counter %q missing from %v", k, counts)
+		}
+	}
+
+	// Cleanup removes every line and the set, twice without error.
+	for i := 0; i < 2; i++ {
+		if err := b.Cleanup(ctx); err != nil {
+			t.Fatalf("cleanup %d: %v", i+1, err)
+		}
+	}
+	for _, save := range []string{"iptables-save", "ip6tables-save"} {
+		out, err := exec.Command("ip", "netns", "exec", ns, save).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "VMEGRESS") {
+			t.Errorf("%s after cleanup: %v\n%s", save, err, out)
+		}
+	}
+	if _, err := b.Sets.IpsetList(NATSet); !errors.Is(err, syscall.ENOENT) {
+		t.Errorf("ipset %s after cleanup: %v", NATSet, err)
+	}
+	if s := snapshot(t, b); s != "" {
+		t.Errorf("snapshot after cleanup: %q", s)
+	}
+}
