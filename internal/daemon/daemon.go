@@ -43,8 +43,8 @@ type Interception struct {
 	Firewall Firewall
 	// Stale are the other backends available on the host: Install removes
 	// what they left (a switch of the firewall key), Remove cleans them too.
-	Stale []Firewall
-	Netlink  hostnet.Netlink
+	Stale   []Firewall
+	Netlink hostnet.Netlink
 	// Guard turns forwarding off on guest interfaces (may be nil). Its
 	// Patterns are set from the config on Install.
 	Guard *hostnet.ForwardingGuard

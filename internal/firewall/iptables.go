@@ -548,8 +548,8 @@ func (b *IPTables) natMembers() ([]string, error) {
 }
 
 var (
-	countedRE = regexp.MustCompile(`^\[(\d+):\d+\] -A (VMEGRESS-[A-Z-]+) .*-j (DROP|REDIRECT|DNAT)\b`)
-	commentRE = regexp.MustCompile(`--comment ("(?:[^"\\]|\\.)*"|\S+)`)
+	countedRE  = regexp.MustCompile(`^\[(\d+):\d+\] -A (VMEGRESS-[A-Z-]+) .*-j (DROP|REDIRECT|DNAT)\b`)
+	commentRE  = regexp.MustCompile(`--comment ("(?:[^"\\]|\\.)*"|\S+)`)
 	unescapeRE = regexp.MustCompile(`\\(.)`)
 )
 
