@@ -63,7 +63,7 @@ func (e *env) startEnvoy() {
 func TestEnvoyStatic(t *testing.T) {
 	t.Parallel()
 	e := newWorld(t)
-	os.WriteFile(e.cfg, []byte("dns:\n  upstreams: ["+world.DNSIP.String()+"]\n"+baseConfig), 0o644)
+	e.writeConfig("dns:\n  upstreams: [" + world.DNSIP.String() + "]\n" + baseConfig)
 	e.startEnvoy()
 
 	body, err := e.curlAt("https://www.github.com", world.WWWGitHubIP.String())

@@ -87,13 +87,35 @@ var testPlane = func() string {
 	return "builtin"
 }()
 
-// writeConfig replaces the world's config file, on the suite's data plane
-// unless body names one.
-func (e *env) writeConfig(body string) error {
+// testFirewall is the firewall backend the suite runs on:
+// VMEGRESS_TEST_FIREWALL (nftables, the default, or iptables). .ci/run runs
+// the suite on both.
+var testFirewall = func() string {
+	if f := os.Getenv("VMEGRESS_TEST_FIREWALL"); f != "" {
+		return f
+	}
+	return "nftables"
+}()
+
+// onIPTables reports whether the suite runs on the iptables backend.
+func onIPTables() bool { return testFirewall == "iptables" }
+
+// withSuite puts the suite's data plane and firewall backend into a config
+// body that does not name its own.
+func withSuite(body string) string {
 	if !strings.Contains(body, "dataplane:") {
 		body = "dataplane: " + testPlane + "\n" + body
 	}
-	return os.WriteFile(e.cfg, []byte(body), 0o644)
+	if !strings.Contains(body, "firewall:") {
+		body = "firewall: " + testFirewall + "\n" + body
+	}
+	return body
+}
+
+// writeConfig replaces the world's config file, on the suite's data plane
+// and firewall backend unless body names them.
+func (e *env) writeConfig(body string) error {
+	return os.WriteFile(e.cfg, []byte(withSuite(body)), 0o644)
 }
 
 // wantRule is the access log's rule for a connection a rule allowed: the
@@ -141,10 +163,7 @@ func newWorldWith(t *testing.T, guests []world.GuestSpec, config string) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(w.Close)
-	if !strings.Contains(config, "dataplane:") {
-		config = "dataplane: " + testPlane + "\n" + config
-	}
-	cfg, err := w.WriteConfig("config.yaml", config)
+	cfg, err := w.WriteConfig("config.yaml", withSuite(config))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -279,12 +298,21 @@ func (e *env) sendUDP(network, addr string) {
 	}
 }
 
-// hostState is the host namespace's ruleset, policy rules and routes.
+// hostState is the host namespace's ruleset (nftables, iptables and
+// ipsets; tables with no rules, which iptables-nft leaves behind, do not
+// count), policy rules and routes.
 func (e *env) hostState() string {
 	e.t.Helper()
 	var b strings.Builder
+	sets, err := world.Ipsets(e.w.Host)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	fmt.Fprintf(&b, "# ipsets\n%s\n", strings.Join(sets, "\n"))
 	for _, argv := range [][]string{
 		{"nft", "list", "ruleset"},
+		{"sh", "-c", "iptables-save | grep '^-A' || true"},
+		{"sh", "-c", "ip6tables-save | grep '^-A' || true"},
 		{"ip", "-4", "rule", "show"},
 		{"ip", "-6", "rule", "show"},
 		{"ip", "-4", "route", "show", "table", "all"},
@@ -295,8 +323,40 @@ func (e *env) hostState() string {
 		if err != nil {
 			e.t.Fatal(err)
 		}
+		if argv[0] == "nft" {
+			out = dropEmptyTables(out)
+		}
 		fmt.Fprintf(&b, "# %s\n%s", strings.Join(argv, " "), out)
 	}
 	// Counters move with any stray packet (IPv6 router solicitations...).
 	return counterRE.ReplaceAllString(b.String(), "counter")
+}
+
+// emptyChainLineRE matches what a table with no rules holds: chain headers,
+// accepting base-chain policies and closing braces.
+var emptyChainLineRE = regexp.MustCompile(`^\s*(chain \S+ \{|type .*policy accept;|\}|)$`)
+
+// dropEmptyTables removes tables without rules or sets from an nft listing.
+func dropEmptyTables(listing string) string {
+	var out, block []string
+	empty := true
+	for _, l := range strings.Split(listing, "\n") {
+		switch {
+		case strings.HasPrefix(l, "table "):
+			block, empty = []string{l}, true
+		case block != nil && l == "}":
+			if !empty {
+				out = append(out, append(block, l)...)
+			}
+			block = nil
+		case block != nil:
+			block = append(block, l)
+			if !emptyChainLineRE.MatchString(l) {
+				empty = false
+			}
+		default:
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"github.com/google/go-cmp/cmp"
 	"net"
 	"net/http"
 	"os"
@@ -249,8 +250,14 @@ func TestAdminEndpoint(t *testing.T) {
 func TestDriftRepair(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
+	remove := []string{"nft", "delete", "table", "inet", "vmegress"}
+	if onIPTables() {
+		// Chains intact, the way in gone.
+		remove = []string{"iptables", "-t", "mangle", "-D", "PREROUTING", "-j", "VMEGRESS-PREROUTING"}
+	}
+	installed := e.hostState()
 	for _, argv := range [][]string{
-		{"nft", "delete", "table", "inet", "vmegress"},
+		remove,
 		{"ip", "rule", "del", "pref", "9000"},
 	} {
 		if err := world.Run(e.ctx, world.NS(e.w.Host, argv...)...); err != nil {
@@ -267,6 +274,10 @@ func TestDriftRepair(t *testing.T) {
 		}
 		if !strings.Contains(e.d.Stderr(), "restoring it") {
 			t.Errorf("after %v no drift logged", argv)
+		}
+		// The repair is whole before the next removal: one repair each.
+		if !waitFor(5*time.Second, func() bool { return e.hostState() == installed }) {
+			t.Errorf("after %v the host did not come back to what was installed:\n%s", argv, cmp.Diff(installed, e.hostState()))
 		}
 	}
 	e.noLeaks()
@@ -314,8 +325,12 @@ func TestDoctor(t *testing.T) {
 	}
 	// Break it: stop the daemon, change a rule behind its back.
 	e.d.Kill()
-	world.Run(e.ctx, world.NS(e.w.Host, "nft", "delete", "rule", "inet", "vmegress", "forward", "handle",
-		strings.TrimSpace(mustOutput(t, e, "sh", "-c", "nft -a list chain inet vmegress forward | awk '/oifname/ {print $NF; exit}'")))...)
+	if onIPTables() {
+		mustOutput(t, e, "iptables", "-D", "VMEGRESS-FORWARD", "1")
+	} else {
+		mustOutput(t, e, "nft", "delete", "rule", "inet", "vmegress", "forward", "handle",
+			strings.TrimSpace(mustOutput(t, e, "sh", "-c", "nft -a list chain inet vmegress forward | awk '/oifname/ {print $NF; exit}'")))
+	}
 	if !onEnvoy() { // with Envoy, original_dst is refused at config load
 		e.writeConfig("upstream: original_dst\n" + baseConfig)
 	}

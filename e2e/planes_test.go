@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -138,7 +137,7 @@ func TestDataPlanes(t *testing.T) {
 			// A live policy change for alpha: takes effect, Envoy is not
 			// restarted, beta's established connection survives.
 			pid := e.envoyPID()
-			os.WriteFile(e.cfg, []byte("dataplane: "+plane+"\n"+strings.Replace(planesConfig, "      - sni: github.com\n", "      - sni: github.com\n      - sni: example.com\n", 1)), 0o644)
+			e.writeConfig("dataplane: " + plane + "\n" + strings.Replace(planesConfig, "      - sni: github.com\n", "      - sni: github.com\n      - sni: example.com\n", 1))
 			if !waitFor(10*time.Second, func() bool {
 				_, err := e.curl("https://example.com", "--max-time", "3")
 				return err == nil

@@ -314,7 +314,11 @@ func TestUpDownLeavesNoTrace(t *testing.T) {
 	if afterUp == before {
 		t.Fatal("up changed nothing")
 	}
-	for _, want := range []string{"table inet vmegress", "fwmark 0x1 lookup 100", "local default dev lo table 100"} {
+	table := "table inet vmegress"
+	if onIPTables() {
+		table = "-j TPROXY --on-port 15001 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1"
+	}
+	for _, want := range []string{table, "fwmark 0x1 lookup 100", "local default dev lo table 100"} {
 		if !strings.Contains(afterUp, want) {
 			t.Errorf("after up, no %q in:\n%s", want, afterUp)
 		}

@@ -104,6 +104,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				Config:       cfg,
 				Load:         func() (*config.Config, error) { return config.Load(cfg.Path) },
 				State:        a.store().Load,
+				LockState:    a.store().Lock,
 				Interception: in,
 				Listen:       proxy.ListenTransparent,
 				Dial:         proxy.MarkedDialer(cfg.UpstreamMark, net.Dialer{Timeout: proxy.DefaultDialTimeout}),

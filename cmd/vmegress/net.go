@@ -163,21 +163,21 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 				placed = p
 				after = copyState(s)
 				return nil
+			}, func() error {
+				// Under the state lock: the daemon never installs an older state over this.
+				nl, err := netlink.NewHandle()
+				if err != nil {
+					return fmt.Errorf("opening netlink: %w", err)
+				}
+				defer nl.Close()
+				if err := hostnet.CreateTAP(nl, hostnet.TAP{Name: placed.TAP, HostIP: placed.HostIP(), GuestIP: placed.GuestIP(),
+					GuestMAC: placed.MAC, Owner: placed.Owner, Group: placed.Group,
+					Forwarding: placed.Egress == state.EgressNAT || placed.SSHPort != 0}); err != nil {
+					return err
+				}
+				return a.applyProjects(cmd.Context(), cfg, before, after)
 			})
 			if err != nil {
-				return err
-			}
-			nl, err := netlink.NewHandle()
-			if err != nil {
-				return fmt.Errorf("opening netlink: %w", err)
-			}
-			defer nl.Close()
-			if err := hostnet.CreateTAP(nl, hostnet.TAP{Name: placed.TAP, HostIP: placed.HostIP(), GuestIP: placed.GuestIP(),
-				GuestMAC: placed.MAC, Owner: placed.Owner, Group: placed.Group,
-				Forwarding: placed.Egress == state.EgressNAT || placed.SSHPort != 0}); err != nil {
-				return err
-			}
-			if err := a.applyProjects(cmd.Context(), cfg, before, after); err != nil {
 				return err
 			}
 			return a.printNet(cfg, []state.Project{placed}, asJSON, true)
@@ -253,6 +253,19 @@ func (a *app) netDownCmd() *cobra.Command {
 				delete(s.Projects, name)
 				after = copyState(s)
 				return nil
+			}, func() error {
+				if !found {
+					return nil
+				}
+				nl, err := netlink.NewHandle()
+				if err != nil {
+					return fmt.Errorf("opening netlink: %w", err)
+				}
+				defer nl.Close()
+				if err := hostnet.DeleteTAP(nl, gone.TAP); err != nil {
+					return err
+				}
+				return a.applyProjects(cmd.Context(), cfg, before, after)
 			})
 			if err != nil {
 				return err
@@ -260,17 +273,6 @@ func (a *app) netDownCmd() *cobra.Command {
 			if !found {
 				fmt.Fprintf(a.stdout, "project %s is not up; nothing to do\n", name)
 				return nil
-			}
-			nl, err := netlink.NewHandle()
-			if err != nil {
-				return fmt.Errorf("opening netlink: %w", err)
-			}
-			defer nl.Close()
-			if err := hostnet.DeleteTAP(nl, gone.TAP); err != nil {
-				return err
-			}
-			if err := a.applyProjects(cmd.Context(), cfg, before, after); err != nil {
-				return err
 			}
 			fmt.Fprintf(a.stdout, "project %s down: %s and %s removed\n", name, gone.TAP, gone.Subnet)
 			return nil

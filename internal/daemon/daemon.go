@@ -125,6 +125,11 @@ type Daemon struct {
 	Load func() (*config.Config, error)
 	// State reads the projects `net up` placed (zero: none).
 	State func() (*state.State, error)
+	// LockState takes the lock `net up/down` hold while they change the
+	// state and the host (zero: none). The daemon holds it from reading the
+	// state to installing it, so it never installs a state older than what
+	// a finished `net up` put on the host.
+	LockState func() (unlock func(), err error)
 	// Listen opens the data plane's transparent listener.
 	Listen func(ctx context.Context, addr string) (net.Listener, error)
 	// ListenPacket opens the resolver's UDP socket (zero: net.ListenPacket).
@@ -191,6 +196,20 @@ func (d *Daemon) notify(state string) {
 	}
 }
 
+// lockState takes the state lock (see LockState) and returns its release.
+// Always taken after d.mu.
+func (d *Daemon) lockState() func() {
+	if d.LockState == nil {
+		return func() {}
+	}
+	unlock, err := d.LockState()
+	if err != nil {
+		d.Log.Warn("taking the state lock; going on without it", "err", err.Error())
+		return func() {}
+	}
+	return unlock
+}
+
 func (d *Daemon) loadState() (*state.State, error) {
 	if d.State == nil {
 		return &state.State{Projects: map[string]state.Project{}}, nil
@@ -215,6 +234,8 @@ func (d *Daemon) install(ctx context.Context, cfg *config.Config, st *state.Stat
 // Run installs interception, serves until ctx ends, then stops the data plane
 // and leaves interception in place (guests stay fail-closed).
 func (d *Daemon) Run(ctx context.Context) error {
+	unlock := d.lockState()
+	defer func() { unlock() }()
 	st, err := d.loadState()
 	if err != nil {
 		return err
@@ -242,6 +263,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.cfg, d.st, d.pol, d.started, d.lastLoad = cfg, st, pol, time.Now(), time.Now()
 	err = d.install(ctx, cfg, st)
 	d.mu.Unlock()
+	unlock()
+	unlock = func() {}
 	if err != nil {
 		return err
 	}
@@ -396,6 +419,7 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 	defer d.notify("READY=1")
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	defer d.lockState()()
 	load := d.Load
 	if load == nil {
 		load = func() (*config.Config, error) { return config.Load(d.cfg.Path) }
@@ -485,6 +509,7 @@ var errStateChanged = errors.New("project state changed")
 func (d *Daemon) repairDrift(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	defer d.lockState()()
 	// `net up/down` first: acting on stale state would undo their work.
 	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
 		return errStateChanged

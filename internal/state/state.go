@@ -88,21 +88,45 @@ func (st Store) Load() (*State, error) {
 	return s, nil
 }
 
-// Update runs f on the current state under an exclusive lock and writes the
-// result atomically if f succeeds. f's error aborts without writing.
-func (st Store) Update(f func(*State) error) error {
+// Lock takes the state directory's exclusive lock (a flock on its lock
+// file) and returns its release.
+func (st Store) Lock() (unlock func(), err error) {
 	if err := os.MkdirAll(st.Dir, 0o700); err != nil {
-		return fmt.Errorf("creating state directory: %w", err)
+		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
 	lock, err := os.OpenFile(filepath.Join(st.Dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
-		return fmt.Errorf("opening state lock: %w", err)
+		return nil, fmt.Errorf("opening state lock: %w", err)
 	}
-	defer lock.Close()
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("locking state: %w", err)
+		lock.Close()
+		return nil, fmt.Errorf("locking state: %w", err)
 	}
-	defer unix.Flock(int(lock.Fd()), unix.LOCK_UN)
+	return func() { lock.Close() }, nil // closing the last descriptor releases the flock
+}
+
+// Update runs f on the current state under the exclusive lock and writes
+// the result atomically if f succeeds. f's error aborts without writing.
+// Then, still under the lock, each of then runs (bringing the host in line
+// with the new state), so a reader holding the lock sees both or neither.
+func (st Store) Update(f func(*State) error, then ...func() error) error {
+	unlock, err := st.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := st.write(f); err != nil {
+		return err
+	}
+	for _, g := range then {
+		if err := g(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (st Store) write(f func(*State) error) error {
 	s, err := st.Load()
 	if err != nil {
 		return err

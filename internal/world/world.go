@@ -19,10 +19,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -391,4 +394,34 @@ func ListenPacketIn(ns, network, addr string) (net.PacketConn, error) {
 		return err
 	})
 	return pc, err
+}
+
+// Ipsets lists the names and members of the ipsets in network namespace ns,
+// sorted ("name: member member").
+func Ipsets(ns string) ([]string, error) {
+	h, err := netns.GetFromName(ns)
+	if err != nil {
+		return nil, fmt.Errorf("opening netns %s: %w", ns, err)
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h, syscall.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink in %s: %w", ns, err)
+	}
+	defer nl.Close()
+	sets, err := nl.IpsetListAll()
+	if err != nil {
+		return nil, fmt.Errorf("listing ipsets in %s: %w", ns, err)
+	}
+	var out []string
+	for _, s := range sets {
+		var members []string
+		for _, e := range s.Entries {
+			members = append(members, e.IP.String())
+		}
+		sort.Strings(members)
+		out = append(out, s.SetName+": "+strings.Join(members, " "))
+	}
+	sort.Strings(out)
+	return out, nil
 }
