@@ -313,6 +313,7 @@ func (b *IPTables) saved(ctx context.Context, t ipTable, counters bool) ([]strin
 		return nil, fmt.Errorf("listing table %s: %w", t, err)
 	}
 	var lines []string
+	seen := map[string]bool{} // built-in chains with a rule listed already
 	for _, l := range strings.Split(string(out), "\n") {
 		bare := l
 		if counters && strings.HasPrefix(l, "[") {
@@ -320,12 +321,28 @@ func (b *IPTables) saved(ctx context.Context, t ipTable, counters bool) ([]strin
 				bare = l[i+2:]
 			}
 		}
+		var chain string
+		if f := strings.Fields(bare); len(f) > 1 && f[0] == "-A" {
+			chain = f[1]
+		}
 		if ours(bare) {
+			// A jump that is not its chain's first rule can be bypassed by
+			// the rules above it (an ACCEPT): it is marked, so Snapshot
+			// differs (drift) and Apply moves it back to the top.
+			if jumpRE.MatchString(bare) && seen[chain] {
+				l += notFirst
+			}
 			lines = append(lines, l)
+		}
+		if chain != "" {
+			seen[chain] = true
 		}
 	}
 	return lines, nil
 }
+
+// notFirst marks a jump that has rules above it.
+const notFirst = "  # not first in its chain"
 
 // Installed reports whether vmegress's interception chain exists.
 func (b *IPTables) Installed(ctx context.Context) (bool, error) {
@@ -383,6 +400,9 @@ func (b *IPTables) restore(ctx context.Context, t ipTable, rules, have []string)
 		in.WriteString(r + "\n")
 	}
 	for _, j := range t.jumps {
+		if present[j.String()+notFirst] {
+			fmt.Fprintf(&in, "-D %s -j %s\n", j.from, j.to)
+		}
 		if !present[j.String()] {
 			fmt.Fprintf(&in, "-I %s 1 -j %s\n", j.from, j.to)
 		}
@@ -478,7 +498,7 @@ func (b *IPTables) cleanTable(ctx context.Context, t ipTable) error {
 		case strings.HasPrefix(l, ":"):
 			chains = append(chains, strings.Fields(l)[0][1:])
 		case !strings.HasPrefix(l, "-A VMEGRESS-"):
-			in.WriteString("-D" + l[2:] + "\n") // a jump from a built-in chain
+			in.WriteString("-D" + strings.TrimSuffix(l, notFirst)[2:] + "\n") // a jump from a built-in chain
 		}
 	}
 	for _, c := range chains {

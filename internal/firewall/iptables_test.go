@@ -149,6 +149,26 @@ func TestIPTablesKernel(t *testing.T) {
 		t.Errorf("failed apply left changes (-before +after):\n%s", diff)
 	}
 
+	// A rule put above a jump (an ACCEPT there would bypass vmegress) shows
+	// in the snapshot, and Apply moves the jump back to the top.
+	if out, err := exec.Command("ip", "netns", "exec", ns, "iptables", "-t", "filter", "-I", "FORWARD", "1", "-i", "tap-x", "-j", "ACCEPT").CombinedOutput(); err != nil {
+		t.Fatalf("inserting a rule above vmegress's: %v: %s", err, out)
+	}
+	if snap := snapshot(t, b); snap == first || !strings.Contains(snap, "-A FORWARD -j VMEGRESS-FORWARD"+notFirst) {
+		t.Errorf("a rule above the FORWARD jump did not change the snapshot:\n%s", snap)
+	}
+	if err := b.Apply(ctx, testState); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(first, snapshot(t, b)); diff != "" {
+		t.Errorf("Apply did not put the jump first again (-want +got):\n%s", diff)
+	}
+	out, _ := exec.Command("ip", "netns", "exec", ns, "iptables", "-S", "FORWARD").CombinedOutput()
+	if want := "-P FORWARD ACCEPT\n-A FORWARD -j VMEGRESS-FORWARD\n-A FORWARD -i tap-x -j ACCEPT\n"; string(out) != want {
+		t.Errorf("FORWARD after Apply:\n%s\nwant:\n%s", out, want)
+	}
+	exec.Command("ip", "netns", "exec", ns, "iptables", "-D", "FORWARD", "-i", "tap-x", "-j", "ACCEPT").Run()
+
 	counts, err := b.Counters(ctx)
 	if err != nil {
 		t.Fatal(err)
