@@ -419,28 +419,39 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 	defer d.notify("READY=1")
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	defer d.lockState()()
 	load := d.Load
 	if load == nil {
 		load = func() (*config.Config, error) { return config.Load(d.cfg.Path) }
 	}
-	cfg, err := load()
-	var st *state.State
-	if err == nil {
-		st, err = d.loadState()
-	}
-	if err == nil {
-		cfg, err = Effective(cfg, st)
-	}
-	if err == nil {
-		err = reloadable(d.cfg, cfg)
-	}
-	var pol *policy.Policy
-	if err == nil {
-		pol, err = policy.Compile(cfg)
-	}
-	if err == nil && firewall.Desired(cfg, st).String() != firewall.Desired(d.cfg, d.st).String() {
-		err = d.install(ctx, cfg, st)
+	var (
+		cfg *config.Config
+		st  *state.State
+		pol *policy.Policy
+		err error
+	)
+	// A `net up/down` that lands between reading the state and installing
+	// it makes the attempt start over: installing the older state would
+	// undo it.
+	for attempt := 0; attempt < 5; attempt++ {
+		cfg, err = load()
+		if err == nil {
+			st, err = d.loadState()
+		}
+		if err == nil {
+			cfg, err = Effective(cfg, st)
+		}
+		if err == nil {
+			err = reloadable(d.cfg, cfg)
+		}
+		if err == nil {
+			pol, err = policy.Compile(cfg)
+		}
+		if err == nil && firewall.Desired(cfg, st).String() != firewall.Desired(d.cfg, d.st).String() {
+			err = d.installIfCurrent(ctx, cfg, st)
+		}
+		if !errors.Is(err, errStateChanged) {
+			break
+		}
 	}
 	d.lastLoad = time.Now()
 	if err != nil {
@@ -506,10 +517,23 @@ func (d *Daemon) watchDrift(ctx context.Context) {
 // errStateChanged: the ruleset differs because the project state changed.
 var errStateChanged = errors.New("project state changed")
 
+// installIfCurrent installs cfg and st under the state lock if st is still
+// what the state file holds (errStateChanged otherwise).
+func (d *Daemon) installIfCurrent(ctx context.Context, cfg *config.Config, st *state.State) error {
+	defer d.lockState()()
+	cur, err := d.loadState()
+	if err != nil {
+		return err
+	}
+	if !reflect.DeepEqual(cur.Projects, st.Projects) {
+		return errStateChanged
+	}
+	return d.install(ctx, cfg, st)
+}
+
 func (d *Daemon) repairDrift(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	defer d.lockState()()
 	// `net up/down` first: acting on stale state would undo their work.
 	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
 		return errStateChanged
@@ -534,6 +558,13 @@ func (d *Daemon) repairDrift(ctx context.Context) error {
 	what := "policy routing"
 	if snap != d.applied {
 		what = d.Interception.Firewall.Describe()
+	}
+	// A `net up/down` in flight changes the ruleset too: the state lock
+	// waits for it, and a changed state is theirs, not drift.
+	unlock := d.lockState()
+	defer unlock()
+	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
+		return errStateChanged
 	}
 	d.Log.Warn("interception changed behind vmegress's back; restoring it", "what", what)
 	d.metrics.DriftRepaired()
