@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -43,7 +42,10 @@ func populate(b *testing.B, w *world.World, n int) {
 		}
 	}
 	os.MkdirAll(w.StateDir(), 0o700)
-	data, _ := json.Marshal(st)
+	data, err := state.Marshal(&st)
+	if err != nil {
+		b.Fatal(err)
+	}
 	if err := os.WriteFile(filepath.Join(w.StateDir(), state.FileName), data, 0o600); err != nil {
 		b.Fatal(err)
 	}

@@ -121,9 +121,12 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 				want = cp.Subnet
 			}
 			var placed state.Project
-			var before, after *state.State
+			var before *state.Project
+			var after *state.State
 			err = a.store().Update(func(s *state.State) error {
-				before = copyState(s)
+				if old, ok := s.Projects[name]; ok {
+					before = &old
+				}
 				used := map[netip.Prefix]bool{}
 				for _, p := range cfg.Projects {
 					if p.Subnet.IsValid() && p.Name != name {
@@ -161,7 +164,7 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 				p.Owner, p.Group = optID(owner), optID(group)
 				s.Projects[name] = p
 				placed = p
-				after = copyState(s)
+				after = s // not changed after this
 				return nil
 			}, func() error {
 				// Under the state lock: the daemon never installs an older state over this.
@@ -175,7 +178,7 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 					Forwarding: placed.Egress == state.EgressNAT || placed.SSHPort != 0}); err != nil {
 					return err
 				}
-				return a.applyProjects(cmd.Context(), cfg, before, after)
+				return a.applyProjects(cmd.Context(), cfg, before, &placed, after)
 			})
 			if err != nil {
 				return err
@@ -210,10 +213,11 @@ func copyState(s *state.State) *state.State {
 	return c
 }
 
-// applyProjects brings the ruleset from before's projects to after's: only
-// the changed elements when interception is installed, the whole table
-// otherwise (a TAP never comes up unfiltered).
-func (a *app) applyProjects(ctx context.Context, cfg *config.Config, before, after *state.State) error {
+// applyProjects brings the ruleset from project before to after (either
+// nil: absent), all of the projects being all: only the changed elements
+// when interception is installed, the whole ruleset otherwise (a TAP never
+// comes up unfiltered).
+func (a *app) applyProjects(ctx context.Context, cfg *config.Config, before, after *state.Project, all *state.State) error {
 	in, h, err := a.hostInterception(cfg.Firewall)
 	if err != nil {
 		return err
@@ -223,14 +227,23 @@ func (a *app) applyProjects(ctx context.Context, cfg *config.Config, before, aft
 	if err != nil {
 		return err
 	}
-	eff, err := daemon.Effective(cfg, after)
-	if err != nil {
-		return usageError{err}
-	}
 	if !installed {
-		return in.Install(ctx, eff, after)
+		eff, err := daemon.Effective(cfg, all)
+		if err != nil {
+			return usageError{err}
+		}
+		return in.Install(ctx, eff, all)
 	}
-	return in.Firewall.UpdateProjects(ctx, firewall.Desired(cfg, before), firewall.Desired(cfg, after))
+	// The other projects do not change: the difference of the one project
+	// is the difference of the whole.
+	one := func(p *state.Project) *state.State {
+		st := &state.State{Projects: map[string]state.Project{}}
+		if p != nil {
+			st.Projects[p.Name] = *p
+		}
+		return st
+	}
+	return in.Firewall.UpdateProjects(ctx, firewall.Desired(cfg, one(before)), firewall.Desired(cfg, one(after)))
 }
 
 func (a *app) netDownCmd() *cobra.Command {
@@ -246,12 +259,11 @@ func (a *app) netDownCmd() *cobra.Command {
 			}
 			var gone state.Project
 			var found bool
-			var before, after *state.State
+			var after *state.State
 			err = a.store().Update(func(s *state.State) error {
-				before = copyState(s)
 				gone, found = s.Projects[name]
 				delete(s.Projects, name)
-				after = copyState(s)
+				after = s
 				return nil
 			}, func() error {
 				if !found {
@@ -265,7 +277,7 @@ func (a *app) netDownCmd() *cobra.Command {
 				if err := hostnet.DeleteTAP(nl, gone.TAP); err != nil {
 					return err
 				}
-				return a.applyProjects(cmd.Context(), cfg, before, after)
+				return a.applyProjects(cmd.Context(), cfg, &gone, nil, after)
 			})
 			if err != nil {
 				return err

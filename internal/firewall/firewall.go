@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"sort"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/state"
@@ -61,15 +62,25 @@ func Desired(cfg *config.Config, st *state.State) State {
 		Mark:            cfg.Mark,
 		UpstreamMark:    cfg.UpstreamMark,
 	}
-	if st != nil {
-		for _, p := range st.Sorted() {
-			if p.Egress == state.EgressNAT {
-				s.NATIfaces = append(s.NATIfaces, p.TAP)
-				s.NATGuests = append(s.NATGuests, p.GuestIP())
-			}
-			if p.SSHPort != 0 {
-				s.SSH = append(s.SSH, SSHForward{HostPort: p.SSHPort, GuestIP: p.GuestIP()})
-			}
+	if st == nil {
+		return s
+	}
+	// Only the few projects with NAT egress or SSH are sorted (by name), not
+	// all of them: this runs on every `net up` and reload.
+	var special []state.Project
+	for _, p := range st.Projects {
+		if p.Egress == state.EgressNAT || p.SSHPort != 0 {
+			special = append(special, p)
+		}
+	}
+	sort.Slice(special, func(i, j int) bool { return special[i].Name < special[j].Name })
+	for _, p := range special {
+		if p.Egress == state.EgressNAT {
+			s.NATIfaces = append(s.NATIfaces, p.TAP)
+			s.NATGuests = append(s.NATGuests, p.GuestIP())
+		}
+		if p.SSHPort != 0 {
+			s.SSH = append(s.SSH, SSHForward{HostPort: p.SSHPort, GuestIP: p.GuestIP()})
 		}
 	}
 	return s

@@ -19,8 +19,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// FileName is the state file inside the state directory.
-const FileName = "projects.json"
+// FileName is the state file inside the state directory; legacyFileName
+// is its JSON predecessor, read when FileName is absent (the next write
+// replaces it).
+const (
+	FileName       = "projects"
+	legacyFileName = "projects.json"
+)
 
 // Egress modes of a project.
 const (
@@ -71,8 +76,24 @@ func (st Store) path() string { return filepath.Join(st.Dir, FileName) }
 // Load reads the state (empty if there is none yet). It takes no lock: the
 // file is only ever replaced whole, so a reader sees the old or the new one.
 func (st Store) Load() (*State, error) {
-	s := &State{Projects: map[string]Project{}}
 	b, err := os.ReadFile(st.path())
+	if errors.Is(err, os.ErrNotExist) {
+		return st.loadLegacy()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading state: %w", err)
+	}
+	s, err := Unmarshal(b)
+	if err != nil {
+		return nil, fmt.Errorf("parsing state %s: %w", st.path(), err)
+	}
+	return s, nil
+}
+
+func (st Store) loadLegacy() (*State, error) {
+	s := &State{Projects: map[string]Project{}}
+	path := filepath.Join(st.Dir, legacyFileName)
+	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return s, nil
 	}
@@ -80,10 +101,16 @@ func (st Store) Load() (*State, error) {
 		return nil, fmt.Errorf("reading state: %w", err)
 	}
 	if err := json.Unmarshal(b, s); err != nil {
-		return nil, fmt.Errorf("parsing state %s: %w", st.path(), err)
+		return nil, fmt.Errorf("parsing state %s: %w", path, err)
 	}
 	if s.Projects == nil {
 		s.Projects = map[string]Project{}
+	}
+	for n, p := range s.Projects {
+		if p.Egress == "" {
+			p.Egress = EgressProxy
+			s.Projects[n] = p
+		}
 	}
 	return s, nil
 }
@@ -134,7 +161,10 @@ func (st Store) write(f func(*State) error) error {
 	if err := f(s); err != nil {
 		return err
 	}
-	b, _ := json.MarshalIndent(s, "", "  ")
+	b, err := Marshal(s)
+	if err != nil {
+		return fmt.Errorf("writing state: %w", err)
+	}
 	tmp, err := os.CreateTemp(st.Dir, FileName+".*")
 	if err != nil {
 		return fmt.Errorf("writing state: %w", err)
@@ -153,6 +183,9 @@ func (st Store) write(f func(*State) error) error {
 	}
 	if err := os.Rename(tmp.Name(), st.path()); err != nil {
 		return fmt.Errorf("writing state: %w", err)
+	}
+	if err := os.Remove(filepath.Join(st.Dir, legacyFileName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing the old state file: %w", err)
 	}
 	return nil
 }

@@ -58,7 +58,7 @@ func TestConcurrentUpdates(t *testing.T) {
 					return err
 				}
 				name := fmt.Sprintf("p%d", i)
-				s.Projects[name] = Project{Name: name, Subnet: sub}
+				s.Projects[name] = Project{Name: name, TAP: TAPName(name), Subnet: sub, MAC: MAC(name), Egress: EgressProxy}
 				return nil
 			})
 			if err != nil {
