@@ -64,6 +64,7 @@ func (a *app) hostInterception(kind string) (daemon.Interception, *netlink.Handl
 			}
 			return names, nil
 		},
+		Forwarding: func() (map[string]string, error) { return hostnet.LinkForwarding(h) },
 	}
 	return daemon.Interception{Firewall: fw, Stale: stale, Netlink: h, Guard: guard}, h, nil
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 )
 
@@ -28,6 +27,9 @@ type ForwardingGuard struct {
 	ProcSys string
 	// Links lists the current interface names.
 	Links func() ([]string, error)
+	// Forwarding returns every interface's forwarding value by name
+	// (optional: LinkForwarding; zero: one sysctl read per interface).
+	Forwarding func() (map[string]string, error)
 }
 
 func (g ForwardingGuard) path(ifname string) string {
@@ -82,37 +84,68 @@ func (g ForwardingGuard) Apply() ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing interfaces: %w", err)
 	}
+	var cur map[string]string
+	if g.Forwarding != nil {
+		if cur, err = g.Forwarding(); err != nil {
+			return nil, fmt.Errorf("reading forwarding settings: %w", err)
+		}
+	}
+	value := func(ifname string) (string, bool) {
+		if cur != nil {
+			v, ok := cur[ifname]
+			return v, ok
+		}
+		b, err := os.ReadFile(g.path(ifname))
+		if err != nil {
+			return "", false // gone meanwhile
+		}
+		return strings.TrimSpace(string(b)), true
+	}
+	exclude := make(map[string]bool, len(g.Exclude))
+	for _, e := range g.Exclude {
+		exclude[e] = true
+	}
 	saved, err := g.load()
 	if err != nil {
 		return nil, err
 	}
-	var changed []string
+	var off []string
 	var errs []error
+	record := false
 	for _, ifname := range links {
-		if slices.Contains(g.Exclude, ifname) {
-			if err := os.WriteFile(g.path(ifname), []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, fmt.Errorf("turning forwarding on for %s: %w", ifname, err))
+		if exclude[ifname] {
+			if v, ok := value(ifname); ok && v != "1" {
+				if err := os.WriteFile(g.path(ifname), []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+					errs = append(errs, fmt.Errorf("turning forwarding on for %s: %w", ifname, err))
+				}
 			}
 			continue
 		}
 		if !Matches(g.Patterns, ifname) {
 			continue
 		}
-		cur, err := os.ReadFile(g.path(ifname))
-		if err != nil {
-			continue // gone meanwhile
-		}
-		if strings.TrimSpace(string(cur)) == "0" {
+		v, ok := value(ifname)
+		if !ok || v == "0" {
 			continue
 		}
 		if _, ok := saved[ifname]; !ok {
-			saved[ifname] = strings.TrimSpace(string(cur))
-			if err := g.save(saved); err != nil {
-				return changed, err
-			}
+			saved[ifname] = v
+			record = true
 		}
+		off = append(off, ifname)
+	}
+	// The values found are recorded once, before anything changes.
+	if record {
+		if err := g.save(saved); err != nil {
+			return nil, err
+		}
+	}
+	var changed []string
+	for _, ifname := range off {
 		if err := os.WriteFile(g.path(ifname), []byte("0"), 0o644); err != nil {
-			errs = append(errs, fmt.Errorf("turning forwarding off on %s: %w", ifname, err))
+			if !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("turning forwarding off on %s: %w", ifname, err))
+			}
 			continue
 		}
 		changed = append(changed, ifname)
