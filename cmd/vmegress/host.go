@@ -178,7 +178,7 @@ func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path
 func (a *app) upCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "up",
-		Short: "Install the host's interception (nftables table + policy routing); idempotent",
+		Short: "Install the host's interception (nftables table or iptables chains, policy routing); idempotent",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := a.loadConfig()
@@ -213,7 +213,8 @@ func (a *app) downCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "down",
 		Short: "Remove everything 'up' added; idempotent, needs no config",
-		Long: `Down removes the nftables table, the policy routing rule and route, and puts
+		Long: `Down removes the nftables table and the iptables chains and ipset (whichever
+are there), the policy routing rule and route, and puts
 back the forwarding setting of guest interfaces. With --restore-nat (spec 6.8
 step 4) every project that net up placed is switched to direct NAT egress
 instead (unfiltered; the table then holds only the NAT rules) and the
