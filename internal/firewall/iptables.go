@@ -576,28 +576,35 @@ var (
 // Counters returns the packet count of every dropping or redirecting rule,
 // keyed "chain: comment" with the nftables backend's chain names.
 func (b *IPTables) Counters(ctx context.Context) (map[string]uint64, error) {
-	counts := map[string]uint64{}
+	var all []string
 	for _, t := range ipTables {
 		lines, err := b.saved(ctx, t, true)
 		if err != nil {
 			return nil, err
 		}
-		for _, l := range lines {
-			m := countedRE.FindStringSubmatch(l)
-			c := commentRE.FindStringSubmatch(l)
-			if m == nil || c == nil {
-				continue
-			}
-			comment := c[1]
-			if strings.HasPrefix(comment, `"`) {
-				// iptables-save escapes with a backslash (\' \" \\).
-				comment = unescapeRE.ReplaceAllString(comment[1:len(comment)-1], "$1")
-			}
-			n, _ := strconv.ParseUint(m[1], 10, 64)
-			counts[logicalChain[m[2]]+": "+comment] += n
-		}
+		all = append(all, lines...)
 	}
-	return counts, nil
+	return parseCounters(all), nil
+}
+
+// parseCounters reads `iptables-save -c` lines of vmegress's chains.
+func parseCounters(lines []string) map[string]uint64 {
+	counts := map[string]uint64{}
+	for _, l := range lines {
+		m := countedRE.FindStringSubmatch(l)
+		c := commentRE.FindStringSubmatch(l)
+		if m == nil || c == nil {
+			continue
+		}
+		comment := c[1]
+		if len(comment) >= 2 && strings.HasPrefix(comment, `"`) {
+			// iptables-save escapes with a backslash (\' \" \\).
+			comment = unescapeRE.ReplaceAllString(comment[1:len(comment)-1], "$1")
+		}
+		n, _ := strconv.ParseUint(m[1], 10, 64)
+		counts[logicalChain[m[2]]+": "+comment] += n
+	}
+	return counts
 }
 
 // UpdateProjects changes only the per-project parts from old to s: NAT

@@ -3,11 +3,13 @@ package firewall
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/vishvananda/netlink"
@@ -203,4 +205,27 @@ func TestIPTablesKernel(t *testing.T) {
 	if s := snapshot(t, b); s != "" {
 		t.Errorf("snapshot after cleanup: %q", s)
 	}
+}
+
+// iptablesQuote quotes a comment the way iptables-save prints it.
+func iptablesQuote(s string) string {
+	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, `'`, `\'`)
+	return `"` + r.Replace(s) + `"`
+}
+
+// FuzzParseCounters: any comment iptables-save prints comes back as it was
+// written, with its count, under the nftables backend's chain name.
+func FuzzParseCounters(f *testing.F) {
+	f.Add("anti-spoofing: source is one of the host's own addresses", uint64(7))
+	f.Add(`a "quoted" \ thing`, uint64(0))
+	f.Fuzz(func(t *testing.T, comment string, n uint64) {
+		if comment == "" || strings.ContainsAny(comment, "\n\r") || !utf8.ValidString(comment) {
+			return
+		}
+		line := fmt.Sprintf("[%d:100] -A VMEGRESS-GUEST -m comment --comment %s -j DROP", n, iptablesQuote(comment))
+		got := parseCounters([]string{line, "[1:1] -A VMEGRESS-GUEST -j RETURN"})
+		if len(got) != 1 || got["prerouting: "+comment] != n {
+			t.Fatalf("parseCounters(%q) = %v", line, got)
+		}
+	})
 }
