@@ -235,7 +235,11 @@ func TestAdminEndpoint(t *testing.T) {
 		t.Errorf("status --json: %v\n%s", err, out)
 	}
 	out, err = e.vmegress("--config", e.cfg, "status")
-	if err != nil || !strings.Contains(out, "alpha") || (!onEnvoy() && !strings.Contains(out, "allow=1 deny=1")) {
+	wantFirewall := "firewall nftables table inet vmegress"
+	if onIPTables() {
+		wantFirewall = "firewall iptables chains VMEGRESS-*"
+	}
+	if err != nil || !strings.Contains(out, "alpha") || (!onEnvoy() && !strings.Contains(out, "allow=1 deny=1")) || !strings.Contains(out, wantFirewall) {
 		t.Errorf("status: %v\n%s", err, out)
 	}
 	for _, ip := range []string{e.g.HostIP.String(), world.HostUplinkIP.String()} {

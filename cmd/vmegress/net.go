@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime/debug"
+	"slices"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -19,7 +21,10 @@ import (
 )
 
 func (a *app) netCmd() *cobra.Command {
-	c := &cobra.Command{Use: "net", Short: "Per-project TAP devices and /30s (the spec's microvm-net-up/down)"}
+	c := &cobra.Command{Use: "net", Short: "Per-project TAP devices and /30s (the spec's microvm-net-up/down)",
+		// Short-lived commands that read every project: fewer collections,
+		// a few more MiB for a few milliseconds (measured: BENCHMARKS.md).
+		PersistentPreRun: func(*cobra.Command, []string) { debug.SetGCPercent(400) }}
 	c.AddCommand(a.netUpCmd(), a.netDownCmd(), a.netListCmd())
 	return c
 }
@@ -127,17 +132,17 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 				if old, ok := s.Projects[name]; ok {
 					before = &old
 				}
-				used := map[netip.Prefix]bool{}
+				used := make([]netip.Prefix, 0, len(cfg.Projects)+len(s.Projects))
 				for _, p := range cfg.Projects {
 					if p.Subnet.IsValid() && p.Name != name {
-						used[p.Subnet] = true
+						used = append(used, p.Subnet)
 					}
 				}
 				for _, p := range s.Projects {
 					if p.Name == name {
 						continue
 					}
-					used[p.Subnet] = true
+					used = append(used, p.Subnet)
 					if p.TAP == tap {
 						return usagef("TAP %s is already project %s's", tap, p.Name)
 					}
@@ -155,7 +160,7 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 						if sub, err = state.Allocate(cfg.VMCIDR, used); err != nil {
 							return err
 						}
-					} else if used[sub] {
+					} else if slices.ContainsFunc(used, sub.Overlaps) {
 						return usagef("subnet %s is already in use", sub)
 					}
 					p = state.Project{Name: name, Subnet: sub, MAC: state.MAC(name)}

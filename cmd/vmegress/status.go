@@ -88,7 +88,7 @@ func printStatus(w io.Writer, st *daemon.Status) {
 	if st.LastError != "" {
 		fmt.Fprintf(w, ", FAILED: %s", st.LastError)
 	}
-	fmt.Fprintf(w, ")\ndataplane %s, upstream %s, interception installed=%v\n\n", st.Dataplane, st.Upstream, st.Interception)
+	fmt.Fprintf(w, ")\ndataplane %s, upstream %s, firewall %s, interception installed=%v\n\n", st.Dataplane, st.Upstream, st.Firewall, st.Interception)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PROJECT\tSUBNET\tMODE\tRULES\tACTIVE\tCONNECTIONS\tDNS")
 	for _, p := range st.Projects {

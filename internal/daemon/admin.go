@@ -22,6 +22,7 @@ type Status struct {
 	Started      time.Time       `json:"started"`
 	Config       string          `json:"config"`
 	Dataplane    string          `json:"dataplane"`
+	Firewall     string          `json:"firewall"`
 	Upstream     string          `json:"upstream"`
 	LastReload   time.Time       `json:"last_reload"`
 	LastError    string          `json:"last_reload_error,omitempty"`
@@ -45,7 +46,7 @@ func (d *Daemon) Status(ctx context.Context) Status {
 	d.mu.Lock()
 	cfg, ready := d.cfg, d.ready
 	st := Status{Version: d.Version, Ready: ready, Started: d.started, Config: cfg.Path, Dataplane: cfg.Dataplane,
-		Upstream: cfg.Upstream, LastReload: d.lastLoad, LastError: d.lastError}
+		Firewall: d.Interception.Firewall.Describe(), Upstream: cfg.Upstream, LastReload: d.lastLoad, LastError: d.lastError}
 	d.mu.Unlock()
 	if ok, err := d.Interception.Firewall.Installed(ctx); err == nil {
 		st.Interception = ok

@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -28,7 +30,8 @@ type ForwardingGuard struct {
 	// Links lists the current interface names.
 	Links func() ([]string, error)
 	// Forwarding returns every interface's forwarding value by name
-	// (optional: LinkForwarding; zero: one sysctl read per interface).
+	// (optional: LinkForwarding; zero: Links, then one sysctl read per
+	// interface). When set, Links is not used by Apply.
 	Forwarding func() (map[string]string, error)
 }
 
@@ -80,15 +83,17 @@ func (g ForwardingGuard) save(saved map[string]string) error {
 // Apply sets forwarding=0 on every matching interface that does not have it
 // yet; it returns the interfaces it changed.
 func (g ForwardingGuard) Apply() ([]string, error) {
-	links, err := g.Links()
-	if err != nil {
-		return nil, fmt.Errorf("listing interfaces: %w", err)
-	}
+	var links []string
 	var cur map[string]string
+	var err error
 	if g.Forwarding != nil {
+		// Its keys are the interfaces: no second link dump.
 		if cur, err = g.Forwarding(); err != nil {
 			return nil, fmt.Errorf("reading forwarding settings: %w", err)
 		}
+		links = slices.Sorted(maps.Keys(cur))
+	} else if links, err = g.Links(); err != nil {
+		return nil, fmt.Errorf("listing interfaces: %w", err)
 	}
 	value := func(ifname string) (string, bool) {
 		if cur != nil {

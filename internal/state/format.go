@@ -18,34 +18,47 @@ const header = "# vmegress projects, format 1: name\ttap\tsubnet\tmac\tegress\ts
 
 // Marshal renders s in the state file's format, projects by name.
 func Marshal(s *State) ([]byte, error) {
-	var b bytes.Buffer
-	b.Grow(64 + 80*len(s.Projects))
-	b.WriteString(header + "\n")
-	// Sorting the names, not the records, is the cheaper way to a stable file.
+	// Sorting the names, not the records, is the cheaper way to a stable
+	// file; appending in place keeps it to a few allocations (this runs on
+	// every `net up` with every project).
 	names := slices.Sorted(maps.Keys(s.Projects))
-	var fields [8]string
+	b := make([]byte, 0, len(header)+1+96*len(names))
+	b = append(append(b, header...), '\n')
 	for _, name := range names {
 		p := s.Projects[name]
-		fields = [8]string{p.Name, p.TAP, p.Subnet.String(), p.MAC, p.Egress, strconv.Itoa(int(p.SSHPort)), optString(p.Owner), optString(p.Group)}
-		for i, f := range fields {
-			if f == "" || strings.ContainsAny(f, "\t\n\r") {
-				return nil, fmt.Errorf("project %q: field %d (%q) is empty or holds a tab or newline", p.Name, i+1, f)
-			}
-			if i > 0 {
-				b.WriteByte('\t')
-			}
-			b.WriteString(f)
+		if p.Name == "" || p.TAP == "" || p.MAC == "" || p.Egress == "" || !p.Subnet.IsValid() {
+			return nil, fmt.Errorf("project %q: a field is empty", name)
 		}
-		b.WriteByte('\n')
+		b = append(append(b, p.Name...), '\t')
+		b = append(append(b, p.TAP...), '\t')
+		b = append(p.Subnet.AppendTo(b), '\t')
+		b = append(append(b, p.MAC...), '\t')
+		b = append(append(b, p.Egress...), '\t')
+		b = append(strconv.AppendUint(b, uint64(p.SSHPort), 10), '\t')
+		b = append(appendOpt(b, p.Owner), '\t')
+		b = append(appendOpt(b, p.Group), '\n')
 	}
-	return b.Bytes(), nil
+	// A tab or line break inside a field would shift the fields of the line
+	// or split it: counted once over the whole text, not per field.
+	if bytes.Count(b, []byte{'\n'}) != len(names)+1 || bytes.Count(b, []byte{'\t'}) != strings.Count(header, "\t")+7*len(names) || bytes.IndexByte(b, '\r') >= 0 {
+		for _, name := range names {
+			p := s.Projects[name]
+			for _, f := range []string{p.Name, p.TAP, p.MAC, p.Egress} {
+				if strings.ContainsAny(f, "\t\n\r") {
+					return nil, fmt.Errorf("project %q: field %q holds a tab or line break", name, f)
+				}
+			}
+		}
+		return nil, fmt.Errorf("state holds a tab or line break in a field")
+	}
+	return b, nil
 }
 
-func optString(v *uint32) string {
+func appendOpt(b []byte, v *uint32) []byte {
 	if v == nil {
-		return "-"
+		return append(b, '-')
 	}
-	return strconv.FormatUint(uint64(*v), 10)
+	return strconv.AppendUint(b, uint64(*v), 10)
 }
 
 // Unmarshal parses the state file's format; errors name the line.

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -99,4 +100,50 @@ func FuzzUnmarshal(f *testing.F) {
 			t.Fatalf("round trip changed the state:\n%+v\n%+v", s, s2)
 		}
 	})
+}
+
+func manyProjects(n int) *State {
+	s := &State{Projects: make(map[string]Project, n)}
+	sub := netip.MustParsePrefix("172.31.0.0/30")
+	for i := 0; i < n; i++ {
+		name := "p" + strconv.Itoa(i)
+		s.Projects[name] = Project{Name: name, TAP: "tap-" + name, Subnet: sub, MAC: MAC(name), Egress: EgressProxy}
+		a := sub.Addr()
+		for j := 0; j < 4; j++ {
+			a = a.Next()
+		}
+		sub = netip.PrefixFrom(a, 30)
+	}
+	return s
+}
+
+// BenchmarkUpdate4000 is what `net up` pays for the state at 4,000
+// projects: lock, read, parse, change one, render, write, fsync, rename.
+func BenchmarkUpdate4000(b *testing.B) {
+	st := Store{Dir: b.TempDir()}
+	data, _ := Marshal(manyProjects(4000))
+	os.WriteFile(filepath.Join(st.Dir, FileName), data, 0o600)
+	for b.Loop() {
+		err := st.Update(func(s *State) error {
+			s.Projects["bench"] = Project{Name: "bench", TAP: "tap-bench", Subnet: netip.MustParsePrefix("172.31.255.0/30"), MAC: MAC("bench"), Egress: EgressProxy}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkMarshal4000(b *testing.B) {
+	s := manyProjects(4000)
+	for b.Loop() {
+		Marshal(s)
+	}
+}
+
+func BenchmarkUnmarshal4000(b *testing.B) {
+	data, _ := Marshal(manyProjects(4000))
+	for b.Loop() {
+		Unmarshal(data)
+	}
 }

@@ -9,7 +9,7 @@ import (
 
 func TestAllocate(t *testing.T) {
 	vm := netip.MustParsePrefix("172.31.0.0/16")
-	used := map[netip.Prefix]bool{}
+	var used []netip.Prefix
 	for i := 0; i < 3; i++ {
 		p, err := Allocate(vm, used)
 		if err != nil {
@@ -18,12 +18,29 @@ func TestAllocate(t *testing.T) {
 		if want := netip.MustParsePrefix(fmt.Sprintf("172.31.0.%d/30", 4*i)); p != want {
 			t.Errorf("allocation %d = %s, want %s", i, p, want)
 		}
-		used[p] = true
+		used = append(used, p)
+	}
+	// A hole is reused; prefixes outside the range or larger than a /30 count
+	// for the slots they cover.
+	used = []netip.Prefix{netip.MustParsePrefix("172.31.0.4/30"), netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("172.31.0.0/30")}
+	if p, err := Allocate(vm, used); err != nil || p != netip.MustParsePrefix("172.31.0.8/30") {
+		t.Errorf("after two: %v, %v", p, err)
+	}
+	used = []netip.Prefix{netip.MustParsePrefix("172.31.0.0/29")}
+	if p, err := Allocate(vm, used); err != nil || p != netip.MustParsePrefix("172.31.0.8/30") {
+		t.Errorf("after a /29: %v, %v", p, err)
+	}
+	used = []netip.Prefix{netip.MustParsePrefix("172.31.0.0/30"), netip.MustParsePrefix("172.31.0.8/30")}
+	if p, err := Allocate(vm, used); err != nil || p != netip.MustParsePrefix("172.31.0.4/30") {
+		t.Errorf("with a hole: %v, %v", p, err)
 	}
 	small := netip.MustParsePrefix("10.0.0.0/29")
-	used = map[netip.Prefix]bool{netip.MustParsePrefix("10.0.0.0/30"): true, netip.MustParsePrefix("10.0.0.4/30"): true}
+	used = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/30"), netip.MustParsePrefix("10.0.0.4/30")}
 	if _, err := Allocate(small, used); err != ErrNoFreeSubnet {
 		t.Errorf("full range: %v", err)
+	}
+	if _, err := Allocate(vm, []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}); err != ErrNoFreeSubnet {
+		t.Errorf("everything used: %v", err)
 	}
 }
 
@@ -49,9 +66,9 @@ func TestConcurrentUpdates(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			err := st.Update(func(s *State) error {
-				used := map[netip.Prefix]bool{}
+				var used []netip.Prefix
 				for _, p := range s.Projects {
-					used[p.Subnet] = true
+					used = append(used, p.Subnet)
 				}
 				sub, err := Allocate(vm, used)
 				if err != nil {
