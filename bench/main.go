@@ -572,7 +572,7 @@ func hostDensity(o options) (string, error) {
 		r := ups["4000"] / ups["0"]
 		verdict := "met"
 		if r > 1.2 {
-			verdict = "**missed** (the CLI reads and rewrites the whole state file, and the running daemon reloads the policy on every change, on the same two cores)"
+			verdict = "**missed** (what still grows with projects: the CLI reads and rewrites the state file, one line per project, and the daemon reloads on every change, on the same two cores)"
 		}
 		fmt.Fprintf(&b, "Target `net up` at 4,000 projects within 1.2× of `net up` at 0: %.2f×, %s.\n", r, verdict)
 	}
