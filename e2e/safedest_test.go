@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strings"
@@ -355,4 +356,43 @@ func TestPolicyExplain(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestHTTPKeepAliveHostSwitch: a second request on an allowed plain-HTTP
+// connection that names another host never reaches the server (domain
+// fronting over a kept-alive connection).
+func TestHTTPKeepAliveHostSwitch(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var got []byte
+	err := world.InNS(e.g.NS, func() error {
+		c, err := net.DialTimeout("tcp4", world.WWWGitHubIP.String()+":80", 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(8 * time.Second))
+		if _, err := io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n"+
+			"GET /two HTTP/1.1\r\nHost: example.com\r\n\r\n"); err != nil {
+			return err
+		}
+		got, _ = io.ReadAll(c) // until the connection ends
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(got), "you asked for www.github.com") {
+		t.Errorf("the allowed first request got no answer:\n%s", got)
+	}
+	if strings.Contains(string(got), "you asked for example.com") {
+		t.Errorf("a second request for example.com reached the server:\n%s", got)
+	}
+	if !onEnvoy() {
+		line := e.accessLine("host", "example.com", "verdict", "deny")
+		if !strings.Contains(fmt.Sprint(line["reason"]), "later request on this connection") {
+			t.Errorf("deny line: %v", line)
+		}
+	}
+	e.noLeaks()
 }

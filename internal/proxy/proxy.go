@@ -8,6 +8,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -361,13 +362,18 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		return
 	}
 	e.upstream = target.String()
-	if _, err := up.Write(prefix); err != nil {
-		up.Close()
-		e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("sending the request upstream: %v", err)
-		p.refuse(c, e, refuseReset)
-		return
+	// Plain HTTP is forwarded request by request (every request head must
+	// name the allowed host); anything else is spliced after its prefix.
+	http := e.kind == policy.KindHTTP && e.name != ""
+	if !http {
+		if _, err := up.Write(prefix); err != nil {
+			up.Close()
+			e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("sending the request upstream: %v", err)
+			p.refuse(c, e, refuseReset)
+			return
+		}
+		e.up = int64(len(prefix))
 	}
-	e.up = int64(len(prefix))
 	e.established.Store(true)
 	var left atomic.Int32
 	left.Store(2)
@@ -385,9 +391,65 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		p.logEntry(e)
 	}
 	p.wg.Add(2)
-	go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
+	if http {
+		go func() {
+			defer p.wg.Done()
+			upBytes = p.forwardHTTP(up, c, prefix, e, pr.Audit)
+			finish()
+		}()
+	} else {
+		go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
+	}
 	go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
 	return true
+}
+
+// forwardHTTP carries the client's requests upstream, checking each (see
+// forwardRequests). A request for another host is not sent: the client
+// gets the answers to the requests before it, then the connection ends, and
+// the access log has a deny line for it (in audit mode: a would-deny line,
+// and the request goes on).
+func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry, audit bool) int64 {
+	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(prefix), c), 4096)
+	closeUpWrite := func() {
+		if cw, ok := up.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		} else {
+			up.Close()
+		}
+	}
+	var total int64
+	host := e.name
+	for {
+		n, err := forwardRequests(up, br, host)
+		total += n
+		var hs *HostSwitchError
+		if errors.As(err, &hs) {
+			denied := &entry{src: e.src, dst: e.dst, start: p.now(), name: hs.Host, kind: policy.KindHTTP,
+				d: policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: hs.Error()}}
+			if audit {
+				denied.d.Verdict = WouldDeny
+				p.logEntry(denied)
+				host = hs.Host // let it through; later requests are held to it
+				continue
+			}
+			p.logEntry(denied)
+			// Nothing of it goes upstream; the answers to the requests
+			// before it still reach the client, then the connection ends
+			// (a 403 could interleave with a response in flight).
+			closeUpWrite()
+			c.CloseRead()
+			return total
+		}
+		if err != nil {
+			up.Close()
+			c.Close()
+			return total
+		}
+		closeUpWrite()
+		c.CloseRead()
+		return total
+	}
 }
 
 // inspect reads what the policy needs (ClientHello or request head) without
