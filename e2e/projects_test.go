@@ -292,3 +292,27 @@ func natMembers(t *testing.T, e *env) string {
 	t.Fatalf("no ipset vmegress-nat in %v", sets)
 	return ""
 }
+
+// TestNATUplink: `uplink` ties direct NAT egress to that interface (the
+// spec's LAN_IF): named right, a NAT project gets out; named wrong, nothing.
+func TestNATUplink(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, "uplink: up0\n"+projectsConfig)
+	e.start()
+	beta, _ := e.netUp("beta", "--egress", "nat")
+	reach := func() error {
+		_, err := e.curlFrom(beta, "https://example.com", "--resolve", "example.com:443:"+world.ExampleIP.String(), "--max-time", "3")
+		return err
+	}
+	if err := reach(); err != nil {
+		t.Errorf("NAT egress by the named uplink up0: %v", err)
+	}
+	// A restart with another uplink: up0 is no longer a way out.
+	e.d.Stop(10 * time.Second)
+	e.writeConfig("uplink: nosuch0\n" + projectsConfig)
+	e.start()
+	if err := reach(); err == nil {
+		t.Error("NAT egress left by up0 with uplink nosuch0")
+	}
+	e.noLeaks()
+}

@@ -40,6 +40,9 @@ type State struct {
 	// SSH forwards a host port to a guest's port 22 (inbound only; replies
 	// only for those flows).
 	SSH []SSHForward
+	// Uplink, when set, is the only interface direct-NAT egress leaves by
+	// (the spec's LAN_IF); empty: any interface that is not a guest's.
+	Uplink string
 }
 
 // SSHForward is one inbound SSH DNAT.
@@ -61,6 +64,7 @@ func Desired(cfg *config.Config, st *state.State) State {
 		DNSPort:         cfg.DNSPort,
 		Mark:            cfg.Mark,
 		UpstreamMark:    cfg.UpstreamMark,
+		Uplink:          cfg.Uplink,
 	}
 	if st == nil {
 		return s
@@ -88,8 +92,8 @@ func Desired(cfg *config.Config, st *state.State) State {
 
 // String renders s for logs and comparisons.
 func (s State) String() string {
-	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x nat=%v ssh=%v",
-		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.NATIfaces, s.SSH)
+	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x nat=%v ssh=%v uplink=%q",
+		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.NATIfaces, s.SSH, s.Uplink)
 }
 
 // Backend applies a desired State to the host.

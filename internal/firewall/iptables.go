@@ -248,8 +248,18 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	for _, f := range s.SSH {
 		add(n, "VMEGRESS-SSH", sshRule(f), "inbound SSH to guests")
 	}
+	// Direct NAT egress leaves by the uplink if one is named, else by any
+	// interface that is not a guest's.
+	uplinkOut, uplinkIn := "", ""
+	if s.Uplink != "" {
+		up, err := iptIface(s.Uplink)
+		if err != nil || strings.HasSuffix(up, "+") {
+			return nil, fmt.Errorf("uplink %q is not an interface name", s.Uplink)
+		}
+		uplinkOut, uplinkIn = "-o "+up+" ", "-i "+up+" "
+	}
 	guestOut(n, "VMEGRESS-NAT-POST", "-j RETURN", "")
-	add(n, "VMEGRESS-NAT-POST", natSrc+" -j MASQUERADE", "direct NAT egress (spec: MASQUERADE)")
+	add(n, "VMEGRESS-NAT-POST", uplinkOut+natSrc+" -j MASQUERADE", "direct NAT egress (spec: MASQUERADE)")
 
 	const f = "ip filter"
 	add(f, "VMEGRESS-INPUT", fmt.Sprintf("-p tcp --dport %d -m mark ! --mark %s -j DROP", s.TProxyPort, mark), "the data plane's port is reachable only through TPROXY")
@@ -266,8 +276,8 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	guestIn(f, "VMEGRESS-FORWARD", "-m conntrack --ctstate DNAT --ctdir REPLY -j ACCEPT", "replies of inbound SSH")
 	guestIn(f, "VMEGRESS-FORWARD", natSrc+" -j VMEGRESS-NAT-EGRESS", "")
 	guestOut(f, "VMEGRESS-NAT-EGRESS", "-j RETURN", "")
-	add(f, "VMEGRESS-NAT-EGRESS", "-j ACCEPT", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
-	add(f, "VMEGRESS-FORWARD", "-m set --match-set "+NATSet+" dst -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "replies to direct NAT egress")
+	add(f, "VMEGRESS-NAT-EGRESS", uplinkOut+"-j ACCEPT", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
+	add(f, "VMEGRESS-FORWARD", uplinkIn+"-m set --match-set "+NATSet+" dst -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "replies to direct NAT egress")
 	guestIn(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding from guests: egress only via the proxy")
 	guestOut(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding to guests")
 	add(f, "VMEGRESS-FORWARD", "-s "+cidr+" -j DROP", "guest-range source on another interface")

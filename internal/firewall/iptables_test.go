@@ -229,3 +229,44 @@ func FuzzParseCounters(f *testing.F) {
 		}
 	})
 }
+
+// TestUplink: with an uplink named, direct NAT egress (forward, masquerade,
+// replies) is tied to it on both backends; the kernel accepts both.
+func TestUplink(t *testing.T) {
+	s := projectState
+	s.Uplink = "eth0"
+	rules, err := RenderIPTables(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := strings.Join(rules["ip nat"], "\n") + "\n" + strings.Join(rules["ip filter"], "\n")
+	for _, want := range []string{
+		"-A VMEGRESS-NAT-POST -o eth0 -m set --match-set vmegress-nat src",
+		"-A VMEGRESS-NAT-EGRESS -o eth0 -j ACCEPT",
+		"-A VMEGRESS-FORWARD -i eth0 -m set --match-set vmegress-nat dst",
+	} {
+		if !strings.Contains(all, want) {
+			t.Errorf("no %q in:\n%s", want, all)
+		}
+	}
+	bad := s
+	bad.Uplink = "eth*"
+	if _, err := RenderIPTables(bad); err == nil {
+		t.Error("a pattern as uplink was accepted")
+	}
+
+	nettest.Privileged(t)
+	for _, kind := range []string{KindNFTables, KindIPTables} {
+		snap, err := Expected(context.Background(), kind, s)
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		want := `oifname "eth0" masquerade`
+		if kind == KindIPTables {
+			want = "-o eth0 -m set --match-set vmegress-nat src"
+		}
+		if !strings.Contains(snap, want) {
+			t.Errorf("%s: no %q in the kernel's listing:\n%s", kind, want, snap)
+		}
+	}
+}

@@ -284,7 +284,13 @@ func Render(tx *knftables.Transaction, s State) {
 		Name: chainNATPost, Type: ptr(knftables.NATType), Hook: ptr(knftables.PostroutingHook),
 		Priority: ptr(knftables.SNATPriority), Policy: ptr(knftables.AcceptPolicy),
 	})
-	rule(chainNATPost, "iifname @"+setNATIfaces+" oifname != @"+setGuestIfaces+" masquerade", "direct NAT egress (spec: MASQUERADE)")
+	// Direct NAT egress leaves by the uplink if one is named, else by any
+	// interface that is not a guest's.
+	out := "oifname != @" + setGuestIfaces
+	if s.Uplink != "" {
+		out = fmt.Sprintf("oifname %q", s.Uplink)
+	}
+	rule(chainNATPost, "iifname @"+setNATIfaces+" "+out+" masquerade", "direct NAT egress (spec: MASQUERADE)")
 
 	// input: guests reach host sockets only through the TPROXY mark or the
 	// DNS redirect.
@@ -305,8 +311,12 @@ func Render(tx *knftables.Transaction, s State) {
 	})
 	rule(chainForward, "oifname @"+setGuestIfaces+" ct status dnat ct direction original tcp dport 22 accept", "inbound SSH to a guest")
 	rule(chainForward, fromGuest+" ct status dnat ct direction reply accept", "replies of inbound SSH")
-	rule(chainForward, "iifname @"+setNATIfaces+" oifname != @"+setGuestIfaces+" accept", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
-	rule(chainForward, "oifname @"+setNATIfaces+" ct state established,related accept", "replies to direct NAT egress")
+	rule(chainForward, "iifname @"+setNATIfaces+" "+out+" accept", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
+	replyIn := ""
+	if s.Uplink != "" {
+		replyIn = fmt.Sprintf("iifname %q ", s.Uplink)
+	}
+	rule(chainForward, replyIn+"oifname @"+setNATIfaces+" ct state established,related accept", "replies to direct NAT egress")
 	rule(chainForward, fromGuest+" counter drop", "no forwarding from guests: egress only via the proxy")
 	rule(chainForward, "oifname @"+setGuestIfaces+" counter drop", "no forwarding to guests")
 	rule(chainForward, fmt.Sprintf("ip saddr %s counter drop", s.VMCIDR), "guest-range source on another interface")
