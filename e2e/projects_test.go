@@ -204,6 +204,10 @@ func TestSSHAndNATEgress(t *testing.T) {
 	if _, err := world.Output(e.ctx, world.NS(beta.NS, "curl", "-sS", "--max-time", "3", "telnet://"+alpha.GuestIP.String()+":22")...); err == nil {
 		t.Error("beta (nat) reached alpha's guest")
 	}
+	// doctor judges the ruleset with the placed projects (NAT, SSH) in it.
+	if out, _ := e.vmegress("--config", e.cfg, "doctor"); !strings.Contains(out, "[ok  ] ruleset") {
+		t.Errorf("doctor's ruleset check with NAT and SSH projects placed:\n%s", out)
+	}
 }
 
 // TestSpecScripts: microvm-net-up.sh / -down.sh keep the spec's interface;

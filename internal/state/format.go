@@ -89,6 +89,9 @@ func Unmarshal(data []byte) (*State, error) {
 }
 
 func parseLine(line string) (Project, error) {
+	if strings.IndexByte(line, '\r') >= 0 {
+		return Project{}, fmt.Errorf("carriage return in the line")
+	}
 	var f [8]string
 	rest := line
 	for i := range f {
