@@ -79,10 +79,14 @@ func (b *IPTables) Close() {
 // Describe names what the backend installs.
 func (b *IPTables) Describe() string { return "iptables chains VMEGRESS-* and ipset " + NATSet }
 
+// execStdin runs argv with stdin (nil: none) in the C locale; a failure
+// carries the command's stderr.
 func execStdin(ctx context.Context, stdin []byte, argv ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
-	cmd.Stdin = bytes.NewReader(stdin)
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

@@ -1,15 +1,11 @@
 package firewall
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"os/exec"
 	"regexp"
 	"runtime"
-	"strings"
 
 	"github.com/vishvananda/netns"
 	"sigs.k8s.io/knftables"
@@ -34,23 +30,11 @@ func NewNFTables(nft knftables.Interface) *NFTables {
 	return &NFTables{nft: nft}
 }
 
-func execNFT(ctx context.Context, argv ...string) ([]byte, error) {
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), "LC_ALL=C")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return out, fmt.Errorf("running %s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
-	}
-	return out, nil
-}
-
 func (b *NFTables) run(ctx context.Context, argv ...string) ([]byte, error) {
 	if b.Exec != nil {
 		return b.Exec(ctx, argv...)
 	}
-	return execNFT(ctx, argv...)
+	return execStdin(ctx, nil, argv...)
 }
 
 var counterRE = regexp.MustCompile(`counter packets \d+ bytes \d+`)

@@ -76,23 +76,21 @@ func forwardRequests(up io.Writer, br *bufio.Reader, host string) (int64, error)
 
 // readRequestHead reads one request head (through its empty line, at most
 // MaxRequestHeadBytes), skipping nothing: the bytes are returned as read.
-// Empty lines before a request line (RFC 9112 2.2) belong to its head.
+// Empty lines before a request line (RFC 9112 2.2) belong to its head. A
+// stream that ends before any byte gives io.EOF.
 func readRequestHead(br *bufio.Reader) ([]byte, error) {
 	var head []byte
 	started := false
 	for {
-		line, err := br.ReadSlice('\n')
+		line, err := readLine(br, MaxRequestHeadBytes-len(head))
 		head = append(head, line...)
-		if len(head) > MaxRequestHeadBytes {
+		if errors.Is(err, io.EOF) && len(head) > 0 {
+			return head, io.ErrUnexpectedEOF
+		}
+		if errors.Is(err, errLineTooLong) {
 			return head, errors.New("HTTP request head larger than 16 KiB")
 		}
-		if errors.Is(err, bufio.ErrBufferFull) {
-			continue
-		}
 		if err != nil {
-			if errors.Is(err, io.EOF) && len(head) > 0 {
-				return head, io.ErrUnexpectedEOF
-			}
 			return head, err
 		}
 		blank := len(bytes.TrimRight(line, "\r\n")) == 0
@@ -123,7 +121,7 @@ func requestHost(head []byte) (string, *http.Request, error) {
 // copyChunked copies one chunked body (chunks, last chunk, trailers) raw.
 func copyChunked(w io.Writer, br *bufio.Reader) error {
 	for {
-		line, err := readLine(br)
+		line, err := chunkLine(br)
 		if err != nil {
 			return err
 		}
@@ -138,7 +136,7 @@ func copyChunked(w io.Writer, br *bufio.Reader) error {
 		if size == 0 {
 			// Trailers up to an empty line.
 			for {
-				line, err := readLine(br)
+				line, err := chunkLine(br)
 				if err != nil {
 					return err
 				}
@@ -153,7 +151,7 @@ func copyChunked(w io.Writer, br *bufio.Reader) error {
 		if _, err := io.CopyN(w, br, int64(size)); err != nil {
 			return err
 		}
-		crlf, err := readLine(br)
+		crlf, err := chunkLine(br)
 		if err != nil {
 			return err
 		}
@@ -166,23 +164,36 @@ func copyChunked(w io.Writer, br *bufio.Reader) error {
 	}
 }
 
-// readLine reads through '\n', at most MaxChunkLineBytes.
-func readLine(br *bufio.Reader) ([]byte, error) {
+var errLineTooLong = errors.New("line too long")
+
+// readLine reads through '\n', at most max bytes (errLineTooLong beyond);
+// io.EOF when the stream ends before any byte, io.ErrUnexpectedEOF within
+// a line.
+func readLine(br *bufio.Reader, max int) ([]byte, error) {
 	var out []byte
 	for {
 		part, err := br.ReadSlice('\n')
 		out = append(out, part...)
-		if len(out) > MaxChunkLineBytes {
-			return out, errors.New("chunk line too long")
+		if len(out) > max {
+			return out, errLineTooLong
 		}
 		if errors.Is(err, bufio.ErrBufferFull) {
 			continue
 		}
-		if errors.Is(err, io.EOF) {
+		if errors.Is(err, io.EOF) && len(out) > 0 {
 			return out, io.ErrUnexpectedEOF
 		}
 		return out, err
 	}
+}
+
+// chunkLine is a line of a chunked body: the stream may not end there.
+func chunkLine(br *bufio.Reader) ([]byte, error) {
+	line, err := readLine(br, MaxChunkLineBytes)
+	if errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return line, err
 }
 
 func headerHasToken(h http.Header, key, token string) bool {
