@@ -18,7 +18,7 @@ import (
 
 // populate gives the world's host n placed projects: real TAPs (made in
 // one `ip -batch`) and their state records.
-func populate(b *testing.B, w *world.World, n int) {
+func populate(b testing.TB, w *world.World, n int) {
 	b.Helper()
 	st := state.State{Projects: map[string]state.Project{}}
 	var batch strings.Builder
@@ -98,7 +98,7 @@ func BenchmarkNetScale(b *testing.B) {
 	}
 }
 
-func rssKiB(b *testing.B, pid int) int {
+func rssKiB(b testing.TB, pid int) int {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
