@@ -635,7 +635,23 @@ func spliceAvailable(dst, src *net.TCPConn) (int64, error) {
 		if eof {
 			return total, nil
 		}
-		n, err := dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
+		var n int64
+		if avail <= smallCopy {
+			// Small bursts (handshakes, requests, interactive traffic) cost
+			// fewer syscalls through a buffer borrowed for this burst only
+			// than through splice's pipe.
+			bp := copyBufs.Get().(*[]byte)
+			var m int
+			m, err = src.Read((*bp)[:avail])
+			if m > 0 {
+				var w int
+				w, err = dst.Write((*bp)[:m])
+				n = int64(w)
+			}
+			copyBufs.Put(bp)
+		} else {
+			n, err = dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
+		}
 		total += n
 		if err != nil {
 			return total, err
@@ -645,6 +661,12 @@ func spliceAvailable(dst, src *net.TCPConn) (int64, error) {
 		}
 	}
 }
+
+// smallCopy is the largest burst copied through a pooled buffer rather
+// than spliced (a TLS record is at most 16 KiB plus its header).
+const smallCopy = 32 << 10
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, smallCopy); return &b }}
 
 // waitAvailable waits until the socket has data or its end, and returns how
 // many bytes are queued (SIOCINQ) or that the peer has finished.
