@@ -262,6 +262,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.mu.Lock()
 	d.cfg, d.st, d.pol, d.started, d.lastLoad = cfg, st, pol, time.Now(), time.Now()
 	err = d.install(ctx, cfg, st)
+	// The other backend's leftovers are gone now; later installs (reloads,
+	// drift repairs) need not look again.
+	d.Interception.Stale = nil
 	d.mu.Unlock()
 	unlock()
 	unlock = func() {}
