@@ -481,3 +481,41 @@ func TestAccessLogReopen(t *testing.T) {
 		t.Errorf("rotated file lost its lines:\n%s", old)
 	}
 }
+
+// TestFirewallSwitch: a restart with the other firewall backend removes
+// what the first one installed, guests stay filtered, and `down` leaves the
+// host as it was.
+func TestFirewallSwitch(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	before := e.hostState()
+	for i, fw := range []string{"nftables", "iptables", "nftables"} {
+		e.writeConfig("firewall: " + fw + "\n" + baseConfig)
+		e.start()
+		state := e.hostState()
+		hasNFT := strings.Contains(state, "table inet vmegress")
+		hasIPT := strings.Contains(state, "-j VMEGRESS-")
+		if hasNFT != (fw == "nftables") || hasIPT != (fw == "iptables") {
+			t.Errorf("step %d (%s): nftables table present %v, iptables chains present %v:\n%s", i, fw, hasNFT, hasIPT, state)
+		}
+		if _, err := e.curl("https://www.github.com"); err != nil {
+			t.Errorf("step %d (%s): allowed egress: %v", i, fw, err)
+		}
+		if _, err := e.curlAt("https://example.com", world.ExampleIP.String(), "--max-time", "3"); err == nil {
+			t.Errorf("step %d (%s): example.com reached", i, fw)
+		}
+		if err := e.d.Stop(10 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The daemon is stopped with nftables installed; the config names
+	// iptables: down removes both kinds.
+	e.writeConfig("firewall: iptables\n" + baseConfig)
+	if _, err := e.vmegress("--config", e.cfg, "down"); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(before, e.hostState()); diff != "" {
+		t.Errorf("down after a backend switch left (-before +after):\n%s", diff)
+	}
+	e.noLeaks()
+}
