@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -326,9 +327,44 @@ func (b *IPTables) saved(ctx context.Context, t ipTable, counters bool) ([]strin
 	if err != nil {
 		return nil, fmt.Errorf("listing table %s: %w", t, err)
 	}
-	var lines []string
-	seen := map[string]bool{} // built-in chains with a rule listed already
-	for _, l := range strings.Split(string(out), "\n") {
+	return oursOf(string(out), counters)["*"+t.name], nil
+}
+
+// savedAll is saved for every table vmegress uses, from one iptables-save
+// and one ip6tables-save (the drift check runs every second).
+func (b *IPTables) savedAll(ctx context.Context, counters bool) (map[string][]string, error) {
+	res := map[string][]string{}
+	for _, v6 := range []bool{false, true} {
+		argv := []string{"iptables-save"}
+		family := "ip "
+		if v6 {
+			argv, family = []string{"ip6tables-save", "-t", "mangle"}, "ip6 "
+		}
+		if counters {
+			argv = append(argv, "-c")
+		}
+		out, err := b.run(ctx, nil, argv...)
+		if err != nil {
+			return nil, fmt.Errorf("listing %stables: %w", family, err)
+		}
+		for table, lines := range oursOf(string(out), counters) {
+			res[family+strings.TrimPrefix(table, "*")] = lines
+		}
+	}
+	return res, nil
+}
+
+// oursOf returns vmegress's lines of an iptables-save listing by table
+// ("*mangle").
+func oursOf(listing string, counters bool) map[string][]string {
+	res := map[string][]string{}
+	table := ""
+	var seen map[string]bool // built-in chains with a rule listed already
+	for _, l := range strings.Split(listing, "\n") {
+		if strings.HasPrefix(l, "*") {
+			table, seen = strings.TrimSpace(l), map[string]bool{}
+			continue
+		}
 		bare := l
 		if counters && strings.HasPrefix(l, "[") {
 			if i := strings.Index(l, "] "); i > 0 {
@@ -346,13 +382,13 @@ func (b *IPTables) saved(ctx context.Context, t ipTable, counters bool) ([]strin
 			if jumpRE.MatchString(bare) && seen[chain] {
 				l += notFirst
 			}
-			lines = append(lines, l)
+			res[table] = append(res[table], l)
 		}
-		if chain != "" {
+		if chain != "" && seen != nil {
 			seen[chain] = true
 		}
 	}
-	return lines, nil
+	return res
 }
 
 // notFirst marks a jump that has rules above it.
@@ -546,16 +582,16 @@ func (b *IPTables) Cleanup(ctx context.Context) error {
 // Snapshot is vmegress's lines of every table (iptables-save form, no
 // counters) and the NAT set's members; "" when not installed.
 func (b *IPTables) Snapshot(ctx context.Context) (string, error) {
-	if ok, err := b.Installed(ctx); err != nil || !ok {
+	all, err := b.savedAll(ctx, false)
+	if err != nil {
 		return "", err
+	}
+	if !slices.Contains(all["ip mangle"], ":VMEGRESS-GUEST - [0:0]") {
+		return "", nil
 	}
 	var out strings.Builder
 	for _, t := range ipTables {
-		lines, err := b.saved(ctx, t, false)
-		if err != nil {
-			return "", err
-		}
-		fmt.Fprintf(&out, "*%s\n%s\n", t, strings.Join(lines, "\n"))
+		fmt.Fprintf(&out, "*%s\n%s\n", t, strings.Join(all[t.String()], "\n"))
 	}
 	members, err := b.natMembers()
 	if err != nil {
@@ -590,15 +626,15 @@ var (
 // Counters returns the packet count of every dropping or redirecting rule,
 // keyed "chain: comment" with the nftables backend's chain names.
 func (b *IPTables) Counters(ctx context.Context) (map[string]uint64, error) {
-	var all []string
-	for _, t := range ipTables {
-		lines, err := b.saved(ctx, t, true)
-		if err != nil {
-			return nil, err
-		}
-		all = append(all, lines...)
+	all, err := b.savedAll(ctx, true)
+	if err != nil {
+		return nil, err
 	}
-	return parseCounters(all), nil
+	var lines []string
+	for _, t := range ipTables {
+		lines = append(lines, all[t.String()]...)
+	}
+	return parseCounters(lines), nil
 }
 
 // parseCounters reads `iptables-save -c` lines of vmegress's chains.
