@@ -37,6 +37,9 @@ func ReadHTTPHost(r io.Reader) (string, []byte, error) {
 		}
 		return "", rc.buf.Bytes(), ErrNotHTTP
 	}
+	if len(req.TransferEncoding) > 0 && len(rawHeaders(rc.buf.Bytes(), "content-length")) > 0 {
+		return "", rc.buf.Bytes(), ErrAmbiguousBody
+	}
 	// net/http folds the Host header into req.Host (preferring an absolute
 	// URI's host) and drops it: read the raw header lines to compare.
 	hosts := rawHostHeaders(rc.buf.Bytes())
@@ -50,7 +53,11 @@ func ReadHTTPHost(r io.Reader) (string, []byte, error) {
 }
 
 // rawHostHeaders returns the values of every Host header line in a request head.
-func rawHostHeaders(b []byte) []string {
+func rawHostHeaders(b []byte) []string { return rawHeaders(b, "host") }
+
+// rawHeaders returns the values of every header line named name (any case)
+// in a request head, as written.
+func rawHeaders(b []byte, name string) []string {
 	head, _, _ := bytes.Cut(b, []byte("\r\n\r\n"))
 	var out []string
 	for i, line := range bytes.Split(head, []byte("\r\n")) {
@@ -58,7 +65,7 @@ func rawHostHeaders(b []byte) []string {
 			continue // request line
 		}
 		k, v, ok := bytes.Cut(line, []byte(":"))
-		if ok && strings.EqualFold(string(bytes.TrimSpace(k)), "host") {
+		if ok && strings.EqualFold(string(bytes.TrimSpace(k)), name) {
 			out = append(out, string(bytes.TrimSpace(v)))
 		}
 	}

@@ -19,6 +19,7 @@ func TestReadHTTPHost(t *testing.T) {
 		{"URI and Host disagree", "GET http://evil.test/ HTTP/1.1\r\nHost: deb.debian.org\r\n\r\n", "", ErrHostMismatch},
 		{"two Host headers", "GET / HTTP/1.1\r\nHost: a.com\r\nhost: evil.test\r\n\r\n", "", ErrNotHTTP}, // net/http refuses it
 		{"body follows", "POST / HTTP/1.1\r\nHost: a.com\r\nContent-Length: 5\r\n\r\nhello", "a.com", nil},
+		{"body framed twice", "POST / HTTP/1.1\r\nHost: a.com\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "", ErrAmbiguousBody},
 		{"TLS", "\x16\x03\x01\x00\x05hello", "", ErrNotHTTP},
 		{"garbage", "SSH-2.0-OpenSSH\r\n\r\n", "", ErrNotHTTP},
 		{"truncated", "GET / HTTP/1.1\r\nHost: a.c", "", ErrNotHTTP},

@@ -14,6 +14,10 @@ import (
 // MaxChunkLineBytes caps a chunk-size or trailer line of a chunked body.
 const MaxChunkLineBytes = 4 << 10
 
+// ErrAmbiguousBody is a request with both Transfer-Encoding and
+// Content-Length.
+var ErrAmbiguousBody = errors.New("HTTP request with both Transfer-Encoding and Content-Length")
+
 // HostSwitchError is a request on an allowed HTTP connection that names
 // another host than the one the connection was allowed for.
 type HostSwitchError struct {
@@ -110,6 +114,12 @@ func requestHost(head []byte) (string, *http.Request, error) {
 	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(trimmed)))
 	if err != nil {
 		return "", nil, ErrNotHTTP
+	}
+	// A body framed two ways is where a server and vmegress could disagree
+	// on where the next request starts (request smuggling): refused, as
+	// RFC 9112 6.3 lets an intermediary do.
+	if len(req.TransferEncoding) > 0 && len(rawHeaders(trimmed, "content-length")) > 0 {
+		return "", nil, ErrAmbiguousBody
 	}
 	hosts := rawHostHeaders(trimmed)
 	if len(hosts) > 1 || (len(hosts) == 1 && req.URL.Host != "" && !strings.EqualFold(stripPort(hosts[0]), stripPort(req.URL.Host))) {

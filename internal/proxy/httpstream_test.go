@@ -49,6 +49,8 @@ func TestForwardRequests(t *testing.T) {
 		get + "GET / HTTP/1.1\r\nHost: www.github.com\r\nHost: example.com\r\n\r\n",
 		get + "\x16\x03\x01 not http\r\n\r\n",
 		get + "POST / HTTP/1.1\r\nHost: www.github.com\r\nTransfer-Encoding: gzip\r\n\r\n",
+		get + "POST / HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n1f\r\nGET / HTTP/1.1\r\nHost: evil\r\n\r\n\r\n0\r\n\r\n",
+		get + "POST / HTTP/1.1\r\nHost: www.github.com\r\nTransfer-Encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n",
 	} {
 		out, err := forward(t, in, "www.github.com")
 		if err == nil || out != get {

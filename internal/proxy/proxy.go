@@ -488,7 +488,7 @@ func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect
 		host, prefix, err := ReadHTTPHost(r)
 		if err != nil {
 			e.d.Reason = err.Error()
-			if errors.Is(err, ErrHostMismatch) {
+			if errors.Is(err, ErrHostMismatch) || errors.Is(err, ErrAmbiguousBody) {
 				return facts, prefix, refuseHTTP
 			}
 			return facts, prefix, refuseReset
