@@ -101,9 +101,10 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				defer logFile.Close()
 				access = logFile
 			}
+			cfgCache := &config.Cache{} // reloads parse the file again only when it changed
 			d := &daemon.Daemon{
 				Config:       cfg,
-				Load:         func() (*config.Config, error) { return config.Load(cfg.Path) },
+				Load:         func() (*config.Config, error) { return cfgCache.Load(cfg.Path) },
 				State:        a.store().Load,
 				LockState:    a.store().Lock,
 				Interception: in,
