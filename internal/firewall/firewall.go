@@ -1,9 +1,11 @@
 // Package firewall computes the host's desired packet-filter state from the
-// config and applies it with a backend (nftables today).
+// config and applies it with a backend: nftables (one private table) or
+// iptables (the spec's rule shape in chains of vmegress's own, plus an ipset).
 //
 // The desired state is data (State). A backend turns it into rules and applies
-// the whole of it atomically, so a failed apply leaves the previous ruleset in
-// force, and Cleanup removes exactly what Apply added.
+// the whole of it atomically (iptables: table by table, rolled back on a
+// failure), so a failed apply leaves the previous ruleset in force, and
+// Cleanup removes exactly what Apply added.
 package firewall
 
 import (
