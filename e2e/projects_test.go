@@ -191,6 +191,22 @@ func TestSSHAndNATEgress(t *testing.T) {
 	}) || banner != "SSH-2.0-guest-alpha\r\n" {
 		t.Errorf("inbound SSH through host port 2201: %q", banner)
 	}
+	// Port 2201 to an address the host only routes (here beta's guest) is
+	// not the host's SSH forward: it never reaches alpha's sshd.
+	err = world.InNS(e.w.Inet, func() error {
+		c, err := net.DialTimeout("tcp4", beta.GuestIP.String()+":2201", 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err == nil {
+			t.Errorf("port 2201 of a routed address reached a guest: %q", line)
+		}
+		return nil
+	})
+	_ = err
 	// alpha's own egress is still filtered.
 	if _, err := e.curlFrom(alpha, "https://example.com", "--resolve", "example.com:443:"+world.ExampleIP.String()); err == nil {
 		t.Error("alpha (proxied, with SSH) reached example.com")

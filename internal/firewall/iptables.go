@@ -245,7 +245,8 @@ func RenderIPTables(s State) (map[string][]string, error) {
 
 	const n = "ip nat"
 	guestIn(n, "VMEGRESS-NAT-PRE", "-g VMEGRESS-NAT-GUEST", "")
-	add(n, "VMEGRESS-NAT-PRE", "-j VMEGRESS-SSH", "")
+	// Only connections to the host's own addresses are forwarded.
+	add(n, "VMEGRESS-NAT-PRE", "-m addrtype --dst-type LOCAL -j VMEGRESS-SSH", "")
 	add(n, "VMEGRESS-NAT-GUEST", natSrc+" -j RETURN", "direct NAT egress: DNS not intercepted")
 	for _, p := range []string{"udp", "tcp"} {
 		add(n, "VMEGRESS-NAT-GUEST", fmt.Sprintf("-p %s --dport 53 -j REDIRECT --to-ports %d", p, s.DNSPort), "guest DNS goes to the allowlist resolver")

@@ -262,7 +262,9 @@ func Render(tx *knftables.Transaction, s State) {
 	})
 	rule(chainNATPre, "iifname @"+setNATIfaces+" return", "direct NAT egress: DNS not intercepted")
 	rule(chainNATPre, fmt.Sprintf("%s meta l4proto { tcp, udp } th dport 53 counter redirect to :%d", fromGuest, s.DNSPort), "guest DNS goes to the allowlist resolver")
-	rule(chainNATPre, "iifname != @"+setGuestIfaces+" meta nfproto ipv4 dnat ip to tcp dport map @"+mapSSH, "inbound SSH to guests")
+	// Only connections to the host's own addresses are forwarded, not
+	// traffic the host routes for others that happens to use the port.
+	rule(chainNATPre, "iifname != @"+setGuestIfaces+" meta nfproto ipv4 fib daddr type local dnat ip to tcp dport map @"+mapSSH, "inbound SSH to guests")
 
 	tx.Add(&knftables.Chain{
 		Name: chainNATPost, Type: ptr(knftables.NATType), Hook: ptr(knftables.PostroutingHook),
