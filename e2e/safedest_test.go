@@ -373,7 +373,7 @@ func TestHTTPKeepAliveHostSwitch(t *testing.T) {
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(8 * time.Second))
 		if _, err := io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n"+
-			"GET /two HTTP/1.1\r\nHost: example.com\r\n\r\n"); err != nil {
+			"GET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"); err != nil {
 			return err
 		}
 		got, _ = io.ReadAll(c) // until the connection ends
@@ -395,4 +395,48 @@ func TestHTTPKeepAliveHostSwitch(t *testing.T) {
 		}
 	}
 	e.noLeaks()
+}
+
+// TestAuditHTTPHostSwitch: in audit mode a later request for another host
+// goes through and is logged as would_deny (builtin plane only: Envoy has
+// no audit mode).
+func TestAuditHTTPHostSwitch(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	e.writeConfig(`projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    mode: audit
+    allow:
+      - http: www.github.com
+`)
+	if onEnvoy() {
+		if _, err := e.w.StartDaemon(e.ctx, binary, e.cfg); err == nil || !strings.Contains(err.Error(), "mode audit needs dataplane builtin") {
+			t.Errorf("audit with Envoy: %v; want the config refused", err)
+		}
+		return
+	}
+	e.start()
+	var got []byte
+	err := world.InNS(e.g.NS, func() error {
+		c, err := net.DialTimeout("tcp4", world.WWWGitHubIP.String()+":80", 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(8 * time.Second))
+		io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\nGET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+		got, _ = io.ReadAll(c)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(got), "you asked for www.github.com") || !strings.Contains(string(got), "you asked for example.com") {
+		t.Errorf("audit: both requests should be answered:\n%s", got)
+	}
+	line := e.accessLine("host", "example.com", "verdict", "would_deny")
+	if !strings.Contains(fmt.Sprint(line["reason"]), "later request on this connection") {
+		t.Errorf("would_deny line: %v", line)
+	}
 }

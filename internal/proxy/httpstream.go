@@ -29,17 +29,17 @@ func (e *HostSwitchError) Error() string {
 }
 
 // forwardRequests copies an HTTP/1.x request stream from br to up byte for
-// byte, one request at a time, and checks every request head: each must
-// name host (the one the connection was allowed for), or the copy stops
-// before that request with a *HostSwitchError. Bodies (Content-Length or
-// chunked) pass unchanged; after an Upgrade or CONNECT request the rest is
-// not HTTP and is copied as is. It returns the bytes written to up.
+// byte, one request at a time, and checks every request head with check
+// (given the host it names): an error stops the copy before that request
+// and is returned. Bodies (Content-Length or chunked) pass unchanged; after
+// an Upgrade or CONNECT request the rest is not HTTP and is copied as is. It
+// returns the bytes written to up.
 //
 // Checking only the first request of a kept-alive connection would let a
 // guest send a second request for any host to the allowed server (domain
 // fronting over plain HTTP); clients reuse a connection only for the same
 // origin, so nothing legitimate is refused.
-func forwardRequests(up io.Writer, br *bufio.Reader, host string) (int64, error) {
+func forwardRequests(up io.Writer, br *bufio.Reader, check func(host string) error) (int64, error) {
 	cw := &countingWriter{w: up}
 	for {
 		head, err := readRequestHead(br)
@@ -53,8 +53,8 @@ func forwardRequests(up io.Writer, br *bufio.Reader, host string) (int64, error)
 		if err != nil {
 			return cw.n, err
 		}
-		if !strings.EqualFold(name, host) {
-			return cw.n, &HostSwitchError{Host: name, Allowed: host}
+		if err := check(name); err != nil {
+			return cw.n, err
 		}
 		if _, err := cw.Write(head); err != nil {
 			return cw.n, err
@@ -75,6 +75,17 @@ func forwardRequests(up io.Writer, br *bufio.Reader, host string) (int64, error)
 		if err != nil {
 			return cw.n, err
 		}
+	}
+}
+
+// sameHost is the check that every request names host (any case): the
+// one the connection was allowed for.
+func sameHost(host string) func(string) error {
+	return func(name string) error {
+		if !strings.EqualFold(name, host) {
+			return &HostSwitchError{Host: name, Allowed: host}
+		}
+		return nil
 	}
 }
 

@@ -405,51 +405,46 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 }
 
 // forwardHTTP carries the client's requests upstream, checking each (see
-// forwardRequests). A request for another host is not sent: the client
-// gets the answers to the requests before it, then the connection ends, and
-// the access log has a deny line for it (in audit mode: a would-deny line,
-// and the request goes on).
+// forwardRequests): a request for another host than the connection's is
+// not sent; the client gets the answers to the requests before it, then
+// the connection ends, and the access log has a deny line for it. In audit
+// mode such a request goes on and its line says would_deny.
 func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry, audit bool) int64 {
 	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(prefix), c), 4096)
-	closeUpWrite := func() {
-		if cw, ok := up.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-		} else {
-			up.Close()
-		}
-	}
-	var total int64
-	host := e.name
-	for {
-		n, err := forwardRequests(up, br, host)
-		total += n
+	same := sameHost(e.name)
+	check := func(name string) error {
+		err := same(name)
 		var hs *HostSwitchError
-		if errors.As(err, &hs) {
-			denied := &entry{src: e.src, dst: e.dst, start: p.now(), name: hs.Host, kind: policy.KindHTTP,
-				d: policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: hs.Error()}}
-			if audit {
-				denied.d.Verdict = WouldDeny
-				p.logEntry(denied)
-				host = hs.Host // let it through; later requests are held to it
-				continue
-			}
+		if !errors.As(err, &hs) {
+			return err
+		}
+		denied := &entry{src: e.src, dst: e.dst, start: p.now(), name: hs.Host, kind: policy.KindHTTP,
+			d: policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: hs.Error()}}
+		if audit {
+			denied.d.Verdict = WouldDeny
 			p.logEntry(denied)
-			// Nothing of it goes upstream; the answers to the requests
-			// before it still reach the client, then the connection ends
-			// (a 403 could interleave with a response in flight).
-			closeUpWrite()
-			c.CloseRead()
-			return total
+			return nil
 		}
-		if err != nil {
-			up.Close()
-			c.Close()
-			return total
-		}
-		closeUpWrite()
-		c.CloseRead()
-		return total
+		p.logEntry(denied)
+		return err
 	}
+	n, err := forwardRequests(up, br, check)
+	var hs *HostSwitchError
+	if err != nil && !errors.As(err, &hs) {
+		up.Close()
+		c.Close()
+		return n
+	}
+	// The client is done, or asked for another host: nothing more goes
+	// upstream; the answers already asked for still come back (a 403
+	// could interleave with a response in flight).
+	if cw, ok := up.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	} else {
+		up.Close()
+	}
+	c.CloseRead()
+	return n
 }
 
 // inspect reads what the policy needs (ClientHello or request head) without
