@@ -638,6 +638,9 @@ func spliceAvailable(dst, src *net.TCPConn) (int64, error) {
 			bp := copyBufs.Get().(*[]byte)
 			var m int
 			m, err = src.Read((*bp)[:avail])
+			if errors.Is(err, io.EOF) {
+				err = nil // the end: n stays 0 unless bytes came with it
+			}
 			if m > 0 {
 				var w int
 				w, err = dst.Write((*bp)[:m])
