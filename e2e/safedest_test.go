@@ -364,28 +364,11 @@ func TestPolicyExplain(t *testing.T) {
 func TestHTTPKeepAliveHostSwitch(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	var got []byte
-	err := world.InNS(e.g.NS, func() error {
-		c, err := net.DialTimeout("tcp4", world.WWWGitHubIP.String()+":80", 5*time.Second)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(8 * time.Second))
-		if _, err := io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n"+
-			"GET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"); err != nil {
-			return err
-		}
-		got, _ = io.ReadAll(c) // until the connection ends
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(got), "you asked for www.github.com") {
+	got := e.hostSwitch()
+	if !strings.Contains(got, "you asked for www.github.com") {
 		t.Errorf("the allowed first request got no answer:\n%s", got)
 	}
-	if strings.Contains(string(got), "you asked for example.com") {
+	if strings.Contains(got, "you asked for example.com") {
 		t.Errorf("a second request for example.com reached the server:\n%s", got)
 	}
 	if !onEnvoy() {
@@ -417,6 +400,21 @@ func TestAuditHTTPHostSwitch(t *testing.T) {
 		return
 	}
 	e.start()
+	got := e.hostSwitch()
+	if !strings.Contains(got, "you asked for www.github.com") || !strings.Contains(got, "you asked for example.com") {
+		t.Errorf("audit: both requests should be answered:\n%s", got)
+	}
+	line := e.accessLine("host", "example.com", "verdict", "would_deny")
+	if !strings.Contains(fmt.Sprint(line["reason"]), "later request on this connection") {
+		t.Errorf("would_deny line: %v", line)
+	}
+}
+
+// hostSwitch sends, from the guest, two requests on one connection to
+// www.github.com's port 80 — the first for www.github.com, the second for
+// example.com — and returns all that came back before the connection ended.
+func (e *env) hostSwitch() string {
+	e.t.Helper()
 	var got []byte
 	err := world.InNS(e.g.NS, func() error {
 		c, err := net.DialTimeout("tcp4", world.WWWGitHubIP.String()+":80", 5*time.Second)
@@ -425,18 +423,15 @@ func TestAuditHTTPHostSwitch(t *testing.T) {
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(8 * time.Second))
-		io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\nGET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
-		got, _ = io.ReadAll(c)
+		if _, err := io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n"+
+			"GET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"); err != nil {
+			return err
+		}
+		got, _ = io.ReadAll(c) // until the connection ends
 		return nil
 	})
 	if err != nil {
-		t.Fatal(err)
+		e.t.Fatal(err)
 	}
-	if !strings.Contains(string(got), "you asked for www.github.com") || !strings.Contains(string(got), "you asked for example.com") {
-		t.Errorf("audit: both requests should be answered:\n%s", got)
-	}
-	line := e.accessLine("host", "example.com", "verdict", "would_deny")
-	if !strings.Contains(fmt.Sprint(line["reason"]), "later request on this connection") {
-		t.Errorf("would_deny line: %v", line)
-	}
+	return string(got)
 }
