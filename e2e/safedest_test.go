@@ -371,6 +371,12 @@ func TestHTTPKeepAliveHostSwitch(t *testing.T) {
 	if strings.Contains(got, "you asked for example.com") {
 		t.Errorf("a second request for example.com reached the server:\n%s", got)
 	}
+	// Claiming an upgrade the server refuses does not switch the check off.
+	// (Envoy refuses the upgrade itself: 403, no route allows WebSocket.)
+	got = e.twoRequests("GET /ws HTTP/1.1\r\nHost: www.github.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	if strings.Contains(got, "you asked for example.com") || (!onEnvoy() && !strings.Contains(got, "you asked for www.github.com")) {
+		t.Errorf("after a refused upgrade:\n%s", got)
+	}
 	if !onEnvoy() {
 		line := e.accessLine("host", "example.com", "verdict", "deny")
 		if !strings.Contains(fmt.Sprint(line["reason"]), "later request on this connection") {
@@ -415,6 +421,14 @@ func TestAuditHTTPHostSwitch(t *testing.T) {
 // example.com — and returns all that came back before the connection ended.
 func (e *env) hostSwitch() string {
 	e.t.Helper()
+	return e.twoRequests("GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n")
+}
+
+// twoRequests sends first and then a request for example.com on one
+// connection to www.github.com's port 80, from the guest, and returns all
+// that came back before the connection ended.
+func (e *env) twoRequests(first string) string {
+	e.t.Helper()
 	var got []byte
 	err := world.InNS(e.g.NS, func() error {
 		c, err := net.DialTimeout("tcp4", world.WWWGitHubIP.String()+":80", 5*time.Second)
@@ -423,8 +437,7 @@ func (e *env) hostSwitch() string {
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(8 * time.Second))
-		if _, err := io.WriteString(c, "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n"+
-			"GET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"); err != nil {
+		if _, err := io.WriteString(c, first+"GET /two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"); err != nil {
 			return err
 		}
 		got, _ = io.ReadAll(c) // until the connection ends

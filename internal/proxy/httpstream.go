@@ -14,6 +14,9 @@ import (
 // MaxChunkLineBytes caps a chunk-size or trailer line of a chunked body.
 const MaxChunkLineBytes = 4 << 10
 
+// ErrConnect is a CONNECT request on a connection to an origin server.
+var ErrConnect = errors.New("HTTP CONNECT is not forwarded")
+
 // ErrAmbiguousBody is a request with both Transfer-Encoding and
 // Content-Length.
 var ErrAmbiguousBody = errors.New("HTTP request with both Transfer-Encoding and Content-Length")
@@ -56,12 +59,32 @@ func forwardRequests(up io.Writer, br *bufio.Reader, check func(host string) err
 		if err := check(name); err != nil {
 			return cw.n, err
 		}
+		if req.Method == http.MethodConnect {
+			// An origin server has no use for CONNECT; one that refused
+			// it would read what follows as requests nobody checked.
+			return cw.n, ErrConnect
+		}
 		if _, err := cw.Write(head); err != nil {
 			return cw.n, err
 		}
-		if req.Method == http.MethodConnect || (req.Header.Get("Upgrade") != "" && headerHasToken(req.Header, "Connection", "upgrade")) {
-			_, err := io.Copy(cw, br)
-			return cw.n, err
+		if req.Header.Get("Upgrade") != "" && headerHasToken(req.Header, "Connection", "upgrade") {
+			// After an upgrade the client speaks the new protocol, but the
+			// server may have refused it and still read HTTP. What follows
+			// is taken for a request (and checked) when it starts like one
+			// (a method is upper-case letters; a WebSocket frame's first
+			// byte never is one); else it is copied as is.
+			next, err := br.Peek(1)
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					return cw.n, nil
+				}
+				return cw.n, err
+			}
+			if next[0] < 'A' || next[0] > 'Z' {
+				_, err := io.Copy(cw, br)
+				return cw.n, err
+			}
+			continue
 		}
 		switch {
 		case len(req.TransferEncoding) > 0:

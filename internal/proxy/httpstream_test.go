@@ -63,10 +63,26 @@ func TestForwardRequests(t *testing.T) {
 		t.Errorf("bad chunk: %q, %v", out, err)
 	}
 
-	// After an upgrade the stream is not HTTP any more: passed as is.
-	ws := "GET /ws HTTP/1.1\r\nHost: www.github.com\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello" + other
-	if out, err := forward(t, ws, "www.github.com"); err != nil || out != ws {
-		t.Errorf("upgrade: %q, %v", out, err)
+	// After an upgrade the stream is not HTTP any more: passed as is...
+	upgrade := "GET /ws HTTP/1.1\r\nHost: www.github.com\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n"
+	for _, frame := range []string{"\x81\x05hello", "\x01\x02hi\x80\x01!"} {
+		ws := upgrade + frame + other
+		if out, err := forward(t, ws, "www.github.com"); err != nil || out != ws {
+			t.Errorf("upgrade: %q, %v", out, err)
+		}
+	}
+	// ... unless what follows starts like a request (the server may have
+	// refused the upgrade): then it is checked like any other.
+	var hs *HostSwitchError
+	if out, err := forward(t, upgrade+other, "www.github.com"); !errors.As(err, &hs) || out != upgrade {
+		t.Errorf("request after an upgrade: %q, %v; want it checked and refused", out, err)
+	}
+	if out, err := forward(t, upgrade+get, "www.github.com"); err != nil || out != upgrade+get {
+		t.Errorf("same-host request after an upgrade: %q, %v", out, err)
+	}
+	// CONNECT is never forwarded, whatever host it names.
+	if out, err := forward(t, get+"CONNECT www.github.com:443 HTTP/1.1\r\nHost: www.github.com:443\r\n\r\n"+other, "www.github.com"); !errors.Is(err, ErrConnect) || out != get {
+		t.Errorf("CONNECT: %q, %v", out, err)
 	}
 }
 
@@ -77,6 +93,8 @@ func FuzzForwardRequests(f *testing.F) {
 	f.Add("GET / HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n")
 	f.Add("POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
 	f.Add("POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+	f.Add("GET / HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n")
+	f.Add("GET / HTTP/1.1\r\nHost: a.test\r\n\r\nCONNECT b.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n")
 	f.Fuzz(func(t *testing.T, in string) {
 		var out bytes.Buffer
 		forwardRequests(&out, bufio.NewReader(strings.NewReader(in)), sameHost("a.test"))
@@ -97,8 +115,14 @@ func FuzzForwardRequests(f *testing.F) {
 			if name != "a.test" && !strings.EqualFold(name, "a.test") {
 				t.Fatalf("forwarded a request for %q", name)
 			}
-			if req.Method == "CONNECT" || req.Header.Get("Upgrade") != "" {
-				return
+			if req.Method == "CONNECT" {
+				t.Fatalf("forwarded a CONNECT: %q", head)
+			}
+			if req.Header.Get("Upgrade") != "" && headerHasToken(req.Header, "Connection", "upgrade") {
+				if next, err := br.Peek(1); err != nil || next[0] < 'A' || next[0] > 'Z' {
+					return // copied as is
+				}
+				continue
 			}
 			switch {
 			case len(req.TransferEncoding) > 0:

@@ -431,6 +431,10 @@ func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry
 	n, err := forwardRequests(up, br, check)
 	var hs *HostSwitchError
 	if err != nil && !errors.As(err, &hs) {
+		if errors.Is(err, ErrConnect) || errors.Is(err, ErrAmbiguousBody) || errors.Is(err, ErrHostMismatch) {
+			p.logEntry(&entry{src: e.src, dst: e.dst, start: p.now(), name: e.name, kind: policy.KindHTTP,
+				d: policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: "a later request on this connection: " + err.Error()}})
+		}
 		up.Close()
 		c.Close()
 		return n
