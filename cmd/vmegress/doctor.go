@@ -16,6 +16,7 @@ import (
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
 	"github.com/vmegress/vmegress/internal/doctor"
+	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
@@ -122,7 +123,7 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 			if err != nil {
 				return doctor.Fail("check the state directory", "reading placed projects: %v", err)
 			}
-			eff, err := daemon.Effective(cfg, st)
+			eff, err := engine.Effective(cfg, st)
 			if err != nil {
 				return doctor.Fail("fix the config or the placed projects", "%v", err)
 			}

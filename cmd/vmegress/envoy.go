@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vmegress/vmegress/internal/daemon"
+	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
 )
 
@@ -39,7 +40,7 @@ this after policy changes (the daemon's xDS mode is not built yet).`,
 			if err != nil {
 				return err
 			}
-			cfg, err := daemon.Effective(raw, st)
+			cfg, err := engine.Effective(raw, st)
 			if err != nil {
 				return usageError{err}
 			}

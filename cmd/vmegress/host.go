@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,6 +23,7 @@ import (
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
 	vdns "github.com/vmegress/vmegress/internal/dns"
+	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/proxy"
@@ -33,12 +35,12 @@ func (a *app) store() state.Store { return state.Store{Dir: a.stateDir} }
 // hostInterception builds the interception over the real host (current
 // netns) with the firewall backend of kind; the other backend, when its
 // tools are there, is Stale.
-func (a *app) hostInterception(kind string) (daemon.Interception, *netlink.Handle, error) {
+func (a *app) hostInterception(kind string) (engine.Interception, *netlink.Handle, error) {
 	fw, err := firewall.NewHost(kind)
 	if err != nil {
-		return daemon.Interception{}, nil, err
+		return engine.Interception{}, nil, err
 	}
-	var stale []daemon.Firewall
+	var stale []engine.Firewall
 	for _, other := range []string{firewall.KindNFTables, firewall.KindIPTables} {
 		if other == kind || (kind == "" && other == firewall.KindNFTables) {
 			continue
@@ -49,7 +51,7 @@ func (a *app) hostInterception(kind string) (daemon.Interception, *netlink.Handl
 	}
 	h, err := netlink.NewHandle()
 	if err != nil {
-		return daemon.Interception{}, nil, fmt.Errorf("opening netlink: %w", err)
+		return engine.Interception{}, nil, fmt.Errorf("opening netlink: %w", err)
 	}
 	guard := &hostnet.ForwardingGuard{
 		StateFile: filepath.Join(a.stateDir, "forwarding.json"),
@@ -66,7 +68,35 @@ func (a *app) hostInterception(kind string) (daemon.Interception, *netlink.Handl
 		},
 		Forwarding: func() (map[string]string, error) { return hostnet.LinkForwarding(h) },
 	}
-	return daemon.Interception{Firewall: fw, Stale: stale, Netlink: h, Guard: guard}, h, nil
+	return engine.Interception{Firewall: fw, Stale: stale, Netlink: h, Guard: guard}, h, nil
+}
+
+// newEngine builds the engine over the real host and opens it on cfg (with
+// install: installing the whole interception). The caller holds the state
+// lock; the returned func releases the engine's netlink handle.
+func (a *app) newEngine(ctx context.Context, cfg *config.Config, install bool) (*engine.Engine, func(), error) {
+	in, h, err := a.hostInterception(cfg.Firewall)
+	if err != nil {
+		return nil, nil, err
+	}
+	eng := &engine.Engine{Store: a.store(), Interception: in, Host: engine.NetlinkHost{Handle: h}, Log: a.log}
+	if err := eng.Open(ctx, cfg, install); err != nil {
+		h.Close()
+		return nil, nil, err
+	}
+	return eng, h.Close, nil
+}
+
+// apiSocketFor is the API socket: --api-socket, else VMEGRESS_API_SOCKET,
+// else the config's api_socket.
+func (a *app) apiSocketFor(cfg *config.Config) string {
+	if a.apiSocket != "" {
+		return a.apiSocket
+	}
+	if cfg != nil && cfg.APISocket != "" {
+		return cfg.APISocket
+	}
+	return config.DefaultAPISocket
 }
 
 func (a *app) runCmd() *cobra.Command {
@@ -87,6 +117,13 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			if err != nil {
 				return err
 			}
+			// The daemon is the only writer for its whole life: it holds the
+			// state lock until it exits.
+			unlock, err := a.store().Lock()
+			if err != nil {
+				return err
+			}
+			defer unlock()
 			in, h, err := a.hostInterception(cfg.Firewall)
 			if err != nil {
 				return err
@@ -105,9 +142,10 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			d := &daemon.Daemon{
 				Config:       cfg,
 				Load:         func() (*config.Config, error) { return cfgCache.Load(cfg.Path) },
-				State:        a.store().Load,
-				LockState:    a.store().Lock,
-				Interception: in,
+				Engine:       &engine.Engine{Store: a.store(), Interception: in, Host: engine.NetlinkHost{Handle: h}, Log: a.log.With("component", "engine")},
+				APISocket:    a.apiSocketFor(cfg),
+				APIGroup:     cfg.APIGroup,
+				CheckSSHPort: checkSSHPort,
 				Listen:       proxy.ListenTransparent,
 				Dial:         proxy.MarkedDialer(cfg.UpstreamMark, net.Dialer{Timeout: proxy.DefaultDialTimeout}),
 				DNSUDP:       &mdns.Client{Net: "udp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
@@ -122,7 +160,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			}
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
-			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, a.stateDir, logFile)
+			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, logFile)
 			return d.Run(ctx)
 		},
 	}
@@ -131,7 +169,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 // reloadOnSignalOrChange reloads d on SIGHUP and when the config file
 // changes (watched through its directory, so editors' rename-and-replace
 // and ConfigMap-style symlink swaps are seen); SIGUSR1 reopens the access log.
-func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path, stateDir string, logFile *reopenFile) {
+func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path string, logFile *reopenFile) {
 	sig := make(chan os.Signal, 4)
 	signal.Notify(sig, syscall.SIGHUP, syscall.SIGUSR1)
 	defer signal.Stop(sig)
@@ -141,10 +179,6 @@ func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path
 		defer w.Close()
 		if err := w.Add(filepath.Dir(path)); err != nil {
 			a.log.Warn("not watching the config file; reload with SIGHUP", "err", err.Error())
-		}
-		os.MkdirAll(stateDir, 0o700)
-		if err := w.Add(stateDir); err != nil {
-			a.log.Warn("not watching the state directory; reload with SIGHUP after net up/down", "err", err.Error())
 		}
 		events = w.Events
 	}
@@ -165,13 +199,12 @@ func (a *app) reloadOnSignalOrChange(ctx context.Context, d *daemon.Daemon, path
 			}
 			d.Reload(ctx, "SIGHUP")
 		case ev := <-events:
-			if filepath.Clean(ev.Name) == filepath.Clean(path) || filepath.Base(ev.Name) == "..data" ||
-				filepath.Clean(ev.Name) == filepath.Join(stateDir, state.FileName) {
+			if filepath.Clean(ev.Name) == filepath.Clean(path) || filepath.Base(ev.Name) == "..data" {
 				debounce = time.After(100 * time.Millisecond)
 			}
 		case <-debounce:
 			debounce = nil
-			d.Reload(ctx, "config or state changed")
+			d.Reload(ctx, "config changed")
 		}
 	}
 }
@@ -186,24 +219,25 @@ func (a *app) upCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			in, h, err := a.hostInterception(cfg.Firewall)
+			unlock, err := a.store().TryLock()
+			if errors.Is(err, state.ErrLocked) {
+				fmt.Fprintln(a.stdout, "the daemon is running (it holds the state directory); it installed the interception and keeps it")
+				return nil
+			}
 			if err != nil {
 				return err
 			}
-			defer h.Close()
-			st, err := a.store().Load()
+			defer unlock()
+			eng, closeEng, err := a.newEngine(cmd.Context(), cfg, true)
 			if err != nil {
-				return err
-			}
-			eff, err := daemon.Effective(cfg, st)
-			if err != nil {
+				if config.IsInvalid(err) {
+					return err
+				}
 				return usageError{err}
 			}
-			if err := in.Install(cmd.Context(), eff, st); err != nil {
-				return err
-			}
+			defer closeEng()
 			fmt.Fprintf(a.stdout, "interception installed: %s, ip rule fwmark %#x lookup %d, local 0.0.0.0/0 dev lo table %d\n",
-				in.Firewall.Describe(), cfg.Mark, cfg.RouteTable, cfg.RouteTable)
+				eng.Interception.Firewall.Describe(), cfg.Mark, cfg.RouteTable, cfg.RouteTable)
 			return nil
 		},
 	}
@@ -249,35 +283,27 @@ interception is removed; stop the daemon first.`,
 			if derr == nil {
 				return usagef("the daemon is running and would put interception back: stop it first (systemctl stop vmegress)")
 			}
-			var st *state.State
-			if err := a.store().Update(func(s *state.State) error {
-				for n, p := range s.Projects {
-					p.Egress = state.EgressNAT
-					s.Projects[n] = p
-				}
-				st = copyState(s)
-				return nil
-			}); err != nil {
-				return err
+			unlock, err := a.store().TryLock()
+			if err != nil {
+				return usagef("the state directory is locked (is the daemon running?): %v", err)
 			}
-			eff, err := daemon.Effective(cfg, st)
+			defer unlock()
+			h.Close()
+			eng, closeEng, err := a.newEngine(cmd.Context(), cfg, false)
 			if err != nil {
 				return usageError{err}
 			}
-			if err := in.Firewall.Apply(cmd.Context(), firewall.Desired(eff, st)); err != nil {
-				return err
-			}
-			if err := (hostnet.PolicyRouting{}).Remove(h); err != nil {
-				return err
-			}
-			if err := in.Guard.Restore(); err != nil {
-				return err
-			}
-			for _, p := range st.Sorted() {
-				if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+p.TAP+"/forwarding", []byte("1"), 0o644); err != nil && !os.IsNotExist(err) {
-					return fmt.Errorf("turning forwarding on for %s: %w", p.TAP, err)
+			defer closeEng()
+			switched, err := eng.RestoreNAT(cmd.Context(), func(tap string) error {
+				if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+tap+"/forwarding", []byte("1"), 0o644); err != nil && !os.IsNotExist(err) {
+					return fmt.Errorf("turning forwarding on for %s: %w", tap, err)
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
+			st := struct{ Projects []state.Project }{switched}
 			fmt.Fprintf(a.stdout, "interception removed; %d projects switched to direct NAT egress (unfiltered)\n", len(st.Projects))
 			return nil
 		},

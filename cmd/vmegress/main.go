@@ -44,6 +44,7 @@ func usagef(format string, args ...any) error { return usageError{fmt.Errorf(for
 type app struct {
 	configPath string
 	stateDir   string
+	apiSocket  string
 	stdout     io.Writer
 	stderr     io.Writer
 	log        *slog.Logger
@@ -108,6 +109,7 @@ func (a *app) rootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&a.configPath, "config", envOr("VMEGRESS_CONFIG", config.DefaultPath), "config file (env VMEGRESS_CONFIG)")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("VMEGRESS_STATE_DIR", config.DefaultStateDir), "state directory (env VMEGRESS_STATE_DIR)")
+	root.PersistentFlags().StringVar(&a.apiSocket, "api-socket", os.Getenv("VMEGRESS_API_SOCKET"), "the daemon's API socket (env VMEGRESS_API_SOCKET; default: the config's api_socket, "+config.DefaultAPISocket+")")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd(), a.doctorCmd(), a.netCmd(), a.envoyCmd())
 	// Unknown subcommands and bad arguments are usage errors.

@@ -3,20 +3,21 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"runtime/debug"
-	"slices"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/vishvananda/netlink"
 
+	"github.com/vmegress/vmegress/client"
+	"github.com/vmegress/vmegress/internal/api"
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
-	"github.com/vmegress/vmegress/internal/firewall"
-	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/engine"
+	"github.com/vmegress/vmegress/internal/placement"
 	"github.com/vmegress/vmegress/internal/state"
 )
 
@@ -29,50 +30,60 @@ func (a *app) netCmd() *cobra.Command {
 	return c
 }
 
-// netInfo is what `net up` and `net list --json` print for a project.
-type netInfo struct {
-	Project    string          `json:"project"`
-	TAP        string          `json:"tap"`
-	HostIP     string          `json:"host_ip"`
-	GuestIP    string          `json:"guest_ip"`
-	Netmask    string          `json:"netmask"`
-	Subnet     string          `json:"subnet"`
-	MAC        string          `json:"mac"`
-	Egress     string          `json:"egress"`
-	SSHPort    uint16          `json:"ssh_port,omitempty"`
-	Nameserver string          `json:"nameserver"`
-	KernelIP   string          `json:"kernel_ip_arg"`
-	Firecraker json.RawMessage `json:"firecracker_network_interface"`
-}
-
-func infoOf(p state.Project, nameserver string) netInfo {
-	mask := net.IP(net.CIDRMask(30, 32)).String()
-	fc, _ := json.Marshal(map[string]string{"iface_id": "eth0", "host_dev_name": p.TAP, "guest_mac": p.MAC})
-	return netInfo{
-		Project: p.Name, TAP: p.TAP, HostIP: p.HostIP().String(), GuestIP: p.GuestIP().String(), Netmask: mask,
-		Subnet: p.Subnet.String(), MAC: p.MAC, Egress: p.Egress, SSHPort: p.SSHPort, Nameserver: nameserver,
-		// ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>
-		KernelIP:   fmt.Sprintf("ip=%s::%s:%s::eth0:off:%s", p.GuestIP(), p.HostIP(), mask, nameserver),
-		Firecraker: fc,
+// apiError turns an API refusal into the CLI's exit codes: invalid or
+// conflicting requests are usage errors (2), the rest runtime failures (1).
+func apiError(err error) error {
+	var ce *client.Error
+	if errors.As(err, &ce) && (ce.Status == 400 || ce.Status == 409 || ce.Status == 404) {
+		return usageError{err}
 	}
+	return err
 }
 
-// nameserverFor is what the guest should put in resolv.conf: for proxied
-// egress any address works (vmegress answers), the host's TAP address is
-// the natural one; direct NAT egress needs a real resolver.
-func nameserverFor(cfg *config.Config, p state.Project) string {
-	if p.Egress == state.EgressNAT {
-		if ups, err := daemon.Upstreams(cfg, ""); err == nil && len(ups) > 0 {
-			if ap, err := netip.ParseAddrPort(ups[0]); err == nil {
-				return ap.Addr().String()
+// engineErr maps the engine's refusals to exit code 2.
+func engineErr(err error) error {
+	if placement.IsInvalid(err) || placement.IsConflict(err) {
+		return usageError{err}
+	}
+	return err
+}
+
+// viaDaemonOrEngine runs a change through the running daemon's API, or,
+// when no daemon answers, through an engine of this process under the state
+// lock. A daemon that is starting (it holds the lock, its API is not up
+// yet) is waited for.
+func (a *app) viaDaemonOrEngine(ctx context.Context, cfg *config.Config, remote func(*client.Client) error, local func(*engine.Engine) error) error {
+	c := client.New(a.apiSocketFor(cfg))
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := remote(c)
+		if err == nil || !client.IsUnavailable(err) {
+			return apiError(err)
+		}
+		unlock, lerr := a.store().TryLock()
+		if lerr == nil {
+			defer unlock()
+			eng, closeEng, err := a.newEngine(ctx, cfg, false)
+			if err != nil {
+				return engineErr(err)
 			}
+			defer closeEng()
+			return engineErr(local(eng))
+		}
+		if !errors.Is(lerr, state.ErrLocked) || time.Now().After(deadline) {
+			return fmt.Errorf("no daemon answers on %s and the state directory is locked: %w", c.Socket, lerr)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	return p.HostIP().String()
 }
 
 func (a *app) netUpCmd() *cobra.Command {
 	var (
+		spec                client.ProjectSpec
 		subnet, tap, egress string
 		owner, group        int
 		sshPort             int
@@ -82,13 +93,15 @@ func (a *app) netUpCmd() *cobra.Command {
 		Use:   "up PROJECT",
 		Short: "Create the project's TAP and /30 and put its egress behind vmegress (idempotent)",
 		Long: `Net up creates a persistent TAP for the project (owned by --owner/--group, for
-Firecracker's jailer), allocates the next free /30 of vm_cidr (or --subnet, or the
-project's subnet in the config), puts the host address (.1) on the TAP, derives a
-stable guest MAC, records it all in the state directory (locked, atomic), and makes
-the guest's egress go through the interception (--egress nat: the spec's direct
-NAT instead). --ssh-port N forwards host port N to the guest's port 22. It prints
-the TAP, addresses, MAC, the kernel ip= argument and the body of Firecracker's
-PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
+Firecracker's jailer), allocates the next free /30 of vm_cidr that no address or
+route of the host overlaps (or --subnet, or the project's subnet in the config),
+puts the host address (.1) on the TAP, derives a stable guest MAC, records it all in
+the state directory, and makes the guest's egress go through the interception
+(--egress nat: the spec's direct NAT instead). --ssh-port N forwards host port N to
+the guest's port 22 (not a port the host listens on; below 1024 only with
+--allow-privileged-ssh-port). It prints the TAP, addresses, MAC, the kernel ip=
+argument and the body of Firecracker's PUT /network-interfaces/eth0. With the daemon
+running, the change is made by the daemon (its API); otherwise by this command.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
@@ -96,99 +109,41 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 			if err != nil {
 				return err
 			}
-			if egress != state.EgressProxy && egress != state.EgressNAT {
-				return usagef("--egress must be proxy or nat, not %q", egress)
-			}
 			if sshPort < 0 || sshPort > 65535 {
 				return usagef("--ssh-port %d out of range (1-65535)", sshPort)
 			}
-			if tap == "" {
-				tap = state.TAPName(name)
-			}
-			if len(tap) > 15 {
-				return usagef("--tap %q is longer than 15 characters", tap)
-			}
-			if !hostnet.Matches(cfg.GuestInterfaces, tap) {
-				// An interface the ruleset does not treat as a guest's would
-				// be routed like any other: refuse rather than leave it open.
-				return usagef("TAP name %q does not match guest_interfaces %v, so its traffic would not be intercepted", tap, cfg.GuestInterfaces)
-			}
-			var want netip.Prefix
-			if subnet != "" {
-				if want, err = netip.ParsePrefix(subnet); err != nil || want.Bits() != 30 || want != want.Masked() || !cfg.VMCIDR.Contains(want.Addr()) {
-					return usagef("--subnet %q must be a /30 network inside vm_cidr %s", subnet, cfg.VMCIDR)
+			spec.TAP, spec.Subnet, spec.Egress, spec.SSHPort = tap, subnet, egress, uint16(sshPort)
+			spec.Owner, spec.Group = optID(owner), optID(group)
+			var out client.Placement
+			err = a.viaDaemonOrEngine(cmd.Context(), cfg, func(c *client.Client) error {
+				pl, err := c.PutProject(cmd.Context(), name, spec)
+				if err == nil {
+					out = *pl
 				}
-			}
-			if cp := cfg.Project(name); cp != nil && cp.Subnet.IsValid() {
-				if want.IsValid() && want != cp.Subnet {
-					return usagef("--subnet %s disagrees with project %s's subnet %s in %s", want, name, cp.Subnet, a.configPath)
-				}
-				want = cp.Subnet
-			}
-			var placed state.Project
-			var before *state.Project
-			var after *state.State
-			err = a.store().Update(func(s *state.State) error {
-				if old, ok := s.Projects[name]; ok {
-					before = &old
-				}
-				used := make([]netip.Prefix, 0, len(cfg.Projects)+len(s.Projects))
-				for _, p := range cfg.Projects {
-					if p.Subnet.IsValid() && p.Name != name {
-						used = append(used, p.Subnet)
-					}
-				}
-				for _, p := range s.Projects {
-					if p.Name == name {
-						continue
-					}
-					used = append(used, p.Subnet)
-					if p.TAP == tap {
-						return usagef("TAP %s is already project %s's", tap, p.Name)
-					}
-					if sshPort != 0 && int(p.SSHPort) == sshPort {
-						return usagef("--ssh-port %d is already project %s's", sshPort, p.Name)
-					}
-				}
-				p, exists := s.Projects[name]
-				if exists && want.IsValid() && p.Subnet != want {
-					return usagef("project %s is already up at %s; run net down first to move it", name, p.Subnet)
-				}
-				if !exists {
-					sub := want
-					if !sub.IsValid() {
-						if sub, err = state.Allocate(cfg.VMCIDR, used); err != nil {
-							return err
-						}
-					} else if slices.ContainsFunc(used, sub.Overlaps) {
-						return usagef("subnet %s is already in use", sub)
-					}
-					p = state.Project{Name: name, Subnet: sub, MAC: state.MAC(name)}
-				}
-				p.TAP, p.Egress, p.SSHPort = tap, egress, uint16(sshPort)
-				p.Owner, p.Group = optID(owner), optID(group)
-				s.Projects[name] = p
-				placed = p
-				after = s // not changed after this
-				return nil
-			}, func() error {
-				// Under the state lock: the daemon never installs an older state over this.
-				nl, err := netlink.NewHandle()
+				return err
+			}, func(eng *engine.Engine) error {
+				req, err := api.RequestFromSpec(name, spec)
 				if err != nil {
-					return fmt.Errorf("opening netlink: %w", err)
-				}
-				defer nl.Close()
-				if err := hostnet.CreateTAP(nl, hostnet.TAP{Name: placed.TAP, HostIP: placed.HostIP(), GuestIP: placed.GuestIP(),
-					GuestMAC: placed.MAC, Owner: placed.Owner, Group: placed.Group,
-					Forwarding: placed.Egress == state.EgressNAT || placed.SSHPort != 0}); err != nil {
 					return err
 				}
-				return a.applyProjects(cmd.Context(), cfg, before, &placed, after)
+				if spec.SSHPort != 0 {
+					if cur, ok := eng.Snapshot().State.Projects[name]; !ok || cur.SSHPort != spec.SSHPort {
+						if err := checkSSHPort(spec.SSHPort, spec.AllowPrivilegedSSHPort); err != nil {
+							return &placement.Conflict{Err: err}
+						}
+					}
+				}
+				p, _, err := eng.Place(cmd.Context(), req)
+				if err != nil {
+					return err
+				}
+				out = describe(eng.Snapshot().Config, p)
+				return nil
 			})
 			if err != nil {
 				return err
 			}
-			return a.printNet(cfg, []state.Project{placed}, asJSON, true)
+			return a.printNet([]client.Placement{out}, asJSON, true)
 		},
 	}
 	f := c.Flags()
@@ -197,9 +152,24 @@ PUT /network-interfaces/eth0. A running daemon picks the project up at once.`,
 	f.IntVar(&owner, "owner", -1, "uid that may open the TAP (Firecracker's jailer user)")
 	f.IntVar(&group, "group", -1, "gid that may open the TAP")
 	f.IntVar(&sshPort, "ssh-port", 0, "forward this host port to the guest's port 22")
+	f.BoolVar(&spec.AllowPrivilegedSSHPort, "allow-privileged-ssh-port", false, "allow an --ssh-port below 1024")
 	f.StringVar(&egress, "egress", state.EgressProxy, "proxy (through vmegress) or nat (the spec's direct NAT, unfiltered)")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return c
+}
+
+// checkSSHPort is the host check of an SSH forward's port (no privileged
+// port unless asked; see daemon.CheckSSHPort).
+func checkSSHPort(port uint16, allowPrivileged bool) error {
+	return daemon.CheckSSHPort(port, allowPrivileged)
+}
+
+func describe(cfg *config.Config, p state.Project) client.Placement {
+	ups, _ := daemon.Upstreams(cfg, "")
+	in := placement.Describe(p, placement.Nameserver(p, ups))
+	return client.Placement{Project: in.Project, TAP: in.TAP, HostIP: in.HostIP, GuestIP: in.GuestIP, Netmask: in.Netmask,
+		Subnet: in.Subnet, MAC: in.MAC, Egress: in.Egress, SSHPort: in.SSHPort, Nameserver: in.Nameserver,
+		KernelIP: in.KernelIP, Firecraker: in.Firecraker}
 }
 
 func optID(v int) *uint32 {
@@ -208,47 +178,6 @@ func optID(v int) *uint32 {
 	}
 	u := uint32(v)
 	return &u
-}
-
-func copyState(s *state.State) *state.State {
-	c := &state.State{Projects: map[string]state.Project{}}
-	for k, v := range s.Projects {
-		c.Projects[k] = v
-	}
-	return c
-}
-
-// applyProjects brings the ruleset from project before to after (either
-// nil: absent), all of the projects being all: only the changed elements
-// when interception is installed, the whole ruleset otherwise (a TAP never
-// comes up unfiltered).
-func (a *app) applyProjects(ctx context.Context, cfg *config.Config, before, after *state.Project, all *state.State) error {
-	in, h, err := a.hostInterception(cfg.Firewall)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	installed, err := in.Firewall.Installed(ctx)
-	if err != nil {
-		return err
-	}
-	if !installed {
-		eff, err := daemon.Effective(cfg, all)
-		if err != nil {
-			return usageError{err}
-		}
-		return in.Install(ctx, eff, all)
-	}
-	// The other projects do not change: the difference of the one project
-	// is the difference of the whole.
-	one := func(p *state.Project) *state.State {
-		st := &state.State{Projects: map[string]state.Project{}}
-		if p != nil {
-			st.Projects[p.Name] = *p
-		}
-		return st
-	}
-	return in.Firewall.UpdateProjects(ctx, firewall.Desired(cfg, one(before)), firewall.Desired(cfg, one(after)))
 }
 
 func (a *app) netDownCmd() *cobra.Command {
@@ -262,36 +191,29 @@ func (a *app) netDownCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var gone state.Project
-			var found bool
-			var after *state.State
-			err = a.store().Update(func(s *state.State) error {
-				gone, found = s.Projects[name]
-				delete(s.Projects, name)
-				after = s
-				return nil
-			}, func() error {
-				if !found {
-					return nil
+			var out client.Removed
+			err = a.viaDaemonOrEngine(cmd.Context(), cfg, func(c *client.Client) error {
+				r, err := c.DeleteProject(cmd.Context(), name)
+				if err == nil {
+					out = *r
 				}
-				nl, err := netlink.NewHandle()
-				if err != nil {
-					return fmt.Errorf("opening netlink: %w", err)
+				return err
+			}, func(eng *engine.Engine) error {
+				p, found, err := eng.Remove(cmd.Context(), name)
+				out = client.Removed{Project: name, Found: found}
+				if found {
+					out.TAP, out.Subnet = p.TAP, p.Subnet.String()
 				}
-				defer nl.Close()
-				if err := hostnet.DeleteTAP(nl, gone.TAP); err != nil {
-					return err
-				}
-				return a.applyProjects(cmd.Context(), cfg, &gone, nil, after)
+				return err
 			})
 			if err != nil {
 				return err
 			}
-			if !found {
+			if !out.Found {
 				fmt.Fprintf(a.stdout, "project %s is not up; nothing to do\n", name)
 				return nil
 			}
-			fmt.Fprintf(a.stdout, "project %s down: %s and %s removed\n", name, gone.TAP, gone.Subnet)
+			fmt.Fprintf(a.stdout, "project %s down: %s and %s removed\n", name, out.TAP, out.Subnet)
 			return nil
 		},
 	}
@@ -308,27 +230,39 @@ func (a *app) netListCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			st, err := a.store().Load()
-			if err != nil {
-				return err
+			ps, err := client.New(a.apiSocketFor(cfg)).Projects(cmd.Context())
+			if client.IsUnavailable(err) {
+				// No daemon: the state file (replaced whole on every change,
+				// so it reads consistently without the lock).
+				ps, err = nil, nil
+				eng, closeEng, oerr := a.newEngine(cmd.Context(), cfg, false)
+				if oerr != nil {
+					return engineErr(oerr)
+				}
+				defer closeEng()
+				for _, p := range eng.Snapshot().State.Sorted() {
+					ps = append(ps, describe(cfg, p))
+				}
 			}
-			return a.printNet(cfg, st.Sorted(), asJSON, false)
+			if err != nil {
+				return apiError(err)
+			}
+			return a.printNet(ps, asJSON, false)
 		},
 	}
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return c
 }
 
-func (a *app) printNet(cfg *config.Config, ps []state.Project, asJSON, detail bool) error {
-	infos := make([]netInfo, len(ps))
-	for i, p := range ps {
-		infos[i] = infoOf(p, nameserverFor(cfg, p))
-	}
+func (a *app) printNet(infos []client.Placement, asJSON, detail bool) error {
 	if asJSON {
 		enc := json.NewEncoder(a.stdout)
 		enc.SetIndent("", "  ")
 		if detail && len(infos) == 1 {
 			return enc.Encode(infos[0])
+		}
+		if infos == nil {
+			infos = []client.Placement{}
 		}
 		return enc.Encode(infos)
 	}
@@ -357,3 +291,5 @@ func (a *app) printNet(cfg *config.Config, ps []state.Project, asJSON, detail bo
 	}
 	return tw.Flush()
 }
+
+var _ = netip.Prefix{}

@@ -26,8 +26,12 @@ const (
 	// It must differ from Mark: a socket carrying Mark would be routed to lo.
 	DefaultUpstreamMark = 0x2
 	// DefaultRouteTable holds `local 0.0.0.0/0 dev lo` (spec 6.4: table 100).
-	DefaultRouteTable     = 100
-	DefaultAdmin          = "127.0.0.1:9901"
+	DefaultRouteTable = 100
+	DefaultAdmin      = "127.0.0.1:9901"
+	// DefaultAPISocket is the local API's unix socket.
+	DefaultAPISocket = "/run/vmegress/api.sock"
+	// DefaultAPIGroup may call the API besides root (when the group exists).
+	DefaultAPIGroup       = "vmegress"
 	DefaultMaxConnections = 1024
 	// DefaultDNSRateLimit is each project's DNS queries per second.
 	DefaultDNSRateLimit = 200
@@ -60,6 +64,9 @@ type Config struct {
 	Admin           netip.AddrPort
 	Upstream        string
 	OnPolicyChange  string
+	// APISocket is the local API's unix socket; APIGroup may call it.
+	APISocket string
+	APIGroup  string
 	// AccessLog is a file for the access log ("": stdout).
 	AccessLog    string
 	EnvoyBinary  string
@@ -154,6 +161,8 @@ func Default() *Config {
 		UpstreamMark:    DefaultUpstreamMark,
 		RouteTable:      DefaultRouteTable,
 		Admin:           netip.MustParseAddrPort(DefaultAdmin),
+		APISocket:       DefaultAPISocket,
+		APIGroup:        DefaultAPIGroup,
 		Upstream:        "vetted",
 		OnPolicyChange:  "drop",
 		EnvoyBinary:     "envoy",

@@ -265,6 +265,16 @@ func (p *parser) top(n *yaml.Node) {
 				c.AccessLog = s
 			}
 		},
+		"api_socket": func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "api_socket"); ok {
+				if !filepath.IsAbs(s) {
+					p.errf(v, "api_socket: %q must be an absolute path", s)
+					return
+				}
+				c.APISocket = s
+			}
+		},
+		"api_group": p.str("api_group", &c.APIGroup),
 		"envoy": func(v *yaml.Node) {
 			p.mapping(v, "envoy", map[string]func(*yaml.Node){
 				"binary": p.str("envoy.binary", &c.EnvoyBinary),

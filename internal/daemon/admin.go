@@ -17,17 +17,19 @@ import (
 
 // Status is what /status reports (and `vmegress status` prints).
 type Status struct {
-	Version      string          `json:"version"`
-	Ready        bool            `json:"ready"`
-	Started      time.Time       `json:"started"`
-	Config       string          `json:"config"`
-	Dataplane    string          `json:"dataplane"`
-	Firewall     string          `json:"firewall"`
-	Upstream     string          `json:"upstream"`
-	LastReload   time.Time       `json:"last_reload"`
-	LastError    string          `json:"last_reload_error,omitempty"`
-	Interception bool            `json:"interception_installed"`
-	Projects     []ProjectStatus `json:"projects"`
+	Version      string    `json:"version"`
+	Ready        bool      `json:"ready"`
+	Started      time.Time `json:"started"`
+	Config       string    `json:"config"`
+	Dataplane    string    `json:"dataplane"`
+	Firewall     string    `json:"firewall"`
+	Upstream     string    `json:"upstream"`
+	LastReload   time.Time `json:"last_reload"`
+	LastError    string    `json:"last_reload_error,omitempty"`
+	Interception bool      `json:"interception_installed"`
+	// Generation counts the engine's snapshots (each change adds one).
+	Generation uint64          `json:"generation"`
+	Projects   []ProjectStatus `json:"projects"`
 }
 
 // ProjectStatus is one project's line in Status.
@@ -44,11 +46,14 @@ type ProjectStatus struct {
 // Status returns the daemon's current status.
 func (d *Daemon) Status(ctx context.Context) Status {
 	d.mu.Lock()
-	cfg, ready := d.cfg, d.ready
+	ready, px := d.ready, d.proxy
+	snap := d.Engine.Snapshot()
+	cfg := snap.Config
 	st := Status{Version: d.Version, Ready: ready, Started: d.started, Config: cfg.Path, Dataplane: cfg.Dataplane,
-		Firewall: d.Interception.Firewall.Describe(), Upstream: cfg.Upstream, LastReload: d.lastLoad, LastError: d.lastError}
+		Firewall: d.Engine.Interception.Firewall.Describe(), Upstream: cfg.Upstream, LastReload: d.lastLoad, LastError: d.lastError,
+		Generation: snap.Generation}
 	d.mu.Unlock()
-	if ok, err := d.Interception.Firewall.Installed(ctx); err == nil {
+	if ok, err := d.Engine.Interception.Firewall.Installed(ctx); err == nil {
 		st.Interception = ok
 	}
 	conns, dns := d.countsByProject()
@@ -58,8 +63,8 @@ func (d *Daemon) Status(ctx context.Context) Status {
 		if p.Subnet.IsValid() {
 			ps.Subnet = p.Subnet.String()
 		}
-		if d.proxy != nil {
-			ps.Active = d.proxy.Active(p.Name)
+		if px != nil {
+			ps.Active = px.Active(p.Name)
 		}
 		st.Projects = append(st.Projects, ps)
 	}

@@ -6,7 +6,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strconv"
 	"sync"
 	"time"
@@ -26,92 +24,11 @@ import (
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
 	vdns "github.com/vmegress/vmegress/internal/dns"
+	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
-	"github.com/vmegress/vmegress/internal/firewall"
-	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/metrics"
-	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/proxy"
-	"github.com/vmegress/vmegress/internal/state"
 )
-
-// Firewall is the backend the daemon drives: apply, clean up, and read back.
-type Firewall = firewall.Backend
-
-// Interception is the host side of vmegress: packet filter plus policy routing.
-type Interception struct {
-	Firewall Firewall
-	// Stale are the other backends available on the host: Install removes
-	// what they left (a switch of the firewall key), Remove cleans them too.
-	Stale   []Firewall
-	Netlink hostnet.Netlink
-	// Guard turns forwarding off on guest interfaces (may be nil). Its
-	// Patterns are set from the config on Install.
-	Guard *hostnet.ForwardingGuard
-}
-
-func (in Interception) guard(cfg *config.Config, st *state.State) error {
-	if in.Guard == nil {
-		return nil
-	}
-	in.Guard.Patterns = cfg.GuestInterfaces
-	// NAT egress and inbound SSH need the kernel to route what the TAP sends.
-	in.Guard.Exclude = nil
-	if st != nil {
-		for _, p := range st.Projects {
-			if p.Egress == state.EgressNAT || p.SSHPort != 0 {
-				in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
-			}
-		}
-	}
-	if _, err := in.Guard.Apply(); err != nil {
-		return fmt.Errorf("turning forwarding off on guest interfaces: %w", err)
-	}
-	return nil
-}
-
-// Install makes the host's interception match cfg. It replaces whatever a
-// previous (possibly crashed) run left, in one atomic ruleset transaction.
-// The ruleset goes first: with it in place and no routing, guest traffic is
-// dropped, never forwarded.
-func (in Interception) Install(ctx context.Context, cfg *config.Config, st *state.State) error {
-	if err := in.Firewall.Apply(ctx, firewall.Desired(cfg, st)); err != nil {
-		return fmt.Errorf("installing interception: %w", err)
-	}
-	for _, old := range in.Stale {
-		if err := old.Cleanup(ctx); err != nil {
-			return fmt.Errorf("removing the rules of %s: %w", old.Describe(), err)
-		}
-	}
-	if err := in.guard(cfg, st); err != nil {
-		return err
-	}
-	pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
-	if err := pr.Ensure(in.Netlink); err != nil {
-		return fmt.Errorf("installing policy routing: %w", err)
-	}
-	return nil
-}
-
-// Remove takes out everything Install added. Routing goes first, so guests
-// never see a moment with routing but no ruleset.
-func (in Interception) Remove(ctx context.Context) error {
-	var errs []error
-	if err := (hostnet.PolicyRouting{}).Remove(in.Netlink); err != nil {
-		errs = append(errs, fmt.Errorf("removing policy routing: %w", err))
-	}
-	for _, fw := range append([]Firewall{in.Firewall}, in.Stale...) {
-		if err := fw.Cleanup(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("removing interception (%s): %w", fw.Describe(), err))
-		}
-	}
-	if in.Guard != nil {
-		if err := in.Guard.Restore(); err != nil {
-			errs = append(errs, fmt.Errorf("restoring forwarding on guest interfaces: %w", err))
-		}
-	}
-	return errors.Join(errs...)
-}
 
 // DefaultDriftInterval is how often the daemon checks that the ruleset and
 // routing are still what it installed.
@@ -119,17 +36,19 @@ const DefaultDriftInterval = time.Second
 
 // Daemon is `vmegress run`. Set the fields, then call Run.
 type Daemon struct {
-	Config       *config.Config
-	Interception Interception
+	Config *config.Config
+	// Engine is the only writer of the state and the host; the daemon opens
+	// it (installing the interception) and serves its changes. Its Store's
+	// lock is the caller's to hold for the daemon's life.
+	Engine *engine.Engine
 	// Load reads the config again on reload (zero: config.Load of Config.Path).
 	Load func() (*config.Config, error)
-	// State reads the projects `net up` placed (zero: none).
-	State func() (*state.State, error)
-	// LockState takes the lock `net up/down` hold while they change the
-	// state and the host (zero: none). The daemon holds it from reading the
-	// state to installing it, so it never installs a state older than what
-	// a finished `net up` put on the host.
-	LockState func() (unlock func(), err error)
+	// APISocket is the local API's unix socket ("": no API).
+	APISocket string
+	// APIGroup may call the API besides root (its socket's group).
+	APIGroup string
+	// CheckSSHPort refuses an SSH port the host itself uses (may be nil).
+	CheckSSHPort func(port uint16, allowPrivileged bool) error
 	// Listen opens the data plane's transparent listener.
 	Listen func(ctx context.Context, addr string) (net.Listener, error)
 	// ListenPacket opens the resolver's UDP socket (zero: net.ListenPacket).
@@ -157,11 +76,7 @@ type Daemon struct {
 	// AccessWriter receives Envoy's JSON access-log lines as they are.
 	AccessWriter io.Writer
 
-	mu        sync.Mutex     // guards the fields below and serialises reloads
-	cfg       *config.Config // effective: config merged with state
-	st        *state.State
-	pol       *policy.Policy
-	applied   string // ruleset snapshot after the last apply
+	mu        sync.Mutex // guards the fields below
 	started   time.Time
 	lastLoad  time.Time
 	lastError string
@@ -196,83 +111,33 @@ func (d *Daemon) notify(state string) {
 	}
 }
 
-// lockState takes the state lock (see LockState) and returns its release.
-// Always taken after d.mu.
-func (d *Daemon) lockState() func() {
-	if d.LockState == nil {
-		return func() {}
-	}
-	unlock, err := d.LockState()
-	if err != nil {
-		d.Log.Warn("taking the state lock; going on without it", "err", err.Error())
-		return func() {}
-	}
-	return unlock
-}
-
-func (d *Daemon) loadState() (*state.State, error) {
-	if d.State == nil {
-		return &state.State{Projects: map[string]state.Project{}}, nil
-	}
-	return d.State()
-}
-
-// install applies the interception for cfg and st and remembers the
-// resulting ruleset.
-func (d *Daemon) install(ctx context.Context, cfg *config.Config, st *state.State) error {
-	if err := d.Interception.Install(ctx, cfg, st); err != nil {
-		return err
-	}
-	snap, err := d.Interception.Firewall.Snapshot(ctx)
-	if err != nil {
-		return err
-	}
-	d.applied = snap
-	return nil
-}
-
 // Run installs interception, serves until ctx ends, then stops the data plane
 // and leaves interception in place (guests stay fail-closed).
 func (d *Daemon) Run(ctx context.Context) error {
-	unlock := d.lockState()
-	defer func() { unlock() }()
-	st, err := d.loadState()
-	if err != nil {
-		return err
-	}
-	cfg, err := Effective(d.Config, st)
-	if err != nil {
-		return err
-	}
 	if d.Registry == nil {
 		d.Registry = prometheus.NewRegistry()
 	}
 	d.metrics = metrics.New(d.Registry)
 	d.Registry.MustRegister(metrics.NewRulesetCollector(func() (map[string]uint64, error) {
-		return d.Interception.Firewall.Counters(context.Background())
+		return d.Engine.Interception.Firewall.Counters(context.Background())
 	}))
-	pol, err := policy.Compile(cfg)
-	if err != nil {
+	// The consumers see every snapshot from the first one on; the data
+	// plane's pieces are created below and pick up the latest then.
+	d.Engine.Consumers = append(d.Engine.Consumers, d.consume)
+	if err := d.Engine.Open(ctx, d.Config, true); err != nil {
 		return err
 	}
+	snap := d.Engine.Snapshot()
+	cfg := snap.Config
 	upstreams, err := Upstreams(cfg, d.ResolvConf)
 	if err != nil {
 		return err
 	}
 	d.mu.Lock()
-	d.cfg, d.st, d.pol, d.started, d.lastLoad = cfg, st, pol, time.Now(), time.Now()
-	err = d.install(ctx, cfg, st)
-	// The other backend's leftovers are gone now; later installs (reloads,
-	// drift repairs) need not look again.
-	d.Interception.Stale = nil
+	d.started, d.lastLoad = time.Now(), time.Now()
 	d.mu.Unlock()
-	unlock()
-	unlock = func() {}
-	if err != nil {
-		return err
-	}
 	answers := &dest.Answers{}
-	d.resolver = &vdns.Resolver{
+	res := &vdns.Resolver{
 		Upstreams:  upstreams,
 		UDP:        d.DNSUDP,
 		TCP:        d.DNSTCP,
@@ -284,9 +149,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		AccessLog:  d.AccessLog,
 		Metrics:    d.metrics,
 	}
-	d.resolver.SetPolicy(pol)
+	d.mu.Lock()
+	d.resolver = res
+	d.mu.Unlock()
+	res.SetPolicy(d.Engine.Snapshot().Policy) // the latest, whatever changed since Open
 	dnsAddr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.DNSPort)))
-	stopDNS, err := d.serveDNS(ctx, dnsAddr, d.resolver)
+	stopDNS, err := d.serveDNS(ctx, dnsAddr, res)
 	if err != nil {
 		return err
 	}
@@ -296,6 +164,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	defer stopAdmin()
+	if d.APISocket != "" {
+		stopAPI, err := d.serveAPI(ctx)
+		if err != nil {
+			return err
+		}
+		defer stopAPI()
+	}
 	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
 	var serve func(context.Context) error
 	if cfg.Dataplane == "envoy" {
@@ -303,12 +178,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 	} else {
-		if serve, err = d.startProxy(ctx, cfg, addr, answers, pol); err != nil {
+		if serve, err = d.startProxy(ctx, cfg, addr, answers); err != nil {
 			return err
 		}
 	}
 	var names []string
-	for _, p := range pol.Projects() {
+	for _, p := range d.Engine.Snapshot().Policy.Projects() {
 		names = append(names, p.Name+"="+p.Subnet.String())
 	}
 	d.Log.Info("vmegress ready", "dataplane", cfg.Dataplane, "listen", addr, "dns", dnsAddr, "admin", cfg.Admin.String(),
@@ -337,12 +212,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // startProxy opens the builtin data plane's listener; the returned func
 // serves until ctx ends.
-func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string, answers *dest.Answers, pol *policy.Policy) (func(context.Context) error, error) {
+func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string, answers *dest.Answers) (func(context.Context) error, error) {
 	ln, err := d.Listen(ctx, addr)
 	if err != nil {
 		return nil, fmt.Errorf("starting the builtin data plane: %w", err)
 	}
-	d.proxy = &proxy.Proxy{
+	px := &proxy.Proxy{
 		GuestRange:  cfg.VMCIDR,
 		Dial:        d.Dial,
 		HostAddrs:   d.HostAddrs,
@@ -353,8 +228,12 @@ func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string
 		AccessLog:   d.AccessLog,
 		Metrics:     d.metrics,
 	}
-	d.proxy.SetPolicy(pol, false)
-	return func(ctx context.Context) error { return d.proxy.Serve(ctx, ln) }, nil
+	px.SetPolicy(d.Engine.Snapshot().Policy, false)
+	d.mu.Lock()
+	d.proxy = px
+	d.mu.Unlock()
+	px.SetPolicy(d.Engine.Snapshot().Policy, false) // the latest, whatever changed meanwhile
+	return func(ctx context.Context) error { return px.Serve(ctx, ln) }, nil
 }
 
 // startEnvoy serves the policy over xDS and runs a supervised Envoy that
@@ -377,12 +256,19 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 	// Envoy's admin: loopback, the port after vmegress's own.
 	d.envoyOpt = envoy.Options{Upstreams: upstreams, AccessLogPath: "/dev/stdout", OnPolicyChange: cfg.OnPolicyChange,
 		AdminAddress: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cfg.Admin.Port()+1)}
-	d.xds = envoy.NewServer()
-	if err := d.xds.Update(ctx, cfg, d.envoyOpt); err != nil {
+	xds := envoy.NewServer()
+	if err := xds.Update(ctx, d.Engine.Snapshot().Config, d.envoyOpt); err != nil {
 		ln.Close()
 		return nil, err
 	}
-	go d.xds.Serve(ctx, ln)
+	d.mu.Lock()
+	d.xds = xds
+	d.mu.Unlock()
+	if err := xds.Update(ctx, d.Engine.Snapshot().Config, d.envoyOpt); err != nil { // the latest
+		ln.Close()
+		return nil, err
+	}
+	go xds.Serve(ctx, ln)
 	boot := filepath.Join(d.StateDir, "envoy-bootstrap.json")
 	if err := os.WriteFile(boot, envoy.JSON(envoy.XDSBootstrap(d.envoyOpt, sock)), 0o600); err != nil {
 		return nil, fmt.Errorf("writing the Envoy bootstrap: %w", err)
@@ -413,80 +299,62 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 	}, nil
 }
 
-// Reload reads the config again and swaps it in atomically. An invalid
+// consume hands a new snapshot to the data plane: the resolver, the builtin
+// proxy (re-deciding open connections of the projects that changed), or
+// Envoy (one xDS push). It runs inside the engine's change, so the change
+// returns only once new connections are decided by the new policy.
+func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
+	d.mu.Lock()
+	res, px, xds := d.resolver, d.proxy, d.xds
+	d.mu.Unlock()
+	if res != nil {
+		res.SetPolicy(s.Policy)
+	}
+	closed := 0
+	if px != nil {
+		closed = px.SetPolicy(s.Policy, s.Config.OnPolicyChange != "keep")
+	}
+	if xds != nil {
+		if err := xds.Update(context.Background(), s.Config, d.envoyOpt); err != nil {
+			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
+		}
+	}
+	if ch.Kind != engine.ChangeOpen {
+		d.Log.Info("policy updated", "change", string(ch.Kind), "project", ch.Project, "projects_changed", len(ch.Projects),
+			"generation", s.Generation, "closed_connections", closed)
+	}
+}
+
+// Reload reads the config again and hands it to the engine. An invalid
 // config is logged and counted, and the running policy stays in force.
-// Established connections the new policy refuses are closed unless
-// on_policy_change is keep.
 func (d *Daemon) Reload(ctx context.Context, why string) error {
 	d.notify("RELOADING=1")
 	defer d.notify("READY=1")
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	load := d.Load
 	if load == nil {
-		load = func() (*config.Config, error) { return config.Load(d.cfg.Path) }
+		path := d.Config.Path
+		load = func() (*config.Config, error) { return config.Load(path) }
 	}
-	var (
-		cfg *config.Config
-		st  *state.State
-		pol *policy.Policy
-		err error
-	)
-	// A `net up/down` that lands between reading the state and installing
-	// it makes the attempt start over: installing the older state would
-	// undo it.
-	for attempt := 0; attempt < 5; attempt++ {
-		cfg, err = load()
-		if err == nil {
-			st, err = d.loadState()
-		}
-		if err == nil {
-			cfg, err = Effective(cfg, st)
-		}
-		if err == nil {
-			err = reloadable(d.cfg, cfg)
-		}
-		if err == nil {
-			pol, err = policy.Compile(cfg)
-		}
-		if err == nil && firewall.Desired(cfg, st).String() != firewall.Desired(d.cfg, d.st).String() {
-			err = d.installIfCurrent(ctx, cfg, st)
-		}
-		if !errors.Is(err, errStateChanged) {
-			break
-		}
+	cfg, err := load()
+	var changed []string
+	if err == nil {
+		changed, err = d.Engine.SetConfig(ctx, cfg)
 	}
+	d.mu.Lock()
 	d.lastLoad = time.Now()
 	if err != nil {
 		d.lastError = err.Error()
+	} else {
+		d.lastError = ""
+	}
+	d.mu.Unlock()
+	if err != nil {
 		d.metrics.Reload(false)
 		d.Log.Error("policy reload failed; the previous policy stays in force", "trigger", why, "err", err.Error())
 		return err
 	}
-	d.lastError = ""
-	d.cfg, d.st, d.pol = cfg, st, pol
-	d.resolver.SetPolicy(pol)
-	closed := 0
-	if d.proxy != nil {
-		closed = d.proxy.SetPolicy(pol, cfg.OnPolicyChange != "keep")
-	}
-	if d.xds != nil {
-		if err := d.xds.Update(ctx, cfg, d.envoyOpt); err != nil {
-			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
-		}
-	}
 	d.metrics.Reload(true)
-	d.Log.Info("policy reloaded", "trigger", why, "projects", len(pol.Projects()), "closed_connections", closed)
-	return nil
-}
-
-// reloadable refuses changes that need a restart (listening sockets).
-func reloadable(old, cfg *config.Config) error {
-	switch {
-	case old.TProxyPort != cfg.TProxyPort, old.DNSPort != cfg.DNSPort, old.Admin != cfg.Admin, old.Upstream != cfg.Upstream,
-		old.Dataplane != cfg.Dataplane, old.EnvoyBinary != cfg.EnvoyBinary, old.Firewall != cfg.Firewall:
-		return errors.New("tproxy_port, dns_port, admin, upstream, dataplane, envoy and firewall change only with a restart")
-	}
+	d.Log.Info("policy reloaded", "trigger", why, "projects_changed", len(changed))
 	return nil
 }
 
@@ -505,73 +373,15 @@ func (d *Daemon) watchDrift(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		err := d.repairDrift(ctx)
-		if errors.Is(err, errStateChanged) {
-			// `net up/down` changed elements ahead of the state watch.
-			d.Reload(ctx, "state changed")
-			continue
+		what, err := d.Engine.RepairDrift(ctx)
+		if what != "" {
+			d.Log.Warn("interception changed behind vmegress's back; restoring it", "what", what)
+			d.metrics.DriftRepaired()
 		}
 		if err != nil && ctx.Err() == nil {
 			d.Log.Error("checking for drift", "err", err.Error())
 		}
 	}
-}
-
-// errStateChanged: the ruleset differs because the project state changed.
-var errStateChanged = errors.New("project state changed")
-
-// installIfCurrent installs cfg and st under the state lock if st is still
-// what the state file holds (errStateChanged otherwise).
-func (d *Daemon) installIfCurrent(ctx context.Context, cfg *config.Config, st *state.State) error {
-	defer d.lockState()()
-	cur, err := d.loadState()
-	if err != nil {
-		return err
-	}
-	if !reflect.DeepEqual(cur.Projects, st.Projects) {
-		return errStateChanged
-	}
-	return d.install(ctx, cfg, st)
-}
-
-func (d *Daemon) repairDrift(ctx context.Context) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	// `net up/down` first: acting on stale state would undo their work.
-	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
-		return errStateChanged
-	}
-	// New guest interfaces (and ones a global ip_forward write reset) get
-	// their forwarding turned off.
-	if err := d.Interception.guard(d.cfg, d.st); err != nil {
-		return err
-	}
-	snap, err := d.Interception.Firewall.Snapshot(ctx)
-	if err != nil {
-		return err
-	}
-	pr := hostnet.PolicyRouting{Mark: d.cfg.Mark, Table: d.cfg.RouteTable}
-	routed, err := pr.Installed(d.Interception.Netlink)
-	if err != nil {
-		return err
-	}
-	if snap == d.applied && routed {
-		return nil
-	}
-	what := "policy routing"
-	if snap != d.applied {
-		what = d.Interception.Firewall.Describe()
-	}
-	// A `net up/down` in flight changes the ruleset too: the state lock
-	// waits for it, and a changed state is theirs, not drift.
-	unlock := d.lockState()
-	defer unlock()
-	if st, err := d.loadState(); err == nil && !reflect.DeepEqual(st.Projects, d.st.Projects) {
-		return errStateChanged
-	}
-	d.Log.Warn("interception changed behind vmegress's back; restoring it", "what", what)
-	d.metrics.DriftRepaired()
-	return d.install(ctx, d.cfg, d.st)
 }
 
 // serveDNS starts the resolver on UDP and TCP addr; the returned func stops it.

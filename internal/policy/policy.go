@@ -99,46 +99,104 @@ type cidrRule struct {
 
 // Compile builds the matcher for every project of cfg.
 func Compile(cfg *config.Config) (*Policy, error) {
-	p := &Policy{bySubnet: map[netip.Prefix]*Project{}, byName: map[string]*Project{}}
+	p := &Policy{bySubnet: make(map[netip.Prefix]*Project, len(cfg.Projects)), byName: make(map[string]*Project, len(cfg.Projects))}
 	for _, cp := range cfg.Projects {
-		pr := &Project{
-			Name: cp.Name, MaxConnections: cp.MaxConnections, Audit: cp.Mode == "audit",
-			sni: newNameMatcher(), http: newNameMatcher(),
-			sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
+		pr, err := CompileProject(cp)
+		if err != nil {
+			return nil, err
 		}
-		for _, r := range cp.Allow {
-			ports := r.EffectivePorts()
-			switch r.Kind {
-			case config.KindSNI:
-				pr.sni.add(r.Name, ports, r.String())
-				for _, pt := range ports {
-					pr.sniPorts[pt] = true
-				}
-			case config.KindHTTP:
-				pr.http.add(r.Name, ports, r.String())
-				for _, pt := range ports {
-					pr.httpPorts[pt] = true
-				}
-			case config.KindCIDR:
-				pr.cidrs = append(pr.cidrs, cidrRule{r.Prefix, ports, r.String()})
-			default:
-				return nil, fmt.Errorf("compiling project %q: rule kind %q is not supported", cp.Name, r.Kind)
+		if err := p.add(pr); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// CompileProject builds one project's matcher.
+func CompileProject(cp config.Project) (*Project, error) {
+	pr := &Project{
+		Name: cp.Name, MaxConnections: cp.MaxConnections, Audit: cp.Mode == "audit",
+		sni: newNameMatcher(), http: newNameMatcher(),
+		sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
+	}
+	for _, r := range cp.Allow {
+		ports := r.EffectivePorts()
+		switch r.Kind {
+		case config.KindSNI:
+			pr.sni.add(r.Name, ports, r.String())
+			for _, pt := range ports {
+				pr.sniPorts[pt] = true
 			}
+		case config.KindHTTP:
+			pr.http.add(r.Name, ports, r.String())
+			for _, pt := range ports {
+				pr.httpPorts[pt] = true
+			}
+		case config.KindCIDR:
+			pr.cidrs = append(pr.cidrs, cidrRule{r.Prefix, ports, r.String()})
+		default:
+			return nil, fmt.Errorf("compiling project %q: rule kind %q is not supported", cp.Name, r.Kind)
 		}
-		p.byName[pr.Name] = pr
-		if !cp.Subnet.IsValid() {
-			continue // not placed yet: no traffic can come from it
-		}
+	}
+	if cp.Subnet.IsValid() {
 		if cp.Subnet.Bits() != 30 {
 			return nil, fmt.Errorf("compiling project %q: subnet %s is not a /30", cp.Name, cp.Subnet)
 		}
 		pr.Subnet = cp.Subnet.Masked()
-		if other, dup := p.bySubnet[pr.Subnet]; dup {
-			return nil, fmt.Errorf("compiling project %q: subnet %s is also project %q's", cp.Name, cp.Subnet, other.Name)
-		}
-		p.bySubnet[pr.Subnet] = pr
 	}
-	return p, nil
+	return pr, nil
+}
+
+// add puts a compiled project into p (which must not be shared yet).
+func (p *Policy) add(pr *Project) error {
+	p.byName[pr.Name] = pr
+	if !pr.Subnet.IsValid() {
+		return nil // not placed yet: no traffic can come from it
+	}
+	if other, dup := p.bySubnet[pr.Subnet]; dup && other.Name != pr.Name {
+		return fmt.Errorf("compiling project %q: subnet %s is also project %q's", pr.Name, pr.Subnet, other.Name)
+	}
+	p.bySubnet[pr.Subnet] = pr
+	return nil
+}
+
+// Update returns a policy equal to p with the projects of changed compiled
+// anew (added or replaced) and the projects named in removed taken out. The
+// others are shared with p, not recompiled: a change to one project costs
+// that project's compile plus copying two maps of pointers. p is unchanged.
+func (p *Policy) Update(changed []config.Project, removed []string) (*Policy, error) {
+	compiled := make([]*Project, 0, len(changed))
+	for _, cp := range changed {
+		pr, err := CompileProject(cp)
+		if err != nil {
+			return nil, err
+		}
+		compiled = append(compiled, pr)
+	}
+	n := &Policy{bySubnet: make(map[netip.Prefix]*Project, len(p.bySubnet)+len(changed)), byName: make(map[string]*Project, len(p.byName)+len(changed))}
+	drop := make(map[string]bool, len(removed)+len(changed))
+	for _, name := range removed {
+		drop[name] = true
+	}
+	for _, pr := range compiled {
+		drop[pr.Name] = true
+	}
+	for name, pr := range p.byName {
+		if !drop[name] {
+			n.byName[name] = pr
+		}
+	}
+	for sub, pr := range p.bySubnet {
+		if !drop[pr.Name] {
+			n.bySubnet[sub] = pr
+		}
+	}
+	for _, pr := range compiled {
+		if err := n.add(pr); err != nil {
+			return nil, err
+		}
+	}
+	return n, nil
 }
 
 // ProjectFor returns the project whose /30 holds src, or nil.

@@ -118,6 +118,23 @@ func (st Store) loadLegacy() (*State, error) {
 // Lock takes the state directory's exclusive lock (a flock on its lock
 // file) and returns its release.
 func (st Store) Lock() (unlock func(), err error) {
+	return st.lock(unix.LOCK_EX)
+}
+
+// ErrLocked is TryLock's answer when another process holds the lock (a
+// running daemon holds it for its whole life).
+var ErrLocked = errors.New("the state directory is locked by another process")
+
+// TryLock takes the lock if it is free and returns ErrLocked otherwise.
+func (st Store) TryLock() (unlock func(), err error) {
+	unlock, err = st.lock(unix.LOCK_EX | unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return nil, ErrLocked
+	}
+	return unlock, err
+}
+
+func (st Store) lock(how int) (unlock func(), err error) {
 	if err := os.MkdirAll(st.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
@@ -125,7 +142,7 @@ func (st Store) Lock() (unlock func(), err error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening state lock: %w", err)
 	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+	if err := unix.Flock(int(lock.Fd()), how); err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("locking state: %w", err)
 	}
@@ -160,6 +177,15 @@ func (st Store) write(f func(*State) error) error {
 	}
 	if err := f(s); err != nil {
 		return err
+	}
+	return st.Save(s)
+}
+
+// Save writes s atomically (temporary file, fsync, rename). The caller
+// holds the lock.
+func (st Store) Save(s *State) error {
+	if err := os.MkdirAll(st.Dir, 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
 	}
 	b, err := Marshal(s)
 	if err != nil {
@@ -250,4 +276,27 @@ func be32(a netip.Addr) uint32 {
 
 func from32(v uint32) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// Clone returns a copy of s that shares no map with it.
+func (s *State) Clone() *State {
+	c := &State{Projects: make(map[string]Project, len(s.Projects))}
+	for k, v := range s.Projects {
+		c.Projects[k] = v
+	}
+	return c
+}
+
+// With returns a copy of s with p added or replaced.
+func (s *State) With(p Project) *State {
+	c := s.Clone()
+	c.Projects[p.Name] = p
+	return c
+}
+
+// Without returns a copy of s without the named project.
+func (s *State) Without(name string) *State {
+	c := s.Clone()
+	delete(c.Projects, name)
+	return c
 }

@@ -53,17 +53,21 @@ func (w *World) WriteConfig(name, body string) (string, error) {
 // Vmegress runs `binary args...` in the host namespace and returns its output.
 // The state directory is the world's own.
 func (w *World) Vmegress(ctx context.Context, binary string, args ...string) (string, error) {
-	return Output(ctx, NS(w.Host, append([]string{binary, "--state-dir", w.StateDir()}, args...)...)...)
+	return Output(ctx, NS(w.Host, append([]string{binary, "--state-dir", w.StateDir(), "--api-socket", w.APISocket()}, args...)...)...)
 }
 
 // StateDir is the vmegress state directory of the world.
 func (w *World) StateDir() string { return filepath.Join(w.Dir, "state") }
 
+// APISocket is the world's vmegress API socket (unix sockets are not per
+// network namespace: each world needs its own).
+func (w *World) APISocket() string { return filepath.Join(w.Dir, "api.sock") }
+
 // StartDaemon starts `binary run --config config` in the host namespace and
 // waits until it logs that it is ready.
 func (w *World) StartDaemon(ctx context.Context, binary, config string, env ...string) (*Daemon, error) {
 	d := &Daemon{done: make(chan struct{})}
-	d.Cmd = exec.Command("ip", NS(w.Host, binary, "run", "--config", config, "--state-dir", w.StateDir())[1:]...)
+	d.Cmd = exec.Command("ip", NS(w.Host, binary, "run", "--config", config, "--state-dir", w.StateDir(), "--api-socket", w.APISocket())[1:]...)
 	d.Cmd.Env = append(os.Environ(), env...)
 	d.Cmd.WaitDelay = 2 * time.Second // children holding the pipes must not hang Wait
 	d.Cmd.Stdout, d.Cmd.Stderr = &d.stdout, &d.stderr

@@ -1,0 +1,151 @@
+// Package client is the Go client of vmegress's local API: the unix socket
+// (default /run/vmegress/api.sock) the daemon serves for orchestrators that
+// place sandboxes and set their egress policy at runtime. The vmegress CLI
+// uses it too.
+//
+// A life cycle:
+//
+//	c := client.New("/run/vmegress/api.sock")
+//	pl, err := c.PutProject(ctx, "sbx-42", client.ProjectSpec{Owner: &jailerUID})
+//	// start the microVM with pl.TAP, pl.MAC and pl.KernelIP
+//	...
+//	_, err = c.DeleteProject(ctx, "sbx-42")
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"syscall"
+)
+
+// DefaultSocket is the API socket of a default installation.
+const DefaultSocket = "/run/vmegress/api.sock"
+
+// Client talks to one daemon's API socket.
+type Client struct {
+	// Socket is the unix socket's path.
+	Socket string
+	// HTTP is the transport (zero: one that dials Socket).
+	HTTP *http.Client
+}
+
+// New returns a client of the daemon listening on socket.
+func New(socket string) *Client { return &Client{Socket: socket} }
+
+func (c *Client) http() *http.Client {
+	if c.HTTP != nil {
+		return c.HTTP
+	}
+	sock := c.Socket
+	c.HTTP = &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		},
+	}}
+	return c.HTTP
+}
+
+// Error is an answer other than success.
+type Error struct {
+	Status  int
+	Message string
+	Field   string
+}
+
+func (e *Error) Error() string {
+	if e.Field != "" {
+		return fmt.Sprintf("%s (%s)", e.Message, e.Field)
+	}
+	return e.Message
+}
+
+// IsUnavailable reports whether err means no daemon answers on the socket
+// (absent, or nothing listening): the caller may act without it.
+func IsUnavailable(err error) bool {
+	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return fmt.Errorf("encoding the request: %w", err)
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://vmegress"+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return fmt.Errorf("calling the vmegress API at %s: %w", c.Socket, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return fmt.Errorf("reading the API's answer: %w", err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var eb ErrorBody
+		if json.Unmarshal(b, &eb) != nil || eb.Error == "" {
+			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(b))
+		}
+		return &Error{Status: resp.StatusCode, Message: eb.Error, Field: eb.Field}
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return fmt.Errorf("decoding the API's answer: %w", err)
+		}
+	}
+	return nil
+}
+
+// PutProject places (or updates) a project. The same spec twice is one
+// project, unchanged (Changed false).
+func (c *Client) PutProject(ctx context.Context, name string, spec ProjectSpec) (*Placement, error) {
+	var p Placement
+	if err := c.do(ctx, http.MethodPut, "/v1/projects/"+url.PathEscape(name), spec, &p); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// DeleteProject takes a project off the host: TAP, ruleset elements, state.
+func (c *Client) DeleteProject(ctx context.Context, name string) (*Removed, error) {
+	var r Removed
+	if err := c.do(ctx, http.MethodDelete, "/v1/projects/"+url.PathEscape(name), nil, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// Projects lists the placed projects.
+func (c *Client) Projects(ctx context.Context) ([]Placement, error) {
+	var ps []Placement
+	if err := c.do(ctx, http.MethodGet, "/v1/projects", nil, &ps); err != nil {
+		return nil, err
+	}
+	return ps, nil
+}
+
+// Project returns one placed project.
+func (c *Client) Project(ctx context.Context, name string) (*Placement, error) {
+	var p Placement
+	if err := c.do(ctx, http.MethodGet, "/v1/projects/"+url.PathEscape(name), nil, &p); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}

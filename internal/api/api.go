@@ -1,0 +1,276 @@
+// Package api serves vmegress's local API on a unix socket: HTTP/1.1 and
+// JSON under /v1, one thin handler per operation, each a call into the
+// engine. Who may call is decided from the peer's credentials (SO_PEERCRED):
+// root, or a member of the API group.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmegress/vmegress/client"
+	"github.com/vmegress/vmegress/internal/engine"
+	"github.com/vmegress/vmegress/internal/placement"
+	"github.com/vmegress/vmegress/internal/state"
+)
+
+// Server holds the handlers' dependencies.
+type Server struct {
+	Engine *engine.Engine
+	// Nameserver is the resolver address a project's guest should use.
+	Nameserver func(state.Project) string
+	// Group is the gid whose members may call besides root (-1: root only).
+	Group int
+	// CheckSSHPort refuses an SSH port the host itself uses (may be nil).
+	CheckSSHPort func(port uint16, allowPrivileged bool) error
+	Log          *slog.Logger
+}
+
+type peerKey struct{}
+
+// peer is the caller's credentials.
+type peer struct {
+	uid, gid, pid int
+	ok            bool
+}
+
+// ConnContext records the caller's credentials for the handlers (set it as
+// the http.Server's ConnContext).
+func ConnContext(ctx context.Context, c net.Conn) context.Context {
+	var p peer
+	if uc, ok := c.(*net.UnixConn); ok {
+		if rc, err := uc.SyscallConn(); err == nil {
+			rc.Control(func(fd uintptr) {
+				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+					p = peer{uid: int(cred.Uid), gid: int(cred.Gid), pid: int(cred.Pid), ok: true}
+				}
+			})
+		}
+	}
+	return context.WithValue(ctx, peerKey{}, p)
+}
+
+// permitted reports whether the caller is root or in the API group
+// (primary or supplementary, read from /proc/PID/status).
+func (s *Server) permitted(r *http.Request) bool {
+	p, _ := r.Context().Value(peerKey{}).(peer)
+	if !p.ok {
+		return false
+	}
+	if p.uid == 0 {
+		return true
+	}
+	if s.Group < 0 {
+		return false
+	}
+	if p.gid == s.Group {
+		return true
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(p.pid) + "/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Groups:"); ok {
+			for _, g := range strings.Fields(rest) {
+				if g == strconv.Itoa(s.Group) {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// Handler is the API's routes.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("PUT /v1/projects/{name}", s.putProject)
+	mux.HandleFunc("DELETE /v1/projects/{name}", s.deleteProject)
+	mux.HandleFunc("GET /v1/projects", s.listProjects)
+	mux.HandleFunc("GET /v1/projects/{name}", s.getProject)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.permitted(r) {
+			writeError(w, http.StatusForbidden, "", errors.New("not permitted: the API takes calls from root and members of the API group only"))
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, field string, err error) {
+	writeJSON(w, status, client.ErrorBody{Error: err.Error(), Field: field})
+}
+
+// engineError maps an engine error to its status.
+func engineError(w http.ResponseWriter, err error) {
+	var inv *placement.Invalid
+	switch {
+	case errors.As(err, &inv):
+		writeError(w, http.StatusBadRequest, inv.Field, err)
+	case placement.IsConflict(err):
+		writeError(w, http.StatusConflict, "", err)
+	case errors.Is(err, engine.ErrNotFound):
+		writeError(w, http.StatusNotFound, "", err)
+	default:
+		writeError(w, http.StatusInternalServerError, "", err)
+	}
+}
+
+// decode reads a JSON body strictly: unknown fields and trailing data are errors.
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 4<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil // an empty body: every field takes its default
+		}
+		return fmt.Errorf("invalid request body: %w", err)
+	}
+	if dec.More() {
+		return errors.New("invalid request body: more than one JSON value")
+	}
+	return nil
+}
+
+func (s *Server) describe(p state.Project) client.Placement {
+	ns := p.HostIP().String()
+	if s.Nameserver != nil {
+		ns = s.Nameserver(p)
+	}
+	in := placement.Describe(p, ns)
+	return client.Placement{Project: in.Project, TAP: in.TAP, HostIP: in.HostIP, GuestIP: in.GuestIP, Netmask: in.Netmask,
+		Subnet: in.Subnet, MAC: in.MAC, Egress: in.Egress, SSHPort: in.SSHPort, Nameserver: in.Nameserver,
+		KernelIP: in.KernelIP, Firecraker: in.Firecraker}
+}
+
+// RequestFromSpec turns an API body into a placement request.
+func RequestFromSpec(name string, spec client.ProjectSpec) (placement.Request, error) {
+	req := placement.Request{Name: name, TAP: spec.TAP, Owner: spec.Owner, Group: spec.Group, SSHPort: spec.SSHPort, Egress: spec.Egress}
+	if spec.Subnet != "" {
+		pf, err := netip.ParsePrefix(spec.Subnet)
+		if err != nil {
+			return req, &placement.Invalid{Field: "subnet", Err: fmt.Errorf("subnet %q is not a CIDR prefix", spec.Subnet)}
+		}
+		req.Subnet = pf
+	}
+	return req, nil
+}
+
+func (s *Server) putProject(w http.ResponseWriter, r *http.Request) {
+	var spec client.ProjectSpec
+	if err := decode(r, &spec); err != nil {
+		writeError(w, http.StatusBadRequest, "", err)
+		return
+	}
+	req, err := RequestFromSpec(r.PathValue("name"), spec)
+	if err == nil && spec.SSHPort != 0 && s.CheckSSHPort != nil {
+		if cur, ok := s.Engine.Snapshot().State.Projects[req.Name]; !ok || cur.SSHPort != spec.SSHPort {
+			if cerr := s.CheckSSHPort(spec.SSHPort, spec.AllowPrivilegedSSHPort); cerr != nil {
+				err = &placement.Conflict{Err: cerr}
+			}
+		}
+	}
+	if err != nil {
+		engineError(w, err)
+		return
+	}
+	p, changed, err := s.Engine.Place(r.Context(), req)
+	if err != nil {
+		engineError(w, err)
+		return
+	}
+	out := s.describe(p)
+	out.Changed = changed
+	out.Generation = s.Engine.Snapshot().Generation
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) deleteProject(w http.ResponseWriter, r *http.Request) {
+	p, found, err := s.Engine.Remove(r.Context(), r.PathValue("name"))
+	if err != nil {
+		engineError(w, err)
+		return
+	}
+	out := client.Removed{Project: r.PathValue("name"), Found: found, Generation: s.Engine.Snapshot().Generation}
+	if found {
+		out.TAP, out.Subnet = p.TAP, p.Subnet.String()
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) listProjects(w http.ResponseWriter, r *http.Request) {
+	snap := s.Engine.Snapshot()
+	out := []client.Placement{}
+	for _, p := range snap.State.Sorted() {
+		d := s.describe(p)
+		d.Generation = snap.Generation
+		out = append(out, d)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) getProject(w http.ResponseWriter, r *http.Request) {
+	snap := s.Engine.Snapshot()
+	p, ok := snap.State.Projects[r.PathValue("name")]
+	if !ok {
+		writeError(w, http.StatusNotFound, "", fmt.Errorf("project %q is not placed", r.PathValue("name")))
+		return
+	}
+	d := s.describe(p)
+	d.Generation = snap.Generation
+	writeJSON(w, http.StatusOK, d)
+}
+
+// Listen opens the API's unix socket at path, mode 0660, group gid (-1:
+// root's). A stale socket file from a previous run is replaced.
+func Listen(path string, gid int) (net.Listener, error) {
+	if err := os.MkdirAll(dirOf(path), 0o755); err != nil {
+		return nil, fmt.Errorf("creating the API socket's directory: %w", err)
+	}
+	os.Remove(path)
+	old := unix.Umask(0o117) // the socket is born 0660, never wider
+	ln, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("opening the API socket %s: %w", path, err)
+	}
+	if gid >= 0 {
+		if err := os.Chown(path, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("giving the API socket to group %d: %w", gid, err)
+		}
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("setting the API socket's mode: %w", err)
+	}
+	return ln, nil
+}
+
+func dirOf(path string) string {
+	if i := strings.LastIndexByte(path, '/'); i > 0 {
+		return path[:i]
+	}
+	return "."
+}

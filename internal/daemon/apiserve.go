@@ -1,0 +1,61 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"os/user"
+	"strconv"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/api"
+	"github.com/vmegress/vmegress/internal/placement"
+	"github.com/vmegress/vmegress/internal/state"
+)
+
+// apiGroupID is the gid of the API group, or root's group (0) when no such
+// group exists on the host.
+func apiGroupID(name string) int {
+	if name == "" {
+		return 0
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return 0
+	}
+	return gid
+}
+
+// serveAPI serves the local API on d.APISocket; the returned func stops it.
+func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
+	gid := apiGroupID(d.APIGroup)
+	ln, err := api.Listen(d.APISocket, gid)
+	if err != nil {
+		return nil, err
+	}
+	srv := &api.Server{
+		Engine: d.Engine,
+		Group:  gid,
+		Nameserver: func(p state.Project) string {
+			ups, _ := Upstreams(d.Engine.Snapshot().Config, d.ResolvConf)
+			return placement.Nameserver(p, ups)
+		},
+		CheckSSHPort: d.CheckSSHPort,
+		Log:          d.Log.With("component", "api"),
+	}
+	hs := &http.Server{Handler: srv.Handler(), ConnContext: api.ConnContext, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && ctx.Err() == nil {
+			d.Log.Error("API stopped", "err", err)
+		}
+	}()
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		hs.Shutdown(sctx)
+	}, nil
+}

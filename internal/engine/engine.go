@@ -1,0 +1,515 @@
+// Package engine is the one door to every change of vmegress's state and of
+// the host: placing and removing projects, config reloads, drift repair and
+// restore-NAT each enter as one call, serialized, which validates the change,
+// builds the next snapshot (recompiling only the projects it touches),
+// applies the host delta, persists the state atomically and hands the new
+// compiled policy to every consumer before it returns.
+//
+// The daemon runs one engine for its whole life and holds the state lock
+// meanwhile; when no daemon runs, a CLI command runs the same engine
+// in-process under the same lock. Nothing else writes the state or changes
+// the host's interception.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/firewall"
+	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/placement"
+	"github.com/vmegress/vmegress/internal/policy"
+	"github.com/vmegress/vmegress/internal/state"
+)
+
+// Host is what the engine changes on the host besides the ruleset: project
+// TAPs, and the host's own addresses and routes it must not collide with.
+type Host interface {
+	// CreateTAP creates (or adopts a TAP of this project) and configures t.
+	// created reports whether the interface is new (a rollback deletes it).
+	CreateTAP(t hostnet.TAP, project string) (created bool, err error)
+	// DeleteTAP removes the TAP if it is one vmegress made for project.
+	DeleteTAP(name, project string) error
+	// Prefixes lists the host's IPv4 addresses and routes on interfaces other
+	// than those skip names (vmegress's own TAPs).
+	Prefixes(skip func(iface string) bool) ([]placement.HostPrefix, error)
+}
+
+// Snapshot is one consistent view: the config file, the projects placed,
+// their merge, and the policy compiled from it. Snapshots are immutable.
+type Snapshot struct {
+	// File is the config as loaded from its file.
+	File *config.Config
+	// Config is File merged with the placed projects (Effective).
+	Config *config.Config
+	State  *state.State
+	Policy *policy.Policy
+	// Generation counts the snapshots this engine made (1 after Open).
+	Generation uint64
+}
+
+// ChangeKind says what a change did.
+type ChangeKind string
+
+// Kinds of change.
+const (
+	ChangeOpen    ChangeKind = "open"
+	ChangePlaced  ChangeKind = "placed"
+	ChangeRemoved ChangeKind = "removed"
+	ChangeConfig  ChangeKind = "config"
+	ChangeNAT     ChangeKind = "restore_nat"
+)
+
+// Change describes one applied change, for consumers and events.
+type Change struct {
+	Kind ChangeKind
+	// Project is the project placed or removed ("" for config changes).
+	Project string
+	// Projects whose compiled policy changed (nil: none; all on open).
+	Projects []string
+}
+
+// Engine serializes every change. Set the fields, then call Open.
+type Engine struct {
+	Store        state.Store
+	Interception Interception
+	Host         Host
+	Log          *slog.Logger
+	// Consumers get every new snapshot, in order, before the call that made
+	// it returns (the builtin proxy, the resolver, the Envoy xDS server).
+	Consumers []func(*Snapshot, Change)
+
+	mu      sync.Mutex
+	snap    *Snapshot
+	applied string // the ruleset's snapshot after the engine's last apply
+	// installed: the engine installed the whole interception (the daemon);
+	// otherwise (the CLI) project changes install it only if absent.
+	installed bool
+}
+
+// Open reads the state and builds the first snapshot from file. With
+// install, it installs the whole interception (replacing whatever a previous
+// run left); the daemon opens so, the CLI does not. Held locks are the
+// caller's: the engine never takes the state lock itself.
+func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st, err := e.Store.Load()
+	if err != nil {
+		return err
+	}
+	eff, err := Effective(file, st)
+	if err != nil {
+		return err
+	}
+	pol, err := policy.Compile(eff)
+	if err != nil {
+		return err
+	}
+	snap := &Snapshot{File: file, Config: eff, State: st, Policy: pol, Generation: 1}
+	if install {
+		if err := e.install(ctx, eff, st); err != nil {
+			return err
+		}
+		// The other backend's leftovers are gone now; later installs
+		// (reloads, drift repairs) need not look again.
+		e.Interception.Stale = nil
+		e.installed = true
+	}
+	e.snap = snap
+	e.publish(snap, Change{Kind: ChangeOpen})
+	return nil
+}
+
+// Snapshot returns the current snapshot.
+func (e *Engine) Snapshot() *Snapshot {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.snap
+}
+
+func (e *Engine) publish(s *Snapshot, ch Change) {
+	for _, c := range e.Consumers {
+		c(s, ch)
+	}
+}
+
+func (e *Engine) install(ctx context.Context, cfg *config.Config, st *state.State) error {
+	if err := e.Interception.Install(ctx, cfg, st); err != nil {
+		return err
+	}
+	snap, err := e.Interception.Firewall.Snapshot(ctx)
+	if err != nil {
+		return err
+	}
+	e.applied = snap
+	return nil
+}
+
+func (e *Engine) log() *slog.Logger {
+	if e.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return e.Log
+}
+
+// Place places (or updates) a project on the host: it allocates, creates the
+// TAP, changes the ruleset's elements, persists the state and swaps the
+// policy, in that order, undoing the earlier steps when a later one fails,
+// so a refused or failed placement leaves nothing behind. changed is false
+// when the project was already placed exactly so.
+func (e *Engine) Place(ctx context.Context, req placement.Request) (p state.Project, changed bool, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	cur := e.snap
+	ownTAPs := make(map[string]bool, len(cur.State.Projects))
+	for _, q := range cur.State.Projects {
+		ownTAPs[q.TAP] = true
+	}
+	var host []placement.HostPrefix
+	if e.Host != nil {
+		if host, err = e.Host.Prefixes(func(iface string) bool { return ownTAPs[iface] }); err != nil {
+			return state.Project{}, false, fmt.Errorf("reading the host's addresses and routes: %w", err)
+		}
+	}
+	p, err = placement.Place(cur.File, cur.State, host, req)
+	if err != nil {
+		return state.Project{}, false, err
+	}
+	before, existed := cur.State.Projects[p.Name]
+	if existed && samePlacement(before, p) {
+		return p, false, nil
+	}
+	next := cur.State.With(p)
+	eff, err := Effective(cur.File, next)
+	if err != nil {
+		return state.Project{}, false, &placement.Conflict{Err: err}
+	}
+	cp := eff.Project(p.Name)
+	pol, err := cur.Policy.Update([]config.Project{*cp}, nil)
+	if err != nil {
+		return state.Project{}, false, &placement.Conflict{Err: err}
+	}
+	var undo []func()
+	rollback := func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
+	if existed && before.TAP != p.TAP && e.Host != nil {
+		// Moving to another TAP: the old one goes (after the new one works).
+		defer func() {
+			if err == nil {
+				if derr := e.Host.DeleteTAP(before.TAP, p.Name); derr != nil {
+					e.log().Warn("removing the project's previous TAP", "tap", before.TAP, "err", derr.Error())
+				}
+			}
+		}()
+	}
+	if e.Host != nil {
+		created, err := e.Host.CreateTAP(hostnet.TAP{Name: p.TAP, HostIP: p.HostIP(), GuestIP: p.GuestIP(),
+			GuestMAC: p.MAC, Owner: p.Owner, Group: p.Group,
+			Forwarding: p.Egress == state.EgressNAT || p.SSHPort != 0}, p.Name)
+		if err != nil {
+			return state.Project{}, false, err
+		}
+		if created {
+			undo = append(undo, func() {
+				if err := e.Host.DeleteTAP(p.TAP, p.Name); err != nil {
+					e.log().Warn("rolling back: removing the TAP", "tap", p.TAP, "err", err.Error())
+				}
+			})
+		}
+	}
+	var old *state.Project
+	if existed {
+		old = &before
+	}
+	restore, err := e.applyProject(ctx, eff, next, old, &p)
+	if err != nil {
+		rollback()
+		return state.Project{}, false, err
+	}
+	undo = append(undo, restore)
+	if err := e.Store.Save(next); err != nil {
+		rollback()
+		return state.Project{}, false, err
+	}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policy: pol, Generation: cur.Generation + 1}
+	e.publish(e.snap, Change{Kind: ChangePlaced, Project: p.Name, Projects: []string{p.Name}})
+	return p, true, nil
+}
+
+func samePlacement(a, b state.Project) bool {
+	eq := func(x, y *uint32) bool { return (x == nil) == (y == nil) && (x == nil || *x == *y) }
+	return a.Name == b.Name && a.TAP == b.TAP && a.Subnet == b.Subnet && a.MAC == b.MAC && a.SSHPort == b.SSHPort &&
+		a.Egress == b.Egress && eq(a.Owner, b.Owner) && eq(a.Group, b.Group)
+}
+
+// applyProject brings the ruleset from project old to new (either nil:
+// absent) with all the projects being st: only the changed elements when
+// interception is installed, the whole ruleset otherwise (a TAP never comes
+// up unfiltered). It returns how to undo it.
+func (e *Engine) applyProject(ctx context.Context, eff *config.Config, st *state.State, old, new *state.Project) (undo func(), err error) {
+	fw := e.Interception.Firewall
+	if fw == nil {
+		return func() {}, nil
+	}
+	if !e.installed {
+		ok, err := fw.Installed(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			if err := e.Interception.Install(ctx, eff, st); err != nil {
+				return nil, err
+			}
+			return func() {}, nil // the ruleset stays: removing it would open nothing, it only filters
+		}
+	}
+	one := func(p *state.Project) firewall.State {
+		s := &state.State{Projects: map[string]state.Project{}}
+		if p != nil {
+			s.Projects[p.Name] = *p
+		}
+		return firewall.Desired(eff, s)
+	}
+	from, to := one(old), one(new)
+	if from.String() == to.String() {
+		return func() {}, nil // a proxied project has no elements of its own
+	}
+	if err := fw.UpdateProjects(ctx, from, to); err != nil {
+		return nil, err
+	}
+	if err := e.Interception.guard(eff, st); err != nil {
+		return nil, err
+	}
+	e.refreshApplied(ctx)
+	return func() {
+		if err := fw.UpdateProjects(ctx, to, from); err != nil {
+			e.log().Error("rolling back the ruleset's project elements", "err", err.Error())
+		}
+		e.refreshApplied(ctx)
+	}, nil
+}
+
+func (e *Engine) refreshApplied(ctx context.Context) {
+	if !e.installed {
+		return
+	}
+	if snap, err := e.Interception.Firewall.Snapshot(ctx); err == nil {
+		e.applied = snap
+	}
+}
+
+// ErrNotFound: no such project.
+var ErrNotFound = errors.New("no such project")
+
+// Remove takes a project off the host: its ruleset elements, its TAP (only
+// one vmegress made for it), its state record and its policy. found is false
+// when it was not placed (nothing to do).
+func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, found bool, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	cur := e.snap
+	p, found = cur.State.Projects[name]
+	if !found {
+		return p, false, nil
+	}
+	next := cur.State.Without(name)
+	eff, err := Effective(cur.File, next)
+	if err != nil {
+		return p, true, err
+	}
+	var changed []config.Project
+	var removed []string
+	if cp := eff.Project(name); cp != nil {
+		changed = append(changed, *cp) // the config still names it: unplaced
+	} else {
+		removed = append(removed, name)
+	}
+	pol, err := cur.Policy.Update(changed, removed)
+	if err != nil {
+		return p, true, err
+	}
+	restore, err := e.applyProject(ctx, eff, next, &p, nil)
+	if err != nil {
+		return p, true, err
+	}
+	if e.Host != nil {
+		if err := e.Host.DeleteTAP(p.TAP, p.Name); err != nil {
+			restore()
+			return p, true, err
+		}
+	}
+	if err := e.Store.Save(next); err != nil {
+		// The TAP is gone and the elements too: the state must say so, or
+		// the next start re-creates a project its owner removed. Report it.
+		return p, true, fmt.Errorf("project %s is off the host but the state still lists it: %w", name, err)
+	}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policy: pol, Generation: cur.Generation + 1}
+	e.publish(e.snap, Change{Kind: ChangeRemoved, Project: name, Projects: []string{name}})
+	return p, true, nil
+}
+
+// SetConfig swaps in a newly loaded config file: only the projects whose
+// effective policy changed are recompiled, the ruleset is applied only if
+// its desired state changed. An error leaves the previous snapshot in force.
+func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedProjects []string, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	cur := e.snap
+	if err := Reloadable(cur.File, file); err != nil {
+		return nil, err
+	}
+	eff, err := Effective(file, cur.State)
+	if err != nil {
+		return nil, err
+	}
+	oldBy := make(map[string]*config.Project, len(cur.Config.Projects))
+	for i := range cur.Config.Projects {
+		oldBy[cur.Config.Projects[i].Name] = &cur.Config.Projects[i]
+	}
+	var changed []config.Project
+	seen := make(map[string]bool, len(eff.Projects))
+	for _, p := range eff.Projects {
+		seen[p.Name] = true
+		if o := oldBy[p.Name]; o == nil || !SameProject(*o, p) {
+			changed = append(changed, p)
+			changedProjects = append(changedProjects, p.Name)
+		}
+	}
+	var removed []string
+	for name := range oldBy {
+		if !seen[name] {
+			removed = append(removed, name)
+			changedProjects = append(changedProjects, name)
+		}
+	}
+	slices.Sort(changedProjects)
+	pol, err := cur.Policy.Update(changed, removed)
+	if err != nil {
+		return nil, err
+	}
+	if firewall.Desired(eff, cur.State).String() != firewall.Desired(cur.Config, cur.State).String() {
+		if e.installed {
+			if err := e.install(ctx, eff, cur.State); err != nil {
+				return nil, err
+			}
+		}
+	}
+	e.snap = &Snapshot{File: file, Config: eff, State: cur.State, Policy: pol, Generation: cur.Generation + 1}
+	e.publish(e.snap, Change{Kind: ChangeConfig, Projects: changedProjects})
+	return changedProjects, nil
+}
+
+// SameProject reports whether two projects compile to the same policy.
+func SameProject(a, b config.Project) bool {
+	if a.Name != b.Name || a.Subnet != b.Subnet || a.Mode != b.Mode || a.MaxConnections != b.MaxConnections || len(a.Allow) != len(b.Allow) {
+		return false
+	}
+	for i := range a.Allow {
+		x, y := a.Allow[i], b.Allow[i]
+		if x.Kind != y.Kind || x.Name != y.Name || x.Prefix != y.Prefix || !slices.Equal(x.Ports, y.Ports) {
+			return false
+		}
+	}
+	return true
+}
+
+// Reloadable refuses changes that need a restart (listening sockets, the
+// data plane, the firewall backend).
+func Reloadable(old, cfg *config.Config) error {
+	switch {
+	case old.TProxyPort != cfg.TProxyPort, old.DNSPort != cfg.DNSPort, old.Admin != cfg.Admin, old.Upstream != cfg.Upstream,
+		old.Dataplane != cfg.Dataplane, old.EnvoyBinary != cfg.EnvoyBinary, old.Firewall != cfg.Firewall,
+		old.APISocket != cfg.APISocket, old.APIGroup != cfg.APIGroup:
+		return errors.New("tproxy_port, dns_port, admin, upstream, dataplane, envoy, firewall, api_socket and api_group change only with a restart")
+	}
+	return nil
+}
+
+// RepairDrift puts the interception back when the ruleset or the policy
+// routing changed behind the engine's back (what names what was repaired;
+// "" when nothing was). Only an engine that installed the interception
+// (Open with install) repairs it.
+func (e *Engine) RepairDrift(ctx context.Context) (what string, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.installed {
+		return "", nil
+	}
+	cur := e.snap
+	// New guest interfaces (and ones a global ip_forward write reset) get
+	// their forwarding turned off.
+	if err := e.Interception.guard(cur.Config, cur.State); err != nil {
+		return "", err
+	}
+	snap, err := e.Interception.Firewall.Snapshot(ctx)
+	if err != nil {
+		return "", err
+	}
+	pr := hostnet.PolicyRouting{Mark: cur.Config.Mark, Table: cur.Config.RouteTable}
+	routed, err := pr.Installed(e.Interception.Netlink)
+	if err != nil {
+		return "", err
+	}
+	if snap == e.applied && routed {
+		return "", nil
+	}
+	what = "policy routing"
+	if snap != e.applied {
+		what = e.Interception.Firewall.Describe()
+	}
+	return what, e.install(ctx, cur.Config, cur.State)
+}
+
+// RestoreNAT switches every placed project to the spec's direct NAT egress
+// (unfiltered) and removes the interception but the NAT rules (spec 6.8
+// step 4). It returns the projects switched.
+func (e *Engine) RestoreNAT(ctx context.Context, setForwarding func(tap string) error) ([]state.Project, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	cur := e.snap
+	next := cur.State.Clone()
+	for n, p := range next.Projects {
+		p.Egress = state.EgressNAT
+		next.Projects[n] = p
+	}
+	eff, err := Effective(cur.File, next)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.Store.Save(next); err != nil {
+		return nil, err
+	}
+	if err := e.Interception.Firewall.Apply(ctx, firewall.Desired(eff, next)); err != nil {
+		return nil, err
+	}
+	if err := (hostnet.PolicyRouting{}).Remove(e.Interception.Netlink); err != nil {
+		return nil, err
+	}
+	if e.Interception.Guard != nil {
+		if err := e.Interception.Guard.Restore(); err != nil {
+			return nil, err
+		}
+	}
+	sorted := next.Sorted()
+	for _, p := range sorted {
+		if err := setForwarding(p.TAP); err != nil {
+			return nil, err
+		}
+	}
+	pol, err := policy.Compile(eff)
+	if err != nil {
+		return nil, err
+	}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policy: pol, Generation: cur.Generation + 1}
+	e.publish(e.snap, Change{Kind: ChangeNAT})
+	return sorted, nil
+}

@@ -1,0 +1,84 @@
+package engine
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/placement"
+)
+
+// NetlinkHost is Host over a netlink handle (the current network namespace).
+type NetlinkHost struct {
+	Handle *netlink.Handle
+}
+
+// CreateTAP creates or adopts the project's TAP.
+func (h NetlinkHost) CreateTAP(t hostnet.TAP, project string) (bool, error) {
+	_, err := h.Handle.LinkByName(t.Name)
+	created := err != nil
+	if err := hostnet.CreateTAP(h.Handle, t); err != nil {
+		return false, err
+	}
+	return created, nil
+}
+
+// DeleteTAP removes the project's TAP.
+func (h NetlinkHost) DeleteTAP(name, project string) error {
+	return hostnet.DeleteTAP(h.Handle, name)
+}
+
+// Prefixes lists the IPv4 addresses and main-table routes of every
+// interface skip does not name. Default routes are where traffic goes, not
+// addresses in use, and are left out.
+func (h NetlinkHost) Prefixes(skip func(iface string) bool) ([]placement.HostPrefix, error) {
+	links, err := h.Handle.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing links: %w", err)
+	}
+	names := make(map[int]string, len(links))
+	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
+	var out []placement.HostPrefix
+	addrs, err := h.Handle.AddrList(nil, unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses: %w", err)
+	}
+	for _, a := range addrs {
+		name := names[a.LinkIndex]
+		if skip(name) || a.IPNet == nil {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(a.IP.To4())
+		if !ok || ip.IsLoopback() {
+			continue
+		}
+		bits, _ := a.Mask.Size()
+		out = append(out, placement.HostPrefix{Prefix: netip.PrefixFrom(ip, bits).Masked(), Where: "address of " + name})
+	}
+	routes, err := h.Handle.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		name := names[r.LinkIndex]
+		if r.Dst == nil || skip(name) {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(r.Dst.IP.To4())
+		bits, _ := r.Dst.Mask.Size()
+		if !ok || bits == 0 {
+			continue
+		}
+		where := "route"
+		if name != "" {
+			where = "route via " + name
+		}
+		out = append(out, placement.HostPrefix{Prefix: netip.PrefixFrom(ip, bits).Masked(), Where: where})
+	}
+	return out, nil
+}

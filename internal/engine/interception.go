@@ -1,0 +1,90 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/firewall"
+	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/state"
+)
+
+// Firewall is the backend the engine drives: apply, clean up, and read back.
+type Firewall = firewall.Backend
+
+// Interception is the host side of vmegress: packet filter plus policy routing.
+type Interception struct {
+	Firewall Firewall
+	// Stale are the other backends available on the host: Install removes
+	// what they left (a switch of the firewall key), Remove cleans them too.
+	Stale   []Firewall
+	Netlink hostnet.Netlink
+	// Guard turns forwarding off on guest interfaces (may be nil). Its
+	// Patterns are set from the config on Install.
+	Guard *hostnet.ForwardingGuard
+}
+
+func (in Interception) guard(cfg *config.Config, st *state.State) error {
+	if in.Guard == nil {
+		return nil
+	}
+	in.Guard.Patterns = cfg.GuestInterfaces
+	// NAT egress and inbound SSH need the kernel to route what the TAP sends.
+	in.Guard.Exclude = nil
+	if st != nil {
+		for _, p := range st.Projects {
+			if p.Egress == state.EgressNAT || p.SSHPort != 0 {
+				in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
+			}
+		}
+	}
+	if _, err := in.Guard.Apply(); err != nil {
+		return fmt.Errorf("turning forwarding off on guest interfaces: %w", err)
+	}
+	return nil
+}
+
+// Install makes the host's interception match cfg. It replaces whatever a
+// previous (possibly crashed) run left, in one atomic ruleset transaction.
+// The ruleset goes first: with it in place and no routing, guest traffic is
+// dropped, never forwarded.
+func (in Interception) Install(ctx context.Context, cfg *config.Config, st *state.State) error {
+	if err := in.Firewall.Apply(ctx, firewall.Desired(cfg, st)); err != nil {
+		return fmt.Errorf("installing interception: %w", err)
+	}
+	for _, old := range in.Stale {
+		if err := old.Cleanup(ctx); err != nil {
+			return fmt.Errorf("removing the rules of %s: %w", old.Describe(), err)
+		}
+	}
+	if err := in.guard(cfg, st); err != nil {
+		return err
+	}
+	pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
+	if err := pr.Ensure(in.Netlink); err != nil {
+		return fmt.Errorf("installing policy routing: %w", err)
+	}
+	return nil
+}
+
+// Remove takes out everything Install added. Routing goes first, so guests
+// never see a moment with routing but no ruleset.
+func (in Interception) Remove(ctx context.Context) error {
+	var errs []error
+	if err := (hostnet.PolicyRouting{}).Remove(in.Netlink); err != nil {
+		errs = append(errs, fmt.Errorf("removing policy routing: %w", err))
+	}
+	for _, fw := range append([]Firewall{in.Firewall}, in.Stale...) {
+		if err := fw.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("removing interception (%s): %w", fw.Describe(), err))
+		}
+	}
+	if in.Guard != nil {
+		if err := in.Guard.Restore(); err != nil {
+			errs = append(errs, fmt.Errorf("restoring forwarding on guest interfaces: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
