@@ -216,6 +216,34 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 			}
 			return doctor.Pass("%d guest interfaces match %v, all up, forwarding off", len(up), cfg.GuestInterfaces)
 		}},
+		{Name: "vm_cidr and host routes", Run: func(context.Context) doctor.Result {
+			if ierr != nil {
+				return doctor.Fail("fix the firewall tools check first", "cannot list addresses and routes")
+			}
+			st, err := a.store().Load()
+			if err != nil {
+				return doctor.Fail("check the state directory", "%v", err)
+			}
+			own := map[string]bool{}
+			for _, p := range st.Projects {
+				own[p.TAP] = true
+			}
+			prefixes, err := engine.NetlinkHost{Handle: h}.Prefixes(func(iface string) bool { return own[iface] })
+			if err != nil {
+				return doctor.Fail("run as root", "%v", err)
+			}
+			var clash []string
+			for _, hp := range prefixes {
+				if hp.Prefix.Overlaps(cfg.VMCIDR) {
+					clash = append(clash, fmt.Sprintf("%s (%s)", hp.Prefix, hp.Where))
+				}
+			}
+			if len(clash) > 0 {
+				return doctor.Fail("net up skips these /30s, but guests there could not be reached; choose a vm_cidr that overlaps no network of the host (Docker pools and VPNs too), or remove what holds them",
+					"vm_cidr %s overlaps the host's %s", cfg.VMCIDR, strings.Join(clash, ", "))
+			}
+			return doctor.Pass("no address or route of the host (outside vmegress's TAPs) overlaps vm_cidr %s", cfg.VMCIDR)
+		}},
 		{Name: "rp_filter and ip_forward", Run: func(context.Context) doctor.Result {
 			rp, _ := os.ReadFile("/proc/sys/net/ipv4/conf/all/rp_filter")
 			fw, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")

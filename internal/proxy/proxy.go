@@ -112,8 +112,12 @@ func (p *Proxy) SetPolicy(pol *policy.Policy, drop bool) int {
 	return closed
 }
 
-// redecide decides an established connection again under pol.
+// redecide decides an established connection again under pol, in its
+// project's mode: an audit project's connections are never refused.
 func redecide(pol *policy.Policy, e *entry) policy.Decision {
+	if pr := pol.ProjectFor(e.src.Addr()); pr != nil && pr.Audit {
+		return policy.Decision{Verdict: policy.Allow, Project: pr.Name}
+	}
 	d, in := pol.Connect(e.src.Addr(), e.dst)
 	if in == policy.InspectNone || d.Verdict == policy.Allow {
 		return d
