@@ -1,0 +1,276 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/firewall"
+	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/placement"
+	"github.com/vmegress/vmegress/internal/state"
+)
+
+// journal records the side effects in the order they happen.
+type journal struct{ events []string }
+
+func (j *journal) add(s string) { j.events = append(j.events, s) }
+
+type fakeHost struct {
+	j        *journal
+	failTAP  bool
+	prefixes []placement.HostPrefix
+	taps     map[string]bool
+}
+
+func (h *fakeHost) CreateTAP(t hostnet.TAP, project string) (bool, error) {
+	if h.failTAP {
+		return false, errors.New("creating TAP: injected failure")
+	}
+	created := !h.taps[t.Name]
+	h.taps[t.Name] = true
+	h.j.add("tap+ " + t.Name)
+	return created, nil
+}
+
+func (h *fakeHost) DeleteTAP(name, project string) error {
+	delete(h.taps, name)
+	h.j.add("tap- " + name)
+	return nil
+}
+
+func (h *fakeHost) Prefixes(skip func(string) bool) ([]placement.HostPrefix, error) {
+	return h.prefixes, nil
+}
+
+// fakeFirewall is installed and records element updates.
+type fakeFirewall struct {
+	j          *journal
+	failUpdate bool
+	nat        []string
+}
+
+func (f *fakeFirewall) Apply(ctx context.Context, s firewall.State) error {
+	f.j.add("apply")
+	f.nat = s.NATIfaces
+	return nil
+}
+
+func (f *fakeFirewall) UpdateProjects(ctx context.Context, old, s firewall.State) error {
+	if f.failUpdate {
+		return errors.New("updating elements: injected failure")
+	}
+	f.j.add("fw " + strings.Join(old.NATIfaces, ",") + "->" + strings.Join(s.NATIfaces, ","))
+	return nil
+}
+func (f *fakeFirewall) Cleanup(ctx context.Context) error                       { return nil }
+func (f *fakeFirewall) Installed(ctx context.Context) (bool, error)             { return true, nil }
+func (f *fakeFirewall) Snapshot(ctx context.Context) (string, error)            { return "", nil }
+func (f *fakeFirewall) Counters(ctx context.Context) (map[string]uint64, error) { return nil, nil }
+func (f *fakeFirewall) Describe() string                                        { return "fake" }
+
+type fixture struct {
+	j    *journal
+	host *fakeHost
+	fw   *fakeFirewall
+	eng  *Engine
+	dir  string
+	seen []Change
+}
+
+func newFixture(t *testing.T, cfg *config.Config) *fixture {
+	t.Helper()
+	j := &journal{}
+	f := &fixture{j: j, host: &fakeHost{j: j, taps: map[string]bool{}}, fw: &fakeFirewall{j: j}, dir: t.TempDir()}
+	f.eng = &Engine{Store: state.Store{Dir: f.dir}, Interception: Interception{Firewall: f.fw}, Host: f.host}
+	f.eng.Consumers = append(f.eng.Consumers, func(s *Snapshot, ch Change) {
+		// A consumer sees the change only once it is persisted.
+		st, err := f.eng.Store.Load()
+		if err != nil {
+			t.Errorf("consumer: reading state: %v", err)
+		}
+		j.add("publish " + string(ch.Kind) + " " + ch.Project)
+		if ch.Kind == ChangePlaced {
+			if _, ok := st.Projects[ch.Project]; !ok {
+				t.Errorf("consumer saw %s placed before the state held it", ch.Project)
+			}
+		}
+		f.seen = append(f.seen, ch)
+	})
+	if err := f.eng.Open(context.Background(), cfg, false); err != nil {
+		t.Fatal(err)
+	}
+	j.events, f.seen = nil, nil
+	return f
+}
+
+func testConfig() *config.Config {
+	cfg := config.Default()
+	cfg.Projects = []config.Project{
+		{Name: "alpha", Mode: "enforce", MaxConnections: 10, Allow: []config.Rule{{Kind: config.KindSNI, Name: "github.com"}}},
+		{Name: "beta", Mode: "enforce", MaxConnections: 10, Allow: []config.Rule{{Kind: config.KindSNI, Name: "example.com"}}},
+	}
+	return cfg
+}
+
+func (f *fixture) stateFile(t *testing.T) string {
+	b, err := os.ReadFile(filepath.Join(f.dir, state.FileName))
+	if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTDIR) {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestPlaceOrder(t *testing.T) {
+	f := newFixture(t, testConfig())
+	p, changed, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT})
+	if err != nil || !changed {
+		t.Fatalf("place: %v, changed %v", err, changed)
+	}
+	want := []string{"tap+ tap-alpha", "fw ->tap-alpha", "publish placed alpha"}
+	if !slices.Equal(f.j.events, want) {
+		t.Errorf("order %q, want %q", f.j.events, want)
+	}
+	if p.Subnet != netip.MustParsePrefix("172.31.0.0/30") {
+		t.Errorf("subnet %s", p.Subnet)
+	}
+	if pr := f.eng.Snapshot().Policy.ProjectFor(p.GuestIP()); pr == nil || pr.Name != "alpha" {
+		t.Errorf("the policy does not place alpha's guest: %v", pr)
+	}
+	// The same placement again changes nothing and touches nothing.
+	f.j.events = nil
+	if _, changed, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}); err != nil || changed {
+		t.Errorf("placing again: %v, changed %v", err, changed)
+	}
+	if len(f.j.events) != 0 {
+		t.Errorf("placing again touched the host: %q", f.j.events)
+	}
+}
+
+func TestPlaceFailuresLeaveNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		break_ func(*fixture)
+		want   []string // side effects, undo included
+	}{
+		{"tap fails", func(f *fixture) { f.host.failTAP = true }, nil},
+		{"firewall fails", func(f *fixture) { f.fw.failUpdate = true }, []string{"tap+ tap-alpha", "tap- tap-alpha"}},
+		{"state write fails", func(f *fixture) {
+			// The state directory becomes a file: the atomic write cannot happen.
+			os.RemoveAll(f.dir)
+			os.WriteFile(f.dir, nil, 0o600)
+		}, []string{"tap+ tap-alpha", "fw ->tap-alpha", "fw tap-alpha->", "tap- tap-alpha"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, testConfig())
+			before := f.eng.Snapshot()
+			tc.break_(f)
+			if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}); err == nil {
+				t.Fatal("place succeeded")
+			}
+			if !slices.Equal(f.j.events, tc.want) {
+				t.Errorf("side effects %q, want %q", f.j.events, tc.want)
+			}
+			if f.eng.Snapshot() != before || len(f.seen) != 0 {
+				t.Error("a failed placement changed the snapshot or was published")
+			}
+			if strings.Contains(f.stateFile(t), "alpha") {
+				t.Error("a failed placement was recorded")
+			}
+		})
+	}
+}
+
+func TestPlaceRefusals(t *testing.T) {
+	f := newFixture(t, testConfig())
+	f.host.prefixes = []placement.HostPrefix{{Prefix: netip.MustParsePrefix("172.31.0.0/30"), Where: "address of spec-tap0"}}
+	for _, tc := range []struct {
+		req      placement.Request
+		conflict bool
+		want     string
+	}{
+		{placement.Request{Name: "a*"}, false, "project name"},
+		{placement.Request{Name: "#x"}, false, "project name"},
+		{placement.Request{Name: "../../etc"}, false, "project name"},
+		{placement.Request{Name: "alpha", TAP: "tap-a/b"}, false, "TAP name"},
+		{placement.Request{Name: "alpha", TAP: "eth0"}, false, "guest_interfaces"},
+		{placement.Request{Name: "alpha", Subnet: netip.MustParsePrefix("10.0.0.0/30")}, false, "inside vm_cidr"},
+		{placement.Request{Name: "alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30")}, true, "spec-tap0"},
+		{placement.Request{Name: "alpha", Egress: "open"}, false, "egress"},
+	} {
+		_, _, err := f.eng.Place(context.Background(), tc.req)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || placement.IsConflict(err) != tc.conflict || placement.IsInvalid(err) == tc.conflict {
+			t.Errorf("%+v: %v; want a %s naming %q", tc.req, err, map[bool]string{true: "conflict", false: "invalid request"}[tc.conflict], tc.want)
+		}
+	}
+	if len(f.j.events) != 0 {
+		t.Errorf("refused placements touched the host: %q", f.j.events)
+	}
+	// Allocation skips the host's /30.
+	p, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha"})
+	if err != nil || p.Subnet != netip.MustParsePrefix("172.31.0.4/30") {
+		t.Errorf("allocation next to a host network: %v, %v", p.Subnet, err)
+	}
+}
+
+func TestRemoveOrder(t *testing.T) {
+	f := newFixture(t, testConfig())
+	if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}); err != nil {
+		t.Fatal(err)
+	}
+	f.j.events = nil
+	if _, found, err := f.eng.Remove(context.Background(), "alpha"); err != nil || !found {
+		t.Fatalf("remove: %v %v", err, found)
+	}
+	want := []string{"fw tap-alpha->", "tap- tap-alpha", "publish removed alpha"}
+	if !slices.Equal(f.j.events, want) {
+		t.Errorf("order %q, want %q", f.j.events, want)
+	}
+	if strings.Contains(f.stateFile(t), "alpha") {
+		t.Error("removed project still in the state")
+	}
+	// The config still names alpha: it stays in the policy, unplaced.
+	if pr := f.eng.Snapshot().Policy.Project("alpha"); pr == nil || pr.Subnet.IsValid() {
+		t.Errorf("alpha after remove: %+v", pr)
+	}
+}
+
+func TestSetConfigRecompilesOnlyChanged(t *testing.T) {
+	f := newFixture(t, testConfig())
+	for _, n := range []string{"alpha", "beta"} {
+		if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: n}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := f.eng.Snapshot().Policy
+	cfg := testConfig()
+	cfg.Projects[1].Allow = append(cfg.Projects[1].Allow, config.Rule{Kind: config.KindSNI, Name: "example.org"})
+	changed, err := f.eng.SetConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(changed, []string{"beta"}) {
+		t.Errorf("changed %v, want [beta]", changed)
+	}
+	pol := f.eng.Snapshot().Policy
+	if pol.Project("alpha") != old.Project("alpha") {
+		t.Error("alpha was recompiled although it did not change")
+	}
+	if pol.Project("beta") == old.Project("beta") || !pol.Project("beta").AllowsName("example.org") {
+		t.Error("beta was not recompiled")
+	}
+	// An invalid change leaves the snapshot in force.
+	bad := testConfig()
+	bad.TProxyPort++
+	before := f.eng.Snapshot()
+	if _, err := f.eng.SetConfig(context.Background(), bad); err == nil || f.eng.Snapshot() != before {
+		t.Errorf("a restart-only change was applied: %v", err)
+	}
+}
