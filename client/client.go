@@ -75,7 +75,9 @@ func IsUnavailable(err error) bool {
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
-	if in != nil {
+	if raw, ok := in.(rawBody); ok {
+		body = bytes.NewReader(raw)
+	} else if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return fmt.Errorf("encoding the request: %w", err)
@@ -132,20 +134,44 @@ func (c *Client) DeleteProject(ctx context.Context, name string) (*Removed, erro
 	return &r, nil
 }
 
-// Projects lists the placed projects.
-func (c *Client) Projects(ctx context.Context) ([]Placement, error) {
-	var ps []Placement
+// Projects lists every project: placed, named by the config file, or
+// given a policy through the API.
+func (c *Client) Projects(ctx context.Context) ([]Project, error) {
+	var ps []Project
 	if err := c.do(ctx, http.MethodGet, "/v1/projects", nil, &ps); err != nil {
 		return nil, err
 	}
 	return ps, nil
 }
 
-// Project returns one placed project.
-func (c *Client) Project(ctx context.Context, name string) (*Placement, error) {
-	var p Placement
+// Project returns one project.
+func (c *Client) Project(ctx context.Context, name string) (*Project, error) {
+	var p Project
 	if err := c.do(ctx, http.MethodGet, "/v1/projects/"+url.PathEscape(name), nil, &p); err != nil {
 		return nil, err
 	}
 	return &p, nil
 }
+
+// SetPolicy replaces a project's policy; new connections are decided by it
+// once the call returns, open ones follow on_policy_change.
+func (c *Client) SetPolicy(ctx context.Context, name string, p Policy) (*PolicyResult, error) {
+	var r PolicyResult
+	if err := c.do(ctx, http.MethodPut, "/v1/projects/"+url.PathEscape(name)+"/policy", p, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// SetPolicyDocument is SetPolicy with the policy as a JSON (or YAML)
+// document, validated by the daemon as written (`vmegress policy set`).
+func (c *Client) SetPolicyDocument(ctx context.Context, name string, doc []byte) (*PolicyResult, error) {
+	var r PolicyResult
+	if err := c.do(ctx, http.MethodPut, "/v1/projects/"+url.PathEscape(name)+"/policy", rawBody(doc), &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// rawBody is sent as is.
+type rawBody []byte

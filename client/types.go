@@ -18,6 +18,53 @@ type ProjectSpec struct {
 	Egress string `json:"egress,omitempty"`
 	// AllowPrivilegedSSHPort permits an SSHPort below 1024.
 	AllowPrivilegedSSHPort bool `json:"allow_privileged_ssh_port,omitempty"`
+	// Policy, when given, replaces the project's egress policy (a project
+	// the config file names keeps the file's: giving one is a conflict).
+	Policy *Policy `json:"policy,omitempty"`
+}
+
+// Policy is a project's egress policy, with the config file's keys and rules.
+type Policy struct {
+	// Mode is "enforce" (default) or "audit" (allow all, report would_deny).
+	Mode string `json:"mode,omitempty"`
+	// MaxConnections caps the project's open connections (default 1024).
+	MaxConnections int `json:"max_connections,omitempty"`
+	// Allow lists what the project may reach; nothing else leaves.
+	Allow []Rule `json:"allow"`
+}
+
+// Rule is one allow rule: exactly one of SNI, HTTP or CIDR, and ports
+// (default 443 for SNI, 80 for HTTP; required for CIDR).
+type Rule struct {
+	SNI   string   `json:"sni,omitempty"`
+	HTTP  string   `json:"http,omitempty"`
+	CIDR  string   `json:"cidr,omitempty"`
+	Ports []uint16 `json:"ports,omitempty"`
+}
+
+// Project is GET /v1/projects/{name}: placement, policy, where the policy
+// comes from and the project's live counters.
+type Project struct {
+	Name string `json:"name"`
+	// Placement is nil when the project is not placed on the host.
+	Placement *Placement `json:"placement,omitempty"`
+	// Source is "file" (the config file owns the policy) or "api".
+	Source string `json:"source"`
+	Policy Policy `json:"policy"`
+	// ActiveConnections are the project's open proxied connections.
+	ActiveConnections int64 `json:"active_connections"`
+	// Connections and DNSQueries count verdicts since the daemon started.
+	Connections map[string]uint64 `json:"connections,omitempty"`
+	DNSQueries  map[string]uint64 `json:"dns_queries,omitempty"`
+	Generation  uint64            `json:"generation"`
+}
+
+// PolicyResult is the answer of PUT /v1/projects/{name}/policy.
+type PolicyResult struct {
+	Project string `json:"project"`
+	// Generation is the engine's snapshot number in force when the call
+	// returned: new connections are decided by this policy from then on.
+	Generation uint64 `json:"generation"`
 }
 
 // Placement is a placed project as the guest sees it: what `net up --json`

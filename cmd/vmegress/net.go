@@ -133,7 +133,7 @@ running, the change is made by the daemon (its API); otherwise by this command.`
 						}
 					}
 				}
-				p, _, err := eng.Place(cmd.Context(), req)
+				p, _, err := eng.Place(cmd.Context(), req, nil)
 				if err != nil {
 					return err
 				}
@@ -230,7 +230,13 @@ func (a *app) netListCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ps, err := client.New(a.apiSocketFor(cfg)).Projects(cmd.Context())
+			var ps []client.Placement
+			projects, err := client.New(a.apiSocketFor(cfg)).Projects(cmd.Context())
+			for _, p := range projects {
+				if p.Placement != nil {
+					ps = append(ps, *p.Placement)
+				}
+			}
 			if client.IsUnavailable(err) {
 				// No daemon: the state file (replaced whole on every change,
 				// so it reads consistently without the lock).

@@ -15,12 +15,14 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vmegress/vmegress/client"
+	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/placement"
 	"github.com/vmegress/vmegress/internal/state"
@@ -35,7 +37,9 @@ type Server struct {
 	Group int
 	// CheckSSHPort refuses an SSH port the host itself uses (may be nil).
 	CheckSSHPort func(port uint16, allowPrivileged bool) error
-	Log          *slog.Logger
+	// Counters are a project's open connections and verdict counts (may be nil).
+	Counters func(project string) (active int64, conns, dns map[string]uint64)
+	Log      *slog.Logger
 }
 
 type peerKey struct{}
@@ -101,6 +105,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("DELETE /v1/projects/{name}", s.deleteProject)
 	mux.HandleFunc("GET /v1/projects", s.listProjects)
 	mux.HandleFunc("GET /v1/projects/{name}", s.getProject)
+	mux.HandleFunc("PUT /v1/projects/{name}/policy", s.putPolicy)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.permitted(r) {
 			writeError(w, http.StatusForbidden, "", errors.New("not permitted: the API takes calls from root and members of the API group only"))
@@ -130,6 +135,8 @@ func engineError(w http.ResponseWriter, err error) {
 		writeError(w, http.StatusBadRequest, inv.Field, err)
 	case placement.IsConflict(err):
 		writeError(w, http.StatusConflict, "", err)
+	case config.IsInvalid(err):
+		writeError(w, http.StatusBadRequest, "policy."+config.FirstField(err), err)
 	case errors.Is(err, engine.ErrNotFound):
 		writeError(w, http.StatusNotFound, "", err)
 	default:
@@ -144,6 +151,13 @@ func decode(r *http.Request, v any) error {
 	if err := dec.Decode(v); err != nil {
 		if errors.Is(err, io.EOF) {
 			return nil // an empty body: every field takes its default
+		}
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return &placement.Invalid{Field: te.Field, Err: fmt.Errorf("invalid request body: %s must be a %s, not a JSON %s", te.Field, te.Type, te.Value)}
+		}
+		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+			return &placement.Invalid{Field: strings.Trim(f, `"`), Err: fmt.Errorf("invalid request body: unknown field %s", f)}
 		}
 		return fmt.Errorf("invalid request body: %w", err)
 	}
@@ -177,10 +191,42 @@ func RequestFromSpec(name string, spec client.ProjectSpec) (placement.Request, e
 	return req, nil
 }
 
+// badRequest answers 400 with the field at fault when err names one.
+func badRequest(w http.ResponseWriter, err error) {
+	var inv *placement.Invalid
+	if errors.As(err, &inv) {
+		writeError(w, http.StatusBadRequest, inv.Field, err)
+		return
+	}
+	writeError(w, http.StatusBadRequest, "", err)
+}
+
+// ParsePolicy validates a policy document of the API with the config
+// file's rules ("" or "null": none).
+func ParsePolicy(name string, raw json.RawMessage) (*config.Project, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	p, err := config.ParsePolicy("policy", name, raw)
+	if err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
 func (s *Server) putProject(w http.ResponseWriter, r *http.Request) {
-	var spec client.ProjectSpec
-	if err := decode(r, &spec); err != nil {
-		writeError(w, http.StatusBadRequest, "", err)
+	var body struct {
+		client.ProjectSpec
+		Policy json.RawMessage `json:"policy"`
+	}
+	if err := decode(r, &body); err != nil {
+		badRequest(w, err)
+		return
+	}
+	spec := body.ProjectSpec
+	pol, err := ParsePolicy(r.PathValue("name"), body.Policy)
+	if err != nil {
+		engineError(w, err)
 		return
 	}
 	req, err := RequestFromSpec(r.PathValue("name"), spec)
@@ -195,7 +241,7 @@ func (s *Server) putProject(w http.ResponseWriter, r *http.Request) {
 		engineError(w, err)
 		return
 	}
-	p, changed, err := s.Engine.Place(r.Context(), req)
+	p, changed, err := s.Engine.Place(r.Context(), req, pol)
 	if err != nil {
 		engineError(w, err)
 		return
@@ -219,27 +265,71 @@ func (s *Server) deleteProject(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
+func (s *Server) project(snap *engine.Snapshot, name string) (client.Project, bool) {
+	out := client.Project{Name: name, Source: "api", Generation: snap.Generation, Policy: client.Policy{Allow: []client.Rule{}}}
+	placed, isPlaced := snap.State.Projects[name]
+	if isPlaced {
+		d := s.describe(placed)
+		d.Generation = snap.Generation
+		out.Placement = &d
+	}
+	cp := snap.Config.Project(name)
+	if cp == nil {
+		return out, false
+	}
+	if snap.File.Project(name) != nil {
+		out.Source = "file"
+	}
+	b, _ := json.Marshal(config.PolicyDocument(*cp))
+	json.Unmarshal(b, &out.Policy)
+	if s.Counters != nil {
+		out.ActiveConnections, out.Connections, out.DNSQueries = s.Counters(name)
+	}
+	return out, true
+}
+
 func (s *Server) listProjects(w http.ResponseWriter, r *http.Request) {
 	snap := s.Engine.Snapshot()
-	out := []client.Placement{}
-	for _, p := range snap.State.Sorted() {
-		d := s.describe(p)
-		d.Generation = snap.Generation
-		out = append(out, d)
+	out := []client.Project{}
+	for _, cp := range snap.Config.Projects {
+		if p, ok := s.project(snap, cp.Name); ok {
+			out = append(out, p)
+		}
 	}
+	slices.SortFunc(out, func(a, b client.Project) int { return strings.Compare(a.Name, b.Name) })
 	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) getProject(w http.ResponseWriter, r *http.Request) {
-	snap := s.Engine.Snapshot()
-	p, ok := snap.State.Projects[r.PathValue("name")]
+	p, ok := s.project(s.Engine.Snapshot(), r.PathValue("name"))
 	if !ok {
-		writeError(w, http.StatusNotFound, "", fmt.Errorf("project %q is not placed", r.PathValue("name")))
+		writeError(w, http.StatusNotFound, "", fmt.Errorf("no project %q", r.PathValue("name")))
 		return
 	}
-	d := s.describe(p)
-	d.Generation = snap.Generation
-	writeJSON(w, http.StatusOK, d)
+	writeJSON(w, http.StatusOK, p)
+}
+
+func (s *Server) putPolicy(w http.ResponseWriter, r *http.Request) {
+	raw, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+	if err != nil {
+		badRequest(w, fmt.Errorf("reading the request body: %w", err))
+		return
+	}
+	name := r.PathValue("name")
+	pol, err := ParsePolicy(name, raw)
+	if err == nil && pol == nil {
+		err = &placement.Invalid{Field: "", Err: errors.New("the body must be a policy (mode, max_connections, allow)")}
+	}
+	if err != nil {
+		engineError(w, err)
+		return
+	}
+	gen, err := s.Engine.SetPolicy(r.Context(), *pol)
+	if err != nil {
+		engineError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, client.PolicyResult{Project: name, Generation: gen})
 }
 
 // Listen opens the API's unix socket at path, mode 0660, group gid (-1:

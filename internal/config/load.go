@@ -18,6 +18,10 @@ import (
 type Issue struct {
 	Pos Position
 	Msg string
+	// Field is the path of the value in the document ("allow[2].ports[0]"),
+	// set for policies parsed with ParsePolicy.
+	Field string
+	node  *yaml.Node
 }
 
 // Error is an invalid config: every issue found, each with its position.
@@ -72,10 +76,10 @@ func Parse(file string, data []byte) (*Config, error) {
 			}
 			msg = m[3]
 		}
-		return nil, &Error{File: file, Issues: []Issue{{pos, "invalid YAML: " + msg}}}
+		return nil, &Error{File: file, Issues: []Issue{{Pos: pos, Msg: "invalid YAML: " + msg}}}
 	}
 	if len(doc.Content) == 0 {
-		return nil, &Error{File: file, Issues: []Issue{{Position{1, 1}, "config is empty"}}}
+		return nil, &Error{File: file, Issues: []Issue{{Pos: Position{1, 1}, Msg: "config is empty"}}}
 	}
 	p.top(doc.Content[0])
 	p.crossCheck()
@@ -96,7 +100,7 @@ type parser struct {
 func pos(n *yaml.Node) Position { return Position{Line: n.Line, Col: n.Column} }
 
 func (p *parser) errf(n *yaml.Node, format string, args ...any) {
-	p.issues = append(p.issues, Issue{pos(n), fmt.Sprintf(format, args...)})
+	p.issues = append(p.issues, Issue{Pos: pos(n), Msg: fmt.Sprintf(format, args...), node: n})
 }
 
 // mapping walks a YAML mapping, rejecting duplicates and keys not in fields.
@@ -491,36 +495,36 @@ func (p *parser) crossCheck() {
 	if c.Dataplane == "envoy" {
 		for _, pr := range c.Projects {
 			if pr.Mode == "audit" {
-				p.issues = append(p.issues, Issue{pr.Pos, fmt.Sprintf("project %q: mode audit needs dataplane builtin", pr.Name)})
+				p.issues = append(p.issues, Issue{Pos: pr.Pos, Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", pr.Name)})
 			}
 		}
 		if c.Upstream == "original_dst" {
-			p.issues = append(p.issues, Issue{p.keyPos("upstream"), "upstream original_dst is not available with dataplane envoy (it always resolves names itself)"})
+			p.issues = append(p.issues, Issue{Pos: p.keyPos("upstream"), Msg: "upstream original_dst is not available with dataplane envoy (it always resolves names itself)"})
 		}
 	}
 	if c.TProxyPort == c.DNSPort {
-		p.issues = append(p.issues, Issue{p.keyPos("dns_port"), fmt.Sprintf("dns_port %d is the same as tproxy_port", c.DNSPort)})
+		p.issues = append(p.issues, Issue{Pos: p.keyPos("dns_port"), Msg: fmt.Sprintf("dns_port %d is the same as tproxy_port", c.DNSPort)})
 	}
 	if c.Mark == c.UpstreamMark {
 		key := "upstream_mark"
 		if _, ok := p.keys[key]; !ok {
 			key = "mark"
 		}
-		p.issues = append(p.issues, Issue{p.keyPos(key), fmt.Sprintf("upstream_mark %#x is the same as mark; the proxy's own sockets would be routed back to it", c.Mark)})
+		p.issues = append(p.issues, Issue{Pos: p.keyPos(key), Msg: fmt.Sprintf("upstream_mark %#x is the same as mark; the proxy's own sockets would be routed back to it", c.Mark)})
 	}
 	switch c.RouteTable {
 	case 253, 254, 255: // default, main, local
-		p.issues = append(p.issues, Issue{p.keyPos("route_table"), fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})
+		p.issues = append(p.issues, Issue{Pos: p.keyPos("route_table"), Msg: fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})
 	}
 	// Subnets are /30s (checked when parsed): two overlap only when equal,
 	// so a map finds it in linear time, however many projects there are.
 	first := make(map[netip.Prefix]subnetAt, len(p.subnetPos))
 	for _, a := range p.subnetPos {
 		if !c.VMCIDR.Contains(a.subnet.Addr()) || a.subnet.Bits() < c.VMCIDR.Bits() {
-			p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q is outside vm_cidr %s", a.subnet, a.project, c.VMCIDR)})
+			p.issues = append(p.issues, Issue{Pos: a.pos, Msg: fmt.Sprintf("subnet %s of project %q is outside vm_cidr %s", a.subnet, a.project, c.VMCIDR)})
 		}
 		if b, dup := first[a.subnet.Masked()]; dup {
-			p.issues = append(p.issues, Issue{a.pos, fmt.Sprintf("subnet %s of project %q overlaps project %q (line %d)", a.subnet, a.project, b.project, b.pos.Line)})
+			p.issues = append(p.issues, Issue{Pos: a.pos, Msg: fmt.Sprintf("subnet %s of project %q overlaps project %q (line %d)", a.subnet, a.project, b.project, b.pos.Line)})
 			continue
 		}
 		first[a.subnet.Masked()] = a

@@ -45,7 +45,18 @@ func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
 			return placement.Nameserver(p, ups)
 		},
 		CheckSSHPort: d.CheckSSHPort,
-		Log:          d.Log.With("component", "api"),
+		Counters: func(project string) (int64, map[string]uint64, map[string]uint64) {
+			d.mu.Lock()
+			px := d.proxy
+			d.mu.Unlock()
+			var active int64
+			if px != nil {
+				active = px.Active(project)
+			}
+			conns, dns := d.countsByProject()
+			return active, conns[project], dns[project]
+		},
+		Log: d.Log.With("component", "api"),
 	}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: api.ConnContext, ReadHeaderTimeout: 5 * time.Second}
 	go func() {

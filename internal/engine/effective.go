@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/state"
@@ -14,8 +15,19 @@ import (
 // subnet that disagrees with the placement is an error: the TAP carries the
 // placed address, so the config's would never match.
 func Effective(cfg *config.Config, st *state.State) (*config.Config, error) {
-	if st == nil || len(st.Projects) == 0 {
+	return EffectiveWith(cfg, st, nil)
+}
+
+// EffectiveWith is Effective with the policies of the projects the API owns:
+// a placed project the config does not name takes its API policy (none:
+// it allows nothing); an API policy of a project not placed joins unplaced.
+// The config file wins over an API policy of the same name.
+func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Project) (*config.Config, error) {
+	if (st == nil || len(st.Projects) == 0) && len(api) == 0 {
 		return cfg, nil
+	}
+	if st == nil {
+		st = &state.State{Projects: map[string]state.Project{}}
 	}
 	out := *cfg
 	out.Projects = append([]config.Project(nil), cfg.Projects...)
@@ -39,7 +51,25 @@ func Effective(cfg *config.Config, st *state.State) (*config.Config, error) {
 		if seen[placed.Name] {
 			continue
 		}
-		out.Projects = append(out.Projects, config.Project{Name: placed.Name, Subnet: placed.Subnet, Mode: "enforce", MaxConnections: config.DefaultMaxConnections})
+		seen[placed.Name] = true
+		p, ok := api[placed.Name]
+		if !ok {
+			p = config.Project{Name: placed.Name, Mode: "enforce", MaxConnections: config.DefaultMaxConnections}
+		}
+		p.Subnet = placed.Subnet
+		out.Projects = append(out.Projects, p)
+	}
+	var unplaced []string
+	for name := range api {
+		if !seen[name] {
+			unplaced = append(unplaced, name)
+		}
+	}
+	slices.Sort(unplaced)
+	for _, name := range unplaced {
+		p := api[name]
+		p.Subnet = netip.Prefix{}
+		out.Projects = append(out.Projects, p)
 	}
 	// Every subnet is a /30, so two overlap only when they are equal: a map
 	// finds that in linear time (thousands of projects).

@@ -13,6 +13,7 @@ package engine
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -48,7 +49,10 @@ type Snapshot struct {
 	// Config is File merged with the placed projects (Effective).
 	Config *config.Config
 	State  *state.State
-	Policy *policy.Policy
+	// Policies are the policies of the projects the API owns (not named in
+	// the config file), by name.
+	Policies map[string]config.Project
+	Policy   *policy.Policy
 	// Generation counts the snapshots this engine made (1 after Open).
 	Generation uint64
 }
@@ -63,6 +67,7 @@ const (
 	ChangeRemoved ChangeKind = "removed"
 	ChangeConfig  ChangeKind = "config"
 	ChangeNAT     ChangeKind = "restore_nat"
+	ChangePolicy  ChangeKind = "policy"
 )
 
 // Change describes one applied change, for consumers and events.
@@ -103,7 +108,11 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 	if err != nil {
 		return err
 	}
-	eff, err := Effective(file, st)
+	pols, err := e.loadPolicies()
+	if err != nil {
+		return err
+	}
+	eff, err := EffectiveWith(file, st, pols)
 	if err != nil {
 		return err
 	}
@@ -111,7 +120,7 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 	if err != nil {
 		return err
 	}
-	snap := &Snapshot{File: file, Config: eff, State: st, Policy: pol, Generation: 1}
+	snap := &Snapshot{File: file, Config: eff, State: st, Policies: pols, Policy: pol, Generation: 1}
 	if install {
 		if err := e.install(ctx, eff, st); err != nil {
 			return err
@@ -163,10 +172,18 @@ func (e *Engine) log() *slog.Logger {
 // policy, in that order, undoing the earlier steps when a later one fails,
 // so a refused or failed placement leaves nothing behind. changed is false
 // when the project was already placed exactly so.
-func (e *Engine) Place(ctx context.Context, req placement.Request) (p state.Project, changed bool, err error) {
+func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.Project) (p state.Project, changed bool, err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	cur := e.snap
+	if pol != nil {
+		if cur.File.Project(req.Name) != nil {
+			return state.Project{}, false, &placement.Conflict{Err: fmt.Errorf("project %s is owned by the config file %s: change its policy there", req.Name, cur.File.Path)}
+		}
+		if err := planeSupports(cur.File, *pol); err != nil {
+			return state.Project{}, false, err
+		}
+	}
 	ownTAPs := make(map[string]bool, len(cur.State.Projects))
 	for _, q := range cur.State.Projects {
 		ownTAPs[q.TAP] = true
@@ -182,16 +199,22 @@ func (e *Engine) Place(ctx context.Context, req placement.Request) (p state.Proj
 		return state.Project{}, false, err
 	}
 	before, existed := cur.State.Projects[p.Name]
-	if existed && samePlacement(before, p) {
+	oldPol, hadPol := cur.Policies[p.Name]
+	samePol := pol == nil || (hadPol && SameProject(oldPol, *pol))
+	if existed && samePlacement(before, p) && samePol {
 		return p, false, nil
 	}
 	next := cur.State.With(p)
-	eff, err := Effective(cur.File, next)
+	policies := cur.Policies
+	if !samePol {
+		policies = withPolicy(cur.Policies, *pol)
+	}
+	eff, err := EffectiveWith(cur.File, next, policies)
 	if err != nil {
 		return state.Project{}, false, &placement.Conflict{Err: err}
 	}
 	cp := eff.Project(p.Name)
-	pol, err := cur.Policy.Update([]config.Project{*cp}, nil)
+	compiled, err := cur.Policy.Update([]config.Project{*cp}, nil)
 	if err != nil {
 		return state.Project{}, false, &placement.Conflict{Err: err}
 	}
@@ -236,11 +259,18 @@ func (e *Engine) Place(ctx context.Context, req placement.Request) (p state.Proj
 		return state.Project{}, false, err
 	}
 	undo = append(undo, restore)
+	if !samePol {
+		if err := e.savePolicy(*pol); err != nil {
+			rollback()
+			return state.Project{}, false, err
+		}
+		undo = append(undo, func() { e.restorePolicy(p.Name, oldPol, hadPol) })
+	}
 	if err := e.Store.Save(next); err != nil {
 		rollback()
 		return state.Project{}, false, err
 	}
-	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policy: pol, Generation: cur.Generation + 1}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policies: policies, Policy: compiled, Generation: cur.Generation + 1}
 	e.publish(e.snap, Change{Kind: ChangePlaced, Project: p.Name, Projects: []string{p.Name}})
 	return p, true, nil
 }
@@ -322,7 +352,11 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 		return p, false, nil
 	}
 	next := cur.State.Without(name)
-	eff, err := Effective(cur.File, next)
+	policies := cur.Policies
+	if _, ok := policies[name]; ok {
+		policies = withoutPolicy(policies, name)
+	}
+	eff, err := EffectiveWith(cur.File, next, policies)
 	if err != nil {
 		return p, true, err
 	}
@@ -352,7 +386,10 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 		// the next start re-creates a project its owner removed. Report it.
 		return p, true, fmt.Errorf("project %s is off the host but the state still lists it: %w", name, err)
 	}
-	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policy: pol, Generation: cur.Generation + 1}
+	if err := e.Store.RemovePolicy(name); err != nil {
+		e.log().Error("removing a removed project's policy", "project", name, "err", err.Error())
+	}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policies: policies, Policy: pol, Generation: cur.Generation + 1}
 	e.publish(e.snap, Change{Kind: ChangeRemoved, Project: name, Projects: []string{name}})
 	return p, true, nil
 }
@@ -367,7 +404,7 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	if err := Reloadable(cur.File, file); err != nil {
 		return nil, err
 	}
-	eff, err := Effective(file, cur.State)
+	eff, err := EffectiveWith(file, cur.State, cur.Policies)
 	if err != nil {
 		return nil, err
 	}
@@ -403,7 +440,7 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 			}
 		}
 	}
-	e.snap = &Snapshot{File: file, Config: eff, State: cur.State, Policy: pol, Generation: cur.Generation + 1}
+	e.snap = &Snapshot{File: file, Config: eff, State: cur.State, Policies: cur.Policies, Policy: pol, Generation: cur.Generation + 1}
 	e.publish(e.snap, Change{Kind: ChangeConfig, Projects: changedProjects})
 	return changedProjects, nil
 }
@@ -481,7 +518,7 @@ func (e *Engine) RestoreNAT(ctx context.Context, setForwarding func(tap string) 
 		p.Egress = state.EgressNAT
 		next.Projects[n] = p
 	}
-	eff, err := Effective(cur.File, next)
+	eff, err := EffectiveWith(cur.File, next, cur.Policies)
 	if err != nil {
 		return nil, err
 	}
@@ -509,7 +546,116 @@ func (e *Engine) RestoreNAT(ctx context.Context, setForwarding func(tap string) 
 	if err != nil {
 		return nil, err
 	}
-	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policy: pol, Generation: cur.Generation + 1}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: next, Policies: cur.Policies, Policy: pol, Generation: cur.Generation + 1}
 	e.publish(e.snap, Change{Kind: ChangeNAT})
 	return sorted, nil
+}
+
+func withPolicy(m map[string]config.Project, p config.Project) map[string]config.Project {
+	out := make(map[string]config.Project, len(m)+1)
+	for k, v := range m {
+		out[k] = v
+	}
+	out[p.Name] = p
+	return out
+}
+
+func withoutPolicy(m map[string]config.Project, name string) map[string]config.Project {
+	out := make(map[string]config.Project, len(m))
+	for k, v := range m {
+		if k != name {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+func (e *Engine) savePolicy(p config.Project) error {
+	b, err := json.Marshal(config.PolicyDocument(p))
+	if err != nil {
+		return fmt.Errorf("encoding the policy of %s: %w", p.Name, err)
+	}
+	return e.Store.SavePolicy(p.Name, b)
+}
+
+// restorePolicy puts a project's policy file back as it was (rollback).
+func (e *Engine) restorePolicy(name string, old config.Project, had bool) {
+	var err error
+	if had {
+		err = e.savePolicy(old)
+	} else {
+		err = e.Store.RemovePolicy(name)
+	}
+	if err != nil {
+		e.log().Error("rolling back the policy file", "project", name, "err", err.Error())
+	}
+}
+
+// loadPolicies reads the API projects' policies. One that does not parse
+// (a file edited by hand) is left out with an error logged: its project
+// then allows nothing, never more than it did.
+func (e *Engine) loadPolicies() (map[string]config.Project, error) {
+	raw, err := e.Store.LoadPolicies()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]config.Project, len(raw))
+	for name, b := range raw {
+		p, err := config.ParsePolicy(e.Store.PolicyPath(name), name, b)
+		if err != nil {
+			e.log().Error("an API project's policy does not parse; the project allows nothing until its policy is set again", "project", name, "err", err.Error())
+			continue
+		}
+		out[name] = p
+	}
+	return out, nil
+}
+
+// SetPolicy replaces the policy of a project the API owns: persisted, then
+// compiled (that project only) and handed to the consumers, so new
+// connections are decided by it when SetPolicy returns. A project the
+// config file names is the file's (a conflict); one neither placed nor
+// known is ErrNotFound.
+func (e *Engine) SetPolicy(ctx context.Context, p config.Project) (generation uint64, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	cur := e.snap
+	if cur.File.Project(p.Name) != nil {
+		return 0, &placement.Conflict{Err: fmt.Errorf("project %s is owned by the config file %s: change its policy there", p.Name, cur.File.Path)}
+	}
+	if err := planeSupports(cur.File, p); err != nil {
+		return 0, err
+	}
+	_, placed := cur.State.Projects[p.Name]
+	old, had := cur.Policies[p.Name]
+	if !placed && !had {
+		return 0, fmt.Errorf("project %s: %w", p.Name, ErrNotFound)
+	}
+	if had && SameProject(old, p) {
+		return cur.Generation, nil
+	}
+	policies := withPolicy(cur.Policies, p)
+	eff, err := EffectiveWith(cur.File, cur.State, policies)
+	if err != nil {
+		return 0, err
+	}
+	compiled, err := cur.Policy.Update([]config.Project{*eff.Project(p.Name)}, nil)
+	if err != nil {
+		return 0, err
+	}
+	if err := e.savePolicy(p); err != nil {
+		return 0, err
+	}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: cur.State, Policies: policies, Policy: compiled, Generation: cur.Generation + 1}
+	e.publish(e.snap, Change{Kind: ChangePolicy, Project: p.Name, Projects: []string{p.Name}})
+	return e.snap.Generation, nil
+}
+
+// planeSupports refuses a policy the data plane cannot carry out (Envoy has
+// no audit mode), as the config file's loader does.
+func planeSupports(file *config.Config, p config.Project) error {
+	if file.Dataplane == "envoy" && p.Mode == "audit" {
+		return &placement.Invalid{Field: "policy.mode", Err: fmt.Errorf("project %q: mode audit needs dataplane builtin", p.Name)}
+	}
+	return nil
 }

@@ -130,7 +130,7 @@ func (f *fixture) stateFile(t *testing.T) string {
 
 func TestPlaceOrder(t *testing.T) {
 	f := newFixture(t, testConfig())
-	p, changed, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT})
+	p, changed, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}, nil)
 	if err != nil || !changed {
 		t.Fatalf("place: %v, changed %v", err, changed)
 	}
@@ -146,7 +146,7 @@ func TestPlaceOrder(t *testing.T) {
 	}
 	// The same placement again changes nothing and touches nothing.
 	f.j.events = nil
-	if _, changed, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}); err != nil || changed {
+	if _, changed, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}, nil); err != nil || changed {
 		t.Errorf("placing again: %v, changed %v", err, changed)
 	}
 	if len(f.j.events) != 0 {
@@ -172,7 +172,7 @@ func TestPlaceFailuresLeaveNothing(t *testing.T) {
 			f := newFixture(t, testConfig())
 			before := f.eng.Snapshot()
 			tc.break_(f)
-			if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}); err == nil {
+			if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}, nil); err == nil {
 				t.Fatal("place succeeded")
 			}
 			if !slices.Equal(f.j.events, tc.want) {
@@ -205,7 +205,7 @@ func TestPlaceRefusals(t *testing.T) {
 		{placement.Request{Name: "alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30")}, true, "spec-tap0"},
 		{placement.Request{Name: "alpha", Egress: "open"}, false, "egress"},
 	} {
-		_, _, err := f.eng.Place(context.Background(), tc.req)
+		_, _, err := f.eng.Place(context.Background(), tc.req, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) || placement.IsConflict(err) != tc.conflict || placement.IsInvalid(err) == tc.conflict {
 			t.Errorf("%+v: %v; want a %s naming %q", tc.req, err, map[bool]string{true: "conflict", false: "invalid request"}[tc.conflict], tc.want)
 		}
@@ -214,7 +214,7 @@ func TestPlaceRefusals(t *testing.T) {
 		t.Errorf("refused placements touched the host: %q", f.j.events)
 	}
 	// Allocation skips the host's /30.
-	p, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha"})
+	p, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha"}, nil)
 	if err != nil || p.Subnet != netip.MustParsePrefix("172.31.0.4/30") {
 		t.Errorf("allocation next to a host network: %v, %v", p.Subnet, err)
 	}
@@ -222,7 +222,7 @@ func TestPlaceRefusals(t *testing.T) {
 
 func TestRemoveOrder(t *testing.T) {
 	f := newFixture(t, testConfig())
-	if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}); err != nil {
+	if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: "alpha", Egress: state.EgressNAT}, nil); err != nil {
 		t.Fatal(err)
 	}
 	f.j.events = nil
@@ -245,7 +245,7 @@ func TestRemoveOrder(t *testing.T) {
 func TestSetConfigRecompilesOnlyChanged(t *testing.T) {
 	f := newFixture(t, testConfig())
 	for _, n := range []string{"alpha", "beta"} {
-		if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: n}); err != nil {
+		if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: n}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}

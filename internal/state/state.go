@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -299,4 +300,87 @@ func (s *State) Without(name string) *State {
 	c := s.Clone()
 	delete(c.Projects, name)
 	return c
+}
+
+// policyDir holds the policies of projects the API owns, one file each.
+const policyDir = "policies"
+
+// PolicyPath is the file holding an API project's policy.
+func (st Store) PolicyPath(name string) string {
+	return filepath.Join(st.Dir, policyDir, name+".json")
+}
+
+// SavePolicy writes an API project's policy atomically. The caller holds
+// the lock.
+func (st Store) SavePolicy(name string, data []byte) error {
+	dir := filepath.Join(st.Dir, policyDir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("writing the policy of %s: %w", name, err)
+	}
+	if err := writeAtomic(dir, name+".json", data); err != nil {
+		return fmt.Errorf("writing the policy of %s: %w", name, err)
+	}
+	return nil
+}
+
+// RemovePolicy removes an API project's policy (absent: not an error).
+func (st Store) RemovePolicy(name string) error {
+	if err := os.Remove(st.PolicyPath(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing the policy of %s: %w", name, err)
+	}
+	return nil
+}
+
+// LoadPolicies reads every API project's policy, by project name.
+func (st Store) LoadPolicies() (map[string][]byte, error) {
+	dir := filepath.Join(st.Dir, policyDir)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return map[string][]byte{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading policies: %w", err)
+	}
+	out := make(map[string][]byte, len(entries))
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || e.IsDir() {
+			continue // temporary files of an interrupted write
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, fmt.Errorf("reading policies: %w", err)
+		}
+		out[name] = b
+	}
+	return out, nil
+}
+
+// writeAtomic replaces dir/name with data: temporary file, fsync, rename,
+// fsync of the directory.
+func writeAtomic(dir, name string, data []byte) error {
+	tmp, err := os.CreateTemp(dir, "."+name+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), filepath.Join(dir, name)); err != nil {
+		return err
+	}
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
 }
