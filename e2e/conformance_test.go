@@ -196,8 +196,12 @@ func TestConformanceAudit(t *testing.T) {
 func runConformance(t *testing.T, e *env, cases []conformCase) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			explained := e.explainVerdict(t, tc)
-			real := e.realVerdict(t, tc)
+			explained, explainedRule := e.explainVerdict(t, tc)
+			real, realRule := e.realVerdict(t, tc)
+			if !onEnvoy() && realRule != explainedRule {
+				// Envoy's log names the chain, not the rule (README).
+				t.Errorf("rule: data plane %q, explain %q", realRule, explainedRule)
+			}
 			if real != explained || real != tc.want {
 				t.Errorf("%s %s:%d as %s (name %q): data plane %s, explain %s; the config means %s",
 					tc.project, tc.dst, tc.port, tc.bytes, tc.sni, real, explained, tc.want)
@@ -207,7 +211,7 @@ func runConformance(t *testing.T, e *env, cases []conformCase) {
 }
 
 // explainVerdict asks `vmegress policy explain --json` about tc.
-func (e *env) explainVerdict(t *testing.T, tc conformCase) string {
+func (e *env) explainVerdict(t *testing.T, tc conformCase) (verdict, rule string) {
 	t.Helper()
 	hp := net.JoinHostPort(tc.dst.String(), fmt.Sprint(tc.port))
 	args := []string{"--config", e.cfg, "policy", "explain", tc.project}
@@ -225,7 +229,7 @@ func (e *env) explainVerdict(t *testing.T, tc conformCase) string {
 		t.Fatalf("explain %v: output is not one JSON object: %v\n%s", args, err, out)
 	}
 	t.Logf("explain: %s", strings.TrimSpace(out))
-	return got.Verdict
+	return got.Verdict, got.Rule
 }
 
 // conformMarkers are what only the fake internet's servers send back.
@@ -234,7 +238,8 @@ var conformMarkers = []string{"hello from ", "conform-ok", world.Banner}
 // realVerdict makes tc's connection from its project's guest and returns
 // the access log's verdict for it, checked against what the client saw:
 // bytes from the server for allow and would_deny, none for deny.
-func (e *env) realVerdict(t *testing.T, tc conformCase) string {
+// A connection refused at SYN has no log line: its verdict is deny.
+func (e *env) realVerdict(t *testing.T, tc conformCase) (verdict, rule string) {
 	t.Helper()
 	g := e.w.Guest(tc.project)
 	src, got, err := conformDial(g.NS, netip.AddrPortFrom(tc.dst, tc.port), tc.bytes, tc.sni)
@@ -243,7 +248,7 @@ func (e *env) realVerdict(t *testing.T, tc conformCase) string {
 		// kernel (no access-log line): that is a denial.
 		if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) {
 			t.Logf("refused at connect: %v", err)
-			return "deny"
+			return "deny", ""
 		}
 		t.Fatalf("connecting from %s: %v", g.NS, err)
 	}
@@ -252,7 +257,7 @@ func (e *env) realVerdict(t *testing.T, tc conformCase) string {
 	if !ok {
 		t.Fatalf("no access-log line for %s (client saw %q, %v); log:\n%s", src, got, err, e.d.RawAccessLog())
 	}
-	verdict := fmt.Sprint(line["verdict"])
+	verdict, rule = fmt.Sprint(line["verdict"]), fmt.Sprint(line["rule"])
 	t.Logf("access log: verdict %s, rule %v, reason %v; client saw %q (%v)", verdict, line["rule"], line["reason"], got, err)
 	switch {
 	case verdict == "deny" && reached:
@@ -260,7 +265,7 @@ func (e *env) realVerdict(t *testing.T, tc conformCase) string {
 	case (verdict == "allow" || verdict == "would_deny") && !reached:
 		t.Errorf("the log says %s, but the server never answered (client saw %q, %v)", verdict, got, err)
 	}
-	return verdict
+	return verdict, rule
 }
 
 // conformDial connects from namespace ns to dst, sends what kind says and
