@@ -72,8 +72,8 @@ var (
 const propPortCount = 3
 
 const (
-	propPolicies = 100// random policies
-	propConns    = 25 // random connections per policy
+	propPolicies = 100 // random policies
+	propConns    = 25  // random connections per policy
 )
 
 func TestExplainAgreesWithProxy(t *testing.T) {
