@@ -13,12 +13,14 @@
 package client
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"net"
 	"net/http"
 	"net/url"
@@ -175,3 +177,68 @@ func (c *Client) SetPolicyDocument(ctx context.Context, name string, doc []byte)
 
 // rawBody is sent as is.
 type rawBody []byte
+
+// Status returns the daemon's status.
+func (c *Client) Status(ctx context.Context) (*Status, error) {
+	var st Status
+	if err := c.do(ctx, http.MethodGet, "/v1/status", nil, &st); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+// Events follows the decision and change stream until ctx ends or the
+// daemon drops the reader (a "lagged" event comes last then). Each item is
+// an event or the error that ended the stream.
+func (c *Client) Events(ctx context.Context, f EventFilter) iter.Seq2[Event, error] {
+	return func(yield func(Event, error) bool) {
+		q := url.Values{}
+		if f.Project != "" {
+			q.Set("project", f.Project)
+		}
+		if f.Verdict != "" {
+			q.Set("verdict", f.Verdict)
+		}
+		u := "http://vmegress/v1/events"
+		if len(q) > 0 {
+			u += "?" + q.Encode()
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			yield(Event{}, err)
+			return
+		}
+		resp, err := c.http().Do(req)
+		if err != nil {
+			yield(Event{}, fmt.Errorf("calling the vmegress API at %s: %w", c.Socket, err))
+			return
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+			var eb ErrorBody
+			json.Unmarshal(b, &eb)
+			yield(Event{}, &Error{Status: resp.StatusCode, Message: eb.Error, Field: eb.Field})
+			return
+		}
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			var e Event
+			line := append([]byte(nil), sc.Bytes()...)
+			if err := json.Unmarshal(line, &e); err != nil {
+				if !yield(Event{}, fmt.Errorf("decoding an event: %w", err)) {
+					return
+				}
+				continue
+			}
+			e.Raw = line
+			if !yield(e, nil) {
+				return
+			}
+		}
+		if err := sc.Err(); err != nil && ctx.Err() == nil {
+			yield(Event{}, fmt.Errorf("reading the event stream: %w", err))
+		}
+	}
+}

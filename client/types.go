@@ -1,6 +1,9 @@
 package client
 
-import "encoding/json"
+import (
+	"encoding/json"
+	"time"
+)
 
 // ProjectSpec is the body of PUT /v1/projects/{name}: where the project sits
 // on the host. Every field is optional.
@@ -104,4 +107,62 @@ type ErrorBody struct {
 	Error string `json:"error"`
 	// Field names the request field at fault, when one is.
 	Field string `json:"field,omitempty"`
+}
+
+// Status is GET /v1/status: the daemon, its data plane and per-project counters.
+type Status struct {
+	Version      string    `json:"version"`
+	Ready        bool      `json:"ready"`
+	Started      time.Time `json:"started"`
+	Config       string    `json:"config"`
+	Dataplane    string    `json:"dataplane"`
+	Firewall     string    `json:"firewall"`
+	Upstream     string    `json:"upstream"`
+	LastReload   time.Time `json:"last_reload"`
+	LastError    string    `json:"last_reload_error,omitempty"`
+	Interception bool      `json:"interception_installed"`
+	// Generation counts the engine's snapshots (each change adds one).
+	Generation uint64          `json:"generation"`
+	Projects   []ProjectStatus `json:"projects"`
+}
+
+// ProjectStatus is one project's line in Status.
+type ProjectStatus struct {
+	Name        string            `json:"name"`
+	Subnet      string            `json:"subnet,omitempty"`
+	Mode        string            `json:"mode"`
+	Rules       int               `json:"rules"`
+	Active      int64             `json:"active_connections"`
+	Connections map[string]uint64 `json:"connections"` // by verdict
+	DNSQueries  map[string]uint64 `json:"dns_queries"` // by verdict
+}
+
+// Event is one line of GET /v1/events: a decision (Type "connection" or
+// "dns", with the access log's fields), a change (Type "change"), or
+// "lagged" (the reader fell behind and was dropped: reconnect).
+type Event struct {
+	Type    string `json:"type"`
+	Time    string `json:"time"`
+	Project string `json:"project,omitempty"`
+	Src     string `json:"src,omitempty"`
+	Dst     string `json:"dst,omitempty"`
+	SNI     string `json:"sni,omitempty"`
+	Host    string `json:"host,omitempty"`
+	// Name and QType are a DNS query's.
+	Name    string `json:"name,omitempty"`
+	QType   string `json:"qtype,omitempty"`
+	Verdict string `json:"verdict,omitempty"`
+	Rule    string `json:"rule,omitempty"`
+	Reason  string `json:"reason,omitempty"`
+	// Change is what a change did (placed, removed, policy, config).
+	Change     string `json:"change,omitempty"`
+	Generation uint64 `json:"generation,omitempty"`
+	// Raw is the whole line as the daemon sent it.
+	Raw json.RawMessage `json:"-"`
+}
+
+// EventFilter selects events ("" matches any).
+type EventFilter struct {
+	Project string
+	Verdict string
 }

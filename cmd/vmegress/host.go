@@ -24,6 +24,7 @@ import (
 	"github.com/vmegress/vmegress/internal/daemon"
 	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/engine"
+	"github.com/vmegress/vmegress/internal/events"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/proxy"
@@ -138,6 +139,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				defer logFile.Close()
 				access = logFile
 			}
+			hub := &events.Hub{}        // the API's /v1/events stream
 			cfgCache := &config.Cache{} // reloads parse the file again only when it changed
 			d := &daemon.Daemon{
 				Config:       cfg,
@@ -152,11 +154,12 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				DNSTCP:       &mdns.Client{Net: "tcp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
 				HostAddrs:    proxy.KernelAddrChecker{Handle: h},
 				Log:          a.log,
-				AccessLog:    slog.New(slog.NewJSONHandler(access, nil)),
+				AccessLog:    slog.New(events.Handler{Next: slog.NewJSONHandler(access, nil), Hub: hub}),
+				Events:       hub,
 				Notify:       func(state string) { sdnotify.SdNotify(false, state) },
 				Version:      version,
 				StateDir:     a.stateDir,
-				AccessWriter: access,
+				AccessWriter: &events.LineWriter{W: access, Hub: hub},
 			}
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmegress/vmegress/client"
 	"github.com/vmegress/vmegress/internal/daemon"
 )
 
@@ -29,7 +30,11 @@ func (a *app) statusCmd() *cobra.Command {
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Second)
 			defer cancel()
-			st, err := fetchStatus(ctx, "http://"+cfg.Admin.String()+"/status")
+			st, err := client.New(a.apiSocketFor(cfg)).Status(ctx)
+			if err != nil {
+				// An older daemon, or the API socket elsewhere: the admin endpoint.
+				st, err = fetchStatus(ctx, "http://"+cfg.Admin.String()+"/status")
+			}
 			if err != nil {
 				return fmt.Errorf("asking the daemon at %s (is vmegress run running?): %w", cfg.Admin, err)
 			}

@@ -24,6 +24,7 @@ import (
 	"github.com/vmegress/vmegress/client"
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/engine"
+	"github.com/vmegress/vmegress/internal/events"
 	"github.com/vmegress/vmegress/internal/placement"
 	"github.com/vmegress/vmegress/internal/state"
 )
@@ -39,7 +40,11 @@ type Server struct {
 	CheckSSHPort func(port uint16, allowPrivileged bool) error
 	// Counters are a project's open connections and verdict counts (may be nil).
 	Counters func(project string) (active int64, conns, dns map[string]uint64)
-	Log      *slog.Logger
+	// Events is the decision and change stream (nil: /v1/events is 404).
+	Events *events.Hub
+	// Status is what /v1/status answers.
+	Status func(ctx context.Context) any
+	Log    *slog.Logger
 }
 
 type peerKey struct{}
@@ -106,6 +111,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/projects", s.listProjects)
 	mux.HandleFunc("GET /v1/projects/{name}", s.getProject)
 	mux.HandleFunc("PUT /v1/projects/{name}/policy", s.putPolicy)
+	mux.HandleFunc("GET /v1/events", s.getEvents)
+	mux.HandleFunc("GET /v1/status", s.getStatus)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.permitted(r) {
 			writeError(w, http.StatusForbidden, "", errors.New("not permitted: the API takes calls from root and members of the API group only"))
@@ -330,6 +337,40 @@ func (s *Server) putPolicy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, client.PolicyResult{Project: name, Generation: gen})
+}
+
+func (s *Server) getEvents(w http.ResponseWriter, r *http.Request) {
+	if s.Events == nil {
+		writeError(w, http.StatusNotFound, "", errors.New("no event stream"))
+		return
+	}
+	q := r.URL.Query()
+	f := events.Filter{Project: q.Get("project"), Verdict: q.Get("verdict")}
+	for k := range q {
+		if k != "project" && k != "verdict" {
+			writeError(w, http.StatusBadRequest, k, fmt.Errorf("unknown query parameter %q (project, verdict)", k))
+			return
+		}
+	}
+	sub := s.Events.Subscribe(f)
+	defer sub.Close()
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+	flush := func() {}
+	if fl, ok := w.(http.Flusher); ok {
+		flush = fl.Flush
+		fl.Flush()
+	}
+	events.WriteStream(r.Context(), w, flush, sub)
+}
+
+func (s *Server) getStatus(w http.ResponseWriter, r *http.Request) {
+	if s.Status == nil {
+		writeError(w, http.StatusNotFound, "", errors.New("no status"))
+		return
+	}
+	writeJSON(w, http.StatusOK, s.Status(r.Context()))
 }
 
 // Listen opens the API's unix socket at path, mode 0660, group gid (-1:

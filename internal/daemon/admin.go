@@ -13,35 +13,15 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/vmegress/vmegress/client"
 )
 
-// Status is what /status reports (and `vmegress status` prints).
-type Status struct {
-	Version      string    `json:"version"`
-	Ready        bool      `json:"ready"`
-	Started      time.Time `json:"started"`
-	Config       string    `json:"config"`
-	Dataplane    string    `json:"dataplane"`
-	Firewall     string    `json:"firewall"`
-	Upstream     string    `json:"upstream"`
-	LastReload   time.Time `json:"last_reload"`
-	LastError    string    `json:"last_reload_error,omitempty"`
-	Interception bool      `json:"interception_installed"`
-	// Generation counts the engine's snapshots (each change adds one).
-	Generation uint64          `json:"generation"`
-	Projects   []ProjectStatus `json:"projects"`
-}
+// Status is what /status and /v1/status report (and `vmegress status` prints).
+type Status = client.Status
 
 // ProjectStatus is one project's line in Status.
-type ProjectStatus struct {
-	Name        string            `json:"name"`
-	Subnet      string            `json:"subnet,omitempty"`
-	Mode        string            `json:"mode"`
-	Rules       int               `json:"rules"`
-	Active      int64             `json:"active_connections"`
-	Connections map[string]uint64 `json:"connections"` // by verdict
-	DNSQueries  map[string]uint64 `json:"dns_queries"` // by verdict
-}
+type ProjectStatus = client.ProjectStatus
 
 // Status returns the daemon's current status.
 func (d *Daemon) Status(ctx context.Context) Status {

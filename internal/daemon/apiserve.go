@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"os/user"
 	"strconv"
@@ -58,7 +59,9 @@ func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
 		},
 		Log: d.Log.With("component", "api"),
 	}
-	hs := &http.Server{Handler: srv.Handler(), ConnContext: api.ConnContext, ReadHeaderTimeout: 5 * time.Second}
+	hs := &http.Server{Handler: srv.Handler(), ConnContext: api.ConnContext, ReadHeaderTimeout: 5 * time.Second,
+		// Event streams end with the daemon.
+		BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() {
 		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && ctx.Err() == nil {
 			d.Log.Error("API stopped", "err", err)

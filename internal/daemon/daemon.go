@@ -26,6 +26,7 @@ import (
 	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
+	"github.com/vmegress/vmegress/internal/events"
 	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/proxy"
 )
@@ -47,6 +48,9 @@ type Daemon struct {
 	APISocket string
 	// APIGroup may call the API besides root (its socket's group).
 	APIGroup string
+	// Events receives every change (placed, removed, policy); the access
+	// log's lines reach it through AccessLog's handler (may be nil).
+	Events *events.Hub
 	// CheckSSHPort refuses an SSH port the host itself uses (may be nil).
 	CheckSSHPort func(port uint16, allowPrivileged bool) error
 	// Listen opens the data plane's transparent listener.
@@ -320,6 +324,8 @@ func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
 		}
 	}
 	if ch.Kind != engine.ChangeOpen {
+		d.Events.Publish(events.Event{"type": "change", "change": string(ch.Kind), "project": ch.Project,
+			"projects_changed": len(ch.Projects), "generation": s.Generation})
 		d.Log.Info("policy updated", "change", string(ch.Kind), "project", ch.Project, "projects_changed", len(ch.Projects),
 			"generation", s.Generation, "closed_connections", closed)
 	}
