@@ -161,6 +161,7 @@ func decode(r *http.Request, v any) error {
 		}
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
+			te.Field = strings.TrimPrefix(te.Field, "ProjectSpec.")
 			return &placement.Invalid{Field: te.Field, Err: fmt.Errorf("invalid request body: %s must be a %s, not a JSON %s", te.Field, te.Type, te.Value)}
 		}
 		if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {

@@ -57,7 +57,9 @@ func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
 			conns, dns := d.countsByProject()
 			return active, conns[project], dns[project]
 		},
-		Log: d.Log.With("component", "api"),
+		Log:    d.Log.With("component", "api"),
+		Events: d.Events,
+		Status: func(ctx context.Context) any { return d.Status(ctx) },
 	}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: api.ConnContext, ReadHeaderTimeout: 5 * time.Second,
 		// Event streams end with the daemon.
