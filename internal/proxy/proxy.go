@@ -8,7 +8,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -16,6 +15,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"sync"
@@ -392,25 +392,34 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 	}
 	p.wg.Add(2)
 	if http {
-		go func() {
-			defer p.wg.Done()
-			upBytes = p.forwardHTTP(up, c, prefix, e, pr.Audit)
-			finish()
-		}()
-	} else {
-		go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
+		requests, responses := p.forwardHTTP(up, c, prefix, e, pr.Audit)
+		go func() { defer p.wg.Done(); upBytes = requests(); finish() }()
+		go func() { defer p.wg.Done(); downBytes = responses(); finish() }()
+		return true
 	}
+	go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
 	go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
 	return true
 }
 
-// forwardHTTP carries the client's requests upstream, checking each (see
-// forwardRequests): a request for another host than the connection's is
-// not sent; the client gets the answers to the requests before it, then
-// the connection ends, and the access log has a deny line for it. In audit
-// mode such a request goes on and its line says would_deny.
-func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry, audit bool) int64 {
-	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(prefix), c), 4096)
+// answerWait bounds how long a request that needs the server's answer first
+// (an upgrade, or the one before a refusal) waits for it.
+const answerWait = 30 * time.Second
+
+// forwardHTTP returns the two directions of an allowed plain-HTTP
+// connection. requests carries the client's requests upstream, each parsed,
+// checked and re-serialized (see requestStream): a request for another host
+// than the connection's, or one vmegress refuses whatever its host, is not
+// sent; the client gets the answers to the requests before it, then a 403,
+// and the access log has a deny line for it. In audit mode a request for
+// another host goes on and its line says would_deny. responses passes the
+// server's bytes back unchanged, following the responses so that what the
+// client sends after an upgrade request goes raw only if the server
+// answered 101.
+func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry, audit bool) (requests, responses func() int64) {
+	rs := newResponseStream()
+	rs.readable = readableConn(up)
+	client := &guardedWriter{w: c}
 	same := sameHost(e.name)
 	check := func(name string) error {
 		err := same(name)
@@ -428,27 +437,121 @@ func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry
 		p.logEntry(denied)
 		return err
 	}
-	n, err := forwardRequests(up, br, check)
-	var hs *HostSwitchError
-	if err != nil && !errors.As(err, &hs) {
-		if errors.Is(err, ErrConnect) || errors.Is(err, ErrAmbiguousBody) || errors.Is(err, ErrHostMismatch) {
+	pre := bytes.NewReader(prefix)
+	waitClient := readableConn(c)
+	var last *exchange
+	s := &requestStream{
+		port:  e.dst.Port(),
+		check: check,
+		sent:  func(x *exchange) { last = x; rs.sent(x) },
+		switched: func(x *exchange) bool {
+			t := time.NewTimer(answerWait)
+			defer t.Stop()
+			return rs.answered(x, t.C) == http.StatusSwitchingProtocols
+		},
+		readable: func() (bool, error) {
+			if pre.Len() > 0 {
+				return false, nil
+			}
+			return waitClient()
+		},
+	}
+	requests = func() int64 {
+		n, tail, switched, err := s.forward(up, io.MultiReader(pre, c))
+		if switched {
+			// The server speaks the new protocol: the rest goes as is.
+			m, werr := up.Write(tail)
+			n += int64(m)
+			if werr == nil && pre.Len() > 0 {
+				var k int64
+				k, werr = io.Copy(up, pre)
+				n += k
+			}
+			if werr != nil {
+				up.Close()
+				c.Close()
+				return n
+			}
+			return n + copyHalf(up, c)
+		}
+		if err == nil {
+			// The client is done: nothing more goes upstream; the
+			// answers already asked for still come back.
+			if cw, ok := up.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			} else {
+				up.Close()
+			}
+			c.CloseRead()
+			return n
+		}
+		var hs *HostSwitchError
+		refused := errors.As(err, &hs) || refusedRequest(err)
+		if !errors.As(err, &hs) && (refused || errors.Is(err, ErrNotHTTP) || errors.Is(err, errHeadTooLarge)) {
 			p.logEntry(&entry{src: e.src, dst: e.dst, start: p.now(), name: e.name, kind: policy.KindHTTP,
 				d: policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: "a later request on this connection: " + err.Error()}})
+		}
+		if refused {
+			// The 403 comes after the answers to the requests before it.
+			if last != nil {
+				t := time.NewTimer(answerWait)
+				rs.answered(last, t.C)
+				t.Stop()
+			}
+			body := fmt.Sprintf("vmegress: egress policy of project %s refused a request on this connection: %v\n", e.d.Project, err)
+			if client.last(forbidden(e.d.Project, body)) == nil {
+				up.Close()
+				c.SetWriteDeadline(p.now().Add(2 * time.Second))
+				closeGently(c)
+				return n
+			}
 		}
 		up.Close()
 		c.Close()
 		return n
 	}
-	// The client is done, or asked for another host: nothing more goes
-	// upstream; the answers already asked for still come back (a 403
-	// could interleave with a response in flight).
-	if cw, ok := up.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	} else {
-		up.Close()
+	responses = func() int64 {
+		n, raw, err := rs.forward(client, up)
+		switch {
+		case errors.Is(err, errClientClosed):
+			up.Close() // the refusal closes the client's side
+		case err != nil:
+			up.Close()
+			c.Close()
+		case raw:
+			n += copyHalf(c, up)
+		default:
+			c.CloseWrite()
+			if cr, ok := up.(interface{ CloseRead() error }); ok {
+				cr.CloseRead()
+			}
+		}
+		return n
 	}
-	c.CloseRead()
-	return n
+	return requests, responses
+}
+
+// forbidden is the 403 response that carries body.
+func forbidden(project, body string) []byte {
+	return fmt.Appendf(nil, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\nX-Vmegress-Project: %s\r\n\r\n%s",
+		len(body), project, body)
+}
+
+// readableConn returns a wait for c to have bytes or its end, holding no
+// buffer meanwhile (nil when c is not a TCP socket: reads just block).
+func readableConn(c net.Conn) func() (bool, error) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return func() (bool, error) {
+		_, eof, err := waitAvailable(rc)
+		return eof, err
+	}
 }
 
 // inspect reads what the policy needs (ClientHello or request head) without
@@ -484,10 +587,10 @@ func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect
 		facts.Kind, facts.Name = policy.KindTLS, hello.ServerName
 		return facts, prefix, refuseTLS
 	default:
-		host, prefix, err := ReadHTTPHost(r)
+		host, prefix, err := ReadHTTPHost(r, e.dst.Port())
 		if err != nil {
 			e.d.Reason = err.Error()
-			if errors.Is(err, ErrHostMismatch) || errors.Is(err, ErrAmbiguousBody) {
+			if refusedRequest(err) {
 				return facts, prefix, refuseHTTP
 			}
 			return facts, prefix, refuseReset
@@ -569,8 +672,7 @@ func (p *Proxy) refuse(c *net.TCPConn, e *entry, how refusal) {
 	case refuseHTTP:
 		body := fmt.Sprintf("vmegress: egress policy of project %s refused this request to %s: %s\n", e.d.Project, e.name, e.d.Reason)
 		c.SetWriteDeadline(p.now().Add(2 * time.Second))
-		fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\nX-Vmegress-Project: %s\r\n\r\n%s",
-			len(body), e.d.Project, body)
+		c.Write(forbidden(e.d.Project, body))
 		closeGently(c)
 	default:
 		c.SetLinger(0) // RST, not FIN: the client sees the refusal at once

@@ -1,0 +1,214 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/policy"
+)
+
+// publicAddr is what the fake resolver answers; the proxy's dial goes to the
+// test's origin whatever the address.
+var publicAddr = netip.MustParseAddr("93.184.216.34")
+
+type notHost struct{}
+
+func (notHost) IsHostAddr(netip.Addr) (bool, error) { return false, nil }
+
+type fixedResolver struct{}
+
+func (fixedResolver) Lookup(context.Context, *policy.Project, string) ([]netip.Addr, error) {
+	return []netip.Addr{publicAddr}, nil
+}
+
+// testPolicy compiles a policy for project alpha at 127.0.0.0/30 (the
+// test's client is 127.0.0.1) with the given allow rules.
+func testPolicy(t *testing.T, rules string) *policy.Policy {
+	t.Helper()
+	cfg, err := config.Parse("t.yaml", []byte("vm_cidr: 127.0.0.0/16\nprojects:\n  alpha:\n    subnet: 127.0.0.0/30\n    allow:\n"+rules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol, err := policy.Compile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pol
+}
+
+// lenientOrigin is an HTTP/1.x server as lenient as the ones the review
+// used: bare LF line ends, empty lines before a request skipped, the Host
+// header obeyed, a body on GET and HEAD never read (Python's http.server),
+// Upgrade ignored. It answers every request with the host asked for, and
+// records the hosts.
+type lenientOrigin struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	hosts []string
+}
+
+func startLenientOrigin(t *testing.T) *lenientOrigin {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &lenientOrigin{ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go o.serve(c)
+		}
+	}()
+	return o
+}
+
+func (o *lenientOrigin) serve(c net.Conn) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for {
+		line := ""
+		for line == "" {
+			l, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			line = strings.TrimRight(l, "\r\n")
+		}
+		method, _, _ := strings.Cut(line, " ")
+		host, length := "", 0
+		for {
+			l, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			l = strings.TrimRight(l, "\r\n")
+			if l == "" {
+				break
+			}
+			k, v, _ := strings.Cut(l, ":")
+			switch strings.ToLower(strings.TrimSpace(k)) {
+			case "host":
+				host = strings.TrimSpace(v)
+			case "content-length":
+				length, _ = strconv.Atoi(strings.TrimSpace(v))
+			}
+		}
+		if method != "GET" && method != "HEAD" && length > 0 {
+			if _, err := io.CopyN(io.Discard, br, int64(length)); err != nil {
+				return
+			}
+		}
+		o.mu.Lock()
+		o.hosts = append(o.hosts, host)
+		o.mu.Unlock()
+		body := "you asked for " + host + "\n"
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	}
+}
+
+func (o *lenientOrigin) seen() []string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append([]string(nil), o.hosts...)
+}
+
+// startProxy serves p on a loopback listener whose port is the original
+// destination's; every dial goes to origin.
+func startProxy(t *testing.T, p *Proxy, ln net.Listener, origin string) {
+	t.Helper()
+	p.HostAddrs, p.Resolver = notHost{}, fixedResolver{}
+	p.Dial = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, origin)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	})
+}
+
+// exchangeRaw sends raw on a new connection to addr and returns all that
+// comes back until the proxy closes.
+func exchangeRaw(t *testing.T, addr, raw string) string {
+	t.Helper()
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second)) // a hang fails, not blocks
+	if _, err := io.WriteString(c, raw); err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	got, _ := io.ReadAll(c)
+	return string(got)
+}
+
+// TestProxySmuggling: the review's three reproductions, through the whole
+// proxy to a lenient origin: the origin never reads a request for
+// evil.test, the allowed requests are answered, and the refused one gets
+// a 403 after them.
+func TestProxySmuggling(t *testing.T) {
+	origin := startLenientOrigin(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	p := &Proxy{}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - http: www.github.com\n        ports: [%d]\n", port)), true)
+	startProxy(t, p, ln, origin.ln.Addr().String())
+
+	get := "GET /one HTTP/1.1\r\nHost: www.github.com\r\n\r\n"
+	evil := "GET /two HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+	for _, tc := range []struct{ name, raw string }{
+		{"bare LF", get + "GET http://www.github.com/lf HTTP/1.1\nHost: evil.test\n\n"},
+		{"bare LF first", "GET http://www.github.com/lf HTTP/1.1\nHost: evil.test\n\n"},
+		{"after a refused upgrade", "GET /ws HTTP/1.1\r\nHost: www.github.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\r\n" + evil},
+		{"GET with a body", get + fmt.Sprintf("GET /b HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: %d\r\n\r\n%s", len(evil), evil)},
+		{"GET with a body first", fmt.Sprintf("GET /b HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: %d\r\n\r\n%s", len(evil), evil)},
+		{"Host with another port", get + "GET / HTTP/1.1\r\nHost: www.github.com:1\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := exchangeRaw(t, ln.Addr().String(), tc.raw)
+			if strings.Contains(got, "evil.test\n") {
+				t.Errorf("the origin answered for evil.test:\n%s", got)
+			}
+			if !strings.Contains(got, "403 Forbidden") {
+				t.Errorf("no 403:\n%s", got)
+			}
+			if strings.Count(tc.raw, "www.github.com\r\n\r\n") > 0 && strings.HasPrefix(tc.raw, "GET /") && !strings.Contains(got, "you asked for www.github.com") {
+				t.Errorf("the allowed request got no answer:\n%s", got)
+			}
+			if i, j := strings.LastIndex(got, "you asked"), strings.Index(got, "403 Forbidden"); j >= 0 && i > j {
+				t.Errorf("the 403 came before an answer:\n%s", got)
+			}
+		})
+	}
+	for _, h := range origin.seen() {
+		if h != "www.github.com" {
+			t.Errorf("the origin read a request for %q (all: %q)", h, origin.seen())
+		}
+	}
+}
