@@ -80,22 +80,30 @@ type Proxy struct {
 	// Now is the clock (zero: time.Now).
 	Now func() time.Time
 
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	conns  map[*net.TCPConn]*entry
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns map[*net.TCPConn]*entry
+	// drop is SetPolicy's last drop (under mu).
+	drop   bool
 	active sync.Map // project name → *atomic.Int64
 }
 
 // SetPolicy swaps the policy new connections are decided by. With drop,
 // established connections that pol refuses are closed (their log line says
 // why); the ones it allows are never disturbed. It returns how many closed.
+//
+// A connection still being inspected is decided by the policy current when
+// its ClientHello or request head has come, not by the one of its accept:
+// handle loads the policy again then, and compares it under p.mu when the
+// connection becomes established, so no change slips between the two.
 func (p *Proxy) SetPolicy(pol *policy.Policy, drop bool) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.policy.Store(pol)
+	p.drop = drop
 	if !drop {
 		return 0
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	closed := 0
 	for c, e := range p.conns {
 		if e == nil || !e.established.Load() {
@@ -315,8 +323,9 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		p.refuse(c, e, refuseReset)
 		return
 	}
-	p.Metrics.Active(pr.Name, 1)
-	release := func() { n.Add(-1); p.Metrics.Active(pr.Name, -1) }
+	counted := pr.Name // pr may change below; the count stays with it
+	p.Metrics.Active(counted, 1)
+	release := func() { n.Add(-1); p.Metrics.Active(counted, -1) }
 	defer func() {
 		if !detached {
 			release()
@@ -329,7 +338,18 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		var facts policy.Facts
 		facts, prefix, how = p.inspect(ctx, c, inspect, e)
 		e.name, e.kind = facts.Name, facts.Kind
-		if facts.Kind != policy.KindNone {
+		// The hello may have taken seconds: decide by the policy of now.
+		reason := e.d.Reason
+		pol = p.policy.Load()
+		e.d, inspect = pol.Connect(e.src.Addr(), e.dst)
+		if facts.Kind == policy.KindNone && inspect != policy.InspectNone && reason != "" {
+			e.d.Reason = reason // what inspection found wrong
+		}
+		if pr = pol.ProjectFor(e.src.Addr()); pr == nil {
+			p.refuse(c, e, how)
+			return
+		}
+		if inspect != policy.InspectNone && facts.Kind != policy.KindNone {
 			e.d = pol.Decide(facts)
 		}
 	}
@@ -374,7 +394,17 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		}
 		e.up = int64(len(prefix))
 	}
+	// A policy change since pol was loaded did not see this connection
+	// established: decide it again here, as SetPolicy would have.
+	p.mu.Lock()
 	e.established.Store(true)
+	cur, drop := p.policy.Load(), p.drop
+	p.mu.Unlock()
+	if cur != pol && drop && redecide(cur, e).Verdict != policy.Allow {
+		e.revoked.Store(true)
+		c.Close()
+		up.Close()
+	}
 	var left atomic.Int32
 	left.Store(2)
 	var upBytes, downBytes int64

@@ -212,3 +212,38 @@ func TestProxySmuggling(t *testing.T) {
 		}
 	}
 }
+
+// TestPolicyAtDecisionTime: a connection accepted under a policy that
+// allows it, whose request comes after a reload that does not, is decided
+// by the new policy (the review's "connections decided by an old policy").
+func TestPolicyAtDecisionTime(t *testing.T) {
+	origin := startLenientOrigin(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	allow := testPolicy(t, fmt.Sprintf("      - http: www.github.com\n        ports: [%d]\n", port))
+	deny := testPolicy(t, fmt.Sprintf("      - http: example.com\n        ports: [%d]\n", port))
+	p := &Proxy{}
+	p.SetPolicy(allow, true)
+	startProxy(t, p, ln, origin.ln.Addr().String())
+
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second)) // a hang fails, not blocks
+	// The handler has taken the accept-time policy once the connection
+	// is counted; only then does the policy change.
+	for p.Active("alpha") == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	p.SetPolicy(deny, true)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: www.github.com\r\nConnection: close\r\n\r\n")
+	got, _ := io.ReadAll(c)
+	if !strings.Contains(string(got), "403 Forbidden") || len(origin.seen()) > 0 {
+		t.Errorf("decided by the policy of accept time: origin saw %q; the client got:\n%s", origin.seen(), got)
+	}
+}
