@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -79,13 +80,24 @@ type Proxy struct {
 	HelloTimeout time.Duration
 	// Now is the clock (zero: time.Now).
 	Now func() time.Time
+	// MaxConns caps the proxied connections open at once, all projects
+	// together, so that load can never take the descriptors the listener
+	// and the rest of the daemon need (zero: (RLIMIT_NOFILE - 256) / 2).
+	MaxConns int
+	// OpenSpare opens the descriptor kept spare for when accept runs out
+	// of them (zero: opens /dev/null).
+	OpenSpare func() (io.Closer, error)
 
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	conns map[*net.TCPConn]*entry
 	// drop is SetPolicy's last drop (under mu).
-	drop   bool
-	active sync.Map // project name → *atomic.Int64
+	drop bool
+	// open counts proxied connections against MaxConns; overBurst the
+	// resets since the count was last zero (the daemon's log says the
+	// first).
+	open, overBurst atomic.Int64
+	active          sync.Map // project name → *atomic.Int64
 }
 
 // SetPolicy swaps the policy new connections are decided by. With drop,
@@ -164,8 +176,12 @@ func (p *Proxy) dial(ctx context.Context, addr string) (net.Conn, error) {
 	return d.DialContext(ctx, "tcp", addr)
 }
 
-// Serve accepts connections from ln until ctx ends or ln fails. It closes ln
-// when ctx ends and returns once every connection handler has finished.
+// Serve accepts connections from ln until ctx ends or ln is closed. It
+// closes ln when ctx ends and returns once every connection handler has
+// finished. Accept errors never end it: out of descriptors (EMFILE, ENFILE)
+// it frees its spare descriptor to take the pending connection, and on any
+// error it backs off (5 ms doubling to 1 s, as net/http does) and goes on.
+// Beyond the proxied-connection cap (MaxConns) new connections are reset.
 func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 	if p.HostAddrs == nil || p.policy.Load() == nil {
 		return errors.New("starting proxy: HostAddrs and a policy are required")
@@ -175,20 +191,74 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 		p.closeAll()
 	})
 	defer stop()
+	limit := p.maxConns()
+	spare, serr := p.openSpare()
+	if serr != nil {
+		p.log().Warn("opening the proxy's spare descriptor; running out of descriptors will stall accepting until some close", "err", serr)
+	}
+	defer func() {
+		if spare != nil {
+			spare.Close()
+		}
+	}()
 	var err error
+	var backoff time.Duration
+	failures, shed := 0, false
 	for {
 		c, aerr := ln.Accept()
 		if aerr != nil {
-			if ctx.Err() == nil {
-				err = fmt.Errorf("accepting connections: %w", aerr)
+			if ctx.Err() != nil {
+				break
 			}
-			break
+			if errors.Is(aerr, net.ErrClosed) {
+				err = fmt.Errorf("accepting connections: %w", aerr)
+				break
+			}
+			if failures == 0 {
+				p.log().Error("accepting connections failed; retrying with back-off", "err", aerr)
+			}
+			failures++
+			if (errors.Is(aerr, syscall.EMFILE) || errors.Is(aerr, syscall.ENFILE)) && spare != nil {
+				// Free a descriptor to take the pending connection at once.
+				spare.Close()
+				spare, shed = nil, true
+				continue
+			}
+			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			t := time.NewTimer(backoff)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			continue
+		}
+		if failures > 0 {
+			p.log().Info("accepting connections again", "failures", failures)
+			failures, backoff = 0, 0
 		}
 		tc, ok := c.(*net.TCPConn)
 		if !ok {
 			c.Close()
 			continue
 		}
+		if shed {
+			var serr error
+			if spare, serr = p.openSpare(); serr != nil {
+				// The descriptor taken was the spare's: reset the
+				// connection to have one again.
+				p.resetOver(tc, "no file descriptor left (EMFILE/ENFILE)")
+				spare, _ = p.openSpare()
+				shed = spare == nil
+				continue
+			}
+			shed = false
+		}
+		if p.open.Load() >= int64(limit) {
+			p.resetOver(tc, fmt.Sprintf("the proxy's connection cap (%d, from the descriptor limit) is reached", limit))
+			continue
+		}
+		p.open.Add(1)
 		e := &entry{start: p.now(), src: addrPort(tc.RemoteAddr()), dst: addrPort(tc.LocalAddr())}
 		p.track(tc, e)
 		p.wg.Add(1)
@@ -203,6 +273,71 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
+// Accept back-off bounds (net/http's) and the descriptors kept for all but
+// proxied connections (resolver, API, logs, Envoy's xDS, the spare).
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+	fdReserve        = 256
+)
+
+// connCapFor is the proxied-connection cap for a descriptor limit: each
+// connection costs two descriptors (guest side and upstream).
+func connCapFor(nofile uint64) int {
+	if nofile <= 2*fdReserve {
+		return max(int(nofile)/4, 1)
+	}
+	return int((nofile - fdReserve) / 2)
+}
+
+func (p *Proxy) maxConns() int {
+	if p.MaxConns > 0 {
+		return p.MaxConns
+	}
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return 1 << 20 // unknown: EMFILE handling still holds
+	}
+	return connCapFor(lim.Cur)
+}
+
+// openSpare opens the spare descriptor (nil with the error).
+func (p *Proxy) openSpare() (io.Closer, error) {
+	if p.OpenSpare != nil {
+		c, err := p.OpenSpare()
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s as a spare descriptor: %w", os.DevNull, err)
+	}
+	return f, nil
+}
+
+// resetOver resets a connection refused before it is handled, and logs it
+// (its access-log line, and the daemon's log once per burst).
+func (p *Proxy) resetOver(c *net.TCPConn, reason string) {
+	e := &entry{start: p.now(), src: addrPort(c.RemoteAddr()), dst: addrPort(c.LocalAddr()),
+		d: policy.Decision{Verdict: policy.Deny, Reason: "connection reset: " + reason}}
+	if pr := p.policy.Load().ProjectFor(e.src.Addr()); pr != nil {
+		e.d.Project = pr.Name
+	}
+	if p.overBurst.Add(1) == 1 {
+		p.log().Warn("resetting new connections", "reason", reason)
+	}
+	p.refuse(c, e, refuseReset)
+}
+
+func (p *Proxy) log() *slog.Logger {
+	if p.Log != nil {
+		return p.Log
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
 // track registers c's entry (nil: forget c).
 func (p *Proxy) track(c *net.TCPConn, e *entry) {
 	p.mu.Lock()
@@ -212,8 +347,13 @@ func (p *Proxy) track(c *net.TCPConn, e *entry) {
 	}
 	if e != nil {
 		p.conns[c] = e
-	} else {
+		return
+	}
+	if _, ok := p.conns[c]; ok {
 		delete(p.conns, c)
+		if p.open.Add(-1) == 0 {
+			p.overBurst.Store(0) // the next reset starts a new burst
+		}
 	}
 }
 

@@ -3,13 +3,17 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -90,7 +94,7 @@ func (o *lenientOrigin) serve(c net.Conn) {
 			line = strings.TrimRight(l, "\r\n")
 		}
 		method, _, _ := strings.Cut(line, " ")
-		host, length := "", 0
+		host, length, closing := "", 0, false
 		for {
 			l, err := br.ReadString('\n')
 			if err != nil {
@@ -106,6 +110,8 @@ func (o *lenientOrigin) serve(c net.Conn) {
 				host = strings.TrimSpace(v)
 			case "content-length":
 				length, _ = strconv.Atoi(strings.TrimSpace(v))
+			case "connection":
+				closing = strings.EqualFold(strings.TrimSpace(v), "close")
 			}
 		}
 		if method != "GET" && method != "HEAD" && length > 0 {
@@ -118,6 +124,9 @@ func (o *lenientOrigin) serve(c net.Conn) {
 		o.mu.Unlock()
 		body := "you asked for " + host + "\n"
 		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		if closing {
+			return
+		}
 	}
 }
 
@@ -152,6 +161,9 @@ func startProxy(t *testing.T, p *Proxy, ln net.Listener, origin string) {
 func exchangeRaw(t *testing.T, addr, raw string) string {
 	t.Helper()
 	c, err := net.Dial("tcp4", addr)
+	if errors.Is(err, syscall.ECONNRESET) {
+		return "" // reset before the dial saw it connected
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,5 +257,171 @@ func TestPolicyAtDecisionTime(t *testing.T) {
 	got, _ := io.ReadAll(c)
 	if !strings.Contains(string(got), "403 Forbidden") || len(origin.seen()) > 0 {
 		t.Errorf("decided by the policy of accept time: origin saw %q; the client got:\n%s", origin.seen(), got)
+	}
+}
+
+// flakyListener fails its first Accepts with errs, then accepts.
+type flakyListener struct {
+	net.Listener
+	mu   sync.Mutex
+	errs []error
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	if len(l.errs) > 0 {
+		err := l.errs[0]
+		l.errs = l.errs[1:]
+		l.mu.Unlock()
+		if err == nil {
+			return l.Listener.Accept()
+		}
+		return nil, err
+	}
+	l.mu.Unlock()
+	return l.Listener.Accept()
+}
+
+func acceptErr(errno syscall.Errno) error {
+	return &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", errno)}
+}
+
+// spares is an OpenSpare that counts, and fails the opens listed in fail.
+type spares struct {
+	mu           sync.Mutex
+	opens, close int
+	fail         map[int]bool
+}
+
+func (s *spares) open() (io.Closer, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.opens++
+	if s.fail[s.opens] {
+		return nil, syscall.EMFILE
+	}
+	return closerFunc(func() error { s.mu.Lock(); s.close++; s.mu.Unlock(); return nil }), nil
+}
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }
+
+// syncBuffer is an access log's writer.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func httpRulePolicy(t *testing.T, ln net.Listener) *policy.Policy {
+	return testPolicy(t, fmt.Sprintf("      - http: www.github.com\n        ports: [%d]\n", ln.Addr().(*net.TCPAddr).Port))
+}
+
+const getWWW = "GET / HTTP/1.1\r\nHost: www.github.com\r\nConnection: close\r\n\r\n"
+
+// TestServeKeepsAccepting: accept errors (out of descriptors, aborted
+// connections, anything) never end Serve: it backs off and goes on, and
+// out of descriptors it frees its spare one to take the pending connection
+// (reset when no descriptor can be spared again).
+func TestServeKeepsAccepting(t *testing.T) {
+	origin := startLenientOrigin(t)
+	real, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A nil error is one real accept.
+	ln := &flakyListener{Listener: real, errs: []error{
+		acceptErr(syscall.EMFILE), nil,
+		acceptErr(syscall.ECONNABORTED), acceptErr(syscall.ENOBUFS), errors.New("some other accept failure"),
+		acceptErr(syscall.ENFILE), nil,
+	}}
+	sp := &spares{fail: map[int]bool{3: true}} // the spare cannot be had again once
+	var access syncBuffer
+	p := &Proxy{OpenSpare: sp.open, AccessLog: slog.New(slog.NewJSONHandler(&access, nil))}
+	p.SetPolicy(httpRulePolicy(t, real), true)
+	// Pending before Serve: taken on the first EMFILE with the spare's
+	// descriptor, and served (the spare could be had again).
+	c1, err := net.Dial("tcp4", real.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	startProxy(t, p, ln, origin.ln.Addr().String())
+	c1.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c1, getWWW)
+	if got, _ := io.ReadAll(c1); !strings.Contains(string(got), "you asked for www.github.com") {
+		t.Errorf("first connection: %q", got)
+	}
+	// The ENFILE: the spare goes, the next connection takes its
+	// descriptor and, the spare failing to reopen, is reset.
+	got := exchangeRaw(t, real.Addr().String(), getWWW)
+	if got != "" {
+		t.Errorf("the connection taken with the spare's descriptor was not reset: %q", got)
+	}
+	// And then accepting goes on as ever.
+	if got := exchangeRaw(t, real.Addr().String(), getWWW); !strings.Contains(got, "you asked for www.github.com") {
+		t.Errorf("after the accept errors: %q", got)
+	}
+	if !strings.Contains(access.String(), "no file descriptor left") {
+		t.Errorf("no access-log line for the reset connection:\n%s", access.String())
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.opens != 4 || sp.close != 2 {
+		t.Errorf("spare opened %d times, closed %d; want 4 and 2", sp.opens, sp.close)
+	}
+}
+
+// TestConnectionCap: beyond MaxConns open connections, new ones are reset
+// with a reason in the access log; once one closes, they are served again.
+func TestConnectionCap(t *testing.T) {
+	origin := startLenientOrigin(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var access syncBuffer
+	p := &Proxy{MaxConns: 1, AccessLog: slog.New(slog.NewJSONHandler(&access, nil))}
+	p.SetPolicy(httpRulePolicy(t, ln), true)
+	startProxy(t, p, ln, origin.ln.Addr().String())
+	held, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for p.Active("alpha") == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if got := exchangeRaw(t, ln.Addr().String(), getWWW); got != "" {
+		t.Errorf("a connection beyond the cap was served: %q", got)
+	}
+	if !strings.Contains(access.String(), "connection cap (1") {
+		t.Errorf("no access-log line with the reason:\n%s", access.String())
+	}
+	held.Close()
+	for p.open.Load() != 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if got := exchangeRaw(t, ln.Addr().String(), getWWW); !strings.Contains(got, "you asked for www.github.com") {
+		t.Errorf("below the cap again: %q", got)
+	}
+}
+
+func TestConnCapFor(t *testing.T) {
+	for nofile, want := range map[uint64]int{1024: 384, 20000: 9872, 1 << 20: (1<<20 - 256) / 2, 256: 64, 1: 1} {
+		if got := connCapFor(nofile); got != want {
+			t.Errorf("connCapFor(%d) = %d, want %d", nofile, got, want)
+		}
 	}
 }
