@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"strconv"
@@ -423,5 +424,41 @@ func TestConnCapFor(t *testing.T) {
 		if got := connCapFor(nofile); got != want {
 			t.Errorf("connCapFor(%d) = %d, want %d", nofile, got, want)
 		}
+	}
+}
+
+// TestProxyUpgrade: after the server answers 101 the rest goes as is both
+// ways (WebSocket frames pass), and pipelined bytes sent with the upgrade
+// request are not lost.
+func TestProxyUpgrade(t *testing.T) {
+	oln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { oln.Close() })
+	go func() {
+		c, err := oln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		io.Copy(c, br) // echo the new protocol
+	}()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Proxy{}
+	p.SetPolicy(httpRulePolicy(t, ln), true)
+	startProxy(t, p, ln, oln.Addr().String())
+	frames := "\x81\x05helloGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n" // not HTTP any more
+	got := exchangeRaw(t, ln.Addr().String(), "GET /ws HTTP/1.1\r\nHost: www.github.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"+frames)
+	if !strings.HasPrefix(got, "HTTP/1.1 101") || !strings.HasSuffix(got, "\r\n\r\n"+frames) {
+		t.Errorf("after a 101: %q", got)
 	}
 }
