@@ -8,7 +8,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -16,7 +15,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -79,23 +80,42 @@ type Proxy struct {
 	HelloTimeout time.Duration
 	// Now is the clock (zero: time.Now).
 	Now func() time.Time
+	// MaxConns caps the proxied connections open at once, all projects
+	// together, so that load can never take the descriptors the listener
+	// and the rest of the daemon need (zero: (RLIMIT_NOFILE - 256) / 2).
+	MaxConns int
+	// OpenSpare opens the descriptor kept spare for when accept runs out
+	// of them (zero: opens /dev/null).
+	OpenSpare func() (io.Closer, error)
 
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	conns  map[*net.TCPConn]*entry
-	active sync.Map // project name → *atomic.Int64
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns map[*net.TCPConn]*entry
+	// drop is SetPolicy's last drop (under mu).
+	drop bool
+	// open counts proxied connections against MaxConns; overBurst the
+	// resets since the count was last zero (the daemon's log says the
+	// first).
+	open, overBurst atomic.Int64
+	active          sync.Map // project name → *atomic.Int64
 }
 
 // SetPolicy swaps the policy new connections are decided by. With drop,
 // established connections that pol refuses are closed (their log line says
 // why); the ones it allows are never disturbed. It returns how many closed.
+//
+// A connection still being inspected is decided by the policy current when
+// its ClientHello or request head has come, not by the one of its accept:
+// handle loads the policy again then, and compares it under p.mu when the
+// connection becomes established, so no change slips between the two.
 func (p *Proxy) SetPolicy(pol *policy.Policy, drop bool) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.policy.Store(pol)
+	p.drop = drop
 	if !drop {
 		return 0
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	closed := 0
 	for c, e := range p.conns {
 		if e == nil || !e.established.Load() {
@@ -160,8 +180,12 @@ func (p *Proxy) dial(ctx context.Context, addr string) (net.Conn, error) {
 	return d.DialContext(ctx, "tcp", addr)
 }
 
-// Serve accepts connections from ln until ctx ends or ln fails. It closes ln
-// when ctx ends and returns once every connection handler has finished.
+// Serve accepts connections from ln until ctx ends or ln is closed. It
+// closes ln when ctx ends and returns once every connection handler has
+// finished. Accept errors never end it: out of descriptors (EMFILE, ENFILE)
+// it frees its spare descriptor to take the pending connection, and on any
+// error it backs off (5 ms doubling to 1 s, as net/http does) and goes on.
+// Beyond the proxied-connection cap (MaxConns) new connections are reset.
 func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 	if p.HostAddrs == nil || p.policy.Load() == nil {
 		return errors.New("starting proxy: HostAddrs and a policy are required")
@@ -171,20 +195,74 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 		p.closeAll()
 	})
 	defer stop()
+	limit := p.maxConns()
+	spare, serr := p.openSpare()
+	if serr != nil {
+		p.log().Warn("opening the proxy's spare descriptor; running out of descriptors will stall accepting until some close", "err", serr)
+	}
+	defer func() {
+		if spare != nil {
+			spare.Close()
+		}
+	}()
 	var err error
+	var backoff time.Duration
+	failures, shed := 0, false
 	for {
 		c, aerr := ln.Accept()
 		if aerr != nil {
-			if ctx.Err() == nil {
-				err = fmt.Errorf("accepting connections: %w", aerr)
+			if ctx.Err() != nil {
+				break
 			}
-			break
+			if errors.Is(aerr, net.ErrClosed) {
+				err = fmt.Errorf("accepting connections: %w", aerr)
+				break
+			}
+			if failures == 0 {
+				p.log().Error("accepting connections failed; retrying with back-off", "err", aerr)
+			}
+			failures++
+			if (errors.Is(aerr, syscall.EMFILE) || errors.Is(aerr, syscall.ENFILE)) && spare != nil {
+				// Free a descriptor to take the pending connection at once.
+				spare.Close()
+				spare, shed = nil, true
+				continue
+			}
+			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			t := time.NewTimer(backoff)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			continue
+		}
+		if failures > 0 {
+			p.log().Info("accepting connections again", "failures", failures)
+			failures, backoff = 0, 0
 		}
 		tc, ok := c.(*net.TCPConn)
 		if !ok {
 			c.Close()
 			continue
 		}
+		if shed {
+			var serr error
+			if spare, serr = p.openSpare(); serr != nil {
+				// The descriptor taken was the spare's: reset the
+				// connection to have one again.
+				p.resetOver(tc, "no file descriptor left (EMFILE/ENFILE)")
+				spare, _ = p.openSpare()
+				shed = spare == nil
+				continue
+			}
+			shed = false
+		}
+		if p.open.Load() >= int64(limit) {
+			p.resetOver(tc, fmt.Sprintf("the proxy's connection cap (%d, from the descriptor limit) is reached", limit))
+			continue
+		}
+		p.open.Add(1)
 		e := &entry{start: p.now(), src: addrPort(tc.RemoteAddr()), dst: addrPort(tc.LocalAddr())}
 		p.track(tc, e)
 		p.wg.Add(1)
@@ -199,6 +277,71 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
+// Accept back-off bounds (net/http's) and the descriptors kept for all but
+// proxied connections (resolver, API, logs, Envoy's xDS, the spare).
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+	fdReserve        = 256
+)
+
+// connCapFor is the proxied-connection cap for a descriptor limit: each
+// connection costs two descriptors (guest side and upstream).
+func connCapFor(nofile uint64) int {
+	if nofile <= 2*fdReserve {
+		return max(int(nofile)/4, 1)
+	}
+	return int((nofile - fdReserve) / 2)
+}
+
+func (p *Proxy) maxConns() int {
+	if p.MaxConns > 0 {
+		return p.MaxConns
+	}
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return 1 << 20 // unknown: EMFILE handling still holds
+	}
+	return connCapFor(lim.Cur)
+}
+
+// openSpare opens the spare descriptor (nil with the error).
+func (p *Proxy) openSpare() (io.Closer, error) {
+	if p.OpenSpare != nil {
+		c, err := p.OpenSpare()
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s as a spare descriptor: %w", os.DevNull, err)
+	}
+	return f, nil
+}
+
+// resetOver resets a connection refused before it is handled, and logs it
+// (its access-log line, and the daemon's log once per burst).
+func (p *Proxy) resetOver(c *net.TCPConn, reason string) {
+	e := &entry{start: p.now(), src: addrPort(c.RemoteAddr()), dst: addrPort(c.LocalAddr()),
+		d: policy.Decision{Verdict: policy.Deny, Reason: "connection reset: " + reason}}
+	if pr := p.policy.Load().ProjectFor(e.src.Addr()); pr != nil {
+		e.d.Project = pr.Name
+	}
+	if p.overBurst.Add(1) == 1 {
+		p.log().Warn("resetting new connections", "reason", reason)
+	}
+	p.refuse(c, e, refuseReset)
+}
+
+func (p *Proxy) log() *slog.Logger {
+	if p.Log != nil {
+		return p.Log
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
 // track registers c's entry (nil: forget c).
 func (p *Proxy) track(c *net.TCPConn, e *entry) {
 	p.mu.Lock()
@@ -208,8 +351,13 @@ func (p *Proxy) track(c *net.TCPConn, e *entry) {
 	}
 	if e != nil {
 		p.conns[c] = e
-	} else {
+		return
+	}
+	if _, ok := p.conns[c]; ok {
 		delete(p.conns, c)
+		if p.open.Add(-1) == 0 {
+			p.overBurst.Store(0) // the next reset starts a new burst
+		}
 	}
 }
 
@@ -319,8 +467,9 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		p.refuse(c, e, refuseReset)
 		return
 	}
-	p.Metrics.Active(pr.Name, 1)
-	release := func() { n.Add(-1); p.Metrics.Active(pr.Name, -1) }
+	counted := pr.Name // pr may change below; the count stays with it
+	p.Metrics.Active(counted, 1)
+	release := func() { n.Add(-1); p.Metrics.Active(counted, -1) }
 	defer func() {
 		if !detached {
 			release()
@@ -333,7 +482,18 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		var facts policy.Facts
 		facts, prefix, how = p.inspect(ctx, c, inspect, e)
 		e.name, e.kind = facts.Name, facts.Kind
-		if facts.Kind != policy.KindNone {
+		// The hello may have taken seconds: decide by the policy of now.
+		reason := e.d.Reason
+		pol = p.policy.Load()
+		e.d, inspect = pol.Connect(e.src.Addr(), e.dst)
+		if facts.Kind == policy.KindNone && inspect != policy.InspectNone && reason != "" {
+			e.d.Reason = reason // what inspection found wrong
+		}
+		if pr = pol.ProjectFor(e.src.Addr()); pr == nil {
+			p.refuse(c, e, how)
+			return
+		}
+		if inspect != policy.InspectNone && facts.Kind != policy.KindNone {
 			e.d = pol.Decide(facts)
 		}
 	}
@@ -378,7 +538,17 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		}
 		e.up = int64(len(prefix))
 	}
+	// A policy change since pol was loaded did not see this connection
+	// established: decide it again here, as SetPolicy would have.
+	p.mu.Lock()
 	e.established.Store(true)
+	cur, drop := p.policy.Load(), p.drop
+	p.mu.Unlock()
+	if cur != pol && drop && redecide(cur, e).Verdict != policy.Allow {
+		e.revoked.Store(true)
+		c.Close()
+		up.Close()
+	}
 	var left atomic.Int32
 	left.Store(2)
 	var upBytes, downBytes int64
@@ -396,25 +566,34 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 	}
 	p.wg.Add(2)
 	if http {
-		go func() {
-			defer p.wg.Done()
-			upBytes = p.forwardHTTP(up, c, prefix, e, pr.Audit)
-			finish()
-		}()
-	} else {
-		go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
+		requests, responses := p.forwardHTTP(up, c, prefix, e, pr.Audit)
+		go func() { defer p.wg.Done(); upBytes = requests(); finish() }()
+		go func() { defer p.wg.Done(); downBytes = responses(); finish() }()
+		return true
 	}
+	go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
 	go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
 	return true
 }
 
-// forwardHTTP carries the client's requests upstream, checking each (see
-// forwardRequests): a request for another host than the connection's is
-// not sent; the client gets the answers to the requests before it, then
-// the connection ends, and the access log has a deny line for it. In audit
-// mode such a request goes on and its line says would_deny.
-func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry, audit bool) int64 {
-	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(prefix), c), 4096)
+// answerWait bounds how long a request that needs the server's answer first
+// (an upgrade, or the one before a refusal) waits for it.
+const answerWait = 30 * time.Second
+
+// forwardHTTP returns the two directions of an allowed plain-HTTP
+// connection. requests carries the client's requests upstream, each parsed,
+// checked and re-serialized (see requestStream): a request for another host
+// than the connection's, or one vmegress refuses whatever its host, is not
+// sent; the client gets the answers to the requests before it, then a 403,
+// and the access log has a deny line for it. In audit mode a request for
+// another host goes on and its line says would_deny. responses passes the
+// server's bytes back unchanged, following the responses so that what the
+// client sends after an upgrade request goes raw only if the server
+// answered 101.
+func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry, audit bool) (requests, responses func() int64) {
+	rs := newResponseStream()
+	rs.readable = readableConn(up)
+	client := &guardedWriter{w: c}
 	same := sameHost(e.name)
 	check := func(name string) error {
 		err := same(name)
@@ -432,27 +611,121 @@ func (p *Proxy) forwardHTTP(up net.Conn, c *net.TCPConn, prefix []byte, e *entry
 		p.logEntry(denied)
 		return err
 	}
-	n, err := forwardRequests(up, br, check)
-	var hs *HostSwitchError
-	if err != nil && !errors.As(err, &hs) {
-		if errors.Is(err, ErrConnect) || errors.Is(err, ErrAmbiguousBody) || errors.Is(err, ErrHostMismatch) {
+	pre := bytes.NewReader(prefix)
+	waitClient := readableConn(c)
+	var last *exchange
+	s := &requestStream{
+		port:  e.dst.Port(),
+		check: check,
+		sent:  func(x *exchange) { last = x; rs.sent(x) },
+		switched: func(x *exchange) bool {
+			t := time.NewTimer(answerWait)
+			defer t.Stop()
+			return rs.answered(x, t.C) == http.StatusSwitchingProtocols
+		},
+		readable: func() (bool, error) {
+			if pre.Len() > 0 {
+				return false, nil
+			}
+			return waitClient()
+		},
+	}
+	requests = func() int64 {
+		n, tail, switched, err := s.forward(up, io.MultiReader(pre, c))
+		if switched {
+			// The server speaks the new protocol: the rest goes as is.
+			m, werr := up.Write(tail)
+			n += int64(m)
+			if werr == nil && pre.Len() > 0 {
+				var k int64
+				k, werr = io.Copy(up, pre)
+				n += k
+			}
+			if werr != nil {
+				up.Close()
+				c.Close()
+				return n
+			}
+			return n + copyHalf(up, c)
+		}
+		if err == nil {
+			// The client is done: nothing more goes upstream; the
+			// answers already asked for still come back.
+			if cw, ok := up.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			} else {
+				up.Close()
+			}
+			c.CloseRead()
+			return n
+		}
+		var hs *HostSwitchError
+		refused := errors.As(err, &hs) || refusedRequest(err)
+		if !errors.As(err, &hs) && (refused || errors.Is(err, ErrNotHTTP) || errors.Is(err, errHeadTooLarge)) {
 			p.logEntry(&entry{src: e.src, dst: e.dst, start: p.now(), name: e.name, kind: policy.KindHTTP,
 				d: policy.Decision{Verdict: policy.Deny, Project: e.d.Project, Reason: "a later request on this connection: " + err.Error()}})
+		}
+		if refused {
+			// The 403 comes after the answers to the requests before it.
+			if last != nil {
+				t := time.NewTimer(answerWait)
+				rs.answered(last, t.C)
+				t.Stop()
+			}
+			body := fmt.Sprintf("vmegress: egress policy of project %s refused a request on this connection: %v\n", e.d.Project, err)
+			if client.last(forbidden(e.d.Project, body)) == nil {
+				up.Close()
+				c.SetWriteDeadline(p.now().Add(2 * time.Second))
+				closeGently(c)
+				return n
+			}
 		}
 		up.Close()
 		c.Close()
 		return n
 	}
-	// The client is done, or asked for another host: nothing more goes
-	// upstream; the answers already asked for still come back (a 403
-	// could interleave with a response in flight).
-	if cw, ok := up.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	} else {
-		up.Close()
+	responses = func() int64 {
+		n, raw, err := rs.forward(client, up)
+		switch {
+		case errors.Is(err, errClientClosed):
+			up.Close() // the refusal closes the client's side
+		case err != nil:
+			up.Close()
+			c.Close()
+		case raw:
+			n += copyHalf(c, up)
+		default:
+			c.CloseWrite()
+			if cr, ok := up.(interface{ CloseRead() error }); ok {
+				cr.CloseRead()
+			}
+		}
+		return n
 	}
-	c.CloseRead()
-	return n
+	return requests, responses
+}
+
+// forbidden is the 403 response that carries body.
+func forbidden(project, body string) []byte {
+	return fmt.Appendf(nil, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\nX-Vmegress-Project: %s\r\n\r\n%s",
+		len(body), project, body)
+}
+
+// readableConn returns a wait for c to have bytes or its end, holding no
+// buffer meanwhile (nil when c is not a TCP socket: reads just block).
+func readableConn(c net.Conn) func() (bool, error) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return func() (bool, error) {
+		_, eof, err := waitAvailable(rc)
+		return eof, err
+	}
 }
 
 // inspect reads what the policy needs (ClientHello or request head) without
@@ -488,10 +761,10 @@ func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect
 		facts.Kind, facts.Name = policy.KindTLS, hello.ServerName
 		return facts, prefix, refuseTLS
 	default:
-		host, prefix, err := ReadHTTPHost(r)
+		host, prefix, err := ReadHTTPHost(r, e.dst.Port())
 		if err != nil {
 			e.d.Reason = err.Error()
-			if errors.Is(err, ErrHostMismatch) || errors.Is(err, ErrAmbiguousBody) {
+			if refusedRequest(err) {
 				return facts, prefix, refuseHTTP
 			}
 			return facts, prefix, refuseReset
@@ -573,8 +846,7 @@ func (p *Proxy) refuse(c *net.TCPConn, e *entry, how refusal) {
 	case refuseHTTP:
 		body := fmt.Sprintf("vmegress: egress policy of project %s refused this request to %s: %s\n", e.d.Project, e.name, e.d.Reason)
 		c.SetWriteDeadline(p.now().Add(2 * time.Second))
-		fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\nX-Vmegress-Project: %s\r\n\r\n%s",
-			len(body), e.d.Project, body)
+		c.Write(forbidden(e.d.Project, body))
 		closeGently(c)
 	default:
 		c.SetLinger(0) // RST, not FIN: the client sees the refusal at once

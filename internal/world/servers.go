@@ -1,6 +1,7 @@
 package world
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -14,6 +15,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -123,6 +125,9 @@ func (w *World) startServers() error {
 	if err := w.bannerTCP(BannerIP.String(), 22, "banner:22"); err != nil {
 		return err
 	}
+	if err := w.lenientHTTP(LenientIP.String(), 80, "lenient:80"); err != nil {
+		return err
+	}
 	if err := w.startDNS(); err != nil {
 		return err
 	}
@@ -197,6 +202,67 @@ func (w *World) bannerTCP(host string, port int, label string) error {
 		c.SetDeadline(time.Now().Add(30 * time.Second))
 		c.Write([]byte(Banner))
 		io.Copy(c, c)
+	})
+}
+
+// LenientIP serves lenient.test: plain HTTP on port 80 read as leniently as
+// some real servers do (see lenientHTTP).
+var LenientIP = netip.MustParseAddr("198.18.1.80")
+
+// lenientHTTP is an HTTP/1.x server as lenient as the ones request
+// smuggling goes through: bare LF line ends, empty lines before a request
+// skipped (RFC 9112 2.2, as nginx does), the Host header obeyed whatever the
+// request target says, a body on GET or HEAD never read (as Python's
+// http.server does, so it is read as the next request), Upgrade ignored.
+// Every request it reads is a hit whose SNI field is the Host asked for;
+// the answer says "you asked for HOST".
+func (w *World) lenientHTTP(host string, port int, label string) error {
+	return w.serveTCP(host, port, label+":conn", func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		br := bufio.NewReader(c)
+		for {
+			line := ""
+			for line == "" {
+				l, err := br.ReadString('\n')
+				if err != nil {
+					return
+				}
+				line = strings.TrimRight(l, "\r\n")
+			}
+			method, _, _ := strings.Cut(line, " ")
+			vhost, length, closing := "", 0, false
+			for {
+				l, err := br.ReadString('\n')
+				if err != nil {
+					return
+				}
+				l = strings.TrimRight(l, "\r\n")
+				if l == "" {
+					break
+				}
+				k, v, _ := strings.Cut(l, ":")
+				v = strings.TrimSpace(v)
+				switch strings.ToLower(strings.TrimSpace(k)) {
+				case "host":
+					vhost = v
+				case "content-length":
+					length, _ = strconv.Atoi(v)
+				case "connection":
+					closing = strings.EqualFold(v, "close")
+				}
+			}
+			if method != "GET" && method != "HEAD" && length > 0 {
+				if _, err := io.CopyN(io.Discard, br, int64(length)); err != nil {
+					return
+				}
+			}
+			w.Log.add(Hit{Server: label, Remote: c.RemoteAddr().String(), SNI: vhost})
+			body := "you asked for " + vhost + "\n"
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+			if closing {
+				return
+			}
+		}
 	})
 }
 

@@ -56,6 +56,7 @@ var Names = map[string]netip.Addr{
 	"example.com":    ExampleIP,
 	"attacker.test":  AttackerIP,
 	"banner.test":    BannerIP,
+	"lenient.test":   LenientIP,
 	"private.test":   PrivateIP,
 	"loop.test":      netip.MustParseAddr("127.0.0.1"),
 	"meta.test":      MetadataIP,
