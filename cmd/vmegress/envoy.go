@@ -8,6 +8,7 @@ import (
 
 	"github.com/vmegress/vmegress/internal/daemon"
 	"github.com/vmegress/vmegress/internal/envoy"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 func (a *app) envoyCmd() *cobra.Command {
@@ -50,11 +51,18 @@ this after policy changes (the daemon's xDS mode is not built yet).`,
 			if adminPort < 1 || adminPort > 65535 {
 				return usagef("--admin-port %d out of range", adminPort)
 			}
-			b := envoy.Bootstrap(cfg, envoy.Options{
-				Upstreams:     ups,
-				AdminAddress:  netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(adminPort)),
-				AccessLogPath: "/dev/stdout",
-			})
+			pol, err := policy.Compile(cfg)
+			if err != nil {
+				return usageError{err}
+			}
+			if err := envoy.Check(pol); err != nil {
+				return usageError{fmt.Errorf("the policy cannot be carried out by Envoy: %w", err)}
+			}
+			set := envoy.SettingsFrom(cfg)
+			set.Upstreams = ups
+			set.AdminAddress = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(adminPort))
+			set.AccessLogPath = "/dev/stdout"
+			b := envoy.Bootstrap(pol, set)
 			fmt.Fprintf(a.stdout, "%s\n", envoy.JSON(b))
 			return nil
 		},

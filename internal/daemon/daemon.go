@@ -171,7 +171,7 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	resolver *vdns.Resolver
 	xds      *envoy.Server
-	envoyOpt envoy.Options
+	envoyOpt envoy.Settings
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
@@ -299,7 +299,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
 	var serve func(context.Context) error
 	if cfg.Dataplane == "envoy" {
-		if serve, err = d.startEnvoy(ctx, cfg, upstreams); err != nil {
+		if serve, err = d.startEnvoy(ctx, cfg, pol, upstreams); err != nil {
 			return err
 		}
 	} else {
@@ -360,7 +360,7 @@ func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string
 // startEnvoy serves the policy over xDS and runs a supervised Envoy that
 // takes it; it returns once Envoy has the listener, and the returned func
 // keeps Envoy running until ctx ends.
-func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams []string) (func(context.Context) error, error) {
+func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, pol *policy.Policy, upstreams []string) (func(context.Context) error, error) {
 	bin, err := envoy.FindBinary(cfg.EnvoyBinary)
 	if err != nil {
 		return nil, err
@@ -375,10 +375,11 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 		return nil, fmt.Errorf("starting the xDS server: %w", err)
 	}
 	// Envoy's admin: loopback, the port after vmegress's own.
-	d.envoyOpt = envoy.Options{Upstreams: upstreams, AccessLogPath: "/dev/stdout", OnPolicyChange: cfg.OnPolicyChange,
-		AdminAddress: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cfg.Admin.Port()+1)}
+	d.envoyOpt = envoy.SettingsFrom(cfg)
+	d.envoyOpt.Upstreams, d.envoyOpt.AccessLogPath = upstreams, "/dev/stdout"
+	d.envoyOpt.AdminAddress = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cfg.Admin.Port()+1)
 	d.xds = envoy.NewServer()
-	if err := d.xds.Update(ctx, cfg, d.envoyOpt); err != nil {
+	if err := d.xds.Update(ctx, pol, d.envoyOpt); err != nil {
 		ln.Close()
 		return nil, err
 	}
@@ -471,7 +472,7 @@ func (d *Daemon) Reload(ctx context.Context, why string) error {
 		closed = d.proxy.SetPolicy(pol, cfg.OnPolicyChange != "keep")
 	}
 	if d.xds != nil {
-		if err := d.xds.Update(ctx, cfg, d.envoyOpt); err != nil {
+		if err := d.xds.Update(ctx, pol, d.envoyOpt); err != nil {
 			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
 		}
 	}

@@ -1,0 +1,127 @@
+package e2e
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// inetServer is an HTTP server in the fake internet that answers with the
+// port it listens on and the Host it was asked for, and remembers every
+// request it read.
+type inetServer struct {
+	mu   sync.Mutex
+	reqs []string // "HOST PATH" per request read
+}
+
+// seen returns the requests read so far.
+func (s *inetServer) seen() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.reqs...)
+}
+
+// serveInet starts an inetServer on addr (ip:port) in the fake internet;
+// with tlsName set it speaks TLS with a self-signed certificate for that
+// name (clients use -k: the test is about where a connection goes, not
+// about certificates). It stops when the test ends.
+func (e *env) serveInet(addr, tlsName string) *inetServer {
+	e.t.Helper()
+	ln, err := world.ListenIn(e.w.Inet, "tcp4", addr)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(addr)
+	s := &inetServer{}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			s.mu.Lock()
+			s.reqs = append(s.reqs, r.Host+" "+r.URL.Path)
+			s.mu.Unlock()
+			fmt.Fprintf(rw, "port %s, host %s\n", port, r.Host)
+		}),
+		ReadHeaderTimeout: 5 * time.Second,
+	}
+	if tlsName != "" {
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{selfSigned(e.t, tlsName)}}
+		ln = tls.NewListener(ln, srv.TLSConfig)
+	}
+	go srv.Serve(ln)
+	e.t.Cleanup(func() { srv.Close() })
+	return s
+}
+
+// selfSigned is a throwaway certificate for name.
+func selfSigned(t *testing.T, name string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// TestSNIAndHTTPOnOnePort: a port with an sni rule and an http rule (issue
+// 11): TLS goes by its server name, plain HTTP by its Host, on both planes
+// (on Envoy the TLS inspector's verdict picks the chain).
+func TestSNIAndHTTPOnOnePort(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}, `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: github.com
+        ports: [8080]
+      - http: www.github.com
+        ports: [8080]
+`)
+	tlsSrv := e.serveInet(world.GitHubIP.String()+":8080", "github.com")
+	httpSrv := e.serveInet(world.WWWGitHubIP.String()+":8080", "")
+	e.start()
+
+	// Plain HTTP for the http rule's name: allowed.
+	if out, err := e.curlAt("http://www.github.com:8080/plain", world.WWWGitHubIP.String(), "-w", "\n%{http_code}"); err != nil || !strings.HasSuffix(out, "\n200") {
+		t.Errorf("plain HTTP to www.github.com:8080: %q, %v; want 200", out, err)
+	}
+	// TLS for the sni rule's name: allowed.
+	if out, err := e.curlAt("https://github.com:8080/tls", world.GitHubIP.String(), "-k"); err != nil || !strings.HasPrefix(out, "port 8080, host github.com") {
+		t.Errorf("TLS to github.com:8080: %q, %v", out, err)
+	}
+	// Each name in the other kind: refused.
+	if out, err := e.curlAt("http://github.com:8080/wrongkind", world.GitHubIP.String(), "-w", "\n%{http_code}"); err == nil && !strings.HasSuffix(out, "\n403") {
+		t.Errorf("plain HTTP to github.com:8080: %q; want refused", out)
+	}
+	if out, err := e.curlAt("https://www.github.com:8080/wrongkind", world.WWWGitHubIP.String(), "-k"); err == nil {
+		t.Errorf("TLS to www.github.com:8080: %q; want refused", out)
+	}
+	for _, r := range append(tlsSrv.seen(), httpSrv.seen()...) {
+		if strings.HasSuffix(r, "/wrongkind") {
+			t.Errorf("a refused request reached a server: %s", r)
+		}
+	}
+	if got := tlsSrv.seen(); len(got) != 1 || got[0] != "github.com:8080 /tls" {
+		t.Errorf("the TLS server read %q; want the one TLS request", got)
+	}
+	e.noLeaks()
+}
