@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmegress/vmegress/internal/nettest"
 	"github.com/vmegress/vmegress/internal/world"
 )
 
@@ -122,6 +124,42 @@ func TestSNIAndHTTPOnOnePort(t *testing.T) {
 	}
 	if got := tlsSrv.seen(); len(got) != 1 || got[0] != "github.com:8080 /tls" {
 		t.Errorf("the TLS server read %q; want the one TLS request", got)
+	}
+	e.noLeaks()
+}
+
+// TestNoSearchDomains: the host's resolv.conf has a search domain (with
+// ndots:5) whose zone answers every name with the attacker's address
+// (issue 12, item 2). Names are resolved as they are, on both planes: the
+// guest reaches www.github.com and the attacker sees nothing.
+func TestNoSearchDomains(t *testing.T) {
+	t.Parallel()
+	nettest.Privileged(t, "curl", "dig", "ping")
+	w, err := world.New(context.Background(), world.Options{Prefix: "vmegs", Search: "corp.test",
+		Guests: []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Close)
+	cfg, err := w.WriteConfig("config.yaml", withSuite(baseConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	e := &env{t: t, ctx: ctx, w: w, cfg: cfg, g: w.Guests[0]}
+	e.start()
+
+	if body, err := e.curl("https://www.github.com"); err != nil || !strings.HasPrefix(body, "hello from www.github.com") {
+		t.Errorf("TLS to www.github.com: %q, %v", body, err)
+	}
+	if body, err := e.curl("http://www.github.com/"); err != nil || !strings.HasPrefix(body, "hello from www.github.com via http") {
+		t.Errorf("HTTP to www.github.com: %q, %v", body, err)
+	}
+	for _, h := range e.hits("dns:") {
+		if strings.HasSuffix(h.Server, ".corp.test") {
+			t.Errorf("a resolver applied the search domain: %+v", h)
+		}
 	}
 	e.noLeaks()
 }

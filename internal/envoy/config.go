@@ -114,6 +114,11 @@ func dnsCache(o Settings) M {
 			"typed_config": typed("envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig", M{
 				"resolvers":                 resolvers,
 				"use_resolvers_as_fallback": false,
+				// Names are asked as they are: c-ares would otherwise try
+				// the host's resolv.conf search domains first (with ndots:5,
+				// www.github.com.corp.test before www.github.com) and dial
+				// whatever that zone answers.
+				"dns_resolver_options": M{"no_default_search_domain": true, "use_tcp_for_dns_lookups": false},
 			}),
 		},
 		// Answers in the always-denied set are dropped (rebinding, metadata).

@@ -138,3 +138,12 @@ func TestCheck(t *testing.T) {
 		t.Errorf("Check(audit) = %v; want a refusal naming gamma", err)
 	}
 }
+
+// TestNoSearchDomains: every DNS resolver config asks names as they are.
+func TestNoSearchDomains(t *testing.T) {
+	js := string(JSON(Bootstrap(mustPolicy(t, testConfig), testOptions)))
+	resolvers := strings.Count(js, `"envoy.network.dns_resolver.cares"`)
+	if n := strings.Count(js, `"no_default_search_domain": true`); resolvers == 0 || n != resolvers {
+		t.Errorf("%d of %d c-ares resolver configs have no_default_search_domain", n, resolvers)
+	}
+}
