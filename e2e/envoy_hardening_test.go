@@ -103,8 +103,8 @@ func TestSNIAndHTTPOnOnePort(t *testing.T) {
 	e.start()
 
 	// Plain HTTP for the http rule's name: allowed.
-	if out, err := e.curlAt("http://www.github.com:8080/plain", world.WWWGitHubIP.String(), "-w", "\n%{http_code}"); err != nil || !strings.HasSuffix(out, "\n200") {
-		t.Errorf("plain HTTP to www.github.com:8080: %q, %v; want 200", out, err)
+	if out, err := e.curlAt("http://www.github.com:8080/plain", world.WWWGitHubIP.String()); err != nil || !strings.HasPrefix(out, "port 8080, host www.github.com") {
+		t.Errorf("plain HTTP to www.github.com:8080: %q, %v; want the 8080 server", out, err)
 	}
 	// TLS for the sni rule's name: allowed.
 	if out, err := e.curlAt("https://github.com:8080/tls", world.GitHubIP.String(), "-k"); err != nil || !strings.HasPrefix(out, "port 8080, host github.com") {
@@ -160,6 +160,43 @@ func TestNoSearchDomains(t *testing.T) {
 		if strings.HasSuffix(h.Server, ".corp.test") {
 			t.Errorf("a resolver applied the search domain: %+v", h)
 		}
+	}
+	e.noLeaks()
+}
+
+// TestHTTPUpstreamPort: an http rule on ports 80 and 8080; a request on
+// 8080 goes to the server's 8080, never to its 80 (issue 12, item 5), also
+// when the Host names port 80 (Envoy refuses that Host with 403).
+func TestHTTPUpstreamPort(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}, `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - http: www.github.com
+        ports: [80, 8080]
+`)
+	alt := e.serveInet(world.WWWGitHubIP.String()+":8080", "")
+	e.start()
+
+	ip := world.WWWGitHubIP.String()
+	if out, err := e.curlAt("http://www.github.com:8080/alt", ip); err != nil || !strings.HasPrefix(out, "port 8080, host www.github.com") {
+		t.Errorf("HTTP to www.github.com:8080: %q, %v; want the 8080 server", out, err)
+	}
+	if out, err := e.curlAt("http://www.github.com/", ip); err != nil || !strings.HasPrefix(out, "hello from www.github.com via http") {
+		t.Errorf("HTTP to www.github.com:80: %q, %v; want the port 80 server", out, err)
+	}
+	port80 := len(e.hits("http:www.github.com"))
+	// A Host naming port 80 on a connection to 8080.
+	out, err := e.curlAt("http://www.github.com:8080/other-port", ip, "-H", "Host: www.github.com:80", "-w", "\n%{http_code}")
+	if strings.Contains(out, "via http") || len(e.hits("http:www.github.com")) != port80 {
+		t.Errorf("a request on 8080 with Host www.github.com:80 reached port 80: %q, %v", out, err)
+	}
+	if onEnvoy() && (err != nil || !strings.HasSuffix(out, "\n403")) {
+		t.Errorf("Host www.github.com:80 on 8080: %q, %v; want 403", out, err)
+	}
+	if got := alt.seen(); len(got) == 0 || got[0] != "www.github.com:8080 /alt" {
+		t.Errorf("the 8080 server read %q", got)
 	}
 	e.noLeaks()
 }

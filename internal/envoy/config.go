@@ -47,6 +47,12 @@ const (
 	dnsCacheName   = "vmegress_dns"
 	denyChain      = "deny"
 	denyNamed      = "vmegress_deny"
+	// upstreamHeader carries name:port from the header mutation to the
+	// forward proxy; it is overwritten on entry and removed before sending.
+	upstreamHeader = "x-vmegress-upstream"
+	// defaultHTTPPort is the port the HTTP forward proxy dials when the
+	// Host names none.
+	defaultHTTPPort = 80
 	// SOL_SOCKET / SO_MARK (asm-generic/socket.h): the upstream mark.
 	solSocket = 1
 	soMark    = 36
@@ -264,7 +270,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 			}
 			if len(v.HTTP) > 0 {
 				name := chainName(p.Name, "http", pt)
-				chains = append(chains, httpChain(o, p, name, policy.Patterns(v.HTTP)))
+				chains = append(chains, httpChain(o, p, name, pt, policy.Patterns(v.HTTP)))
 				httpMatch = action(name)
 			}
 			switch {
@@ -430,8 +436,27 @@ func inspectorDisabled(ports []uint16) M {
 
 // httpChain is an HTTP connection manager whose route allows the project's
 // http names through the forward proxy and answers 403 to the rest.
-func httpChain(o Settings, p *policy.Project, name string, names []string) M {
+func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string) M {
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
+	allowed := M{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}
+	var filters []M
+	if port != defaultHTTPPort {
+		// The forward proxy dials the Host's port, else 80: the Host gets
+		// the connection's own port (a Host naming another port never gets
+		// here: it matches no allowed domain, see strip_matching_host_port),
+		// so the upstream port is always the port the guest connected to.
+		filters = append(filters, M{"name": "envoy.filters.http.header_mutation", "typed_config": typed(
+			"envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", M{"mutations": M{"request_mutations": []M{{
+				"append": M{"header": M{"key": upstreamHeader, "value": "%REQ(:AUTHORITY)%:" + strconv.Itoa(int(port))},
+					"append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+			}}}})})
+		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": typed(
+			"envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig", M{"host_rewrite_header": upstreamHeader})}
+	}
+	filters = append(filters,
+		M{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+			M{"dns_cache_config": dnsCache(o)})},
+		M{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})})
 	return M{
 		"name": name,
 		"filters": []M{connLimit(name, p.MaxConnections), {
@@ -441,18 +466,18 @@ func httpChain(o Settings, p *policy.Project, name string, names []string) M {
 				"route_config": M{
 					"name": name,
 					"virtual_hosts": []M{
-						{"name": "allowed", "domains": names, "routes": []M{{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}}},
+						{"name": "allowed", "domains": names, "routes": []M{allowed}},
 						{"name": "denied", "domains": []string{"*"}, "routes": []M{{"match": M{"prefix": "/"},
 							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
 					},
+					"request_headers_to_remove": []string{upstreamHeader},
 				},
-				"strip_any_host_port": true,
-				"access_log":          httpLogs(o, p.Name, name),
-				"http_filters": []M{
-					{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-						M{"dns_cache_config": dnsCache(o)})},
-					{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})},
-				},
+				// A Host port equal to the connection's (original
+				// destination) port is dropped before routing; any other
+				// port stays, matches no allowed name and gets the 403.
+				"strip_matching_host_port": true,
+				"access_log":               httpLogs(o, p.Name, name),
+				"http_filters":             filters,
 			}),
 		}},
 	}
