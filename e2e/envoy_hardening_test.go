@@ -9,11 +9,15 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -199,4 +203,49 @@ func TestHTTPUpstreamPort(t *testing.T) {
 		t.Errorf("the 8080 server read %q", got)
 	}
 	e.noLeaks()
+}
+
+// envoyAdmin asks the daemon's Envoy's admin (a unix socket in the state
+// directory) for path.
+func (e *env) envoyAdmin(path string) (string, error) {
+	sock := filepath.Join(e.w.StateDir(), "envoy-admin.sock")
+	return world.Output(e.ctx, world.NS(e.w.Host, "curl", "-sS", "--fail", "--max-time", "5", "--unix-socket", sock, "http://envoy"+path)...)
+}
+
+// TestEnvoyAdminSocket: the daemon's Envoy has its admin on a root-only
+// unix socket and no TCP port but the egress listener (issue 12, item 8:
+// any local user could read /config_dump, drain listeners, /quitquitquit).
+func TestEnvoyAdminSocket(t *testing.T) {
+	if !onEnvoy() {
+		t.Skip("Envoy plane only (VMEGRESS_TEST_PLANE=envoy)")
+	}
+	t.Parallel()
+	e := newEnv(t)
+	sock := filepath.Join(e.w.StateDir(), "envoy-admin.sock")
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if fi.Mode()&fs.ModeSocket == 0 || fi.Mode().Perm() != 0o600 || st.Uid != 0 {
+		t.Errorf("admin socket %s: mode %v, uid %d; want a 0600 socket owned by root", sock, fi.Mode(), st.Uid)
+	}
+	if out, err := e.envoyAdmin("/ready"); err != nil || strings.TrimSpace(out) != "LIVE" {
+		t.Errorf("admin over the socket: %q, %v", out, err)
+	}
+	// Envoy's TCP listeners in the host namespace: the egress listener only.
+	out, err := world.Output(e.ctx, world.NS(e.w.Host, "ss", "-Hltnp")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if f := strings.Fields(l); strings.Contains(l, `"envoy"`) && len(f) > 3 && !strings.HasSuffix(f[3], ":15001") {
+			t.Errorf("Envoy listens on TCP %s: %s", f[3], l)
+		}
+	}
+	// An unprivileged local user cannot use it.
+	if out, err := world.Output(e.ctx, world.NS(e.w.Host, "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+		"curl", "-sS", "--max-time", "5", "--unix-socket", sock, "http://envoy/config_dump")...); err == nil {
+		t.Errorf("uid 65534 read the admin: %.200q", out)
+	}
 }

@@ -15,6 +15,7 @@ func (a *app) envoyCmd() *cobra.Command {
 	c := &cobra.Command{Use: "envoy", Short: "Envoy as the data plane (spec 6.2-6.7)"}
 	var static bool
 	var adminPort int
+	var adminSocket string
 	cfgCmd := &cobra.Command{
 		Use:   "config --static",
 		Short: "Print a standalone Envoy bootstrap with the policy applied (spec 6.6)",
@@ -61,6 +62,7 @@ this after policy changes (the daemon's xDS mode is not built yet).`,
 			set := envoy.SettingsFrom(cfg)
 			set.Upstreams = ups
 			set.AdminAddress = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(adminPort))
+			set.AdminSocket = adminSocket
 			set.AccessLogPath = "/dev/stdout"
 			b := envoy.Bootstrap(pol, set)
 			fmt.Fprintf(a.stdout, "%s\n", envoy.JSON(b))
@@ -68,7 +70,8 @@ this after policy changes (the daemon's xDS mode is not built yet).`,
 		},
 	}
 	cfgCmd.Flags().BoolVar(&static, "static", false, "a standalone bootstrap (no xDS)")
-	cfgCmd.Flags().IntVar(&adminPort, "admin-port", 9902, "Envoy's admin port on 127.0.0.1")
+	cfgCmd.Flags().IntVar(&adminPort, "admin-port", 9902, "Envoy's admin port on 127.0.0.1 (without --admin-socket; any local user can use it)")
+	cfgCmd.Flags().StringVar(&adminSocket, "admin-socket", "", "put Envoy's admin on this unix socket (mode 0600) instead of a TCP port")
 	c.AddCommand(cfgCmd)
 	return c
 }

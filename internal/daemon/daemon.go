@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -374,10 +373,10 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, pol *policy
 	if err != nil {
 		return nil, fmt.Errorf("starting the xDS server: %w", err)
 	}
-	// Envoy's admin: loopback, the port after vmegress's own.
+	// Envoy's admin: a unix socket only root can open, never a TCP port.
 	d.envoyOpt = envoy.SettingsFrom(cfg)
 	d.envoyOpt.Upstreams, d.envoyOpt.AccessLogPath = upstreams, "/dev/stdout"
-	d.envoyOpt.AdminAddress = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cfg.Admin.Port()+1)
+	d.envoyOpt.AdminSocket = filepath.Join(d.StateDir, "envoy-admin.sock")
 	d.xds = envoy.NewServer()
 	if err := d.xds.Update(ctx, pol, d.envoyOpt); err != nil {
 		ln.Close()
@@ -392,7 +391,7 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, pol *policy
 	if access == nil {
 		access = io.Discard
 	}
-	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, Admin: d.envoyOpt.AdminAddress.String(), Access: access,
+	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, AdminSocket: d.envoyOpt.AdminSocket, Access: access,
 		Log: d.Log.With("component", "envoy"), OnState: func(up bool) { d.metrics.DataplaneUp(up) }}
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})

@@ -70,7 +70,12 @@ type Settings struct {
 	VMCIDR netip.Prefix
 	// Upstreams are the DNS resolvers ("ip:port") the forward proxy uses.
 	Upstreams []string
-	// AdminAddress is Envoy's admin listener (loopback ip:port).
+	// AdminSocket is the unix socket Envoy's admin listens on (mode 0600:
+	// only root may read the policy, drain listeners or stop Envoy). When
+	// empty, the admin listens on AdminAddress instead.
+	AdminSocket string
+	// AdminAddress is Envoy's admin listener (loopback ip:port) when
+	// AdminSocket is empty (the standalone bootstrap's --admin-port).
 	AdminAddress netip.AddrPort
 	// AccessLogPath receives one JSON line per connection ("/dev/stdout").
 	AccessLogPath string
@@ -85,6 +90,17 @@ type Settings struct {
 // address and the access log are the caller's.
 func SettingsFrom(cfg *config.Config) Settings {
 	return Settings{TProxyPort: cfg.TProxyPort, UpstreamMark: cfg.UpstreamMark, VMCIDR: cfg.VMCIDR, OnPolicyChange: cfg.OnPolicyChange}
+}
+
+// adminSocketMode is the admin socket file's permissions: owner (root) only.
+const adminSocketMode = 0o600
+
+// admin is Envoy's admin section: a unix socket when o names one.
+func admin(o Settings) M {
+	if o.AdminSocket != "" {
+		return M{"address": M{"pipe": M{"path": o.AdminSocket, "mode": adminSocketMode}}}
+	}
+	return M{"address": socketAddr(o.AdminAddress)}
 }
 
 func socketAddr(ap netip.AddrPort) M {
@@ -486,7 +502,7 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 // Bootstrap is the standalone configuration (spec 6.6) with the policy applied.
 func Bootstrap(pol *policy.Policy, o Settings) M {
 	return M{
-		"admin": M{"address": socketAddr(o.AdminAddress)},
+		"admin": admin(o),
 		"static_resources": M{
 			"listeners": []M{Listener(pol, o)},
 			"clusters":  clusters(o),

@@ -1,12 +1,16 @@
 package envoy
 
 import (
+	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -80,7 +84,7 @@ func TestBootstrapValidates(t *testing.T) {
 		"static.json": Bootstrap(mustPolicy(t, testConfig), testOptions),
 		"empty.json":  Bootstrap(mustPolicy(t, "projects: {}\n"), testOptions),
 		"either.json": Bootstrap(mustPolicy(t, eitherConfig), testOptions),
-		"xds.json":    XDSBootstrap(testOptions, filepath.Join(dir, "xds.sock")),
+		"xds.json":    XDSBootstrap(withAdminSocket(testOptions, filepath.Join(dir, "admin.sock")), filepath.Join(dir, "xds.sock")),
 	} {
 		path := filepath.Join(dir, name)
 		os.WriteFile(path, JSON(b), 0o644)
@@ -145,5 +149,44 @@ func TestNoSearchDomains(t *testing.T) {
 	resolvers := strings.Count(js, `"envoy.network.dns_resolver.cares"`)
 	if n := strings.Count(js, `"no_default_search_domain": true`); resolvers == 0 || n != resolvers {
 		t.Errorf("%d of %d c-ares resolver configs have no_default_search_domain", n, resolvers)
+	}
+}
+
+func withAdminSocket(o Settings, path string) Settings {
+	o.AdminSocket = path
+	return o
+}
+
+// TestAdminSocket: with AdminSocket, the admin is a 0600 unix socket and
+// no TCP address; the supervisor's readiness probe speaks HTTP over it.
+func TestAdminSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "admin.sock")
+	js := string(JSON(XDSBootstrap(withAdminSocket(testOptions, sock), "/x.sock")))
+	if !strings.Contains(js, `"path": "`+sock+`"`) || !strings.Contains(js, `"mode": 384`) || strings.Contains(js, "9902") {
+		t.Errorf("admin is not the 0600 socket alone:\n%s", js)
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var listeners atomic.Value // what /listeners answers
+	listeners.Store("other")
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/ready":
+			fmt.Fprintln(w, "LIVE")
+		case "/listeners":
+			fmt.Fprintln(w, listeners.Load())
+		}
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	s := &Supervisor{AdminSocket: sock}
+	if s.Ready(context.Background()) {
+		t.Error("ready without the egress listener")
+	}
+	listeners.Store(ListenerName)
+	if !s.Ready(context.Background()) {
+		t.Error("not ready with LIVE and the egress listener")
 	}
 }

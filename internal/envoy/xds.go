@@ -77,7 +77,7 @@ func Resources(pol *policy.Policy, o Settings) (map[resourcev3.Type][]types.Reso
 func XDSBootstrap(o Settings, xdsSocket string) M {
 	return M{
 		"node":  M{"id": NodeID, "cluster": NodeID},
-		"admin": M{"address": socketAddr(o.AdminAddress)},
+		"admin": admin(o),
 		"dynamic_resources": M{
 			"ads_config": M{"api_type": "GRPC", "transport_api_version": "V3",
 				"grpc_services": []M{{"envoy_grpc": M{"cluster_name": xdsCluster}}}},
