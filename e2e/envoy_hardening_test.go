@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -9,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/big"
 	"net"
@@ -248,4 +250,135 @@ func TestEnvoyAdminSocket(t *testing.T) {
 		"curl", "-sS", "--max-time", "5", "--unix-socket", sock, "http://envoy/config_dump")...); err == nil {
 		t.Errorf("uid 65534 read the admin: %.200q", out)
 	}
+}
+
+// serveHeadsOnly starts, in the fake internet, an HTTP server that reads
+// request heads only and never a body (as Python's http.server does for a
+// GET): a body holding a request is read as the next request. It records
+// the Host of every request it reads.
+func (e *env) serveHeadsOnly(addr string) *inetServer {
+	e.t.Helper()
+	ln, err := world.ListenIn(e.w.Inet, "tcp4", addr)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { ln.Close() })
+	s := &inetServer{}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if strings.TrimSpace(line) == "" {
+						continue // RFC 9112 2.2: empty lines before a request
+					}
+					var host string
+					for {
+						h, err := r.ReadString('\n')
+						if err != nil {
+							return
+						}
+						if h = strings.TrimSpace(h); h == "" {
+							break
+						}
+						if k, v, ok := strings.Cut(h, ":"); ok && strings.EqualFold(k, "host") {
+							host = strings.TrimSpace(v)
+						}
+					}
+					s.mu.Lock()
+					s.reqs = append(s.reqs, host+" "+strings.Fields(line+" x x")[1])
+					s.mu.Unlock()
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+				}
+			}()
+		}
+	}()
+	return s
+}
+
+// rawHTTP sends req from the guest to addr and returns what came back
+// until the server closed or went quiet.
+func (e *env) rawHTTP(addr, req string) string {
+	e.t.Helper()
+	var out []byte
+	err := world.InNS(e.g.NS, func() error {
+		c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte(req)); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		out, _ = io.ReadAll(c)
+		return nil
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return string(out)
+}
+
+// TestBodyOnGETNotSmuggled: a GET whose Content-Length body holds a
+// second request for another host (issue 12, item 1): an origin that
+// ignores bodies on GET would read it as a request no rule checked. It
+// never reaches the server as a request for evil.test; Envoy answers 403
+// (so does the builtin plane, once it refuses bodies on GET), also for a
+// chunked body and for HEAD, OPTIONS, TRACE.
+func TestBodyOnGETNotSmuggled(t *testing.T) {
+	if !onEnvoy() {
+		// The builtin plane's half of issue 12 item 1 is another branch's;
+		// on main today the builtin plane relays the smuggled request.
+		// Drop this skip when that fix lands.
+		t.Skip("Envoy plane only until the builtin plane refuses bodies on GET")
+	}
+	t.Parallel()
+	e := newWorldWith(t, []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}, `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - http: www.github.com
+        ports: [8080]
+`)
+	srv := e.serveHeadsOnly(world.WWWGitHubIP.String() + ":8080")
+	e.start()
+	addr := world.WWWGitHubIP.String() + ":8080"
+
+	smuggled := "GET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+	chunk := fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(smuggled), smuggled)
+	for name, req := range map[string]string{
+		"GET content-length":  fmt.Sprintf("GET /a HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: %d\r\n\r\n%s", len(smuggled), smuggled),
+		"HEAD content-length": fmt.Sprintf("HEAD /a HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: %d\r\n\r\n%s", len(smuggled), smuggled),
+		"OPTIONS chunked":     "OPTIONS /a HTTP/1.1\r\nHost: www.github.com\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk,
+		"TRACE chunked":       "TRACE /a HTTP/1.1\r\nHost: www.github.com\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk,
+	} {
+		out := e.rawHTTP(addr, req)
+		if onEnvoy() && !strings.HasPrefix(out, "HTTP/1.1 403") {
+			t.Errorf("%s: got %.100q; want 403", name, out)
+		}
+	}
+	// A GET without a body and a POST with one still work.
+	if out := e.rawHTTP(addr, "GET /ok HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"); !strings.HasPrefix(out, "HTTP/1.1 200") {
+		t.Errorf("GET with Content-Length: 0: %.100q; want 200", out)
+	}
+	if out := e.rawHTTP(addr, "POST /post HTTP/1.1\r\nHost: www.github.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"); !strings.HasPrefix(out, "HTTP/1.1 200") {
+		t.Errorf("POST with a body: %.100q; want 200", out)
+	}
+	for _, r := range srv.seen() {
+		if strings.HasPrefix(r, "evil.test") {
+			t.Errorf("the server read a request for evil.test: %q (all: %q)", r, srv.seen())
+		}
+	}
+	e.noLeaks()
 }

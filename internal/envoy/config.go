@@ -50,6 +50,13 @@ const (
 	// upstreamHeader carries name:port from the header mutation to the
 	// forward proxy; it is overwritten on entry and removed before sending.
 	upstreamHeader = "x-vmegress-upstream"
+	// bodyPolicy names the RBAC policy refusing bodies on bodiless methods
+	// (it shows in the access log's reason).
+	bodyPolicy   = "body_on_GET_HEAD_OPTIONS_TRACE"
+	bufferFilter = "envoy.filters.http.buffer"
+	// maxBodilessBody bounds what is buffered of a GET/HEAD/OPTIONS/TRACE
+	// body before it is refused (larger ones get 413: refused too).
+	maxBodilessBody = 64 << 10
 	// defaultHTTPPort is the port the HTTP forward proxy dials when the
 	// Host names none.
 	defaultHTTPPort = 80
@@ -409,7 +416,9 @@ func httpLogs(o Settings, project, chain string) []M {
 		return M{"project": project, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
 			"verdict": verdict, "rule": "http (" + chain + ")", "reason": reason}
 	}
-	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host"))
+	// %RESPONSE_CODE_DETAILS% tells the two refusals apart: "direct_response"
+	// (the host) or "rbac_access_denied_matched_policy[...]" (a body).
+	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host, or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"))
 	deny[0]["filter"] = status("EQ", 403)
 	allow := accessLog(o, fields("allow", "%RESPONSE_FLAGS%"))
 	allow[0]["filter"] = M{"or_filter": M{"filters": []M{status("LE", 402), status("GE", 404)}}}
@@ -469,6 +478,24 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": typed(
 			"envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig", M{"host_rewrite_header": upstreamHeader})}
 	}
+	// Envoy's HTTP/1 codec drops "Transfer-Encoding: chunked" from the
+	// request headers, so a chunked body is invisible to RBAC: bodiless
+	// methods are buffered (the buffer filter then sets Content-Length)
+	// before RBAC looks; other methods are not buffered (per route).
+	filters = append([]M{
+		{"name": bufferFilter, "typed_config": typed("envoy.extensions.filters.http.buffer.v3.Buffer", M{"max_request_bytes": maxBodilessBody})},
+		bodilessMethods(),
+	}, filters...)
+	noBuffer := M{bufferFilter: typed("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", M{"disabled": true})}
+	// allowed, for bodiless methods (buffered) and for the rest (not).
+	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}}},
+		"route": allowed["route"]}
+	if pf, ok := allowed["typed_per_filter_config"]; ok {
+		bodiless["typed_per_filter_config"] = pf
+		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], bufferFilter: noBuffer[bufferFilter]}
+	} else {
+		allowed["typed_per_filter_config"] = noBuffer
+	}
 	filters = append(filters,
 		M{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
 			M{"dns_cache_config": dnsCache(o)})},
@@ -482,8 +509,8 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 				"route_config": M{
 					"name": name,
 					"virtual_hosts": []M{
-						{"name": "allowed", "domains": names, "routes": []M{allowed}},
-						{"name": "denied", "domains": []string{"*"}, "routes": []M{{"match": M{"prefix": "/"},
+						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed}},
+						{"name": "denied", "domains": []string{"*"}, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
 							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
 					},
 					"request_headers_to_remove": []string{upstreamHeader},
@@ -497,6 +524,34 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 			}),
 		}},
 	}
+}
+
+// bodilessMethods is an RBAC filter that refuses (403) a GET, HEAD, OPTIONS
+// or TRACE carrying a body (a Content-Length other than 0, or any
+// Transfer-Encoding): an origin that ignores bodies on such methods would
+// read the body as the next request, one no rule checked (smuggling).
+func bodilessMethods() M {
+	header := func(name string, match M) M {
+		match["name"] = name
+		return M{"header": match}
+	}
+	var methods []M
+	for _, m := range []string{"GET", "HEAD", "OPTIONS", "TRACE"} {
+		methods = append(methods, header(":method", M{"string_match": M{"exact": m}}))
+	}
+	body := []M{
+		{"and_rules": M{"rules": []M{
+			header("content-length", M{"present_match": true}),
+			{"not_rule": header("content-length", M{"string_match": M{"exact": "0"}})},
+		}}},
+		header("transfer-encoding", M{"present_match": true}),
+	}
+	return M{"name": "envoy.filters.http.rbac", "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", M{
+		"rules": M{"action": "DENY", "policies": M{bodyPolicy: M{
+			"permissions": []M{{"and_rules": M{"rules": []M{{"or_rules": M{"rules": methods}}, {"or_rules": M{"rules": body}}}}}},
+			"principals":  []M{{"any": true}},
+		}}},
+	})}
 }
 
 // Bootstrap is the standalone configuration (spec 6.6) with the policy applied.

@@ -190,3 +190,14 @@ func TestAdminSocket(t *testing.T) {
 		t.Error("not ready with LIVE and the egress listener")
 	}
 }
+
+// TestBodilessMethods: every http chain buffers bodiless methods (so a
+// chunked body gets a Content-Length) and refuses them with a body.
+func TestBodilessMethods(t *testing.T) {
+	js := string(JSON(Listener(mustPolicy(t, testConfig), testOptions)))
+	for _, want := range []string{`"` + bodyPolicy + `"`, `"envoy.filters.http.buffer"`, `"^(GET|HEAD|OPTIONS|TRACE)$"`, `"transfer-encoding"`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("the http chain lacks %s", want)
+		}
+	}
+}
