@@ -296,7 +296,7 @@ func (e *env) serveHeadsOnly(addr string) *inetServer {
 						}
 					}
 					s.mu.Lock()
-					s.reqs = append(s.reqs, host+" "+strings.Fields(line+" x x")[1])
+					s.reqs = append(s.reqs, host+" "+strings.Fields(line + " x x")[1])
 					s.mu.Unlock()
 					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
 				}
