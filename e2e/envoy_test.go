@@ -23,7 +23,8 @@ func (e *env) startEnvoy() {
 	if _, err := e.vmegress("--config", e.cfg, "up"); err != nil {
 		e.t.Fatal(err)
 	}
-	boot, err := e.vmegress("--config", e.cfg, "envoy", "config", "--static")
+	adminSock := filepath.Join(e.w.Dir, "envoy-admin.sock")
+	boot, err := e.vmegress("--config", e.cfg, "envoy", "config", "--static", "--admin-socket", adminSock)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -49,7 +50,7 @@ func (e *env) startEnvoy() {
 		}
 	})
 	if !waitFor(20*time.Second, func() bool {
-		out, err := e.hostGet("http://127.0.0.1:9902/ready")
+		out, err := world.Output(e.ctx, world.NS(e.w.Host, "curl", "-sS", "--fail", "--max-time", "5", "--unix-socket", adminSock, "http://envoy/ready")...)
 		return err == nil && strings.TrimSpace(out) == "LIVE"
 	}) {
 		b, _ := os.ReadFile(logf.Name())

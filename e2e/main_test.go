@@ -189,7 +189,7 @@ func (e *env) start() *world.Daemon {
 		if e.t.Failed() {
 			e.t.Logf("vmegress log (Envoy's lines included):\n%s\naccess log:\n%s", d.Stderr(), d.RawAccessLog())
 			if onEnvoy() {
-				dump, _ := e.hostGet("http://127.0.0.1:9902/config_dump")
+				dump, _ := e.envoyAdmin("/config_dump")
 				e.t.Logf("envoy config dump:\n%s", dump)
 			}
 		}

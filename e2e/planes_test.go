@@ -66,7 +66,7 @@ func TestDataPlanes(t *testing.T) {
 			beta := e.w.Guest("beta")
 			t.Cleanup(func() {
 				if t.Failed() && plane == "envoy" {
-					cfgDump, _ := e.hostGet("http://127.0.0.1:9902/config_dump")
+					cfgDump, _ := e.envoyAdmin("/config_dump")
 					t.Logf("envoy config dump:\n%.20000s", cfgDump)
 				}
 			})

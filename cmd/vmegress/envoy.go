@@ -9,12 +9,14 @@ import (
 	"github.com/vmegress/vmegress/internal/daemon"
 	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 func (a *app) envoyCmd() *cobra.Command {
 	c := &cobra.Command{Use: "envoy", Short: "Envoy as the data plane (spec 6.2-6.7)"}
 	var static bool
 	var adminPort int
+	var adminSocket string
 	cfgCmd := &cobra.Command{
 		Use:   "config --static",
 		Short: "Print a standalone Envoy bootstrap with the policy applied (spec 6.6)",
@@ -51,17 +53,26 @@ this after policy changes (the daemon's xDS mode is not built yet).`,
 			if adminPort < 1 || adminPort > 65535 {
 				return usagef("--admin-port %d out of range", adminPort)
 			}
-			b := envoy.Bootstrap(cfg, envoy.Options{
-				Upstreams:     ups,
-				AdminAddress:  netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(adminPort)),
-				AccessLogPath: "/dev/stdout",
-			})
+			pol, err := policy.Compile(cfg)
+			if err != nil {
+				return usageError{err}
+			}
+			if err := envoy.Check(pol); err != nil {
+				return usageError{fmt.Errorf("the policy cannot be carried out by Envoy: %w", err)}
+			}
+			set := envoy.SettingsFrom(cfg)
+			set.Upstreams = ups
+			set.AdminAddress = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(adminPort))
+			set.AdminSocket = adminSocket
+			set.AccessLogPath = "/dev/stdout"
+			b := envoy.Bootstrap(pol, set)
 			fmt.Fprintf(a.stdout, "%s\n", envoy.JSON(b))
 			return nil
 		},
 	}
 	cfgCmd.Flags().BoolVar(&static, "static", false, "a standalone bootstrap (no xDS)")
-	cfgCmd.Flags().IntVar(&adminPort, "admin-port", 9902, "Envoy's admin port on 127.0.0.1")
+	cfgCmd.Flags().IntVar(&adminPort, "admin-port", 9902, "Envoy's admin port on 127.0.0.1 (without --admin-socket; any local user can use it)")
+	cfgCmd.Flags().StringVar(&adminSocket, "admin-socket", "", "put Envoy's admin on this unix socket (mode 0600) instead of a TCP port")
 	c.AddCommand(cfgCmd)
 	return c
 }

@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -90,7 +89,7 @@ type Daemon struct {
 	proxy    *proxy.Proxy
 	resolver *vdns.Resolver
 	xds      *envoy.Server
-	envoyOpt envoy.Options
+	envoyOpt envoy.Settings
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
@@ -257,18 +256,19 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 	if err != nil {
 		return nil, fmt.Errorf("starting the xDS server: %w", err)
 	}
-	// Envoy's admin: loopback, the port after vmegress's own.
-	d.envoyOpt = envoy.Options{Upstreams: upstreams, AccessLogPath: "/dev/stdout", OnPolicyChange: cfg.OnPolicyChange,
-		AdminAddress: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), cfg.Admin.Port()+1)}
+	// Envoy's admin: a unix socket only root can open, never a TCP port.
+	d.envoyOpt = envoy.SettingsFrom(cfg)
+	d.envoyOpt.Upstreams, d.envoyOpt.AccessLogPath = upstreams, "/dev/stdout"
+	d.envoyOpt.AdminSocket = filepath.Join(d.StateDir, "envoy-admin.sock")
 	xds := envoy.NewServer()
-	if err := xds.Update(ctx, d.Engine.Snapshot().Config, d.envoyOpt); err != nil {
+	if err := xds.Update(ctx, d.Engine.Snapshot().Policy, d.envoyOpt); err != nil {
 		ln.Close()
 		return nil, err
 	}
 	d.mu.Lock()
 	d.xds = xds
 	d.mu.Unlock()
-	if err := xds.Update(ctx, d.Engine.Snapshot().Config, d.envoyOpt); err != nil { // the latest
+	if err := xds.Update(ctx, d.Engine.Snapshot().Policy, d.envoyOpt); err != nil { // the latest
 		ln.Close()
 		return nil, err
 	}
@@ -281,7 +281,7 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 	if access == nil {
 		access = io.Discard
 	}
-	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, Admin: d.envoyOpt.AdminAddress.String(), Access: access,
+	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, AdminSocket: d.envoyOpt.AdminSocket, Access: access,
 		Log: d.Log.With("component", "envoy"), OnState: func(up bool) { d.metrics.DataplaneUp(up) }}
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -319,7 +319,7 @@ func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
 		closed = px.SetPolicy(s.Policy, s.Config.OnPolicyChange != "keep")
 	}
 	if xds != nil {
-		if err := xds.Update(context.Background(), s.Config, d.envoyOpt); err != nil {
+		if err := xds.Update(context.Background(), s.Policy, d.envoyOpt); err != nil {
 			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
 		}
 	}

@@ -14,13 +14,15 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
-	"sort"
+	"slices"
 	"strconv"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 // M is a JSON object of Envoy configuration.
@@ -44,16 +46,43 @@ const (
 	ClusterDeny    = "vmegress_deny"
 	dnsCacheName   = "vmegress_dns"
 	denyChain      = "deny"
+	denyNamed      = "vmegress_deny"
+	// upstreamHeader carries name:port from the header mutation to the
+	// forward proxy; it is overwritten on entry and removed before sending.
+	upstreamHeader = "x-vmegress-upstream"
+	// bodyPolicy names the RBAC policy refusing bodies on bodiless methods
+	// (it shows in the access log's reason).
+	bodyPolicy   = "body_on_GET_HEAD_OPTIONS_TRACE"
+	bufferFilter = "envoy.filters.http.buffer"
+	// maxBodilessBody bounds what is buffered of a GET/HEAD/OPTIONS/TRACE
+	// body before it is refused (larger ones get 413: refused too).
+	maxBodilessBody = 64 << 10
+	// defaultHTTPPort is the port the HTTP forward proxy dials when the
+	// Host names none.
+	defaultHTTPPort = 80
 	// SOL_SOCKET / SO_MARK (asm-generic/socket.h): the upstream mark.
 	solSocket = 1
 	soMark    = 36
 )
 
-// Options are what the bootstrap needs beyond the config.
-type Options struct {
+// Settings are what rendering needs beyond the compiled policy: where the
+// listener is, how upstream sockets are marked, and Envoy's own plumbing.
+// SettingsFrom fills the config's part; callers add the rest.
+type Settings struct {
+	// TProxyPort is the transparent listener's port.
+	TProxyPort uint16
+	// UpstreamMark is set (SO_MARK) on every upstream socket.
+	UpstreamMark uint32
+	// VMCIDR is the guest range: never an upstream.
+	VMCIDR netip.Prefix
 	// Upstreams are the DNS resolvers ("ip:port") the forward proxy uses.
 	Upstreams []string
-	// AdminAddress is Envoy's admin listener (loopback ip:port).
+	// AdminSocket is the unix socket Envoy's admin listens on (mode 0600:
+	// only root may read the policy, drain listeners or stop Envoy). When
+	// empty, the admin listens on AdminAddress instead.
+	AdminSocket string
+	// AdminAddress is Envoy's admin listener (loopback ip:port) when
+	// AdminSocket is empty (the standalone bootstrap's --admin-port).
 	AdminAddress netip.AddrPort
 	// AccessLogPath receives one JSON line per connection ("/dev/stdout").
 	AccessLogPath string
@@ -62,6 +91,23 @@ type Options struct {
 	// "keep" a change that only edits names touches just the matcher and
 	// drains nothing.
 	OnPolicyChange string
+}
+
+// SettingsFrom takes cfg's part of the settings; Upstreams, the admin
+// address and the access log are the caller's.
+func SettingsFrom(cfg *config.Config) Settings {
+	return Settings{TProxyPort: cfg.TProxyPort, UpstreamMark: cfg.UpstreamMark, VMCIDR: cfg.VMCIDR, OnPolicyChange: cfg.OnPolicyChange}
+}
+
+// adminSocketMode is the admin socket file's permissions: owner (root) only.
+const adminSocketMode = 0o600
+
+// admin is Envoy's admin section: a unix socket when o names one.
+func admin(o Settings) M {
+	if o.AdminSocket != "" {
+		return M{"address": M{"pipe": M{"path": o.AdminSocket, "mode": adminSocketMode}}}
+	}
+	return M{"address": socketAddr(o.AdminAddress)}
 }
 
 func socketAddr(ap netip.AddrPort) M {
@@ -74,15 +120,15 @@ func cidr(p netip.Prefix) M {
 
 // deniedRanges is the always-denied set plus the guest range: the forward
 // proxy never connects to such an answer.
-func deniedRanges(cfg *config.Config) []M {
+func deniedRanges(o Settings) []M {
 	var out []M
 	for _, p := range dest.Ranges() {
 		out = append(out, cidr(p))
 	}
-	return append(out, cidr(cfg.VMCIDR))
+	return append(out, cidr(o.VMCIDR))
 }
 
-func dnsCache(cfg *config.Config, o Options) M {
+func dnsCache(o Settings) M {
 	var resolvers []M
 	for _, u := range o.Upstreams {
 		if ap, err := netip.ParseAddrPort(u); err == nil {
@@ -97,10 +143,15 @@ func dnsCache(cfg *config.Config, o Options) M {
 			"typed_config": typed("envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig", M{
 				"resolvers":                 resolvers,
 				"use_resolvers_as_fallback": false,
+				// Names are asked as they are: c-ares would otherwise try
+				// the host's resolv.conf search domains first (with ndots:5,
+				// www.github.com.corp.test before www.github.com) and dial
+				// whatever that zone answers.
+				"dns_resolver_options": M{"no_default_search_domain": true, "use_tcp_for_dns_lookups": false},
 			}),
 		},
 		// Answers in the always-denied set are dropped (rebinding, metadata).
-		"resolved_address_filter": M{"ranges": deniedRanges(cfg)},
+		"resolved_address_filter": M{"ranges": deniedRanges(o)},
 	}
 }
 
@@ -109,16 +160,16 @@ func markedBind(mark uint32) M {
 	return M{"socket_options": []M{{"level": solSocket, "name": soMark, "int_value": mark, "state": "STATE_PREBIND"}}}
 }
 
-func clusters(cfg *config.Config, o Options) []M {
+func clusters(o Settings) []M {
 	dfp := func(name string) M {
 		return M{
 			"name":                 name,
 			"connect_timeout":      "10s",
 			"lb_policy":            "CLUSTER_PROVIDED",
-			"upstream_bind_config": markedBind(cfg.UpstreamMark),
+			"upstream_bind_config": markedBind(o.UpstreamMark),
 			"cluster_type": M{
 				"name":         "envoy.clusters.dynamic_forward_proxy",
-				"typed_config": typed("envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig", M{"dns_cache_config": dnsCache(cfg, o)}),
+				"typed_config": typed("envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig", M{"dns_cache_config": dnsCache(o)}),
 			},
 		}
 	}
@@ -129,7 +180,7 @@ func clusters(cfg *config.Config, o Options) []M {
 			// cidr rules only: the original destination, restricted by the
 			// matcher to the rule's ranges.
 			"name": ClusterOrigDst, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-			"connect_timeout": "10s", "upstream_bind_config": markedBind(cfg.UpstreamMark),
+			"connect_timeout": "10s", "upstream_bind_config": markedBind(o.UpstreamMark),
 		},
 		{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny,
 			"endpoints": []M{{"lb_endpoints": []M{{"endpoint": M{"address": socketAddr(netip.MustParseAddrPort("127.0.0.1:1"))}}}}}}},
@@ -139,7 +190,7 @@ func clusters(cfg *config.Config, o Options) []M {
 // accessLog is one JSON line per connection (per request for http chains)
 // with the builtin plane's field names; what Envoy knows only per chain
 // (project, verdict) is written into each chain's log as a literal.
-func accessLog(o Options, fields M) []M {
+func accessLog(o Settings, fields M) []M {
 	if o.AccessLogPath == "" {
 		return nil
 	}
@@ -182,7 +233,7 @@ func connLimit(chain string, max int) M {
 }
 
 // chainLog is the access log of an allowing chain.
-func chainLog(o Options, project, rule string) []M {
+func chainLog(o Settings, project, rule string) []M {
 	return accessLog(o, M{"project": project, "verdict": "allow", "rule": rule, "reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%%RESPONSE_FLAGS%"})
 }
 
@@ -199,57 +250,13 @@ func chainName(project, kind string, port uint16) string {
 	return project + "/" + kind + "/" + strconv.Itoa(int(port))
 }
 
-// portRules groups a project's rules by port and kind.
-type portRules struct {
-	sni, http []string
-	cidrs     []netip.Prefix
-}
-
-func byPort(p config.Project) map[uint16]*portRules {
-	out := map[uint16]*portRules{}
-	get := func(pt uint16) *portRules {
-		if out[pt] == nil {
-			out[pt] = &portRules{}
-		}
-		return out[pt]
-	}
-	for _, r := range p.Allow {
-		for _, pt := range r.EffectivePorts() {
-			switch r.Kind {
-			case config.KindSNI:
-				get(pt).sni = append(get(pt).sni, r.Name)
-			case config.KindHTTP:
-				get(pt).http = append(get(pt).http, r.Name)
-			case config.KindCIDR:
-				get(pt).cidrs = append(get(pt).cidrs, r.Prefix)
-			}
-		}
-	}
-	return out
-}
-
-func uniq(s []string) []string {
-	sort.Strings(s)
-	out := s[:0]
-	for i, x := range s {
-		if i == 0 || x != s[i-1] {
-			out = append(out, x)
-		}
-	}
-	return out
-}
-
-// Listener builds the transparent egress listener for cfg's placed projects.
-func Listener(cfg *config.Config, o Options) M {
+// Listener builds the transparent egress listener for pol's placed
+// projects: source /30 → destination port → kind → names, the grouping
+// the builtin plane decides by (policy.Project.Ports).
+func Listener(pol *policy.Policy, o Settings) M {
 	var chains []M
 	var projectMatchers []M
-	projects := append([]config.Project(nil), cfg.Projects...)
-	sort.Slice(projects, func(i, j int) bool { return projects[i].Name < projects[j].Name })
-	for _, p := range projects {
-		if !p.Subnet.IsValid() {
-			continue
-		}
-		ports := byPort(p)
+	for _, p := range pol.Projects() {
 		// With on_policy_change drop, each chain carries a digest of its own
 		// rules: changing them replaces (drains) that chain alone, so a
 		// project's other ports and kinds keep their connections.
@@ -259,49 +266,65 @@ func Listener(cfg *config.Config, o Options) M {
 			}
 			return "#" + digest(parts...)
 		}
-		portList := make([]int, 0, len(ports))
-		for pt := range ports {
-			portList = append(portList, int(pt))
-		}
-		sort.Ints(portList)
 		portMap := M{}
-		for _, pti := range portList {
-			pt := uint16(pti)
-			rules := ports[pt]
+		for _, v := range p.Ports() {
+			pt := v.Port
 			var onPort M // the matcher for this port
-			// Names: TLS server names (sni rules) or the HTTP route (http rules).
-			switch {
-			case len(rules.sni) > 0:
+			var tlsMatch, httpMatch M
+			if len(v.SNI) > 0 {
 				name := chainName(p.Name, "tls", pt)
+				sni := policy.Patterns(v.SNI)
 				chains = append(chains, M{
 					"name": name,
 					"filters": []M{
 						connLimit(name, p.MaxConnections),
 						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
 							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
-							M{"dns_cache_config": dnsCache(cfg, o), "port_value": pt})},
-						tcpProxy(name+version(uniq(rules.sni)), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
+							M{"dns_cache_config": dnsCache(o), "port_value": pt})},
+						tcpProxy(name+version(sni), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
 					},
 				})
-				onPort = M{"matcher": M{"matcher_tree": M{
+				tlsMatch = M{"matcher": M{"matcher_tree": M{
 					"input": input("sni", "ServerNameInput"),
 					"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
-						"domain_matchers": []M{{"domains": uniq(rules.sni), "on_match": action(name)}},
+						"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
 					})},
 				}}}
-			case len(rules.http) > 0:
-				name := chainName(p.Name, "http", pt)
-				chains = append(chains, httpChain(cfg, o, p, name, uniq(rules.http)))
-				onPort = action(name)
 			}
-			if len(rules.cidrs) > 0 {
+			if len(v.HTTP) > 0 {
+				name := chainName(p.Name, "http", pt)
+				chains = append(chains, httpChain(o, p, name, pt, policy.Patterns(v.HTTP)))
+				httpMatch = action(name)
+			}
+			switch {
+			case tlsMatch != nil && httpMatch != nil:
+				// Both kinds on one port: the TLS inspector's verdict picks
+				// the kind, as the builtin plane's first byte does. A
+				// ClientHello whose name no sni rule allows is refused,
+				// never handed to the HTTP chain.
+				tlsMatch["matcher"].(M)["on_no_match"] = action(denyNamed)
+				onPort = M{"matcher": M{
+					"matcher_tree": M{
+						"input":           input("transport", "TransportProtocolInput"),
+						"exact_match_map": M{"map": M{"tls": tlsMatch}},
+					},
+					"on_no_match": httpMatch,
+				}}
+			case tlsMatch != nil:
+				onPort = tlsMatch
+			case httpMatch != nil:
+				onPort = httpMatch
+			}
+			if len(v.CIDRs) > 0 {
 				name := chainName(p.Name, "cidr", pt)
-				chains = append(chains, M{"name": name, "filters": []M{connLimit(name, p.MaxConnections),
-					tcpProxy(name+version(rules.cidrs), ClusterOrigDst, chainLog(o, p.Name, "cidr ("+name+")"))}})
+				var prefixes []netip.Prefix
 				var ranges []M
-				for _, c := range rules.cidrs {
-					ranges = append(ranges, cidr(c))
+				for _, c := range v.CIDRs {
+					prefixes = append(prefixes, c.Prefix)
+					ranges = append(ranges, cidr(c.Prefix))
 				}
+				chains = append(chains, M{"name": name, "filters": []M{connLimit(name, p.MaxConnections),
+					tcpProxy(name+version(prefixes), ClusterOrigDst, chainLog(o, p.Name, "cidr ("+name+")"))}})
 				m := M{"matcher_tree": M{
 					"input": input("dst-ip", "DestinationIPInput"),
 					"custom_match": M{"name": "ip", "typed_config": typed("xds.type.matcher.v3.IPMatcher", M{
@@ -314,7 +337,7 @@ func Listener(cfg *config.Config, o Options) M {
 				onPort = M{"matcher": m}
 			}
 			if onPort != nil {
-				portMap[strconv.Itoa(pti)] = onPort
+				portMap[strconv.Itoa(int(pt))] = onPort
 			}
 		}
 		if len(portMap) == 0 {
@@ -328,27 +351,35 @@ func Listener(cfg *config.Config, o Options) M {
 			}}},
 		})
 	}
+	denyFilters := func() []M {
+		return []M{tcpProxy("deny", ClusterDeny,
+			accessLog(o, M{"project": "", "verdict": "deny", "rule": "", "reason": "no rule of the source's project allows it"}))}
+	}
 	l := M{
 		"name":              ListenerName,
-		"address":           M{"socket_address": M{"address": "0.0.0.0", "port_value": cfg.TProxyPort}},
+		"address":           M{"socket_address": M{"address": "0.0.0.0", "port_value": o.TProxyPort}},
 		"transparent":       true,
 		"traffic_direction": "OUTBOUND",
 		"listener_filters": []M{
 			{"name": "envoy.filters.listener.original_dst", "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", M{})},
+			// The inspector ends as soon as the first bytes are not a TLS
+			// record, so plain HTTP on a port with both kinds of rule does
+			// not wait for listener_filters_timeout.
 			{"name": "envoy.filters.listener.tls_inspector", "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", M{}),
 				// Never wait for a ClientHello on a port no sni rule names:
 				// server-first protocols (cidr rules) must work.
-				"filter_disabled": inspectorDisabled(tlsPorts(cfg))},
+				"filter_disabled": inspectorDisabled(tlsPorts(pol))},
 		},
 		"listener_filters_timeout":             "10s",
 		"continue_on_listener_filters_timeout": false,
 		// The spec's reject cluster (127.0.0.1:1, where nothing listens): the
 		// upstream attempt fails at once and the guest gets a reset.
-		"default_filter_chain": M{"name": denyChain, "filters": []M{tcpProxy("deny", ClusterDeny,
-			accessLog(o, M{"project": "", "verdict": "deny", "rule": "", "reason": "no rule of the source's project allows it"}))}},
+		"default_filter_chain": M{"name": denyChain, "filters": denyFilters()},
 	}
 	if len(chains) > 0 {
-		l["filter_chains"] = chains
+		// The same refusal as a named chain, for matchers that must say
+		// "deny" rather than fall through to a parent's on_no_match.
+		l["filter_chains"] = append(chains, M{"name": denyNamed, "filters": denyFilters()})
 		l["filter_chain_matcher"] = M{"matcher_tree": M{
 			"input": input("src-ip", "SourceIPInput"),
 			"custom_match": M{"name": "projects", "typed_config": typed("xds.type.matcher.v3.IPMatcher", M{
@@ -374,7 +405,7 @@ func digest(parts ...any) string {
 
 // httpLogs log each request: "deny" when the route answered 403, "allow"
 // otherwise (two logs, each with a status filter).
-func httpLogs(o Options, project, chain string) []M {
+func httpLogs(o Settings, project, chain string) []M {
 	if o.AccessLogPath == "" {
 		return nil
 	}
@@ -385,7 +416,9 @@ func httpLogs(o Options, project, chain string) []M {
 		return M{"project": project, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
 			"verdict": verdict, "rule": "http (" + chain + ")", "reason": reason}
 	}
-	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host"))
+	// %RESPONSE_CODE_DETAILS% tells the two refusals apart: "direct_response"
+	// (the host) or "rbac_access_denied_matched_policy[...]" (a body).
+	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host, or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"))
 	deny[0]["filter"] = status("EQ", 403)
 	allow := accessLog(o, fields("allow", "%RESPONSE_FLAGS%"))
 	allow[0]["filter"] = M{"or_filter": M{"filters": []M{status("LE", 402), status("GE", 404)}}}
@@ -393,14 +426,12 @@ func httpLogs(o Options, project, chain string) []M {
 }
 
 // tlsPorts are the ports some project's sni rules name.
-func tlsPorts(cfg *config.Config) []uint16 {
+func tlsPorts(pol *policy.Policy) []uint16 {
 	seen := map[uint16]bool{}
-	for _, p := range cfg.Projects {
-		for _, r := range p.Allow {
-			if r.Kind == config.KindSNI {
-				for _, pt := range r.EffectivePorts() {
-					seen[pt] = true
-				}
+	for _, p := range pol.Projects() {
+		for _, v := range p.Ports() {
+			if len(v.SNI) > 0 {
+				seen[v.Port] = true
 			}
 		}
 	}
@@ -408,7 +439,7 @@ func tlsPorts(cfg *config.Config) []uint16 {
 	for pt := range seen {
 		out = append(out, pt)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	slices.Sort(out)
 	return out
 }
 
@@ -430,8 +461,45 @@ func inspectorDisabled(ports []uint16) M {
 
 // httpChain is an HTTP connection manager whose route allows the project's
 // http names through the forward proxy and answers 403 to the rest.
-func httpChain(cfg *config.Config, o Options, p config.Project, name string, names []string) M {
+func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string) M {
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
+	allowed := M{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}
+	var filters []M
+	if port != defaultHTTPPort {
+		// The forward proxy dials the Host's port, else 80: the Host gets
+		// the connection's own port (a Host naming another port never gets
+		// here: it matches no allowed domain, see strip_matching_host_port),
+		// so the upstream port is always the port the guest connected to.
+		filters = append(filters, M{"name": "envoy.filters.http.header_mutation", "typed_config": typed(
+			"envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", M{"mutations": M{"request_mutations": []M{{
+				"append": M{"header": M{"key": upstreamHeader, "value": "%REQ(:AUTHORITY)%:" + strconv.Itoa(int(port))},
+					"append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+			}}}})})
+		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": typed(
+			"envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig", M{"host_rewrite_header": upstreamHeader})}
+	}
+	// Envoy's HTTP/1 codec drops "Transfer-Encoding: chunked" from the
+	// request headers, so a chunked body is invisible to RBAC: bodiless
+	// methods are buffered (the buffer filter then sets Content-Length)
+	// before RBAC looks; other methods are not buffered (per route).
+	filters = append([]M{
+		{"name": bufferFilter, "typed_config": typed("envoy.extensions.filters.http.buffer.v3.Buffer", M{"max_request_bytes": maxBodilessBody})},
+		bodilessMethods(),
+	}, filters...)
+	noBuffer := M{bufferFilter: typed("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", M{"disabled": true})}
+	// allowed, for bodiless methods (buffered) and for the rest (not).
+	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}}},
+		"route": allowed["route"]}
+	if pf, ok := allowed["typed_per_filter_config"]; ok {
+		bodiless["typed_per_filter_config"] = pf
+		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], bufferFilter: noBuffer[bufferFilter]}
+	} else {
+		allowed["typed_per_filter_config"] = noBuffer
+	}
+	filters = append(filters,
+		M{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+			M{"dns_cache_config": dnsCache(o)})},
+		M{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})})
 	return M{
 		"name": name,
 		"filters": []M{connLimit(name, p.MaxConnections), {
@@ -441,30 +509,58 @@ func httpChain(cfg *config.Config, o Options, p config.Project, name string, nam
 				"route_config": M{
 					"name": name,
 					"virtual_hosts": []M{
-						{"name": "allowed", "domains": names, "routes": []M{{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}}},
-						{"name": "denied", "domains": []string{"*"}, "routes": []M{{"match": M{"prefix": "/"},
+						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed}},
+						{"name": "denied", "domains": []string{"*"}, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
 							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
 					},
+					"request_headers_to_remove": []string{upstreamHeader},
 				},
-				"strip_any_host_port": true,
-				"access_log":          httpLogs(o, p.Name, name),
-				"http_filters": []M{
-					{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-						M{"dns_cache_config": dnsCache(cfg, o)})},
-					{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})},
-				},
+				// A Host port equal to the connection's (original
+				// destination) port is dropped before routing; any other
+				// port stays, matches no allowed name and gets the 403.
+				"strip_matching_host_port": true,
+				"access_log":               httpLogs(o, p.Name, name),
+				"http_filters":             filters,
 			}),
 		}},
 	}
 }
 
+// bodilessMethods is an RBAC filter that refuses (403) a GET, HEAD, OPTIONS
+// or TRACE carrying a body (a Content-Length other than 0, or any
+// Transfer-Encoding): an origin that ignores bodies on such methods would
+// read the body as the next request, one no rule checked (smuggling).
+func bodilessMethods() M {
+	header := func(name string, match M) M {
+		match["name"] = name
+		return M{"header": match}
+	}
+	var methods []M
+	for _, m := range []string{"GET", "HEAD", "OPTIONS", "TRACE"} {
+		methods = append(methods, header(":method", M{"string_match": M{"exact": m}}))
+	}
+	body := []M{
+		{"and_rules": M{"rules": []M{
+			header("content-length", M{"present_match": true}),
+			{"not_rule": header("content-length", M{"string_match": M{"exact": "0"}})},
+		}}},
+		header("transfer-encoding", M{"present_match": true}),
+	}
+	return M{"name": "envoy.filters.http.rbac", "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", M{
+		"rules": M{"action": "DENY", "policies": M{bodyPolicy: M{
+			"permissions": []M{{"and_rules": M{"rules": []M{{"or_rules": M{"rules": methods}}, {"or_rules": M{"rules": body}}}}}},
+			"principals":  []M{{"any": true}},
+		}}},
+	})}
+}
+
 // Bootstrap is the standalone configuration (spec 6.6) with the policy applied.
-func Bootstrap(cfg *config.Config, o Options) M {
+func Bootstrap(pol *policy.Policy, o Settings) M {
 	return M{
-		"admin": M{"address": socketAddr(o.AdminAddress)},
+		"admin": admin(o),
 		"static_resources": M{
-			"listeners": []M{Listener(cfg, o)},
-			"clusters":  clusters(cfg, o),
+			"listeners": []M{Listener(pol, o)},
+			"clusters":  clusters(o),
 		},
 	}
 }
@@ -473,4 +569,18 @@ func Bootstrap(cfg *config.Config, o Options) M {
 func JSON(m M) []byte {
 	b, _ := json.MarshalIndent(m, "", "  ")
 	return b
+}
+
+// Check refuses a policy Envoy cannot carry out as the builtin plane does,
+// naming the project and what it asks for; callers run it when a config
+// with dataplane envoy is loaded (and before each policy push), so the two
+// planes never differ silently.
+func Check(pol *policy.Policy) error {
+	var errs []error
+	for _, p := range pol.All() {
+		if p.Audit {
+			errs = append(errs, fmt.Errorf("project %q: mode audit needs dataplane builtin (Envoy cannot allow a connection and log that the policy would refuse it)", p.Name))
+		}
+	}
+	return errors.Join(errs...)
 }

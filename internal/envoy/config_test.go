@@ -1,17 +1,23 @@
 package envoy
 
 import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/nettest"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 const testConfig = `projects:
@@ -32,28 +38,34 @@ const testConfig = `projects:
     subnet: 172.31.0.8/30
 `
 
-var testOptions = Options{Upstreams: []string{"192.0.2.53:53"}, AdminAddress: netip.MustParseAddrPort("127.0.0.1:9902"), AccessLogPath: "/dev/stdout"}
+var testOptions = Settings{TProxyPort: 15001, UpstreamMark: 0x2, VMCIDR: netip.MustParsePrefix("172.31.0.0/16"),
+	Upstreams: []string{"192.0.2.53:53"}, AdminAddress: netip.MustParseAddrPort("127.0.0.1:9902"), AccessLogPath: "/dev/stdout"}
 
-func mustConfig(t *testing.T, y string) *config.Config {
+// mustPolicy compiles the config y.
+func mustPolicy(t *testing.T, y string) *policy.Policy {
 	t.Helper()
 	cfg, err := config.Parse("t.yaml", []byte(y))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return cfg
+	pol, err := policy.Compile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pol
 }
 
 // TestResources: the generated configuration converts to Envoy's typed
 // protos (every @type known, every field name right).
 func TestResources(t *testing.T) {
-	res, err := Resources(mustConfig(t, testConfig), testOptions)
+	res, err := Resources(mustPolicy(t, testConfig), testOptions)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(res[resourcev3.ListenerType]) != 1 || len(res[resourcev3.ClusterType]) != 4 {
 		t.Errorf("resources: %d listeners, %d clusters", len(res[resourcev3.ListenerType]), len(res[resourcev3.ClusterType]))
 	}
-	js := string(JSON(Listener(mustConfig(t, testConfig), testOptions)))
+	js := string(JSON(Listener(mustPolicy(t, testConfig), testOptions)))
 	for _, want := range []string{`"alpha/tls/443"`, `"alpha/http/80"`, `"alpha/cidr/22"`, `"beta/tls/8443"`, `"172.31.0.4"`} {
 		if !strings.Contains(js, want) {
 			t.Errorf("listener lacks %s", want)
@@ -69,14 +81,123 @@ func TestBootstrapValidates(t *testing.T) {
 	nettest.Privileged(t, "envoy")
 	dir := t.TempDir()
 	for name, b := range map[string]M{
-		"static.json": Bootstrap(mustConfig(t, testConfig), testOptions),
-		"empty.json":  Bootstrap(mustConfig(t, "projects: {}\n"), testOptions),
-		"xds.json":    XDSBootstrap(testOptions, filepath.Join(dir, "xds.sock")),
+		"static.json": Bootstrap(mustPolicy(t, testConfig), testOptions),
+		"empty.json":  Bootstrap(mustPolicy(t, "projects: {}\n"), testOptions),
+		"either.json": Bootstrap(mustPolicy(t, eitherConfig), testOptions),
+		"xds.json":    XDSBootstrap(withAdminSocket(testOptions, filepath.Join(dir, "admin.sock")), filepath.Join(dir, "xds.sock")),
 	} {
 		path := filepath.Join(dir, name)
 		os.WriteFile(path, JSON(b), 0o644)
 		if out, err := exec.Command("envoy", "--mode", "validate", "-c", path).CombinedOutput(); err != nil {
 			t.Errorf("%s: %v\n%s", name, err, out)
+		}
+	}
+}
+
+// eitherConfig has a port with both an sni and an http rule.
+const eitherConfig = `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: a.example
+        ports: [8080]
+      - http: b.example
+        ports: [8080]
+`
+
+// TestEitherPort: on a port with both kinds of rule, the TLS inspector runs
+// and its verdict picks the chain: "tls" → the SNI matcher (whose misses
+// are refused, not handed to HTTP), anything else → the HTTP chain.
+func TestEitherPort(t *testing.T) {
+	l := Listener(mustPolicy(t, eitherConfig), testOptions)
+	js := string(JSON(l))
+	for _, want := range []string{`"alpha/tls/8080"`, `"alpha/http/8080"`, `TransportProtocolInput`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("listener lacks %s", want)
+		}
+	}
+	onPort := l["filter_chain_matcher"].(M)["matcher_tree"].(M)["custom_match"].(M)["typed_config"].(M)["range_matchers"].([]M)[0]["on_match"].(M)["matcher"].(M)["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M)["8080"].(M)["matcher"].(M)
+	if got := onPort["on_no_match"].(M)["action"].(M)["name"]; got != "alpha/http/8080" {
+		t.Errorf("not TLS on 8080 goes to %v; want alpha/http/8080", got)
+	}
+	tls := onPort["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M)["tls"].(M)["matcher"].(M)
+	if got := tls["on_no_match"].(M)["action"].(M)["name"]; got != denyNamed {
+		t.Errorf("TLS with another name on 8080 goes to %v; want %s", got, denyNamed)
+	}
+	if got := fmt.Sprint(l["listener_filters"].([]M)[1]["filter_disabled"]); !strings.Contains(got, "8080") {
+		t.Errorf("the TLS inspector is not enabled on 8080: %s", got)
+	}
+	if _, err := Resources(mustPolicy(t, eitherConfig), testOptions); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCheck: what Envoy cannot do is refused, naming the project.
+func TestCheck(t *testing.T) {
+	if err := Check(mustPolicy(t, testConfig)); err != nil {
+		t.Errorf("Check(testConfig) = %v", err)
+	}
+	err := Check(mustPolicy(t, "projects:\n  gamma:\n    mode: audit\n    allow: [{sni: a.example}]\n"))
+	if err == nil || !strings.Contains(err.Error(), `project "gamma": mode audit`) {
+		t.Errorf("Check(audit) = %v; want a refusal naming gamma", err)
+	}
+}
+
+// TestNoSearchDomains: every DNS resolver config asks names as they are.
+func TestNoSearchDomains(t *testing.T) {
+	js := string(JSON(Bootstrap(mustPolicy(t, testConfig), testOptions)))
+	resolvers := strings.Count(js, `"envoy.network.dns_resolver.cares"`)
+	if n := strings.Count(js, `"no_default_search_domain": true`); resolvers == 0 || n != resolvers {
+		t.Errorf("%d of %d c-ares resolver configs have no_default_search_domain", n, resolvers)
+	}
+}
+
+func withAdminSocket(o Settings, path string) Settings {
+	o.AdminSocket = path
+	return o
+}
+
+// TestAdminSocket: with AdminSocket, the admin is a 0600 unix socket and
+// no TCP address; the supervisor's readiness probe speaks HTTP over it.
+func TestAdminSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "admin.sock")
+	js := string(JSON(XDSBootstrap(withAdminSocket(testOptions, sock), "/x.sock")))
+	if !strings.Contains(js, `"path": "`+sock+`"`) || !strings.Contains(js, `"mode": 384`) || strings.Contains(js, "9902") {
+		t.Errorf("admin is not the 0600 socket alone:\n%s", js)
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var listeners atomic.Value // what /listeners answers
+	listeners.Store("other")
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/ready":
+			fmt.Fprintln(w, "LIVE")
+		case "/listeners":
+			fmt.Fprintln(w, listeners.Load())
+		}
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	s := &Supervisor{AdminSocket: sock}
+	if s.Ready(context.Background()) {
+		t.Error("ready without the egress listener")
+	}
+	listeners.Store(ListenerName)
+	if !s.Ready(context.Background()) {
+		t.Error("not ready with LIVE and the egress listener")
+	}
+}
+
+// TestBodilessMethods: every http chain buffers bodiless methods (so a
+// chunked body gets a Content-Length) and refuses them with a body.
+func TestBodilessMethods(t *testing.T) {
+	js := string(JSON(Listener(mustPolicy(t, testConfig), testOptions)))
+	for _, want := range []string{`"` + bodyPolicy + `"`, `"envoy.filters.http.buffer"`, `"^(GET|HEAD|OPTIONS|TRACE)$"`, `"transfer-encoding"`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("the http chain lacks %s", want)
 		}
 	}
 }

@@ -3,10 +3,14 @@ package envoy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -21,8 +25,8 @@ type Supervisor struct {
 	Binary string
 	// Bootstrap is the path of the bootstrap file.
 	Bootstrap string
-	// Admin is Envoy's admin address, "127.0.0.1:9902".
-	Admin string
+	// AdminSocket is the unix socket of Envoy's admin (Settings.AdminSocket).
+	AdminSocket string
 	// Access receives Envoy's stdout (the JSON access log).
 	Access io.Writer
 	Log    *slog.Logger
@@ -70,6 +74,10 @@ func (s *Supervisor) once(ctx context.Context) error {
 	// Envoy dies with the daemon: an orphan would keep serving a stale
 	// policy and hold the port the next daemon's Envoy needs.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// A socket file left by a previous Envoy would make the admin's bind fail.
+	if err := os.Remove(s.AdminSocket); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("removing the old Envoy admin socket: %w", err)
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return err
@@ -106,11 +114,20 @@ func (s *Supervisor) once(ctx context.Context) error {
 	}
 }
 
-// Ready reports whether Envoy is live and has the egress listener.
+// Ready reports whether Envoy is live and has the egress listener, asking
+// its admin over the unix socket.
 func (s *Supervisor) Ready(ctx context.Context) bool {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", s.AdminSocket)
+		},
+	}}
+	defer client.CloseIdleConnections()
 	get := func(path string) string {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+s.Admin+path, nil)
-		resp, err := http.DefaultClient.Do(req)
+		// The host part is ignored: every request goes to the socket.
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://envoy-admin"+path, nil)
+		resp, err := client.Do(req)
 		if err != nil {
 			return ""
 		}

@@ -25,7 +25,10 @@ import (
 	_ "github.com/cncf/xds/go/xds/type/matcher/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/clusters/dynamic_forward_proxy/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/buffer/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/dynamic_forward_proxy/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
@@ -37,7 +40,7 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/network/dns_resolver/cares/v3"
 	_ "google.golang.org/protobuf/types/known/wrapperspb"
 
-	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 // NodeID is the node name vmegress's Envoy uses and the xDS server serves.
@@ -54,14 +57,14 @@ func toProto(m M, msg proto.Message) error {
 	return protojson.Unmarshal(b, msg)
 }
 
-// Resources builds the typed listener and clusters for cfg.
-func Resources(cfg *config.Config, o Options) (map[resourcev3.Type][]types.Resource, error) {
+// Resources builds the typed listener and clusters for pol.
+func Resources(pol *policy.Policy, o Settings) (map[resourcev3.Type][]types.Resource, error) {
 	l := &listenerv3.Listener{}
-	if err := toProto(Listener(cfg, o), l); err != nil {
+	if err := toProto(Listener(pol, o), l); err != nil {
 		return nil, fmt.Errorf("building the Envoy listener: %w", err)
 	}
 	out := map[resourcev3.Type][]types.Resource{resourcev3.ListenerType: {l}}
-	for _, cm := range clusters(cfg, o) {
+	for _, cm := range clusters(o) {
 		c := &clusterv3.Cluster{}
 		if err := toProto(cm, c); err != nil {
 			return nil, fmt.Errorf("building Envoy cluster %v: %w", cm["name"], err)
@@ -73,10 +76,10 @@ func Resources(cfg *config.Config, o Options) (map[resourcev3.Type][]types.Resou
 
 // XDSBootstrap is the bootstrap of an Envoy that takes everything else from
 // vmegress's xDS server on the unix socket xdsSocket.
-func XDSBootstrap(o Options, xdsSocket string) M {
+func XDSBootstrap(o Settings, xdsSocket string) M {
 	return M{
 		"node":  M{"id": NodeID, "cluster": NodeID},
-		"admin": M{"address": socketAddr(o.AdminAddress)},
+		"admin": admin(o),
 		"dynamic_resources": M{
 			"ads_config": M{"api_type": "GRPC", "transport_api_version": "V3",
 				"grpc_services": []M{{"envoy_grpc": M{"cluster_name": xdsCluster}}}},
@@ -105,9 +108,9 @@ func NewServer() *Server {
 	return &Server{cache: cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil)}
 }
 
-// Update pushes a new snapshot built from cfg (Envoy applies it live).
-func (s *Server) Update(ctx context.Context, cfg *config.Config, o Options) error {
-	res, err := Resources(cfg, o)
+// Update pushes a new snapshot built from pol (Envoy applies it live).
+func (s *Server) Update(ctx context.Context, pol *policy.Policy, o Settings) error {
+	res, err := Resources(pol, o)
 	if err != nil {
 		return err
 	}

@@ -288,6 +288,9 @@ func (w *World) startDNS() error {
 		name := strings.ToLower(strings.TrimSuffix(q.Name, "."))
 		w.Log.add(Hit{Server: "dns:" + name, Remote: rw.RemoteAddr().String()})
 		a, ok := Names[name]
+		if w.search != "" && strings.HasSuffix(name, "."+w.search) {
+			a, ok = AttackerIP, true
+		}
 		if !ok {
 			m.Rcode = mdns.RcodeNameError
 			rw.WriteMsg(m)

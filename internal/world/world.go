@@ -84,6 +84,8 @@ type World struct {
 	Guests []*Guest
 	Log    *AccessLog // what reached the fake internet's servers
 
+	search string // Options.Search
+
 	mu        sync.Mutex
 	closers   []func()
 	nsCreated []string
@@ -95,6 +97,11 @@ type Options struct {
 	Prefix string
 	// Guests are project names with their /30s, in order.
 	Guests []GuestSpec
+	// Search, when set, is a search domain in the host's resolv.conf (with
+	// ndots:5, so every name is tried under it first), and the fake
+	// internet's DNS server answers every name under it with AttackerIP:
+	// a resolver that applies search domains dials the attacker.
+	Search string
 }
 
 // GuestSpec asks for one guest.
@@ -115,7 +122,7 @@ func New(ctx context.Context, opts Options) (*World, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating world directory: %w", err)
 	}
-	w := &World{ID: id, Host: id + "-host", Inet: id + "-inet", Dir: dir, Log: &AccessLog{}}
+	w := &World{ID: id, Host: id + "-host", Inet: id + "-inet", Dir: dir, Log: &AccessLog{}, search: opts.Search}
 	if err := w.build(ctx, opts); err != nil {
 		w.Close()
 		return nil, err
@@ -210,7 +217,11 @@ func (w *World) build(ctx context.Context, opts Options) error {
 	}
 	// The host's resolver is the fake internet's DNS server (vmegress's
 	// default upstream is the host's resolv.conf).
-	if err := writeEtc(w.Host, "127.0.0.1 localhost\n", "nameserver "+DNSIP.String()+"\n"); err != nil {
+	resolv := "nameserver " + DNSIP.String() + "\n"
+	if opts.Search != "" {
+		resolv += "search " + opts.Search + "\noptions ndots:5\n"
+	}
+	if err := writeEtc(w.Host, "127.0.0.1 localhost\n", resolv); err != nil {
 		return err
 	}
 	steps := [][]string{
