@@ -21,6 +21,7 @@ import (
 	mdns "github.com/miekg/dns"
 	"golang.org/x/time/rate"
 
+	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/policy"
@@ -208,15 +209,18 @@ func Name(q string) string { return strings.ToLower(strings.TrimSuffix(q, ".")) 
 // ServeDNS implements mdns.Handler.
 func (r *Resolver) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
 	src := addrOf(w.RemoteAddr())
-	resp, verdict, project := r.answer(context.Background(), src, req)
-	r.Metrics.DNSQuery(project, verdict)
-	if r.AccessLog != nil && project != "" && len(req.Question) == 1 {
-		r.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "dns",
-			slog.String("project", project), slog.String("src", src.String()),
+	o := r.answer(context.Background(), src, req)
+	r.Metrics.DNSQuery(o.project, o.verdict)
+	if r.AccessLog != nil && o.project != "" && len(req.Question) == 1 {
+		attrs := []slog.Attr{slog.String("project", o.project), slog.String("src", src.String()),
 			slog.String("name", Name(req.Question[0].Name)), slog.String("type", mdns.TypeToString[req.Question[0].Qtype]),
-			slog.String("verdict", verdict))
+			slog.String("verdict", o.verdict)}
+		if o.reason != "" {
+			attrs = append(attrs, slog.String("reason", o.reason))
+		}
+		r.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "dns", attrs...)
 	}
-	if resp == nil {
+	if o.resp == nil {
 		return
 	}
 	if _, ok := w.RemoteAddr().(*net.UDPAddr); ok {
@@ -224,9 +228,9 @@ func (r *Resolver) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
 		if opt := req.IsEdns0(); opt != nil {
 			size = max(int(opt.UDPSize()), mdns.MinMsgSize)
 		}
-		resp.Truncate(size)
+		o.resp.Truncate(size)
 	}
-	w.WriteMsg(resp)
+	w.WriteMsg(o.resp)
 }
 
 func reply(req *mdns.Msg, rcode int) *mdns.Msg {
@@ -236,36 +240,57 @@ func reply(req *mdns.Msg, rcode int) *mdns.Msg {
 	return m
 }
 
-// answer builds the response for one query; it returns the verdict for logs.
-func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*mdns.Msg, string, string) {
+// outcome is answer's result: the response (nil: none) and, for logs, the
+// verdict, the project and why a query was refused.
+type outcome struct {
+	resp    *mdns.Msg
+	verdict string
+	project string
+	reason  string
+}
+
+// answer builds the response for one query.
+func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) outcome {
 	pol := r.policy.Load()
 	pr := pol.ProjectFor(src)
 	if pr == nil {
-		return reply(req, mdns.RcodeRefused), "refused", ""
+		return outcome{resp: reply(req, mdns.RcodeRefused), verdict: "refused", reason: "source in no project"}
 	}
 	log := r.Log.With("project", pr.Name, "src", src.String())
 	if !r.limiter(pr.Name).Allow() {
 		log.Warn("dns query over the project's rate limit")
-		return reply(req, mdns.RcodeRefused), "rate_limited", pr.Name
+		return outcome{reply(req, mdns.RcodeRefused), "rate_limited", pr.Name, "over the project's query rate"}
 	}
 	if req.Opcode != mdns.OpcodeQuery || len(req.Question) != 1 {
-		return reply(req, mdns.RcodeNotImplemented), "refused", pr.Name
+		return outcome{reply(req, mdns.RcodeNotImplemented), "refused", pr.Name, "not a query with one question"}
 	}
 	q := req.Question[0]
-	name := Name(q.Name)
 	switch q.Qtype {
 	case mdns.TypeAXFR, mdns.TypeIXFR, mdns.TypeANY:
-		return reply(req, mdns.RcodeRefused), "refused", pr.Name
+		return outcome{reply(req, mdns.RcodeRefused), "refused", pr.Name, "query type " + mdns.TypeToString[q.Qtype] + " is never answered"}
 	}
-	verdict := "allow"
-	if q.Qclass == mdns.ClassINET && !pr.AllowsName(name) && pr.Audit {
-		verdict = "would_deny" // audit: answered, but enforcement would not
-	} else if q.Qclass != mdns.ClassINET || !pr.AllowsName(name) {
-		// NXDOMAIN, decided here: the name never leaves the host.
-		log.Debug("dns query denied", "name", name, "type", mdns.TypeToString[q.Qtype])
+	// NXDOMAIN, decided here: the name never leaves the host.
+	nx := func(reason string) outcome {
+		log.Debug("dns query denied", "name", Name(q.Name), "type", mdns.TypeToString[q.Qtype], "reason", reason)
 		m := reply(req, mdns.RcodeNameError)
 		m.Authoritative = true
-		return m, "deny", pr.Name
+		return outcome{m, "deny", pr.Name, reason}
+	}
+	// Decided on the wire labels, in every mode: what is checked is what
+	// would be sent.
+	name, err := QueryName(q.Name)
+	if err != nil {
+		return nx(fmt.Sprintf("not a valid host name: %v", err))
+	}
+	if q.Qclass != mdns.ClassINET {
+		return nx("query class is not IN")
+	}
+	verdict := "allow"
+	if !pr.AllowsName(name) {
+		if !pr.Audit {
+			return nx("no rule of project " + pr.Name + " allows the name")
+		}
+		verdict = "would_deny" // audit: answered, but enforcement would not
 	}
 	up := new(mdns.Msg)
 	up.SetQuestion(mdns.Fqdn(name), q.Qtype)
@@ -274,13 +299,13 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*
 	resp, err := r.exchange(ctx, up)
 	if err != nil {
 		log.Warn("dns upstream failed", "name", name, "err", err)
-		return reply(req, mdns.RcodeServerFailure), "error", pr.Name
+		return outcome{reply(req, mdns.RcodeServerFailure), "error", pr.Name, "no upstream answered"}
 	}
 	out := reply(req, resp.Rcode)
 	out.Answer = r.filter(pr, name, resp.Answer)
 	out.Ns = resp.Ns
 	log.Debug("dns query answered", "name", name, "type", mdns.TypeToString[q.Qtype], "answers", len(out.Answer), "verdict", verdict)
-	return out, verdict, pr.Name
+	return outcome{resp: out, verdict: verdict, project: pr.Name}
 }
 
 // exchange answers from the cache or asks each upstream in turn, over TCP
@@ -393,6 +418,10 @@ func (r *Resolver) filterIPs(pr *policy.Project, ips []net.IP) []net.IP {
 // Lookup resolves name's IPv4 addresses upstream for the data plane's own
 // use (vetted dialing), filtered as a guest's answer would be.
 func (r *Resolver) Lookup(ctx context.Context, pr *policy.Project, name string) ([]netip.Addr, error) {
+	name, err := config.HostName(name)
+	if err != nil {
+		return nil, fmt.Errorf("resolving: %w", err)
+	}
 	m := new(mdns.Msg)
 	m.SetQuestion(mdns.Fqdn(name), mdns.TypeA)
 	m.RecursionDesired = true
