@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"crypto/tls"
+	"fmt"
 	"net"
+	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -65,4 +68,84 @@ func TestSNIEscapedLabels(t *testing.T) {
 		t.Fatal(err)
 	}
 	noHostileQueries(t, e)
+}
+
+// TestDNSTCPFlood: one guest opening many TCP connections to the resolver
+// (TCP port 53 is redirected to it) holds at most its project's cap of the
+// daemon's descriptors, and another guest keeps resolving and connecting.
+func TestDNSTCPFlood(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, []world.GuestSpec{
+		{Project: "alpha", Subnet: alphaSubnet},
+		{Project: "beta", Subnet: netip.MustParsePrefix("172.31.0.4/30")},
+	}, `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: github.com
+  beta:
+    subnet: 172.31.0.4/30
+    allow:
+      - sni: github.com
+`)
+	d := e.start()
+	beta := e.w.Guest("beta")
+	fds := func() int {
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", d.Cmd.Process.Pid))
+		if err != nil {
+			t.Fatalf("counting the daemon's descriptors: %v", err)
+		}
+		return len(ents)
+	}
+	before := fds()
+
+	// flood is the number of connections alpha opens; cap is the resolver's
+	// per-project cap (vdns.MaxTCPConnsPerProject) plus room for
+	// connections accepted but not closed yet when sampled.
+	const flood, cap = 1000, 16 + 24
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	// Dialled from this goroutine only: its thread is the one in the
+	// guest's namespace (other goroutines' sockets would be the host's).
+	err := world.InNS(e.g.NS, func() error {
+		for i := 0; i < flood; i++ {
+			c, err := net.DialTimeout("tcp4", world.DNSIP.String()+":53", 5*time.Second)
+			if err != nil {
+				return fmt.Errorf("connection %d: %w", i+1, err)
+			}
+			held = append(held, c)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sample the daemon's descriptors while the flood is held (the resolver
+	// closes idle connections after 2 s; without a cap all of them stay
+	// open for as long as it waits for a first query).
+	most := 0
+	for i := 0; i < 10; i++ {
+		most = max(most, fds()-before)
+		time.Sleep(100 * time.Millisecond)
+	}
+	if most > cap {
+		t.Errorf("alpha's %d connections to the resolver held up to %d more descriptors of the daemon; want at most %d", len(held), most, cap)
+	}
+	// Beta resolves over UDP and TCP and connects, during the flood.
+	for _, args := range [][]string{{"dig", "+short", "+time=3", "github.com"}, {"dig", "+short", "+tcp", "+time=3", "github.com"}} {
+		out, err := world.Output(e.ctx, world.NS(beta.NS, args...)...)
+		if err != nil || strings.TrimSpace(out) != world.GitHubIP.String() {
+			t.Errorf("beta %v during the flood: %q, %v", args, out, err)
+		}
+	}
+	if body, err := world.Output(e.ctx, world.NS(beta.NS, "curl", "-sS", "--max-time", "10", "--cacert", e.w.CAFile, "https://github.com")...); err != nil || !strings.HasPrefix(body, "hello from github.com") {
+		t.Errorf("beta's curl during the flood: %q, %v", body, err)
+	}
+	if !strings.Contains(d.Stderr(), "dns tcp connections over the cap are closed") {
+		t.Errorf("no warning about the cap in the daemon's log")
+	}
 }

@@ -19,7 +19,6 @@ import (
 	"sync"
 	"time"
 
-	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
@@ -574,8 +573,10 @@ func (d *Daemon) repairDrift(ctx context.Context) error {
 	return d.install(ctx, d.cfg, d.st)
 }
 
-// serveDNS starts the resolver on UDP and TCP addr; the returned func stops it.
-func (d *Daemon) serveDNS(ctx context.Context, addr string, h mdns.Handler) (func(), error) {
+// serveDNS starts the resolver on UDP and TCP addr; the returned func stops
+// it. Rate limits, connection caps and accept retries are the resolver's
+// (vdns.Resolver.Serve).
+func (d *Daemon) serveDNS(ctx context.Context, addr string, r *vdns.Resolver) (func(), error) {
 	listenPacket := d.ListenPacket
 	if listenPacket == nil {
 		listenPacket = func(ctx context.Context, network, addr string) (net.PacketConn, error) {
@@ -593,14 +594,5 @@ func (d *Daemon) serveDNS(ctx context.Context, addr string, h mdns.Handler) (fun
 		pc.Close()
 		return nil, fmt.Errorf("starting the resolver on tcp %s: %w", addr, err)
 	}
-	udp := &mdns.Server{PacketConn: pc, Handler: h}
-	tcp := &mdns.Server{Listener: tl, Handler: h, ReadTimeout: 5 * time.Second}
-	for _, s := range []*mdns.Server{udp, tcp} {
-		go func() {
-			if err := s.ActivateAndServe(); err != nil && ctx.Err() == nil {
-				d.Log.Error("resolver stopped", "err", err)
-			}
-		}()
-	}
-	return func() { udp.Shutdown(); tcp.Shutdown() }, nil
+	return r.Serve(pc, tl), nil
 }

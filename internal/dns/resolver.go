@@ -42,8 +42,9 @@ type Exchanger interface {
 	ExchangeContext(ctx context.Context, m *mdns.Msg, addr string) (*mdns.Msg, time.Duration, error)
 }
 
-// Resolver answers guests' queries. Set the fields, then serve it with
-// mdns.Server (it is an mdns.Handler) or use Lookup.
+// Resolver answers guests' queries. Set the fields, then serve it with Serve
+// (which enforces the rate limits and connection caps: ServeDNS, its
+// mdns.Handler, does not) or use Lookup.
 type Resolver struct {
 	policy atomic.Pointer[policy.Policy]
 
@@ -56,7 +57,8 @@ type Resolver struct {
 	Answers *dest.Answers
 	// GuestRange is never given out as an answer.
 	GuestRange netip.Prefix
-	// Rate and Burst limit each project's queries (zero: defaults).
+	// Rate and Burst limit each project's packets and TCP connections,
+	// charged before parsing (zero: defaults).
 	Rate  rate.Limit
 	Burst int
 	Log   *slog.Logger
@@ -70,6 +72,7 @@ type Resolver struct {
 
 	mu       sync.Mutex
 	limiters map[string]*rate.Limiter
+	warned   map[string]*rate.Limiter // spaces "over the limit" warnings
 	cache    map[cacheKey]cached
 }
 
@@ -257,10 +260,6 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) ou
 		return outcome{resp: reply(req, mdns.RcodeRefused), verdict: "refused", reason: "source in no project"}
 	}
 	log := r.Log.With("project", pr.Name, "src", src.String())
-	if !r.limiter(pr.Name).Allow() {
-		log.Warn("dns query over the project's rate limit")
-		return outcome{reply(req, mdns.RcodeRefused), "rate_limited", pr.Name, "over the project's query rate"}
-	}
 	if req.Opcode != mdns.OpcodeQuery || len(req.Question) != 1 {
 		return outcome{reply(req, mdns.RcodeNotImplemented), "refused", pr.Name, "not a query with one question"}
 	}
