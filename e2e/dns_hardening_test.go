@@ -2,13 +2,18 @@ package e2e
 
 import (
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	mdns "github.com/miekg/dns"
 
 	"github.com/vmegress/vmegress/internal/world"
 )
@@ -147,5 +152,61 @@ func TestDNSTCPFlood(t *testing.T) {
 	}
 	if !strings.Contains(d.Stderr(), "dns tcp connections over the cap are closed") {
 		t.Errorf("no warning about the cap in the daemon's log")
+	}
+}
+
+// TestDNSLoopbackUpstream: an upstream on the host's loopback (here a stub on
+// 127.0.0.53, like systemd-resolved's) answers guests' queries: the resolver
+// asks it without the upstream mark, which the output backstop drops towards
+// the host's own addresses. doctor's upstream check says it answers.
+func TestDNSLoopbackUpstream(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}},
+		"dns:\n  upstreams: [\"127.0.0.53:53\"]\n"+baseConfig)
+	pc, err := world.ListenPacketIn(e.w.Host, "udp4", "127.0.0.53:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var asked []string
+	stub := &mdns.Server{PacketConn: pc, Handler: mdns.HandlerFunc(func(w mdns.ResponseWriter, req *mdns.Msg) {
+		m := new(mdns.Msg)
+		m.SetReply(req)
+		if len(req.Question) == 1 {
+			mu.Lock()
+			asked = append(asked, req.Question[0].Name)
+			mu.Unlock()
+			if req.Question[0].Name == "github.com." && req.Question[0].Qtype == mdns.TypeA {
+				m.Answer = append(m.Answer, &mdns.A{Hdr: mdns.RR_Header{Name: "github.com.", Rrtype: mdns.TypeA, Class: mdns.ClassINET, Ttl: 60},
+					A: world.GitHubIP.AsSlice()})
+			}
+		}
+		w.WriteMsg(m)
+	})}
+	go stub.ActivateAndServe()
+	t.Cleanup(func() { stub.Shutdown() })
+	e.start()
+
+	if out, err := e.guest("dig", "+short", "+time=3", "+tries=1", "github.com"); err != nil || strings.TrimSpace(out) != world.GitHubIP.String() {
+		t.Errorf("github.com through the loopback upstream: %q, %v", out, err)
+	}
+	mu.Lock()
+	if !slices.Contains(asked, "github.com.") {
+		t.Errorf("the loopback upstream was asked %q", asked)
+	}
+	mu.Unlock()
+	out, _ := e.vmegress("--config", e.cfg, "doctor", "--json")
+	var results []struct {
+		Name   string `json:"name"`
+		OK     bool   `json:"ok"`
+		Detail string `json:"detail"`
+	}
+	if err := json.Unmarshal([]byte(out), &results); err != nil {
+		t.Fatalf("doctor --json: %v\n%s", err, out)
+	}
+	for _, r := range results {
+		if r.Name == "upstream DNS" && (!r.OK || !strings.Contains(r.Detail, "127.0.0.53:53 answer")) {
+			t.Errorf("doctor: %+v", r)
+		}
 	}
 }

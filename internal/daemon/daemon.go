@@ -174,7 +174,9 @@ type Daemon struct {
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
-// dns.upstreams, else the nameservers of resolvConf (zero: /etc/resolv.conf).
+// dns.upstreams, else the host's (vdns.HostUpstreams: the nameservers of
+// resolvConf, zero: /etc/resolv.conf, or the servers behind systemd-resolved's
+// stub).
 func Upstreams(cfg *config.Config, resolvConf string) ([]string, error) {
 	if len(cfg.DNSUpstreams) > 0 {
 		var out []string
@@ -186,7 +188,7 @@ func Upstreams(cfg *config.Config, resolvConf string) ([]string, error) {
 	if resolvConf == "" {
 		resolvConf = "/etc/resolv.conf"
 	}
-	return vdns.UpstreamsFromResolvConf(resolvConf)
+	return vdns.HostUpstreams(resolvConf, "")
 }
 
 func (d *Daemon) notify(state string) {

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,6 +54,13 @@ type Resolver struct {
 	// UDP and TCP exchange queries with upstreams; their sockets must carry
 	// the upstream mark. Zero: plain clients.
 	UDP, TCP Exchanger
+	// LocalUDP and LocalTCP exchange queries with loopback upstreams (a
+	// stub on the host: systemd-resolved's 127.0.0.53, dnsmasq), without the
+	// upstream mark: the ruleset's output backstop drops marked packets to
+	// the host's own addresses. Only the resolver talks to them, with
+	// queries it built for allowed names; guests never reach loopback.
+	// Zero: plain clients.
+	LocalUDP, LocalTCP Exchanger
 	// Answers records what was given to whom (may be nil).
 	Answers *dest.Answers
 	// GuestRange is never given out as an answer.
@@ -196,6 +204,29 @@ func (r *Resolver) tcp() Exchanger {
 	return &mdns.Client{Net: "tcp", Timeout: UpstreamTimeout}
 }
 
+func (r *Resolver) localUDP() Exchanger {
+	if r.LocalUDP != nil {
+		return r.LocalUDP
+	}
+	return &mdns.Client{Net: "udp", Timeout: UpstreamTimeout}
+}
+
+func (r *Resolver) localTCP() Exchanger {
+	if r.LocalTCP != nil {
+		return r.LocalTCP
+	}
+	return &mdns.Client{Net: "tcp", Timeout: UpstreamTimeout}
+}
+
+// exchangers returns the UDP and TCP exchangers for upstream u ("ip:port"):
+// unmarked ones for a loopback address, marked ones for the rest.
+func (r *Resolver) exchangers(u string) (udp, tcp Exchanger) {
+	if ap, err := netip.ParseAddrPort(u); err == nil && ap.Addr().Unmap().IsLoopback() {
+		return r.localUDP(), r.localTCP()
+	}
+	return r.udp(), r.tcp()
+}
+
 func addrOf(a net.Addr) netip.Addr {
 	switch v := a.(type) {
 	case *net.UDPAddr:
@@ -327,18 +358,46 @@ func (r *Resolver) ask(ctx context.Context, m *mdns.Msg) (*mdns.Msg, error) {
 	}
 	var errs []error
 	for _, u := range r.Upstreams {
-		cctx, cancel := context.WithTimeout(ctx, UpstreamTimeout)
-		resp, _, err := r.udp().ExchangeContext(cctx, m, u)
-		if err == nil && resp.Truncated {
-			resp, _, err = r.tcp().ExchangeContext(cctx, m, u)
-		}
-		cancel()
+		resp, err := r.askOne(ctx, m, u)
 		if err == nil {
 			return resp, nil
 		}
-		errs = append(errs, fmt.Errorf("asking %s: %w", u, err))
+		errs = append(errs, err)
 	}
 	return nil, errors.Join(errs...)
+}
+
+// askOne exchanges m with upstream u, over TCP when the UDP answer is
+// truncated.
+func (r *Resolver) askOne(ctx context.Context, m *mdns.Msg, u string) (*mdns.Msg, error) {
+	udp, tcp := r.exchangers(u)
+	ctx, cancel := context.WithTimeout(ctx, UpstreamTimeout)
+	defer cancel()
+	resp, _, err := udp.ExchangeContext(ctx, m, u)
+	if err == nil && resp.Truncated {
+		resp, _, err = tcp.ExchangeContext(ctx, m, u)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("asking %s: %w", u, err)
+	}
+	return resp, nil
+}
+
+// Probe asks upstream u for the root's name servers exactly as guests'
+// queries are sent (marked, or unmarked to a loopback stub): nil if it
+// answers, whatever the answer, except REFUSED.
+func (r *Resolver) Probe(ctx context.Context, u string) error {
+	m := new(mdns.Msg)
+	m.SetQuestion(".", mdns.TypeNS)
+	m.RecursionDesired = true
+	resp, err := r.askOne(ctx, m, u)
+	if err != nil {
+		return err
+	}
+	if resp.Rcode == mdns.RcodeRefused {
+		return fmt.Errorf("asking %s: refused", u)
+	}
+	return nil
 }
 
 // allowedAddr reports whether an answer may carry addr for project pr.
@@ -447,7 +506,8 @@ func (r *Resolver) Lookup(ctx context.Context, pr *policy.Project, name string) 
 }
 
 // UpstreamsFromResolvConf reads the nameservers of a resolv.conf file as
-// "ip:port" strings (the default for dns.upstreams).
+// "ip:port" strings. Only the nameserver lines count: search domains and
+// ndots never apply, every name vmegress sends is fully qualified.
 func UpstreamsFromResolvConf(path string) ([]string, error) {
 	cc, err := mdns.ClientConfigFromFile(path)
 	if err != nil {
@@ -463,4 +523,41 @@ func UpstreamsFromResolvConf(path string) ([]string, error) {
 		return nil, fmt.Errorf("no nameserver in %s", path)
 	}
 	return out, nil
+}
+
+// ResolvedConf is where systemd-resolved lists the servers its stub
+// forwards to (systemd-resolved.service(8)).
+const ResolvedConf = "/run/systemd/resolve/resolv.conf"
+
+// resolvedStub reports whether u is a systemd-resolved stub listener:
+// 127.0.0.53 (the stub) or 127.0.0.54 (its proxy-only twin).
+func resolvedStub(u string) bool {
+	ap, err := netip.ParseAddrPort(u)
+	if err != nil {
+		return false
+	}
+	a := ap.Addr().Unmap()
+	return a == netip.AddrFrom4([4]byte{127, 0, 0, 53}) || a == netip.AddrFrom4([4]byte{127, 0, 0, 54})
+}
+
+// HostUpstreams returns the host's resolvers, the default of dns.upstreams:
+// the nameservers of resolvConf; when these are only systemd-resolved's
+// stub, the servers it forwards to, from resolvedConf (zero: ResolvedConf)
+// if that names any that are not the stub. A loopback upstream left over is
+// asked without the upstream mark (Resolver.LocalUDP).
+func HostUpstreams(resolvConf, resolvedConf string) ([]string, error) {
+	ups, err := UpstreamsFromResolvConf(resolvConf)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.ContainsFunc(ups, func(u string) bool { return !resolvedStub(u) }) {
+		if resolvedConf == "" {
+			resolvedConf = ResolvedConf
+		}
+		real, err := UpstreamsFromResolvConf(resolvedConf)
+		if err == nil && slices.ContainsFunc(real, func(u string) bool { return !resolvedStub(u) }) {
+			return slices.DeleteFunc(real, resolvedStub), nil
+		}
+	}
+	return ups, nil
 }
