@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -207,6 +208,33 @@ func TestDNSLoopbackUpstream(t *testing.T) {
 	for _, r := range results {
 		if r.Name == "upstream DNS" && (!r.OK || !strings.Contains(r.Detail, "127.0.0.53:53 answer")) {
 			t.Errorf("doctor: %+v", r)
+		}
+	}
+}
+
+// TestNoSearchDomains: with the host's resolv.conf holding a search domain
+// and ndots:5, neither the resolver (a guest's query) nor the data plane
+// (resolving a name itself, for a destination the guest chose) ever asks
+// for NAME.corp.test: every name sent upstream is fully qualified.
+func TestNoSearchDomains(t *testing.T) {
+	t.Parallel()
+	e := newWorld(t)
+	conf := filepath.Join("/etc/netns", e.w.Host, "resolv.conf")
+	if err := os.WriteFile(conf, []byte("search corp.test\noptions ndots:5\nnameserver "+world.DNSIP.String()+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	if out, err := e.guest("dig", "+short", "+time=3", "www.github.com"); err != nil || strings.TrimSpace(out) != world.WWWGitHubIP.String() {
+		t.Errorf("dig www.github.com: %q, %v", out, err)
+	}
+	// Pinned to github.com's address, which the resolver did not give for
+	// this name: the data plane resolves www.github.com itself.
+	if body, err := e.curlAt("https://www.github.com", world.GitHubIP.String()); err != nil || !strings.HasPrefix(body, "hello from www.github.com") {
+		t.Errorf("curl www.github.com pinned elsewhere: %q, %v", body, err)
+	}
+	for _, q := range e.w.Log.Queries() {
+		if strings.Contains(q, "corp.test") {
+			t.Errorf("a search domain was applied: %q (all: %q)", q, e.w.Log.Queries())
 		}
 	}
 }
