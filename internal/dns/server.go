@@ -172,8 +172,20 @@ func (g *guardedReader) ReadTCP(conn net.Conn, timeout time.Duration) ([]byte, e
 	return m, nil
 }
 
-// ReadUDP returns the next datagram within its project's rate; others are
-// dropped unanswered (an answer would amplify a flood).
+// refusal is the REFUSED answer to a query over its project's rate, built
+// from the header alone (nothing else is parsed): the query's ID, opcode and
+// RD flag, no sections, so never larger than the query. Nil for a packet
+// that is not a query (too short, or a response: answering those could loop).
+func refusal(m []byte) []byte {
+	const headerLen, qr, opcodeRD, ra, refused = 12, 0x80, 0x79, 0x80, 5
+	if len(m) < headerLen || m[2]&qr != 0 {
+		return nil
+	}
+	return []byte{m[0], m[1], qr | m[2]&opcodeRD, ra | refused, 0, 0, 0, 0, 0, 0, 0, 0}
+}
+
+// ReadUDP returns the next datagram within its project's rate; others get a
+// header-only REFUSED (no amplification: guests cannot spoof their source).
 func (g *guardedReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byte, *mdns.SessionUDP, error) {
 	for {
 		m, s, err := g.inner.ReadUDP(conn, timeout)
@@ -188,6 +200,9 @@ func (g *guardedReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byt
 		g.backoff.reset()
 		if _, ok := g.r.admit(s.RemoteAddr()); ok {
 			return m, s, nil
+		}
+		if b := refusal(m); b != nil {
+			mdns.WriteToSessionUDP(conn, b, s)
 		}
 	}
 }
@@ -210,6 +225,9 @@ func (g *guardedReader) ReadPacketConn(conn net.PacketConn, timeout time.Duratio
 		g.backoff.reset()
 		if _, ok := g.r.admit(a); ok {
 			return m, a, nil
+		}
+		if b := refusal(m); b != nil {
+			conn.WriteTo(b, a)
 		}
 	}
 }

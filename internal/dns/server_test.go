@@ -88,9 +88,10 @@ func TestGuardedReaderChargesBeforeParse(t *testing.T) {
 	}
 	f.packets = append(f.packets, packet{valid, alphaAddr}, packet{valid, &net.UDPAddr{IP: net.IPv4(172, 31, 9, 2), Port: 1}}, packet{valid, betaAddr})
 	g := r.guardReader(f).(mdns.PacketConnReader)
+	sent := &sentPackets{}
 	var got []net.Addr
 	for {
-		_, from, err := g.ReadPacketConn(nil, time.Second)
+		_, from, err := g.ReadPacketConn(sent, time.Second)
 		if err != nil {
 			break
 		}
@@ -100,6 +101,41 @@ func TestGuardedReaderChargesBeforeParse(t *testing.T) {
 	// packet from no project are dropped; beta is not affected.
 	if len(got) != 6 || got[4] != alphaAddr || got[5] != betaAddr {
 		t.Errorf("packets passed: %v; want alpha's first five and beta's", got)
+	}
+	// The two refused queries get a header-only REFUSED with their ID.
+	if len(sent.packets) != 2 || sent.packets[0].from != alphaAddr {
+		t.Fatalf("replies to refused packets: %v", sent.packets)
+	}
+	var m mdns.Msg
+	if err := m.Unpack(sent.packets[0].b); err != nil || m.Rcode != mdns.RcodeRefused || !m.Response || len(sent.packets[0].b) > len(valid) {
+		t.Errorf("refusal %x: %v %v", sent.packets[0].b, m, err)
+	}
+	q := new(mdns.Msg)
+	q.Unpack(valid)
+	if m.Id != q.Id || m.RecursionDesired != q.RecursionDesired || m.Opcode != q.Opcode {
+		t.Errorf("refusal %v does not match query %v", m.MsgHdr, q.MsgHdr)
+	}
+}
+
+// sentPackets records what is written to it.
+type sentPackets struct {
+	net.PacketConn
+	packets []packet
+}
+
+func (s *sentPackets) WriteTo(b []byte, a net.Addr) (int, error) {
+	s.packets = append(s.packets, packet{append([]byte(nil), b...), a})
+	return len(b), nil
+}
+
+func TestRefusalOnlyForQueries(t *testing.T) {
+	if refusal(malformed[:11]) != nil {
+		t.Error("refusal of a short packet")
+	}
+	resp := append([]byte(nil), malformed...)
+	resp[2] |= 0x80
+	if refusal(resp) != nil {
+		t.Error("refusal of a response")
 	}
 }
 
