@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -15,11 +16,13 @@ import (
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
+	vdns "github.com/vmegress/vmegress/internal/dns"
 	"github.com/vmegress/vmegress/internal/doctor"
 	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/proxy"
 )
 
 // kernelProbe is a table using every expression vmegress needs; nft --check
@@ -172,18 +175,12 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 			if err != nil {
 				return doctor.Fail("set dns.upstreams in the config", "%v", err)
 			}
-			c := &mdns.Client{Timeout: 2 * time.Second}
-			m := new(mdns.Msg)
-			m.SetQuestion(".", mdns.TypeNS)
-			var errs []string
-			for _, u := range ups {
-				if _, _, err := c.ExchangeContext(ctx, m, u); err == nil {
-					return doctor.Pass("%s answers", u)
-				} else {
-					errs = append(errs, fmt.Sprintf("%s: %v", u, err))
-				}
+			// Asked as the daemon's resolver asks: marked, unmarked to loopback.
+			r := &vdns.Resolver{
+				UDP: &mdns.Client{Net: "udp", Timeout: 2 * time.Second, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
+				TCP: &mdns.Client{Net: "tcp", Timeout: 2 * time.Second, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
 			}
-			return doctor.Fail("check dns.upstreams (or the host's /etc/resolv.conf) and that the host reaches them", "no upstream answers: %s", strings.Join(errs, "; "))
+			return doctor.UpstreamDNS(ctx, ups, r.Probe)
 		}},
 		{Name: "guest interfaces", Run: func(context.Context) doctor.Result {
 			if ierr != nil {

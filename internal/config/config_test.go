@@ -175,10 +175,23 @@ func TestNormalizeName(t *testing.T) {
 			t.Errorf("NormalizeName(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"", ".", "*.", "a..b", "*.*.a", "a*.b", "::1", "10.0.0.1", strings.Repeat("a", 64) + ".com", strings.Repeat("a.", 127) + "ab"} {
+	for _, in := range []string{"", ".", "*.", "a..b", "*.*.a", "a*.b", "::1", "10.0.0.1", strings.Repeat("a", 64) + ".com", strings.Repeat("a.", 127) + "ab",
+		// DNS presentation escapes and bytes outside the host name set: a
+		// name is matched on what its labels are, never on escaped text.
+		`secret\.github.com`, `secret\046github.com`, `a\\b.github.com`, "a b.github.com", "a\x00.github.com", "a/b.github.com",
+		"github.com:443", "a@github.com", "github.com\n", "a\tb.github.com", "\u212aey.github.com", "b\xfcr.github.com", "\xff.github.com"} {
 		if got, err := NormalizeName(in); err == nil {
 			t.Errorf("NormalizeName(%q) = %q, want an error", in, got)
 		}
+		if got, err := HostName(in); err == nil {
+			t.Errorf("HostName(%q) = %q, want an error", in, got)
+		}
+	}
+	if got, err := HostName("WWW.GitHub.com."); err != nil || got != "www.github.com" {
+		t.Errorf("HostName: %q, %v", got, err)
+	}
+	if got, err := HostName("*.github.com"); err == nil {
+		t.Errorf("HostName accepted the pattern *.github.com as %q", got)
 	}
 }
 
@@ -215,7 +228,7 @@ func FuzzParse(f *testing.F) {
 }
 
 func FuzzNormalizeName(f *testing.F) {
-	for _, s := range []string{"github.com", "*.a.b", "A.B.", "", "*", "1.2.3.4"} {
+	for _, s := range []string{"github.com", "*.a.b", "A.B.", "", "*", "1.2.3.4", `a\.b.c`, "\u212a.c"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -229,6 +242,15 @@ func FuzzNormalizeName(f *testing.F) {
 		}
 		if strings.ContainsAny(strings.TrimPrefix(n, "*."), "*") || n != strings.ToLower(n) {
 			t.Fatalf("bad normal form %q", n)
+		}
+		// Only host name bytes and separating dots: no escape can make its
+		// labels differ from its text split on '.'.
+		for _, l := range strings.Split(strings.TrimPrefix(n, "*."), ".") {
+			for i := 0; i < len(l); i++ {
+				if !IsHostByte(l[i]) {
+					t.Fatalf("%q -> %q: byte %q in a label", s, n, l[i])
+				}
+			}
 		}
 	})
 }

@@ -16,7 +16,6 @@ import (
 	"sync"
 	"time"
 
-	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
@@ -93,7 +92,9 @@ type Daemon struct {
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
-// dns.upstreams, else the nameservers of resolvConf (zero: /etc/resolv.conf).
+// dns.upstreams, else the host's (vdns.HostUpstreams: the nameservers of
+// resolvConf, zero: /etc/resolv.conf, or the servers behind systemd-resolved's
+// stub).
 func Upstreams(cfg *config.Config, resolvConf string) ([]string, error) {
 	if len(cfg.DNSUpstreams) > 0 {
 		var out []string
@@ -105,7 +106,7 @@ func Upstreams(cfg *config.Config, resolvConf string) ([]string, error) {
 	if resolvConf == "" {
 		resolvConf = "/etc/resolv.conf"
 	}
-	return vdns.UpstreamsFromResolvConf(resolvConf)
+	return vdns.HostUpstreams(resolvConf, "")
 }
 
 func (d *Daemon) notify(state string) {
@@ -390,8 +391,10 @@ func (d *Daemon) watchDrift(ctx context.Context) {
 	}
 }
 
-// serveDNS starts the resolver on UDP and TCP addr; the returned func stops it.
-func (d *Daemon) serveDNS(ctx context.Context, addr string, h mdns.Handler) (func(), error) {
+// serveDNS starts the resolver on UDP and TCP addr; the returned func stops
+// it. Rate limits, connection caps and accept retries are the resolver's
+// (vdns.Resolver.Serve).
+func (d *Daemon) serveDNS(ctx context.Context, addr string, r *vdns.Resolver) (func(), error) {
 	listenPacket := d.ListenPacket
 	if listenPacket == nil {
 		listenPacket = func(ctx context.Context, network, addr string) (net.PacketConn, error) {
@@ -409,14 +412,5 @@ func (d *Daemon) serveDNS(ctx context.Context, addr string, h mdns.Handler) (fun
 		pc.Close()
 		return nil, fmt.Errorf("starting the resolver on tcp %s: %w", addr, err)
 	}
-	udp := &mdns.Server{PacketConn: pc, Handler: h}
-	tcp := &mdns.Server{Listener: tl, Handler: h, ReadTimeout: 5 * time.Second}
-	for _, s := range []*mdns.Server{udp, tcp} {
-		go func() {
-			if err := s.ActivateAndServe(); err != nil && ctx.Err() == nil {
-				d.Log.Error("resolver stopped", "err", err)
-			}
-		}()
-	}
-	return func() { udp.Shutdown(); tcp.Shutdown() }, nil
+	return r.Serve(pc, tl), nil
 }

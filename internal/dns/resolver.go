@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,6 +22,7 @@ import (
 	mdns "github.com/miekg/dns"
 	"golang.org/x/time/rate"
 
+	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/metrics"
 	"github.com/vmegress/vmegress/internal/policy"
@@ -41,8 +43,9 @@ type Exchanger interface {
 	ExchangeContext(ctx context.Context, m *mdns.Msg, addr string) (*mdns.Msg, time.Duration, error)
 }
 
-// Resolver answers guests' queries. Set the fields, then serve it with
-// mdns.Server (it is an mdns.Handler) or use Lookup.
+// Resolver answers guests' queries. Set the fields, then serve it with Serve
+// (which enforces the rate limits and connection caps: ServeDNS, its
+// mdns.Handler, does not) or use Lookup.
 type Resolver struct {
 	policy atomic.Pointer[policy.Policy]
 
@@ -51,11 +54,19 @@ type Resolver struct {
 	// UDP and TCP exchange queries with upstreams; their sockets must carry
 	// the upstream mark. Zero: plain clients.
 	UDP, TCP Exchanger
+	// LocalUDP and LocalTCP exchange queries with loopback upstreams (a
+	// stub on the host: systemd-resolved's 127.0.0.53, dnsmasq), without the
+	// upstream mark: the ruleset's output backstop drops marked packets to
+	// the host's own addresses. Only the resolver talks to them, with
+	// queries it built for allowed names; guests never reach loopback.
+	// Zero: plain clients.
+	LocalUDP, LocalTCP Exchanger
 	// Answers records what was given to whom (may be nil).
 	Answers *dest.Answers
 	// GuestRange is never given out as an answer.
 	GuestRange netip.Prefix
-	// Rate and Burst limit each project's queries (zero: defaults).
+	// Rate and Burst limit each project's packets and TCP connections,
+	// charged before parsing (zero: defaults).
 	Rate  rate.Limit
 	Burst int
 	Log   *slog.Logger
@@ -69,6 +80,7 @@ type Resolver struct {
 
 	mu       sync.Mutex
 	limiters map[string]*rate.Limiter
+	warned   map[string]*rate.Limiter // spaces "over the limit" warnings
 	cache    map[cacheKey]cached
 }
 
@@ -192,6 +204,29 @@ func (r *Resolver) tcp() Exchanger {
 	return &mdns.Client{Net: "tcp", Timeout: UpstreamTimeout}
 }
 
+func (r *Resolver) localUDP() Exchanger {
+	if r.LocalUDP != nil {
+		return r.LocalUDP
+	}
+	return &mdns.Client{Net: "udp", Timeout: UpstreamTimeout}
+}
+
+func (r *Resolver) localTCP() Exchanger {
+	if r.LocalTCP != nil {
+		return r.LocalTCP
+	}
+	return &mdns.Client{Net: "tcp", Timeout: UpstreamTimeout}
+}
+
+// exchangers returns the UDP and TCP exchangers for upstream u ("ip:port"):
+// unmarked ones for a loopback address, marked ones for the rest.
+func (r *Resolver) exchangers(u string) (udp, tcp Exchanger) {
+	if ap, err := netip.ParseAddrPort(u); err == nil && ap.Addr().Unmap().IsLoopback() {
+		return r.localUDP(), r.localTCP()
+	}
+	return r.udp(), r.tcp()
+}
+
 func addrOf(a net.Addr) netip.Addr {
 	switch v := a.(type) {
 	case *net.UDPAddr:
@@ -208,15 +243,18 @@ func Name(q string) string { return strings.ToLower(strings.TrimSuffix(q, ".")) 
 // ServeDNS implements mdns.Handler.
 func (r *Resolver) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
 	src := addrOf(w.RemoteAddr())
-	resp, verdict, project := r.answer(context.Background(), src, req)
-	r.Metrics.DNSQuery(project, verdict)
-	if r.AccessLog != nil && project != "" && len(req.Question) == 1 {
-		r.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "dns",
-			slog.String("project", project), slog.String("src", src.String()),
+	o := r.answer(context.Background(), src, req)
+	r.Metrics.DNSQuery(o.project, o.verdict)
+	if r.AccessLog != nil && o.project != "" && len(req.Question) == 1 {
+		attrs := []slog.Attr{slog.String("project", o.project), slog.String("src", src.String()),
 			slog.String("name", Name(req.Question[0].Name)), slog.String("type", mdns.TypeToString[req.Question[0].Qtype]),
-			slog.String("verdict", verdict))
+			slog.String("verdict", o.verdict)}
+		if o.reason != "" {
+			attrs = append(attrs, slog.String("reason", o.reason))
+		}
+		r.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "dns", attrs...)
 	}
-	if resp == nil {
+	if o.resp == nil {
 		return
 	}
 	if _, ok := w.RemoteAddr().(*net.UDPAddr); ok {
@@ -224,9 +262,9 @@ func (r *Resolver) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
 		if opt := req.IsEdns0(); opt != nil {
 			size = max(int(opt.UDPSize()), mdns.MinMsgSize)
 		}
-		resp.Truncate(size)
+		o.resp.Truncate(size)
 	}
-	w.WriteMsg(resp)
+	w.WriteMsg(o.resp)
 }
 
 func reply(req *mdns.Msg, rcode int) *mdns.Msg {
@@ -236,36 +274,53 @@ func reply(req *mdns.Msg, rcode int) *mdns.Msg {
 	return m
 }
 
-// answer builds the response for one query; it returns the verdict for logs.
-func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*mdns.Msg, string, string) {
+// outcome is answer's result: the response (nil: none) and, for logs, the
+// verdict, the project and why a query was refused.
+type outcome struct {
+	resp    *mdns.Msg
+	verdict string
+	project string
+	reason  string
+}
+
+// answer builds the response for one query.
+func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) outcome {
 	pol := r.policy.Load()
 	pr := pol.ProjectFor(src)
 	if pr == nil {
-		return reply(req, mdns.RcodeRefused), "refused", ""
+		return outcome{resp: reply(req, mdns.RcodeRefused), verdict: "refused", reason: "source in no project"}
 	}
 	log := r.Log.With("project", pr.Name, "src", src.String())
-	if !r.limiter(pr.Name).Allow() {
-		log.Warn("dns query over the project's rate limit")
-		return reply(req, mdns.RcodeRefused), "rate_limited", pr.Name
-	}
 	if req.Opcode != mdns.OpcodeQuery || len(req.Question) != 1 {
-		return reply(req, mdns.RcodeNotImplemented), "refused", pr.Name
+		return outcome{reply(req, mdns.RcodeNotImplemented), "refused", pr.Name, "not a query with one question"}
 	}
 	q := req.Question[0]
-	name := Name(q.Name)
 	switch q.Qtype {
 	case mdns.TypeAXFR, mdns.TypeIXFR, mdns.TypeANY:
-		return reply(req, mdns.RcodeRefused), "refused", pr.Name
+		return outcome{reply(req, mdns.RcodeRefused), "refused", pr.Name, "query type " + mdns.TypeToString[q.Qtype] + " is never answered"}
 	}
-	verdict := "allow"
-	if q.Qclass == mdns.ClassINET && !pr.AllowsName(name) && pr.Audit {
-		verdict = "would_deny" // audit: answered, but enforcement would not
-	} else if q.Qclass != mdns.ClassINET || !pr.AllowsName(name) {
-		// NXDOMAIN, decided here: the name never leaves the host.
-		log.Debug("dns query denied", "name", name, "type", mdns.TypeToString[q.Qtype])
+	// NXDOMAIN, decided here: the name never leaves the host.
+	nx := func(reason string) outcome {
+		log.Debug("dns query denied", "name", Name(q.Name), "type", mdns.TypeToString[q.Qtype], "reason", reason)
 		m := reply(req, mdns.RcodeNameError)
 		m.Authoritative = true
-		return m, "deny", pr.Name
+		return outcome{m, "deny", pr.Name, reason}
+	}
+	// Decided on the wire labels, in every mode: what is checked is what
+	// would be sent.
+	name, err := QueryName(q.Name)
+	if err != nil {
+		return nx(fmt.Sprintf("not a valid host name: %v", err))
+	}
+	if q.Qclass != mdns.ClassINET {
+		return nx("query class is not IN")
+	}
+	verdict := "allow"
+	if !pr.AllowsName(name) {
+		if !pr.Audit {
+			return nx("no rule of project " + pr.Name + " allows the name")
+		}
+		verdict = "would_deny" // audit: answered, but enforcement would not
 	}
 	up := new(mdns.Msg)
 	up.SetQuestion(mdns.Fqdn(name), q.Qtype)
@@ -274,13 +329,13 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) (*
 	resp, err := r.exchange(ctx, up)
 	if err != nil {
 		log.Warn("dns upstream failed", "name", name, "err", err)
-		return reply(req, mdns.RcodeServerFailure), "error", pr.Name
+		return outcome{reply(req, mdns.RcodeServerFailure), "error", pr.Name, "no upstream answered"}
 	}
 	out := reply(req, resp.Rcode)
 	out.Answer = r.filter(pr, name, resp.Answer)
 	out.Ns = resp.Ns
 	log.Debug("dns query answered", "name", name, "type", mdns.TypeToString[q.Qtype], "answers", len(out.Answer), "verdict", verdict)
-	return out, verdict, pr.Name
+	return outcome{resp: out, verdict: verdict, project: pr.Name}
 }
 
 // exchange answers from the cache or asks each upstream in turn, over TCP
@@ -303,18 +358,46 @@ func (r *Resolver) ask(ctx context.Context, m *mdns.Msg) (*mdns.Msg, error) {
 	}
 	var errs []error
 	for _, u := range r.Upstreams {
-		cctx, cancel := context.WithTimeout(ctx, UpstreamTimeout)
-		resp, _, err := r.udp().ExchangeContext(cctx, m, u)
-		if err == nil && resp.Truncated {
-			resp, _, err = r.tcp().ExchangeContext(cctx, m, u)
-		}
-		cancel()
+		resp, err := r.askOne(ctx, m, u)
 		if err == nil {
 			return resp, nil
 		}
-		errs = append(errs, fmt.Errorf("asking %s: %w", u, err))
+		errs = append(errs, err)
 	}
 	return nil, errors.Join(errs...)
+}
+
+// askOne exchanges m with upstream u, over TCP when the UDP answer is
+// truncated.
+func (r *Resolver) askOne(ctx context.Context, m *mdns.Msg, u string) (*mdns.Msg, error) {
+	udp, tcp := r.exchangers(u)
+	ctx, cancel := context.WithTimeout(ctx, UpstreamTimeout)
+	defer cancel()
+	resp, _, err := udp.ExchangeContext(ctx, m, u)
+	if err == nil && resp.Truncated {
+		resp, _, err = tcp.ExchangeContext(ctx, m, u)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("asking %s: %w", u, err)
+	}
+	return resp, nil
+}
+
+// Probe asks upstream u for the root's name servers exactly as guests'
+// queries are sent (marked, or unmarked to a loopback stub): nil if it
+// answers, whatever the answer, except REFUSED.
+func (r *Resolver) Probe(ctx context.Context, u string) error {
+	m := new(mdns.Msg)
+	m.SetQuestion(".", mdns.TypeNS)
+	m.RecursionDesired = true
+	resp, err := r.askOne(ctx, m, u)
+	if err != nil {
+		return err
+	}
+	if resp.Rcode == mdns.RcodeRefused {
+		return fmt.Errorf("asking %s: refused", u)
+	}
+	return nil
 }
 
 // allowedAddr reports whether an answer may carry addr for project pr.
@@ -393,6 +476,10 @@ func (r *Resolver) filterIPs(pr *policy.Project, ips []net.IP) []net.IP {
 // Lookup resolves name's IPv4 addresses upstream for the data plane's own
 // use (vetted dialing), filtered as a guest's answer would be.
 func (r *Resolver) Lookup(ctx context.Context, pr *policy.Project, name string) ([]netip.Addr, error) {
+	name, err := config.HostName(name)
+	if err != nil {
+		return nil, fmt.Errorf("resolving: %w", err)
+	}
 	m := new(mdns.Msg)
 	m.SetQuestion(mdns.Fqdn(name), mdns.TypeA)
 	m.RecursionDesired = true
@@ -419,7 +506,8 @@ func (r *Resolver) Lookup(ctx context.Context, pr *policy.Project, name string) 
 }
 
 // UpstreamsFromResolvConf reads the nameservers of a resolv.conf file as
-// "ip:port" strings (the default for dns.upstreams).
+// "ip:port" strings. Only the nameserver lines count: search domains and
+// ndots never apply, every name vmegress sends is fully qualified.
 func UpstreamsFromResolvConf(path string) ([]string, error) {
 	cc, err := mdns.ClientConfigFromFile(path)
 	if err != nil {
@@ -435,4 +523,41 @@ func UpstreamsFromResolvConf(path string) ([]string, error) {
 		return nil, fmt.Errorf("no nameserver in %s", path)
 	}
 	return out, nil
+}
+
+// ResolvedConf is where systemd-resolved lists the servers its stub
+// forwards to (systemd-resolved.service(8)).
+const ResolvedConf = "/run/systemd/resolve/resolv.conf"
+
+// resolvedStub reports whether u is a systemd-resolved stub listener:
+// 127.0.0.53 (the stub) or 127.0.0.54 (its proxy-only twin).
+func resolvedStub(u string) bool {
+	ap, err := netip.ParseAddrPort(u)
+	if err != nil {
+		return false
+	}
+	a := ap.Addr().Unmap()
+	return a == netip.AddrFrom4([4]byte{127, 0, 0, 53}) || a == netip.AddrFrom4([4]byte{127, 0, 0, 54})
+}
+
+// HostUpstreams returns the host's resolvers, the default of dns.upstreams:
+// the nameservers of resolvConf; when these are only systemd-resolved's
+// stub, the servers it forwards to, from resolvedConf (zero: ResolvedConf)
+// if that names any that are not the stub. A loopback upstream left over is
+// asked without the upstream mark (Resolver.LocalUDP).
+func HostUpstreams(resolvConf, resolvedConf string) ([]string, error) {
+	ups, err := UpstreamsFromResolvConf(resolvConf)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.ContainsFunc(ups, func(u string) bool { return !resolvedStub(u) }) {
+		if resolvedConf == "" {
+			resolvedConf = ResolvedConf
+		}
+		real, err := UpstreamsFromResolvConf(resolvedConf)
+		if err == nil && slices.ContainsFunc(real, func(u string) bool { return !resolvedStub(u) }) {
+			return slices.DeleteFunc(real, resolvedStub), nil
+		}
+	}
+	return ups, nil
 }

@@ -91,3 +91,32 @@ func Capabilities(statusFile string) Result {
 	}
 	return Fail("run doctor on Linux", "no CapEff line in %s", statusFile)
 }
+
+// UpstreamDNSFix is what to do when no upstream resolver answers.
+const UpstreamDNSFix = "set dns.upstreams to resolvers this host reaches (with systemd-resolved, the nameservers in " +
+	"/run/systemd/resolve/resolv.conf, not its stub 127.0.0.53), or fix /etc/resolv.conf; the resolver's " +
+	"upstream sockets carry the upstream mark, so a firewall outside vmegress must let marked DNS out"
+
+// UpstreamDNS checks that an upstream resolver answers: probe sends one query
+// to an upstream the way the daemon's resolver does (with the upstream mark,
+// unmarked to a loopback stub) and returns nil when it answered.
+func UpstreamDNS(ctx context.Context, upstreams []string, probe func(ctx context.Context, upstream string) error) Result {
+	if len(upstreams) == 0 {
+		return Fail(UpstreamDNSFix, "no upstream resolvers")
+	}
+	var answered, failed []string
+	for _, u := range upstreams {
+		if err := probe(ctx, u); err != nil {
+			failed = append(failed, err.Error())
+		} else {
+			answered = append(answered, u)
+		}
+	}
+	if len(answered) == 0 {
+		return Fail(UpstreamDNSFix, "no upstream resolver answers: %s", strings.Join(failed, "; "))
+	}
+	if len(failed) > 0 {
+		return Pass("%s answer; not answering: %s", strings.Join(answered, ", "), strings.Join(failed, "; "))
+	}
+	return Pass("%s answer", strings.Join(answered, ", "))
+}
