@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
@@ -221,9 +222,18 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 			if err != nil {
 				return doctor.Fail("check the state directory", "%v", err)
 			}
+			// vmegress's TAPs and the projects' own /30s (guests on
+			// interfaces made otherwise, with the config's subnet) are not clashes.
 			own := map[string]bool{}
+			ownNet := map[netip.Prefix]bool{}
 			for _, p := range st.Projects {
 				own[p.TAP] = true
+				ownNet[p.Subnet.Masked()] = true
+			}
+			for _, p := range cfg.Projects {
+				if p.Subnet.IsValid() {
+					ownNet[p.Subnet.Masked()] = true
+				}
 			}
 			prefixes, err := engine.NetlinkHost{Handle: h}.Prefixes(func(iface string) bool { return own[iface] })
 			if err != nil {
@@ -231,7 +241,7 @@ func (a *app) checks(cfg *config.Config) []doctor.Check {
 			}
 			var clash []string
 			for _, hp := range prefixes {
-				if hp.Prefix.Overlaps(cfg.VMCIDR) {
+				if hp.Prefix.Overlaps(cfg.VMCIDR) && !ownNet[hp.Prefix] {
 					clash = append(clash, fmt.Sprintf("%s (%s)", hp.Prefix, hp.Where))
 				}
 			}

@@ -184,10 +184,17 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 			return state.Project{}, false, err
 		}
 	}
-	ownTAPs := make(map[string]bool, len(cur.State.Projects))
+	ownTAPs := make(map[string]bool, len(cur.State.Projects)+1)
 	for _, q := range cur.State.Projects {
 		ownTAPs[q.TAP] = true
 	}
+	// The project's own TAP, if it exists already, is the project's (a TAP
+	// made by the spec's script, adopted), not a clash.
+	tap := req.TAP
+	if tap == "" {
+		tap = state.TAPName(req.Name)
+	}
+	ownTAPs[tap] = true
 	var host []placement.HostPrefix
 	if e.Host != nil {
 		if host, err = e.Host.Prefixes(func(iface string) bool { return ownTAPs[iface] }); err != nil {
