@@ -297,12 +297,7 @@ interception is removed; stop the daemon first.`,
 				return usageError{err}
 			}
 			defer closeEng()
-			switched, err := eng.RestoreNAT(cmd.Context(), func(tap string) error {
-				if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+tap+"/forwarding", []byte("1"), 0o644); err != nil && !os.IsNotExist(err) {
-					return fmt.Errorf("turning forwarding on for %s: %w", tap, err)
-				}
-				return nil
-			})
+			switched, err := eng.RestoreNAT(cmd.Context(), func(tap string) error { return hostnet.EnableForwarding("", tap) })
 			if err != nil {
 				return err
 			}

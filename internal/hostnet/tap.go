@@ -105,3 +105,17 @@ func DeleteTAP(nl *netlink.Handle, name string) error {
 	}
 	return nil
 }
+
+// EnableForwarding turns net.ipv4.conf.IFACE.forwarding on (restore-NAT:
+// the spec's direct NAT egress needs the kernel to route what the TAP
+// sends). A missing interface is not an error. procSys "" is /proc/sys.
+func EnableForwarding(procSys, iface string) error {
+	if procSys == "" {
+		procSys = "/proc/sys"
+	}
+	err := os.WriteFile(filepath.Join(procSys, "net/ipv4/conf", iface, "forwarding"), []byte("1"), 0o644)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("turning forwarding on for %s: %w", iface, err)
+	}
+	return nil
+}
