@@ -242,3 +242,13 @@ func (c *Client) Events(ctx context.Context, f EventFilter) iter.Seq2[Event, err
 		}
 	}
 }
+
+// Explain returns the verdicts for a connection, as the data plane would
+// decide it, from the daemon's compiled policy.
+func (c *Client) Explain(ctx context.Context, req ExplainRequest) ([]Explanation, error) {
+	var out []Explanation
+	if err := c.do(ctx, http.MethodPost, "/v1/explain", req, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}

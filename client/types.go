@@ -166,3 +166,37 @@ type EventFilter struct {
 	Project string
 	Verdict string
 }
+
+// ExplainRequest is the body of POST /v1/explain.
+type ExplainRequest struct {
+	Project string `json:"project"`
+	// Host is a name or an address; Port defaults to 443.
+	Host string `json:"host"`
+	Port uint16 `json:"port,omitempty"`
+	// As is what the client sends first: tls, http, raw or none ("": by the
+	// port's rules; both kinds where both apply).
+	As string `json:"as,omitempty"`
+	// Addr is the destination address when Host is a name (cidr rules
+	// match addresses only).
+	Addr string `json:"addr,omitempty"`
+}
+
+// Explanation is one verdict of POST /v1/explain (and `policy explain --json`).
+type Explanation struct {
+	Project    string `json:"project"`
+	Connection string `json:"connection"`
+	// As is what the client was taken to send (tls, http, raw, none; "any"
+	// when the verdict is made before anything is read).
+	As string `json:"as"`
+	// Inspect is what the data plane reads (none, tls, http, tls-or-http).
+	Inspect string `json:"inspect"`
+	Verdict string `json:"verdict"`
+	Rule    string `json:"rule,omitempty"`
+	Reason  string `json:"reason,omitempty"`
+	// DNS is what the resolver would answer the guest for Host.
+	DNS string `json:"dns,omitempty"`
+	// NoName: Host is an address and the verdict depends on the name the
+	// client sends; NoAddr: Host is a name given without Addr.
+	NoName bool `json:"no_name,omitempty"`
+	NoAddr bool `json:"no_addr,omitempty"`
+}

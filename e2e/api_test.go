@@ -99,6 +99,13 @@ func TestAPILifecycle(t *testing.T) {
 		t.Fatalf("setting alpha's policy: %+v, %v", res, err)
 	}
 	reach(ga, "https://github.com", true)
+	exs, err := c.Explain(ctx, client.ExplainRequest{Project: "alpha", Host: "github.com"})
+	if err != nil || len(exs) != 1 || exs[0].Verdict != "allow" || exs[0].Rule != "sni:github.com" || !strings.Contains(exs[0].DNS, world.GitHubIP.String()) {
+		t.Errorf("explain from the daemon's policy: %+v, %v", exs, err)
+	}
+	if exs, err := c.Explain(ctx, client.ExplainRequest{Project: "beta", Host: "www.github.com"}); err != nil || len(exs) != 1 || exs[0].Verdict != "deny" || !strings.Contains(exs[0].DNS, "NXDOMAIN") {
+		t.Errorf("explain for beta: %+v, %v", exs, err)
+	}
 
 	// A restart keeps every API project and policy.
 	if err := e.d.Stop(10 * time.Second); err != nil {

@@ -44,9 +44,9 @@ func TestExplainCLI(t *testing.T) {
 			t.Errorf("no %q in:\n%s", want, out)
 		}
 	}
-	var got []map[string]string
+	var got []map[string]any
 	for _, l := range strings.Split(strings.TrimSpace(explain("alpha", "b.example:8080", "--json")), "\n") {
-		var m map[string]string
+		var m map[string]any
 		if err := json.Unmarshal([]byte(l), &m); err != nil {
 			t.Fatalf("line %q: %v", l, err)
 		}

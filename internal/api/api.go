@@ -42,6 +42,8 @@ type Server struct {
 	Counters func(project string) (active int64, conns, dns map[string]uint64)
 	// Events is the decision and change stream (nil: /v1/events is 404).
 	Events *events.Hub
+	// DNS explains what the resolver would answer (POST /v1/explain; may be nil).
+	DNS DNSExplainer
 	// Status is what /v1/status answers.
 	Status func(ctx context.Context) any
 	Log    *slog.Logger
@@ -113,6 +115,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("PUT /v1/projects/{name}/policy", s.putPolicy)
 	mux.HandleFunc("GET /v1/events", s.getEvents)
 	mux.HandleFunc("GET /v1/status", s.getStatus)
+	mux.HandleFunc("POST /v1/explain", s.postExplain)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.permitted(r) {
 			writeError(w, http.StatusForbidden, "", errors.New("not permitted: the API takes calls from root and members of the API group only"))
@@ -364,6 +367,20 @@ func (s *Server) getEvents(w http.ResponseWriter, r *http.Request) {
 		fl.Flush()
 	}
 	events.WriteStream(r.Context(), w, flush, sub)
+}
+
+func (s *Server) postExplain(w http.ResponseWriter, r *http.Request) {
+	var req client.ExplainRequest
+	if err := decode(r, &req); err != nil {
+		badRequest(w, err)
+		return
+	}
+	out, err := Explain(r.Context(), s.Engine.Snapshot().Policy, req, s.DNS)
+	if err != nil {
+		engineError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) getStatus(w http.ResponseWriter, r *http.Request) {

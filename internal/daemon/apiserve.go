@@ -11,6 +11,7 @@ import (
 
 	"github.com/vmegress/vmegress/internal/api"
 	"github.com/vmegress/vmegress/internal/placement"
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/state"
 )
 
@@ -59,6 +60,16 @@ func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
 		},
 		Log:    d.Log.With("component", "api"),
 		Events: d.Events,
+		DNS: func(ctx context.Context, pr *policy.Project, name string, port uint16, addrKnown bool) string {
+			d.mu.Lock()
+			res := d.resolver
+			d.mu.Unlock()
+			if res == nil {
+				return ""
+			}
+			ups, _ := Upstreams(d.Engine.Snapshot().Config, d.ResolvConf)
+			return api.ResolverDNS(res.Lookup, ups)(ctx, pr, name, port, addrKnown)
+		},
 		Status: func(ctx context.Context) any { return d.Status(ctx) },
 	}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: api.ConnContext, ReadHeaderTimeout: 5 * time.Second,
