@@ -1,0 +1,120 @@
+package e2e
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// exitCode is the exit status carried by err from world.Output (0: none).
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
+}
+
+// netList returns the projects `net list --json` reports.
+func (e *env) netList() []string {
+	e.t.Helper()
+	out, err := e.vmegress("--config", e.cfg, "net", "list", "--json")
+	if err != nil {
+		e.t.Fatalf("net list: %v", err)
+	}
+	var infos []struct{ Project string }
+	if err := json.Unmarshal([]byte(out), &infos); err != nil {
+		e.t.Fatalf("net list --json: %v\n%s", err, out)
+	}
+	var names []string
+	for _, in := range infos {
+		names = append(names, in.Project)
+	}
+	return names
+}
+
+// hostLinks lists the interface names of the world's host namespace.
+func (e *env) hostLinks() string {
+	e.t.Helper()
+	out, err := world.Output(e.ctx, world.NS(e.w.Host, "ip", "-o", "link", "show")...)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return out
+}
+
+// TestHostileNames (issue 12, item 9): project and TAP names outside the
+// documented rule are refused with exit 2 naming the rule, and a refused or
+// failed net up records nothing: no state, no interface, the daemon starts.
+func TestHostileNames(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, projectsConfig)
+	for _, c := range []struct {
+		args []string
+		rule string
+	}{
+		{[]string{"a*", "--egress", "nat"}, "project name"},
+		{[]string{"#x"}, "project name"},
+		{[]string{"a/b"}, "project name"},
+		{[]string{"a b"}, "project name"},
+		{[]string{"../../etc"}, "project name"},
+		{[]string{"delta", "--tap", "tap-a*", "--egress", "nat"}, "TAP name"},
+		{[]string{"delta", "--tap", "tap-a/b"}, "TAP name"},
+		{[]string{"delta", "--tap", "tap-a b"}, "TAP name"},
+		{[]string{"delta", "--tap", "tap-0123456789ab"}, "TAP name"}, // 16 characters: over IFNAMSIZ
+	} {
+		out, err := e.vmegress(append([]string{"--config", e.cfg, "net", "up"}, c.args...)...)
+		if code := exitCode(err); code != 2 || !strings.Contains(err.Error(), c.rule) || !strings.Contains(err.Error(), "must be 1-") {
+			t.Errorf("net up %q: exit %d, %v, %q; want exit 2 naming the %s rule", c.args, code, err, out, c.rule)
+		}
+	}
+	// Valid names, a host change that fails: an existing interface that is
+	// not a TAP (another guest's veth). Refused, and nothing recorded.
+	if err := world.Run(e.ctx, world.NS(e.w.Host, "ip", "link", "add", "tap-rtv-a", "type", "veth", "peer", "name", "rtv-b")...); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vmegress("--config", e.cfg, "net", "up", "t2", "--tap", "tap-rtv-a"); err == nil {
+		t.Error("net up onto another guest's veth succeeded")
+	}
+	if got := e.netList(); len(got) != 0 {
+		t.Errorf("refused net up calls left projects in the state: %q", got)
+	}
+	links := e.hostLinks()
+	for _, bad := range []string{"tap-a*", "tap-#x", "tap-a/b", "tap-a b", "tap-delta"} {
+		if strings.Contains(links, " "+bad+":") || strings.Contains(links, " "+bad+"@") {
+			t.Errorf("interface %q left behind:\n%s", bad, links)
+		}
+	}
+	if !strings.Contains(links, "tap-rtv-a@") {
+		t.Errorf("the other guest's veth is gone:\n%s", links)
+	}
+	// The host still works: a project goes up with NAT egress, the daemon starts.
+	if _, err := e.vmegress("--config", e.cfg, "net", "up", "beta", "--egress", "nat"); err != nil {
+		t.Fatalf("net up beta after the refusals: %v", err)
+	}
+	if got := e.netList(); len(got) != 1 || got[0] != "beta" {
+		t.Errorf("projects after net up beta: %q", got)
+	}
+	// A state file holding a name an older vmegress accepted is refused on
+	// read, naming the line and the rule, not skipped.
+	dir := t.TempDir()
+	bad := "# vmegress projects, format 1: name\ttap\tsubnet\tmac\tegress\tssh_port\towner\tgroup\n" +
+		"a*\ttap-a*\t172.31.0.8/30\t02:00:00:00:00:01\tnat\t0\t-\t-\n"
+	if err := os.WriteFile(filepath.Join(dir, "projects"), []byte(bad), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := world.Output(e.ctx, world.NS(e.w.Host, binary, "--state-dir", dir, "--config", e.cfg, "net", "list")...)
+	if err == nil || !strings.Contains(err.Error(), "line 2") || !strings.Contains(err.Error(), `project name "a*" must be 1-63`) {
+		t.Errorf("net list over a state with a hostile name: %v", err)
+	}
+	e.start()
+}
