@@ -118,3 +118,55 @@ func TestHostileNames(t *testing.T) {
 	}
 	e.start()
 }
+
+// TestNetDownDeletesOnlyItsOwn (issue 12, item 10): net up onto another
+// guest's interface is refused (exit 2) and not recorded; net down of a
+// project whose record names an interface vmegress did not create (an older
+// vmegress recorded it) removes the record and leaves the interface.
+func TestNetDownDeletesOnlyItsOwn(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, projectsConfig)
+	for _, name := range []string{"tap-rtv-a", "tap-rtv-c"} {
+		if err := world.Run(e.ctx, world.NS(e.w.Host, "ip", "link", "add", name, "type", "veth", "peer", "name", name+"p")...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := e.vmegress("--config", e.cfg, "net", "up", "t2", "--tap", "tap-rtv-a")
+	if code := exitCode(err); code != 2 || !strings.Contains(err.Error(), "not a TAP") {
+		t.Errorf("net up t2 onto another guest's veth: exit %d, %v; want 2", code, err)
+	}
+	if out, err := e.vmegress("--config", e.cfg, "net", "down", "t2"); err != nil || !strings.Contains(out, "not up") {
+		t.Errorf("net down t2 after the refusal: %q, %v", out, err)
+	}
+	// A record an older vmegress wrote for an interface it refused.
+	rec := "# vmegress projects, format 1: name\ttap\tsubnet\tmac\tegress\tssh_port\towner\tgroup\n" +
+		"t3\ttap-rtv-c\t172.31.0.8/30\t02:00:00:00:00:03\tproxy\t0\t-\t-\n"
+	if err := os.MkdirAll(e.w.StateDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(e.w.StateDir(), "projects"), []byte(rec), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vmegress("--config", e.cfg, "net", "down", "t3"); err != nil {
+		t.Errorf("net down t3: %v", err)
+	}
+	if got := e.netList(); len(got) != 0 {
+		t.Errorf("projects after net down t3: %q", got)
+	}
+	links := e.hostLinks()
+	for _, name := range []string{"tap-rtv-a@", "tap-rtv-c@"} {
+		if !strings.Contains(links, name) {
+			t.Errorf("%s was deleted:\n%s", strings.TrimSuffix(name, "@"), links)
+		}
+	}
+	// vmegress's own TAP still goes with net down.
+	if _, err := e.vmegress("--config", e.cfg, "net", "up", "alpha"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vmegress("--config", e.cfg, "net", "down", "alpha"); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(e.hostLinks(), " tap-alpha:") {
+		t.Error("net down alpha left tap-alpha")
+	}
+}
