@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -168,5 +170,51 @@ func TestNetDownDeletesOnlyItsOwn(t *testing.T) {
 	}
 	if strings.Contains(e.hostLinks(), " tap-alpha:") {
 		t.Error("net down alpha left tap-alpha")
+	}
+}
+
+// TestSSHPortNotAHostService (issue 12, item 11): --ssh-port refuses a port
+// on which the host listens (exit 2, naming the process), and ports below
+// 1024 unless --allow-privileged-ssh-port; through the in-process engine
+// and through the daemon's API.
+func TestSSHPortNotAHostService(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, projectsConfig)
+	me, _ := os.ReadFile("/proc/self/comm")
+	var ports []string
+	for _, addr := range []string{":22", "127.0.0.1:0"} {
+		ln, err := world.ListenIn(e.w.Host, "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		_, port, _ := net.SplitHostPort(ln.Addr().String())
+		ports = append(ports, port)
+	}
+	owner := fmt.Sprintf("%s (pid %d)", strings.TrimSpace(string(me)), os.Getpid())
+	check := func(when string) {
+		t.Helper()
+		for _, c := range []struct {
+			args []string
+			want string
+		}{
+			{[]string{"--ssh-port", "22"}, "below 1024"},
+			{[]string{"--ssh-port", "22", "--allow-privileged-ssh-port"}, owner},
+			{[]string{"--ssh-port", ports[1]}, owner},
+		} {
+			_, err := e.vmegress(append([]string{"--config", e.cfg, "net", "up", "delta"}, c.args...)...)
+			if code := exitCode(err); code != 2 || !strings.Contains(fmt.Sprint(err), c.want) {
+				t.Errorf("%s: net up delta %q: exit %d, %v; want exit 2 naming %q", when, c.args, code, err, c.want)
+			}
+		}
+		if got := e.netList(); len(got) != 0 {
+			t.Errorf("%s: refused net up calls left projects: %q", when, got)
+		}
+	}
+	check("no daemon")
+	e.start()
+	check("daemon")
+	if _, err := e.vmegress("--config", e.cfg, "net", "up", "delta", "--ssh-port", "2299"); err != nil {
+		t.Errorf("a free port: %v", err)
 	}
 }
