@@ -1,15 +1,20 @@
 package e2e
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/vmegress/vmegress/internal/world"
 )
@@ -216,5 +221,102 @@ func TestSSHPortNotAHostService(t *testing.T) {
 	check("daemon")
 	if _, err := e.vmegress("--config", e.cfg, "net", "up", "delta", "--ssh-port", "2299"); err != nil {
 		t.Errorf("a free port: %v", err)
+	}
+}
+
+// shortHTTPS makes n HTTPS/1.0 requests for name from namespace ns to
+// addr, over workers goroutines. The server closes first (HTTP/1.0), so the
+// proxy closes the guest's side first and that side of each connection ends
+// in TIME_WAIT on the host, its local address being addr.
+func shortHTTPS(ns, addr, name string, n, workers int) error {
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- world.InNS(ns, func() error {
+				for i := w; i < n; i += workers {
+					c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
+					if err != nil {
+						return err
+					}
+					tc := tls.Client(c, &tls.Config{ServerName: name, InsecureSkipVerify: true})
+					tc.SetDeadline(time.Now().Add(5 * time.Second))
+					_, err = io.WriteString(tc, "GET / HTTP/1.0\r\nHost: "+name+"\r\n\r\n")
+					if err == nil {
+						_, err = io.Copy(io.Discard, tc) // until the proxy's FIN
+					}
+					c.Close()
+					if err != nil {
+						return fmt.Errorf("request %d: %w", i, err)
+					}
+				}
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// TestRestoreNATAfterHeavyUse (issue 12, item 12): after thousands of
+// proxied connections, `down --restore-nat` leaves no proxy socket that
+// would swallow the guest's next SYNs: every following connection works.
+func TestRestoreNATAfterHeavyUse(t *testing.T) {
+	t.Parallel()
+	e := newWorldWith(t, nil, projectsConfig)
+	e.start()
+	beta, _ := e.netUp("beta") // the daemon's change: in effect on return
+	server := netip.AddrPortFrom(world.WWWGitHubIP, 443).String()
+	// The guest picks source ports for one destination in sequence over its
+	// ephemeral range; a range of 1,000 ports makes the next connections reuse
+	// the 4-tuples of the proxy's recent TIME_WAIT sockets, as a busy guest
+	// does after one pass over the default range (28,000 ports).
+	if err := world.Run(e.ctx, world.NS(beta.NS, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40999")...); err != nil {
+		t.Fatal(err)
+	}
+	const proxied = 2000
+	if err := shortHTTPS(beta.NS, server, "www.github.com", proxied, 8); err != nil {
+		t.Fatal(err)
+	}
+	tw, err := world.Output(e.ctx, world.NS(e.w.Host, "ss", "-Htn4", "state", "time-wait", "src", world.WWWGitHubIP.String())...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(tw, "\n"); n < 400 {
+		t.Fatalf("only %d of the proxy's sockets in TIME_WAIT: the test would show nothing", n)
+	}
+	if err := e.d.Stop(5 * time.Second); err != nil {
+		t.Logf("stopping the daemon: %v", err)
+	}
+	if out, err := e.vmegress("--config", e.cfg, "down", "--restore-nat"); err != nil {
+		t.Fatalf("down --restore-nat: %v\n%s", err, out)
+	}
+	failed := 0
+	err = world.InNS(beta.NS, func() error {
+		for range 60 {
+			// A SYN the host drops is retransmitted after 1 s: 2 s is enough
+			// for a connection the host forwards.
+			c, err := net.DialTimeout("tcp4", server, 2*time.Second)
+			if err != nil {
+				failed++
+				continue
+			}
+			c.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if failed > 0 {
+		t.Errorf("%d of 60 connections after --restore-nat failed", failed)
 	}
 }
