@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -16,8 +17,9 @@ import (
 
 func (a *app) suggestCmd() *cobra.Command {
 	var (
-		since time.Duration
-		file  string
+		since  time.Duration
+		file   string
+		asJSON bool
 	)
 	c := &cobra.Command{
 		Use:   "suggest PROJECT",
@@ -69,12 +71,19 @@ suggested; what was left out is listed in comments with the reason.`,
 			if err != nil {
 				return fmt.Errorf("reading the access log: %w", err)
 			}
-			fmt.Fprint(a.stdout, suggest.YAML(args[0], o.Suggest(ex), o))
+			sg := o.Suggest(ex)
+			if asJSON {
+				enc := json.NewEncoder(a.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(suggest.NewReport(args[0], sg, o))
+			}
+			fmt.Fprint(a.stdout, suggest.YAML(args[0], sg, o))
 			return nil
 		},
 	}
 	c.Flags().DurationVar(&since, "since", 0, "only traffic this recent (e.g. 24h); zero: all")
 	c.Flags().StringVar(&file, "log", "", "access log file (- for stdin)")
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON: rules, and what was omitted and why")
 	return c
 }
 

@@ -103,9 +103,9 @@ func add(m map[string]map[uint16]bool, name string, port uint16) bool {
 
 // Rule is one suggested allow rule.
 type Rule struct {
-	Kind  config.RuleKind
-	Value string
-	Ports []uint16 // nil: the kind's default
+	Kind  config.RuleKind `json:"kind"`
+	Value string          `json:"value"`
+	Ports []uint16        `json:"ports,omitempty"` // nil: the kind's default
 }
 
 // Omission is traffic suggest saw but proposes no rule for, and why: pasted,
@@ -245,6 +245,35 @@ func portsOrDefault(m map[uint16]bool, def uint16) []uint16 {
 		return nil
 	}
 	return sortedPorts(m)
+}
+
+// Report is a suggestion as data (`policy suggest --json`).
+type Report struct {
+	Project     string `json:"project"`
+	Connections int    `json:"connections"`
+	Queries     int    `json:"dns_queries"`
+	Rules       []Rule `json:"rules"`
+	// Omitted is what was seen but not suggested, each with the reason.
+	Omitted []Omission `json:"omitted"`
+	// ResolvedOnly are names queried but never connected to.
+	ResolvedOnly []string `json:"resolved_only"`
+}
+
+// NewReport returns s for project as a Report.
+func NewReport(project string, s Suggestion, o *Observed) Report {
+	r := Report{Project: project, Connections: o.Connections, Queries: o.Queries,
+		Rules: s.Rules, Omitted: s.Omitted, ResolvedOnly: make([]string, 0, len(o.Resolved))}
+	if r.Rules == nil {
+		r.Rules = []Rule{}
+	}
+	if r.Omitted == nil {
+		r.Omitted = []Omission{}
+	}
+	for n := range o.Resolved {
+		r.ResolvedOnly = append(r.ResolvedOnly, n)
+	}
+	sort.Strings(r.ResolvedOnly)
+	return r
 }
 
 // YAML renders a suggestion as a config fragment for project, ready to

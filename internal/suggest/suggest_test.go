@@ -1,6 +1,7 @@
 package suggest
 
 import (
+	"encoding/json"
 	"net/netip"
 	"strings"
 	"testing"
@@ -103,6 +104,14 @@ func TestSuggestNeverOpensDangerousDestinations(t *testing.T) {
 		if !strings.Contains(y, want) {
 			t.Errorf("YAML lacks %q:\n%s", want, y)
 		}
+	}
+	b, err := json.Marshal(NewReport("alpha", s, o))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `"omitted":[{"kind":"sni","value":"*.co.uk","reason":"co.uk is a public suffix`; !strings.Contains(string(b), want) ||
+		!strings.Contains(string(b), `{"kind":"cidr","value":"169.254.169.254/32","ports":[9999],"reason":"always denied: link-local (cloud metadata)"}`) {
+		t.Errorf("--json report lacks the omissions:\n%s", b)
 	}
 	cfg, err := config.Parse("s.yaml", []byte(y))
 	if err != nil {
