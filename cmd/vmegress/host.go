@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -19,6 +20,7 @@ import (
 	mdns "github.com/miekg/dns"
 	"github.com/spf13/cobra"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
@@ -301,6 +303,9 @@ interception is removed; stop the daemon first.`,
 			if err != nil {
 				return err
 			}
+			if err := clearProxiedSockets(cfg.VMCIDR); err != nil {
+				fmt.Fprintf(a.stderr, "vmegress: warning: NAT is restored, but guests' new connections may fail for up to a minute: %v\n", err)
+			}
 			st := struct{ Projects []state.Project }{switched}
 			fmt.Fprintf(a.stdout, "interception removed; %d projects switched to direct NAT egress (unfiltered)\n", len(st.Projects))
 			return nil
@@ -308,4 +313,22 @@ interception is removed; stop the daemon first.`,
 	}
 	c.Flags().BoolVar(&restoreNAT, "restore-nat", false, "switch every project to direct NAT egress instead (spec 6.8)")
 	return c
+}
+
+// clearProxiedSockets removes what the stopped proxy left of guests'
+// connections (TIME_WAIT and closing sockets whose local address is the
+// server the guest asked for): forwarded SYNs reusing their 4-tuples would
+// meet them and be dropped (issue 12, item 12).
+func clearProxiedSockets(guests netip.Prefix) error {
+	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE, unix.NETLINK_INET_DIAG)
+	if err != nil {
+		return fmt.Errorf("opening netlink: %w", err)
+	}
+	defer nl.Close()
+	isLocal, err := hostnet.LocalAddrs(nl)
+	if err != nil {
+		return err
+	}
+	_, err = hostnet.DestroyProxiedSockets(nl, guests, isLocal)
+	return err
 }

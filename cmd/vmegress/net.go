@@ -11,12 +11,15 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmegress/vmegress/client"
 	"github.com/vmegress/vmegress/internal/api"
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/daemon"
 	"github.com/vmegress/vmegress/internal/engine"
+	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/placement"
 	"github.com/vmegress/vmegress/internal/state"
 )
@@ -161,7 +164,16 @@ running, the change is made by the daemon (its API); otherwise by this command.`
 // checkSSHPort is the host check of an SSH forward's port (no privileged
 // port unless asked; see daemon.CheckSSHPort).
 func checkSSHPort(port uint16, allowPrivileged bool) error {
-	return daemon.CheckSSHPort(port, allowPrivileged)
+	if err := daemon.CheckSSHPort(port, allowPrivileged); err != nil {
+		return err
+	}
+	// Not a port the host serves on: the forward would take the service over.
+	nl, err := netlink.NewHandle(unix.NETLINK_INET_DIAG)
+	if err != nil {
+		return fmt.Errorf("opening netlink: %w", err)
+	}
+	defer nl.Close()
+	return hostnet.CheckPortFree(nl, port, "")
 }
 
 func describe(cfg *config.Config, p state.Project) client.Placement {

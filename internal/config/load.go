@@ -338,12 +338,10 @@ func (p *parser) top(n *yaml.Node) {
 	})
 }
 
-var projectNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9_-]{0,62})$`)
-
 func (p *parser) project(k, v *yaml.Node) {
 	pr := Project{Name: k.Value, Mode: "enforce", MaxConnections: DefaultMaxConnections, Pos: pos(k)}
 	if !projectNameRE.MatchString(k.Value) {
-		p.errf(k, "project name %q must be 1-63 characters of a-z, 0-9, '-', '_', starting with a letter or digit", k.Value)
+		p.errf(k, "project name %q must be %s", k.Value, ProjectNameRule)
 	}
 	what := fmt.Sprintf("project %q", k.Value)
 	p.mapping(v, what, map[string]func(*yaml.Node){

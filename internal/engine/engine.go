@@ -383,7 +383,10 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 		return p, true, err
 	}
 	if e.Host != nil {
-		if err := e.Host.DeleteTAP(p.TAP, p.Name); err != nil {
+		if err := e.Host.DeleteTAP(p.TAP, p.Name); errors.Is(err, hostnet.ErrNotOurs) {
+			// Never delete what vmegress did not create: the record goes, the interface stays.
+			e.log().Warn("leaving the interface in place", "tap", p.TAP, "err", err.Error())
+		} else if err != nil {
 			restore()
 			return p, true, err
 		}

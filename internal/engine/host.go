@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 
@@ -20,15 +21,20 @@ type NetlinkHost struct {
 func (h NetlinkHost) CreateTAP(t hostnet.TAP, project string) (bool, error) {
 	_, err := h.Handle.LinkByName(t.Name)
 	created := err != nil
+	t.Project = project
 	if err := hostnet.CreateTAP(h.Handle, t); err != nil {
+		if errors.Is(err, hostnet.ErrNotOurs) {
+			return false, &placement.Conflict{Err: err} // another's interface: refused, exit 2
+		}
 		return false, err
 	}
 	return created, nil
 }
 
-// DeleteTAP removes the project's TAP.
+// DeleteTAP removes the project's TAP if vmegress created it for project
+// (else hostnet.ErrNotOurs, and the interface stays).
 func (h NetlinkHost) DeleteTAP(name, project string) error {
-	return hostnet.DeleteTAP(h.Handle, name)
+	return hostnet.DeleteTAP(h.Handle, name, project)
 }
 
 // Prefixes lists the IPv4 addresses and main-table routes of every

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/vmegress/vmegress/internal/config"
 )
 
 // header is the state file's first line. The format is one project a line,
@@ -28,6 +30,13 @@ func Marshal(s *State) ([]byte, error) {
 		p := s.Projects[name]
 		if p.Name == "" || p.TAP == "" || p.MAC == "" || p.Egress == "" || !p.Subnet.IsValid() {
 			return nil, fmt.Errorf("project %q: a field is empty", name)
+		}
+		// "#x" would be read back as a comment, "a*" breaks the ruleset.
+		if err := config.ValidProjectName(p.Name); err != nil {
+			return nil, err
+		}
+		if err := config.ValidTAPName(p.TAP); err != nil {
+			return nil, fmt.Errorf("project %q: %w", name, err)
 		}
 		b = append(append(b, p.Name...), '\t')
 		b = append(append(b, p.TAP...), '\t')
@@ -105,6 +114,14 @@ func parseLine(line string) (Project, error) {
 		}
 	}
 	p := Project{Name: f[0], TAP: f[1], MAC: f[3], Egress: f[4]}
+	// A name no command would accept today (an older vmegress recorded it)
+	// is refused, not skipped: skipped, its /30 would be handed out again.
+	if err := config.ValidProjectName(p.Name); err != nil {
+		return Project{}, fmt.Errorf("%w (remove the line, then net up the project again)", err)
+	}
+	if err := config.ValidTAPName(p.TAP); err != nil {
+		return Project{}, fmt.Errorf("project %q: %w (remove the line, then net up the project again)", p.Name, err)
+	}
 	var err error
 	if p.Subnet, err = netip.ParsePrefix(f[2]); err != nil {
 		return Project{}, fmt.Errorf("project %q: subnet: %w", p.Name, err)

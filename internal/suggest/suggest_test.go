@@ -1,6 +1,8 @@
 package suggest
 
 import (
+	"encoding/json"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -40,13 +42,13 @@ func TestSuggest(t *testing.T) {
 		{config.KindHTTP, "deb.debian.org", nil},
 		{config.KindCIDR, "198.51.100.7/32", []uint16{22, 5432}},
 	}
-	got := o.Rules()
+	got := o.Suggest(Exclusions{GuestRange: config.DefaultVMCIDR}).Rules
 	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b Rule) bool {
 		return cmp.Equal(a.Kind, b.Kind) && a.Value == b.Value && cmp.Equal(a.Ports, b.Ports)
 	})); diff != "" {
 		t.Errorf("rules (-want +got):\n%s", diff)
 	}
-	y := YAML("alpha", got, o)
+	y := YAML("alpha", Suggestion{Rules: got}, o)
 	// The suggestion is a valid config.
 	cfg, err := config.Parse("s.yaml", []byte(y))
 	if err != nil {
@@ -58,4 +60,138 @@ func TestSuggest(t *testing.T) {
 	if !strings.Contains(y, "# resolved but never connected to: telemetry.vendor.io") || strings.Contains(y, "connected to: api.github.com") {
 		t.Errorf("resolved-only names:\n%s", y)
 	}
+}
+
+// reviewLog is the security review's audit log (issue 12, item 6): denied
+// connections to the metadata address, a private address, the host's own
+// address on the guest side, and TLS to two names under a public suffix.
+const reviewLog = `{"time":"2026-11-25T10:00:00Z","msg":"connection","project":"alpha","dst":"169.254.169.254:9999","verdict":"would_deny"}
+{"time":"2026-11-25T10:00:01Z","msg":"connection","project":"alpha","dst":"10.99.0.5:5432","verdict":"would_deny"}
+{"time":"2026-11-25T10:00:02Z","msg":"connection","project":"alpha","dst":"172.31.0.1:22","verdict":"would_deny"}
+{"time":"2026-11-25T10:00:03Z","msg":"connection","project":"alpha","dst":"198.51.100.9:443","sni":"a.co.uk","verdict":"would_deny"}
+{"time":"2026-11-25T10:00:04Z","msg":"connection","project":"alpha","dst":"198.51.100.10:443","sni":"b.co.uk","verdict":"would_deny"}
+`
+
+func TestSuggestNeverOpensDangerousDestinations(t *testing.T) {
+	o, err := Read(strings.NewReader(reviewLog), "alpha", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := netip.MustParseAddr("172.31.0.1")
+	s := o.Suggest(Exclusions{GuestRange: config.DefaultVMCIDR, HostAddrs: []netip.Addr{host}})
+	wantRules := []Rule{
+		{config.KindSNI, "a.co.uk", nil},
+		{config.KindSNI, "b.co.uk", nil},
+	}
+	if diff := cmp.Diff(wantRules, s.Rules); diff != "" {
+		t.Errorf("rules (-want +got):\n%s", diff)
+	}
+	wantOmitted := []Omission{
+		{config.KindSNI, "*.co.uk", nil, "co.uk is a public suffix: a wildcard would cover every domain registered under it; the names stay exact"},
+		{config.KindCIDR, "10.99.0.5/32", []uint16{5432}, "always denied: private (RFC 1918)"},
+		{config.KindCIDR, "169.254.169.254/32", []uint16{9999}, "always denied: link-local (cloud metadata)"},
+		{config.KindCIDR, "172.31.0.1/32", []uint16{22}, "an address of this host"},
+	}
+	if diff := cmp.Diff(wantOmitted, s.Omitted); diff != "" {
+		t.Errorf("omitted (-want +got):\n%s", diff)
+	}
+	y := YAML("alpha", s, o)
+	for _, want := range []string{
+		"# not suggested: cidr 169.254.169.254/32 ports [9999]: always denied: link-local (cloud metadata)",
+		"# not suggested: cidr 172.31.0.1/32 ports [22]: an address of this host",
+		"# not suggested: sni *.co.uk: co.uk is a public suffix",
+	} {
+		if !strings.Contains(y, want) {
+			t.Errorf("YAML lacks %q:\n%s", want, y)
+		}
+	}
+	b, err := json.Marshal(NewReport("alpha", s, o))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `"omitted":[{"kind":"sni","value":"*.co.uk","reason":"co.uk is a public suffix`; !strings.Contains(string(b), want) ||
+		!strings.Contains(string(b), `{"kind":"cidr","value":"169.254.169.254/32","ports":[9999],"reason":"always denied: link-local (cloud metadata)"}`) {
+		t.Errorf("--json report lacks the omissions:\n%s", b)
+	}
+	cfg, err := config.Parse("s.yaml", []byte(y))
+	if err != nil {
+		t.Fatalf("suggested YAML does not load: %v\n%s", err, y)
+	}
+	for _, r := range cfg.Projects[0].Allow {
+		if r.Kind == config.KindCIDR || strings.HasPrefix(r.Name, "*.") {
+			t.Errorf("pasted suggestion holds %+v:\n%s", r, y)
+		}
+	}
+}
+
+func TestSuggestExclusions(t *testing.T) {
+	ex := Exclusions{GuestRange: netip.MustParsePrefix("198.18.0.0/24"), HostAddrs: []netip.Addr{netip.MustParseAddr("203.0.113.7")}}
+	for _, tc := range []struct {
+		addr string
+		want string // "" means suggested
+	}{
+		{"198.51.100.7", ""},
+		{"203.0.113.7", "an address of this host"},
+		{"::ffff:203.0.113.7", "an address of this host"},
+		{"198.18.0.9", "in the guest range (vm_cidr 198.18.0.0/24)"},
+		{"127.0.0.1", "always denied: loopback"},
+		{"fd00::1", "always denied: unique local (private)"},
+	} {
+		if got := ex.why(netip.MustParseAddr(tc.addr)); got != tc.want {
+			t.Errorf("why(%s) = %q, want %q", tc.addr, got, tc.want)
+		}
+	}
+}
+
+func TestSuggestWildcardsStayUnderARegistrableDomain(t *testing.T) {
+	for _, tc := range []struct {
+		names []string
+		want  []string // rule values
+	}{
+		{[]string{"a.co.uk", "b.co.uk"}, []string{"a.co.uk", "b.co.uk"}},
+		{[]string{"x.example.co.uk", "y.example.co.uk"}, []string{"*.example.co.uk"}},
+		{[]string{"a.github.io", "b.github.io"}, []string{"a.github.io", "b.github.io"}}, // private-section suffix
+		{[]string{"api.github.com", "www.github.com"}, []string{"*.github.com"}},
+		{[]string{"a.com", "b.com"}, []string{"a.com", "b.com"}},
+	} {
+		names := map[string]map[uint16]bool{}
+		for _, n := range tc.names {
+			names[n] = map[uint16]bool{443: true}
+		}
+		rules, _ := nameRules(config.KindSNI, names, 443)
+		var got []string
+		for _, r := range rules {
+			got = append(got, r.Value)
+		}
+		if diff := cmp.Diff(tc.want, got); diff != "" {
+			t.Errorf("%v (-want +got):\n%s", tc.names, diff)
+		}
+	}
+}
+
+// FuzzRead: any log reads without panicking, and whatever is suggested
+// pastes into a config that loads and opens no excluded address.
+func FuzzRead(f *testing.F) {
+	f.Add(log)
+	f.Add(reviewLog)
+	f.Fuzz(func(t *testing.T, data string) {
+		o, err := Read(strings.NewReader(data), "alpha", time.Time{})
+		if err != nil {
+			return
+		}
+		ex := Exclusions{GuestRange: config.DefaultVMCIDR}
+		s := o.Suggest(ex)
+		for _, r := range s.Rules {
+			if r.Kind != config.KindCIDR {
+				continue
+			}
+			if p := netip.MustParsePrefix(r.Value); ex.why(p.Addr()) != "" {
+				t.Errorf("suggested %s", r.Value)
+			}
+		}
+		y := YAML("alpha", s, o)
+		if _, err := config.Parse("s.yaml", []byte(y)); err != nil && len(s.Rules) > 0 {
+			t.Errorf("suggestion does not load: %v\n%s", err, y)
+		}
+	})
 }
