@@ -35,3 +35,43 @@ func TestParsePolicy(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParsePolicy: any body either parses to a project whose rendered
+// document parses back to the same project, or is refused with issues that
+// each carry a message; never a panic.
+func FuzzParsePolicy(f *testing.F) {
+	for _, s := range []string{
+		`{"allow":[{"sni":"a.com"}]}`,
+		`{"mode":"audit","max_connections":3,"allow":[{"cidr":"10.0.0.0/8","ports":[22]},{"http":"*.b.org","ports":[80,8080]}]}`,
+		"allow:\n  - sni: x.y\n",
+		`{"allow":[{"sni":"a.com","http":"b"}]}`, `[]`, `{"subnet":"1.2.3.4/30"}`, "",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, err := ParsePolicy("", "p", data)
+		if err != nil {
+			ce, ok := err.(*Error)
+			if !ok || len(ce.Issues) == 0 {
+				t.Fatalf("error without issues: %v", err)
+			}
+			return
+		}
+		b, err := json.Marshal(PolicyDocument(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := ParsePolicy("", "p", b)
+		if err != nil {
+			t.Fatalf("the rendered policy %s does not parse: %v", b, err)
+		}
+		if again.Mode != p.Mode || again.MaxConnections != p.MaxConnections || len(again.Allow) != len(p.Allow) {
+			t.Fatalf("round trip changed the policy: %+v -> %+v", p, again)
+		}
+		for i := range p.Allow {
+			if again.Allow[i].String() != p.Allow[i].String() {
+				t.Fatalf("rule %d: %s -> %s", i, p.Allow[i], again.Allow[i])
+			}
+		}
+	})
+}
