@@ -111,7 +111,14 @@ func TestAPILifecycle(t *testing.T) {
 	if err := e.d.Stop(10 * time.Second); err != nil {
 		t.Fatal(err)
 	}
+	// As after a reboot: beta's TAP is gone; the daemon re-creates it.
+	if _, err := world.Output(ctx, world.NS(e.w.Host, "ip", "link", "del", b.TAP)...); err != nil {
+		t.Fatal(err)
+	}
 	e.start()
+	if gb, err = e.w.PlugTAP(ctx, "beta", b.TAP, netip.MustParseAddr(b.GuestIP), netip.MustParseAddr(b.HostIP), b.MAC); err != nil {
+		t.Fatalf("beta's TAP was not re-created at start: %v", err)
+	}
 	p, err := c.Project(ctx, "alpha")
 	if err != nil || p.Source != "api" || p.Placement == nil || len(p.Policy.Allow) != 2 {
 		t.Fatalf("alpha after a restart: %+v, %v", p, err)

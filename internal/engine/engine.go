@@ -39,6 +39,8 @@ type Host interface {
 	// Prefixes lists the host's IPv4 addresses and routes on interfaces other
 	// than those skip names (vmegress's own TAPs).
 	Prefixes(skip func(iface string) bool) ([]placement.HostPrefix, error)
+	// Links lists the host's interface names.
+	Links() (map[string]bool, error)
 }
 
 // Snapshot is one consistent view: the config file, the projects placed,
@@ -129,10 +131,46 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 		// (reloads, drift repairs) need not look again.
 		e.Interception.Stale = nil
 		e.installed = true
+		e.restoreTAPs(st)
 	}
 	e.snap = snap
 	e.publish(snap, Change{Kind: ChangeOpen})
 	return nil
+}
+
+// restoreTAPs re-creates the TAPs of placed projects that are missing (a
+// host reboot removes every TAP; the state keeps the projects), so a
+// project placed once stays usable. The ruleset is in place before: a
+// re-created TAP never carries unfiltered traffic. Failures are logged: the
+// project stays recorded and a later net up or PUT repairs it.
+func (e *Engine) restoreTAPs(st *state.State) {
+	if e.Host == nil || len(st.Projects) == 0 {
+		return
+	}
+	have, err := e.Host.Links()
+	if err != nil {
+		e.log().Error("listing interfaces to restore the projects' TAPs", "err", err.Error())
+		return
+	}
+	n := 0
+	for _, p := range st.Sorted() {
+		if have[p.TAP] {
+			continue
+		}
+		if _, err := e.Host.CreateTAP(tapOf(p), p.Name); err != nil {
+			e.log().Error("re-creating a placed project's TAP", "project", p.Name, "tap", p.TAP, "err", err.Error())
+			continue
+		}
+		n++
+	}
+	if n > 0 {
+		e.log().Info("re-created the TAPs of placed projects that were missing (after a reboot?)", "count", n)
+	}
+}
+
+func tapOf(p state.Project) hostnet.TAP {
+	return hostnet.TAP{Name: p.TAP, HostIP: p.HostIP(), GuestIP: p.GuestIP(), GuestMAC: p.MAC, Owner: p.Owner, Group: p.Group,
+		Forwarding: p.Egress == state.EgressNAT || p.SSHPort != 0}
 }
 
 // Snapshot returns the current snapshot.
@@ -242,9 +280,7 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 		}()
 	}
 	if e.Host != nil {
-		created, err := e.Host.CreateTAP(hostnet.TAP{Name: p.TAP, HostIP: p.HostIP(), GuestIP: p.GuestIP(),
-			GuestMAC: p.MAC, Owner: p.Owner, Group: p.Group,
-			Forwarding: p.Egress == state.EgressNAT || p.SSHPort != 0}, p.Name)
+		created, err := e.Host.CreateTAP(tapOf(p), p.Name)
 		if err != nil {
 			return state.Project{}, false, err
 		}

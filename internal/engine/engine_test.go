@@ -46,6 +46,8 @@ func (h *fakeHost) DeleteTAP(name, project string) error {
 	return nil
 }
 
+func (h *fakeHost) Links() (map[string]bool, error) { return h.taps, nil }
+
 func (h *fakeHost) Prefixes(skip func(string) bool) ([]placement.HostPrefix, error) {
 	return h.prefixes, nil
 }
