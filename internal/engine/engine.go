@@ -392,6 +392,10 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 	cur := e.snap
 	p, found = cur.State.Projects[name]
 	if !found {
+		if _, ok := cur.Policies[name]; ok {
+			// An API policy of a project not placed (any more): it goes too.
+			return p, true, e.dropPolicy(ctx, name)
+		}
 		return p, false, nil
 	}
 	next := cur.State.Without(name)
@@ -703,5 +707,32 @@ func planeSupports(file *config.Config, p config.Project) error {
 	if file.Dataplane == "envoy" && p.Mode == "audit" {
 		return &placement.Invalid{Field: "policy.mode", Err: fmt.Errorf("project %q: mode audit needs dataplane builtin", p.Name)}
 	}
+	return nil
+}
+
+// dropPolicy removes an unplaced API project's policy. The caller holds e.mu.
+func (e *Engine) dropPolicy(ctx context.Context, name string) error {
+	cur := e.snap
+	policies := withoutPolicy(cur.Policies, name)
+	eff, err := EffectiveWith(cur.File, cur.State, policies)
+	if err != nil {
+		return err
+	}
+	var changed []config.Project
+	var removed []string
+	if cp := eff.Project(name); cp != nil {
+		changed = append(changed, *cp)
+	} else {
+		removed = append(removed, name)
+	}
+	pol, err := cur.Policy.Update(changed, removed)
+	if err != nil {
+		return err
+	}
+	if err := e.Store.RemovePolicy(name); err != nil {
+		return err
+	}
+	e.snap = &Snapshot{File: cur.File, Config: eff, State: cur.State, Policies: policies, Policy: pol, Generation: cur.Generation + 1}
+	e.publish(e.snap, Change{Kind: ChangeRemoved, Project: name, Projects: []string{name}})
 	return nil
 }
