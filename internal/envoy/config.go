@@ -54,6 +54,10 @@ const (
 	// (it shows in the access log's reason).
 	bodyPolicy   = "body_on_GET_HEAD_OPTIONS_TRACE"
 	bufferFilter = "envoy.filters.http.buffer"
+	// setMetadataFilter writes the verdict of an allowed route into the
+	// request's dynamic metadata, under verdictNamespace, for the access log.
+	setMetadataFilter = "envoy.filters.http.set_metadata"
+	verdictNamespace  = "vmegress"
 	// maxBodilessBody bounds what is buffered of a GET/HEAD/OPTIONS/TRACE
 	// body before it is refused (larger ones get 413: refused too).
 	maxBodilessBody = 64 << 10
@@ -403,8 +407,13 @@ func digest(parts ...any) string {
 	return hex.EncodeToString(h.Sum(nil)[:4])
 }
 
-// httpLogs log each request: "deny" when the route answered 403, "allow"
-// otherwise (two logs, each with a status filter).
+// httpLogs log each request: "allow" when an allowed route took it (the
+// route turns on the set_metadata filter, which runs after the body check,
+// so the verdict is in the request's dynamic metadata), "deny" otherwise:
+// a downstream protocol error (DPE: TLS or raw bytes on an http port, a
+// malformed request) is "not an HTTP request", a 403 is the policy's
+// refusal, any other status is named by its details. Envoy's access-log
+// filters have no "not", but a metadata filter can pass a missing key.
 func httpLogs(o Settings, project, chain string) []M {
 	if o.AccessLogPath == "" {
 		return nil
@@ -412,17 +421,44 @@ func httpLogs(o Settings, project, chain string) []M {
 	status := func(op string, v int) M {
 		return M{"status_code_filter": M{"comparison": M{"op": op, "value": M{"default_value": v, "runtime_key": "vmegress.status"}}}}
 	}
+	// allowed(true) passes a request whose verdict is "allow";
+	// allowed(false) one without a verdict (only "allow" is ever set; the
+	// filter's matcher has no working invert, a missing key decides).
+	allowed := func(yes bool) M {
+		want := "allow"
+		if !yes {
+			want = "never set"
+		}
+		return M{"metadata_filter": M{"matcher": M{
+			"filter": verdictNamespace, "path": []M{{"key": "verdict"}},
+			"value": M{"string_match": M{"exact": want}},
+		}, "match_if_key_not_found": !yes}}
+	}
+	and := func(fs ...M) M { return M{"and_filter": M{"filters": fs}} }
 	fields := func(verdict, reason string) M {
 		return M{"project": project, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
 			"verdict": verdict, "rule": "http (" + chain + ")", "reason": reason}
 	}
-	// %RESPONSE_CODE_DETAILS% tells the two refusals apart: "direct_response"
-	// (the host) or "rbac_access_denied_matched_policy[...]" (a body).
-	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host, or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"))
-	deny[0]["filter"] = status("EQ", 403)
-	allow := accessLog(o, fields("allow", "%RESPONSE_FLAGS%"))
-	allow[0]["filter"] = M{"or_filter": M{"filters": []M{status("LE", 402), status("GE", 404)}}}
-	return append(allow, deny...)
+	log := func(f M, verdict, reason string) M {
+		l := accessLog(o, fields(verdict, reason))[0]
+		l["filter"] = f
+		return l
+	}
+	return []M{
+		log(allowed(true), "allow", "%RESPONSE_FLAGS%"),
+		// A local 400 is a request Envoy could not take: DPE or not.
+		log(and(allowed(false), M{"or_filter": M{"filters": []M{M{"response_flag_filter": M{"flags": []string{"DPE"}}}, status("EQ", 400)}}}), "deny",
+			"not an HTTP request (%RESPONSE_CODE_DETAILS%)"),
+		// %RESPONSE_CODE_DETAILS% tells the two refusals apart:
+		// "direct_response" (the host) or
+		// "rbac_access_denied_matched_policy[...]" (a body).
+		log(and(allowed(false), status("EQ", 403)), "deny",
+			"no http rule of project "+project+" allows this host, or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"),
+		// Anything else refused before a rule allowed it: a body too
+		// large to check (413), a client gone before its request ended.
+		log(and(allowed(false), M{"or_filter": M{"filters": []M{status("LE", 399), status("GE", 404)}}}), "deny",
+			"refused before any rule allowed it (%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS%)"),
+	}
 }
 
 // tlsPorts are the ports some project's sni rules name.
@@ -464,6 +500,9 @@ func inspectorDisabled(ports []uint16) M {
 func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string) M {
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
 	allowed := M{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}
+	// An empty config (no @type) turns the HCM's disabled filter on with
+	// the HCM's own config.
+	enableVerdict := typed("envoy.config.route.v3.FilterConfig", M{"config": M{}, "disabled": false})
 	var filters []M
 	if port != defaultHTTPPort {
 		// The forward proxy dials the Host's port, else 80: the Host gets
@@ -482,19 +521,24 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 	// request headers, so a chunked body is invisible to RBAC: bodiless
 	// methods are buffered (the buffer filter then sets Content-Length)
 	// before RBAC looks; other methods are not buffered (per route).
+	// The verdict goes into the request's dynamic metadata (for the access
+	// log) only on allowed routes, and only once the body check passed.
 	filters = append([]M{
 		{"name": bufferFilter, "typed_config": typed("envoy.extensions.filters.http.buffer.v3.Buffer", M{"max_request_bytes": maxBodilessBody})},
 		bodilessMethods(),
+		{"name": setMetadataFilter, "disabled": true, "typed_config": typed("envoy.extensions.filters.http.set_metadata.v3.Config", M{
+			"metadata": []M{{"metadata_namespace": verdictNamespace, "value": M{"verdict": "allow"}}}})},
 	}, filters...)
 	noBuffer := M{bufferFilter: typed("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", M{"disabled": true})}
 	// allowed, for bodiless methods (buffered) and for the rest (not).
 	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}}},
 		"route": allowed["route"]}
 	if pf, ok := allowed["typed_per_filter_config"]; ok {
-		bodiless["typed_per_filter_config"] = pf
-		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], bufferFilter: noBuffer[bufferFilter]}
+		bodiless["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], setMetadataFilter: enableVerdict}
+		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], bufferFilter: noBuffer[bufferFilter], setMetadataFilter: enableVerdict}
 	} else {
-		allowed["typed_per_filter_config"] = noBuffer
+		bodiless["typed_per_filter_config"] = M{setMetadataFilter: enableVerdict}
+		allowed["typed_per_filter_config"] = M{bufferFilter: noBuffer[bufferFilter], setMetadataFilter: enableVerdict}
 	}
 	filters = append(filters,
 		M{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",

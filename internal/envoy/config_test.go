@@ -201,3 +201,38 @@ func TestBodilessMethods(t *testing.T) {
 		}
 	}
 }
+
+// TestHTTPLogVerdicts: an http chain logs "allow" only for a request an
+// allowed route took (the route turns on the verdict metadata), and
+// "deny" for a downstream protocol error (TLS or raw bytes on an http port)
+// and for the 403s; each deny log wants the verdict missing.
+func TestHTTPLogVerdicts(t *testing.T) {
+	logs := httpLogs(testOptions, "alpha", "alpha/http/80")
+	var allow, dpe int
+	for _, l := range logs {
+		f := string(JSON(l["filter"].(M)))
+		verdict := l["typed_config"].(M)["log_format"].(M)["json_format"].(M)["verdict"]
+		switch {
+		case verdict == "allow":
+			allow++
+			if !strings.Contains(f, `"match_if_key_not_found": false`) || !strings.Contains(f, `"exact": "allow"`) {
+				t.Errorf("the allow log does not want the allow verdict: %s", f)
+			}
+		case !strings.Contains(f, `"match_if_key_not_found": true`):
+			t.Errorf("a deny log does not want the verdict missing: %s", f)
+		}
+		if strings.Contains(f, `"DPE"`) {
+			dpe++
+			if verdict != "deny" {
+				t.Errorf("a DPE is logged %v", verdict)
+			}
+		}
+	}
+	if allow != 1 || dpe != 1 {
+		t.Errorf("%d allow logs and %d DPE logs; want one each", allow, dpe)
+	}
+	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"www.github.com"})))
+	if strings.Count(js, `envoy.config.route.v3.FilterConfig"`) != 2 || !strings.Contains(js, `"disabled": true`) {
+		t.Errorf("the verdict filter is not off by default and on in the two allowed routes:\n%s", js)
+	}
+}
