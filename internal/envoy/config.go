@@ -374,6 +374,10 @@ func Listener(pol *policy.Policy, o Settings) M {
 				// server-first protocols (cidr rules) must work.
 				"filter_disabled": inspectorDisabled(tlsPorts(pol))},
 		},
+		// Connections that never reach a filter chain (closed, or silent
+		// for listener_filters_timeout, before the TLS inspector saw a
+		// ClientHello) are logged by the listener itself.
+		"access_log":                           listenerLog(o),
 		"listener_filters_timeout":             "10s",
 		"continue_on_listener_filters_timeout": false,
 		// The spec's reject cluster (127.0.0.1:1, where nothing listens): the
@@ -396,6 +400,24 @@ func Listener(pol *policy.Policy, o Settings) M {
 		l["filter_chains"] = []M{{"name": "unused", "filter_chain_match": M{"destination_port": 1}, "filters": []M{tcpProxy("unused", ClusterDeny, nil)}}}
 	}
 	return l
+}
+
+// unchainedCEL is true for a connection no filter chain took.
+var unchainedCEL = "xds.filter_chain_name == ''"
+
+// listenerLog is the listener's own access log: Envoy writes it for a
+// connection that ends before a filter chain takes it (the client closed,
+// or sent nothing within listener_filters_timeout, while the TLS inspector
+// waited for a ClientHello). The source's project is unknown here.
+func listenerLog(o Settings) []M {
+	log := accessLog(o, M{"project": "", "verdict": "deny", "rule": "",
+		"reason": "no TLS ClientHello before the connection closed or timed out (%RESPONSE_FLAGS%)"})
+	if log == nil {
+		return nil
+	}
+	log[0]["filter"] = M{"extension_filter": M{"name": "envoy.access_loggers.extension_filters.cel", "typed_config": typed(
+		"envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", M{"expression": unchainedCEL})}}
+	return log
 }
 
 // digest is a short digest of the values given.

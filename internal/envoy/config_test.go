@@ -236,3 +236,25 @@ func TestHTTPLogVerdicts(t *testing.T) {
 		t.Errorf("the verdict filter is not off by default and on in the two allowed routes:\n%s", js)
 	}
 }
+
+// TestListenerLog: a connection that never reaches a filter chain (closed
+// or silent before a ClientHello) is logged by the listener, as a denial;
+// connections a chain took are not logged twice (Envoy 1.40 writes the
+// listener's log for every connection, so the log is filtered on the
+// chain's name being empty).
+func TestListenerLog(t *testing.T) {
+	l := Listener(mustPolicy(t, testConfig), testOptions)
+	logs, _ := l["access_log"].([]M)
+	if len(logs) != 1 {
+		t.Fatalf("listener access logs: %v", logs)
+	}
+	js := string(JSON(logs[0]))
+	for _, want := range []string{`"verdict": "deny"`, `"expression": "xds.filter_chain_name == ''"`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("the listener's log lacks %s:\n%s", want, js)
+		}
+	}
+	if l := Listener(mustPolicy(t, testConfig), Settings{TProxyPort: 15001}); len(l["access_log"].([]M)) != 0 {
+		t.Errorf("a listener log without a log path: %v", l["access_log"])
+	}
+}
