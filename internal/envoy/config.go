@@ -45,8 +45,8 @@ const (
 	ClusterOrigDst = "vmegress_original_dst"
 	ClusterDeny    = "vmegress_deny"
 	dnsCacheName   = "vmegress_dns"
-	denyChain      = "deny"
-	denyNamed      = "vmegress_deny"
+	// defaultDeny is the listener's default chain: sources in no project.
+	defaultDeny = "deny"
 	// upstreamHeader carries name:port from the header mutation to the
 	// forward proxy; it is overwritten on entry and removed before sending.
 	upstreamHeader = "x-vmegress-upstream"
@@ -270,6 +270,11 @@ func Listener(pol *policy.Policy, o Settings) M {
 			}
 			return "#" + digest(parts...)
 		}
+		// Every placed project has its own refusals, so a denial names
+		// its project (the event stream filters by project): one chain
+		// for ports no rule names, one for TLS names no sni rule allows.
+		denyPort, denySNI := p.Name+"/deny", ""
+		chains = append(chains, denyChain(o, denyPort, p.Name, fmt.Sprintf("no rule of project %s allows port %%DOWNSTREAM_LOCAL_PORT%%", p.Name)))
 		portMap := M{}
 		for _, v := range p.Ports() {
 			pt := v.Port
@@ -288,12 +293,23 @@ func Listener(pol *policy.Policy, o Settings) M {
 						tcpProxy(name+version(sni), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
 					},
 				})
-				tlsMatch = M{"matcher": M{"matcher_tree": M{
-					"input": input("sni", "ServerNameInput"),
-					"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
-						"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
-					})},
-				}}}
+				if denySNI == "" {
+					denySNI = p.Name + "/deny/sni"
+					chains = append(chains, denyChain(o, denySNI, p.Name, fmt.Sprintf(
+						"no sni rule of project %s allows %%REQUESTED_SERVER_NAME%% on port %%DOWNSTREAM_LOCAL_PORT%% (-: not a TLS ClientHello, or no server name)", p.Name)))
+				}
+				// A ClientHello whose name no sni rule allows is refused
+				// here, never handed to a parent's on_no_match (on a port
+				// with both kinds, the HTTP chain).
+				tlsMatch = M{"matcher": M{
+					"matcher_tree": M{
+						"input": input("sni", "ServerNameInput"),
+						"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
+							"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
+						})},
+					},
+					"on_no_match": action(denySNI),
+				}}
 			}
 			if len(v.HTTP) > 0 {
 				name := chainName(p.Name, "http", pt)
@@ -303,10 +319,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 			switch {
 			case tlsMatch != nil && httpMatch != nil:
 				// Both kinds on one port: the TLS inspector's verdict picks
-				// the kind, as the builtin plane's first byte does. A
-				// ClientHello whose name no sni rule allows is refused,
-				// never handed to the HTTP chain.
-				tlsMatch["matcher"].(M)["on_no_match"] = action(denyNamed)
+				// the kind, as the builtin plane's first byte does.
 				onPort = M{"matcher": M{
 					"matcher_tree": M{
 						"input":           input("transport", "TransportProtocolInput"),
@@ -335,29 +348,27 @@ func Listener(pol *policy.Policy, o Settings) M {
 						"range_matchers": []M{{"ranges": ranges, "on_match": action(name)}},
 					})},
 				}}
-				if onPort != nil {
-					m["on_no_match"] = onPort
+				if onPort == nil {
+					onPort = action(denyPort)
 				}
+				m["on_no_match"] = onPort
 				onPort = M{"matcher": m}
 			}
 			if onPort != nil {
 				portMap[strconv.Itoa(int(pt))] = onPort
 			}
 		}
-		if len(portMap) == 0 {
-			continue // a project with no rules: everything goes to the deny chain
+		onProject := action(denyPort) // a project with no rules
+		if len(portMap) > 0 {
+			onProject = M{"matcher": M{
+				"matcher_tree": M{
+					"input":           input("dst-port", "DestinationPortInput"),
+					"exact_match_map": M{"map": portMap},
+				},
+				"on_no_match": action(denyPort),
+			}}
 		}
-		projectMatchers = append(projectMatchers, M{
-			"ranges": []M{cidr(p.Subnet)},
-			"on_match": M{"matcher": M{"matcher_tree": M{
-				"input":           input("dst-port", "DestinationPortInput"),
-				"exact_match_map": M{"map": portMap},
-			}}},
-		})
-	}
-	denyFilters := func() []M {
-		return []M{tcpProxy("deny", ClusterDeny,
-			accessLog(o, M{"project": "", "verdict": "deny", "rule": "", "reason": "no rule of the source's project allows it"}))}
+		projectMatchers = append(projectMatchers, M{"ranges": []M{cidr(p.Subnet)}, "on_match": onProject})
 	}
 	l := M{
 		"name":              ListenerName,
@@ -380,14 +391,11 @@ func Listener(pol *policy.Policy, o Settings) M {
 		"access_log":                           listenerLog(o),
 		"listener_filters_timeout":             "10s",
 		"continue_on_listener_filters_timeout": false,
-		// The spec's reject cluster (127.0.0.1:1, where nothing listens): the
-		// upstream attempt fails at once and the guest gets a reset.
-		"default_filter_chain": M{"name": denyChain, "filters": denyFilters()},
+		// Sources in no project end here.
+		"default_filter_chain": denyChain(o, defaultDeny, "", "source address is in no project"),
 	}
 	if len(chains) > 0 {
-		// The same refusal as a named chain, for matchers that must say
-		// "deny" rather than fall through to a parent's on_no_match.
-		l["filter_chains"] = append(chains, M{"name": denyNamed, "filters": denyFilters()})
+		l["filter_chains"] = chains
 		l["filter_chain_matcher"] = M{"matcher_tree": M{
 			"input": input("src-ip", "SourceIPInput"),
 			"custom_match": M{"name": "projects", "typed_config": typed("xds.type.matcher.v3.IPMatcher", M{
@@ -418,6 +426,14 @@ func listenerLog(o Settings) []M {
 	log[0]["filter"] = M{"extension_filter": M{"name": "envoy.access_loggers.extension_filters.cel", "typed_config": typed(
 		"envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", M{"expression": unchainedCEL})}}
 	return log
+}
+
+// denyChain refuses every connection (the spec's reject cluster,
+// 127.0.0.1:1 where nothing listens: the upstream attempt fails at once and
+// the guest gets a reset) and logs the denial with project and reason.
+func denyChain(o Settings, name, project, reason string) M {
+	return M{"name": name, "filters": []M{tcpProxy("deny", ClusterDeny,
+		accessLog(o, M{"project": project, "verdict": "deny", "rule": "", "reason": reason}))}}
 }
 
 // digest is a short digest of the values given.

@@ -71,8 +71,15 @@ func TestResources(t *testing.T) {
 			t.Errorf("listener lacks %s", want)
 		}
 	}
-	if strings.Contains(js, `"empty/`) {
-		t.Error("a project without rules got a chain")
+	// A project without rules has its refusal and nothing else.
+	var empty []string
+	for _, c := range Listener(mustPolicy(t, testConfig), testOptions)["filter_chains"].([]M) {
+		if name := c["name"].(string); strings.HasPrefix(name, "empty/") {
+			empty = append(empty, name)
+		}
+	}
+	if fmt.Sprint(empty) != "[empty/deny]" {
+		t.Errorf("a project without rules has chains %v; want its refusal alone", empty)
 	}
 }
 
@@ -121,8 +128,8 @@ func TestEitherPort(t *testing.T) {
 		t.Errorf("not TLS on 8080 goes to %v; want alpha/http/8080", got)
 	}
 	tls := onPort["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M)["tls"].(M)["matcher"].(M)
-	if got := tls["on_no_match"].(M)["action"].(M)["name"]; got != denyNamed {
-		t.Errorf("TLS with another name on 8080 goes to %v; want %s", got, denyNamed)
+	if got := tls["on_no_match"].(M)["action"].(M)["name"]; got != "alpha/deny/sni" {
+		t.Errorf("TLS with another name on 8080 goes to %v; want alpha/deny/sni", got)
 	}
 	if got := fmt.Sprint(l["listener_filters"].([]M)[1]["filter_disabled"]); !strings.Contains(got, "8080") {
 		t.Errorf("the TLS inspector is not enabled on 8080: %s", got)
@@ -256,5 +263,46 @@ func TestListenerLog(t *testing.T) {
 	}
 	if l := Listener(mustPolicy(t, testConfig), Settings{TProxyPort: 15001}); len(l["access_log"].([]M)) != 0 {
 		t.Errorf("a listener log without a log path: %v", l["access_log"])
+	}
+}
+
+// TestProjectDenials: every placed project's refusals are its own chains,
+// named in each matcher's on_no_match (ports no rule names, TLS names no
+// sni rule allows), so a denial's log line names the project; only sources
+// in no project take the shared default chain.
+func TestProjectDenials(t *testing.T) {
+	l := Listener(mustPolicy(t, testConfig), testOptions)
+	js := string(JSON(l))
+	for _, want := range []string{
+		`"project": "alpha"`, `"no rule of project alpha allows port %DOWNSTREAM_LOCAL_PORT%"`,
+		`"no sni rule of project alpha allows %REQUESTED_SERVER_NAME% on port %DOWNSTREAM_LOCAL_PORT%`,
+		`"no rule of project empty allows port %DOWNSTREAM_LOCAL_PORT%"`,
+	} {
+		if !strings.Contains(js, want) {
+			t.Errorf("listener lacks %s", want)
+		}
+	}
+	projects := l["filter_chain_matcher"].(M)["matcher_tree"].(M)["custom_match"].(M)["typed_config"].(M)["range_matchers"].([]M)
+	for _, pm := range projects {
+		on := pm["on_match"].(M)
+		if a, ok := on["action"].(M); ok { // a project without rules
+			if a["name"] != "empty/deny" {
+				t.Errorf("project %v takes %v", pm["ranges"], a["name"])
+			}
+			continue
+		}
+		m := on["matcher"].(M)
+		if m["on_no_match"] == nil {
+			t.Errorf("project %v: a port no rule names has no refusal of its own", pm["ranges"])
+		}
+		for port, pt := range m["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M) {
+			if pm, ok := pt.(M)["matcher"].(M); ok && pm["on_no_match"] == nil {
+				t.Errorf("port %s: no refusal of its own", port)
+			}
+		}
+	}
+	def := string(JSON(l["default_filter_chain"].(M)))
+	if !strings.Contains(def, `"project": ""`) || !strings.Contains(def, "source address is in no project") {
+		t.Errorf("default chain: %s", def)
 	}
 }
