@@ -61,6 +61,12 @@ const (
 	// maxBodilessBody bounds what is buffered of a GET/HEAD/OPTIONS/TRACE
 	// body before it is refused (larger ones get 413: refused too).
 	maxBodilessBody = 64 << 10
+	// hostNameRegex is a host name as config.NormalizeName admits one:
+	// dot-separated labels of letters, digits, '-' and '_', none empty,
+	// none starting or ending with '-'. Server names and HTTP hosts must
+	// match it before any rule is looked at (no escapes, no empty labels,
+	// no bytes a resolver would read otherwise).
+	hostNameRegex = `^([A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$`
 	// defaultHTTPPort is the port the HTTP forward proxy dials when the
 	// Host names none.
 	defaultHTTPPort = 80
@@ -301,13 +307,25 @@ func Listener(pol *policy.Policy, o Settings) M {
 				// A ClientHello whose name no sni rule allows is refused
 				// here, never handed to a parent's on_no_match (on a port
 				// with both kinds, the HTTP chain).
+				// Names are matched only once they are host names: a
+				// name such as secret\.github.com would match
+				// *.github.com, and the forward proxy would resolve it.
 				tlsMatch = M{"matcher": M{
-					"matcher_tree": M{
-						"input": input("sni", "ServerNameInput"),
-						"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
-							"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
-						})},
-					},
+					"matcher_list": M{"matchers": []M{{
+						"predicate": M{"single_predicate": M{
+							"input":       input("sni", "ServerNameInput"),
+							"value_match": M{"safe_regex": M{"google_re2": M{}, "regex": hostNameRegex}},
+						}},
+						"on_match": M{"matcher": M{
+							"matcher_tree": M{
+								"input": input("sni", "ServerNameInput"),
+								"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
+									"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
+								})},
+							},
+							"on_no_match": action(denySNI),
+						}},
+					}}},
 					"on_no_match": action(denySNI),
 				}}
 			}
@@ -491,7 +509,7 @@ func httpLogs(o Settings, project, chain string) []M {
 		// "direct_response" (the host) or
 		// "rbac_access_denied_matched_policy[...]" (a body).
 		log(and(allowed(false), status("EQ", 403)), "deny",
-			"no http rule of project "+project+" allows this host, or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"),
+			"no http rule of project "+project+" allows this host (or it is not a valid host name), or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"),
 		// Anything else refused before a rule allowed it: a body too
 		// large to check (413), a client gone before its request ended.
 		log(and(allowed(false), M{"or_filter": M{"filters": []M{status("LE", 399), status("GE", 404)}}}), "deny",
@@ -537,6 +555,7 @@ func inspectorDisabled(ports []uint16) M {
 // http names through the forward proxy and answers 403 to the rest.
 func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string) M {
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
+	invalidHost := fmt.Sprintf("vmegress: egress policy of project %s refused this request: the host is not a valid host name\n", p.Name)
 	allowed := M{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}
 	// An empty config (no @type) turns the HCM's disabled filter on with
 	// the HCM's own config.
@@ -569,7 +588,12 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 	}, filters...)
 	noBuffer := M{bufferFilter: typed("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", M{"disabled": true})}
 	// allowed, for bodiless methods (buffered) and for the rest (not).
-	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}}},
+	// Only a Host that is a host name is allowed: one that matches a
+	// domain only through bytes a resolver reads otherwise (secret\.github.com
+	// under *.github.com) takes the last route, a 403.
+	validHost := M{"name": ":authority", "string_match": M{"safe_regex": M{"regex": hostNameRegex}}}
+	allowed["match"].(M)["headers"] = []M{validHost}
+	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}, validHost}},
 		"route": allowed["route"]}
 	if pf, ok := allowed["typed_per_filter_config"]; ok {
 		bodiless["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], setMetadataFilter: enableVerdict}
@@ -591,7 +615,8 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 				"route_config": M{
 					"name": name,
 					"virtual_hosts": []M{
-						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed}},
+						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed, {"match": M{"prefix": "/"},
+							"typed_per_filter_config": noBuffer, "direct_response": M{"status": 403, "body": M{"inline_string": invalidHost}}}}},
 						{"name": "denied", "domains": []string{"*"}, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
 							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
 					},

@@ -2,6 +2,7 @@ package envoy
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -305,4 +307,64 @@ func TestProjectDenials(t *testing.T) {
 	if !strings.Contains(def, `"project": ""`) || !strings.Contains(def, "source address is in no project") {
 		t.Errorf("default chain: %s", def)
 	}
+}
+
+// hostNameByLabels is hostNameRegex written out: labels split on '.', none
+// empty, each of config.IsHostByte bytes, none starting or ending with '-'.
+func hostNameByLabels(s string) bool {
+	for _, l := range strings.Split(s, ".") {
+		if l == "" || l[0] == '-' || l[len(l)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(l); i++ {
+			if !config.IsHostByte(l[i]) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// FuzzHostNameRegex: the regex Envoy checks server names and hosts with
+// admits exactly the host names hostNameByLabels does (RE2 and Go's regexp
+// share the syntax).
+func FuzzHostNameRegex(f *testing.F) {
+	for _, s := range []string{"github.com", `secret\.github.com`, "a..b", ".a", "a.", "-a.b", "a_b.c", "xn--bcher-kva.example", "a:443", "", "é.com"} {
+		f.Add(s)
+	}
+	re := regexp.MustCompile(hostNameRegex)
+	f.Fuzz(func(t *testing.T, s string) {
+		if got, want := re.MatchString(s), hostNameByLabels(s); got != want {
+			t.Errorf("%q: regex %v, labels %v", s, got, want)
+		}
+	})
+}
+
+// TestNamesCheckedFirst: a TLS server name reaches the sni rules' domain
+// matcher only through the host-name check (else the project's sni
+// refusal), and an HTTP Host reaches the forward proxy only through it
+// (else a 403): secret\.github.com never matches *.github.com.
+func TestNamesCheckedFirst(t *testing.T) {
+	l := Listener(mustPolicy(t, testConfig), testOptions)
+	alpha := l["filter_chain_matcher"].(M)["matcher_tree"].(M)["custom_match"].(M)["typed_config"].(M)["range_matchers"].([]M)[0]
+	on443 := alpha["on_match"].(M)["matcher"].(M)["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M)["443"].(M)
+	// 443 has a cidr rule too: its IP matcher falls back to the sni check.
+	tls := on443["matcher"].(M)["on_no_match"].(M)["matcher"].(M)
+	check := tls["matcher_list"].(M)["matchers"].([]M)[0]
+	if got := fmt.Sprint(check["predicate"]); !strings.Contains(got, hostNameRegex) || !strings.Contains(got, "ServerNameInput") {
+		t.Errorf("the sni matcher does not check the name first: %s", got)
+	}
+	if !strings.Contains(fmt.Sprint(check["on_match"]), "ServerNameMatcher") || fmt.Sprint(tls["on_no_match"]) == "<nil>" ||
+		tls["on_no_match"].(M)["action"].(M)["name"] != "alpha/deny/sni" {
+		t.Errorf("sni matcher: %s", JSON(tls))
+	}
+	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"*.github.com"})))
+	if strings.Count(js, `":authority"`) != 2 || strings.Count(js, hostNameRegexJSON()) != 2 || !strings.Contains(js, "is not a valid host name") {
+		t.Errorf("the allowed routes do not check the Host:\n%s", js)
+	}
+}
+
+func hostNameRegexJSON() string {
+	b, _ := json.Marshal(hostNameRegex)
+	return string(b)
 }
