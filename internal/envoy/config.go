@@ -45,8 +45,8 @@ const (
 	ClusterOrigDst = "vmegress_original_dst"
 	ClusterDeny    = "vmegress_deny"
 	dnsCacheName   = "vmegress_dns"
-	denyChain      = "deny"
-	denyNamed      = "vmegress_deny"
+	// defaultDeny is the listener's default chain: sources in no project.
+	defaultDeny = "deny"
 	// upstreamHeader carries name:port from the header mutation to the
 	// forward proxy; it is overwritten on entry and removed before sending.
 	upstreamHeader = "x-vmegress-upstream"
@@ -54,9 +54,19 @@ const (
 	// (it shows in the access log's reason).
 	bodyPolicy   = "body_on_GET_HEAD_OPTIONS_TRACE"
 	bufferFilter = "envoy.filters.http.buffer"
+	// setMetadataFilter writes the verdict of an allowed route into the
+	// request's dynamic metadata, under verdictNamespace, for the access log.
+	setMetadataFilter = "envoy.filters.http.set_metadata"
+	verdictNamespace  = "vmegress"
 	// maxBodilessBody bounds what is buffered of a GET/HEAD/OPTIONS/TRACE
 	// body before it is refused (larger ones get 413: refused too).
 	maxBodilessBody = 64 << 10
+	// hostNameRegex is a host name as config.NormalizeName admits one:
+	// dot-separated labels of letters, digits, '-' and '_', none empty,
+	// none starting or ending with '-'. Server names and HTTP hosts must
+	// match it before any rule is looked at (no escapes, no empty labels,
+	// no bytes a resolver would read otherwise).
+	hostNameRegex = `^([A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$`
 	// defaultHTTPPort is the port the HTTP forward proxy dials when the
 	// Host names none.
 	defaultHTTPPort = 80
@@ -266,6 +276,11 @@ func Listener(pol *policy.Policy, o Settings) M {
 			}
 			return "#" + digest(parts...)
 		}
+		// Every placed project has its own refusals, so a denial names
+		// its project (the event stream filters by project): one chain
+		// for ports no rule names, one for TLS names no sni rule allows.
+		denyPort, denySNI := p.Name+"/deny", ""
+		chains = append(chains, denyChain(o, denyPort, p.Name, fmt.Sprintf("no rule of project %s allows port %%DOWNSTREAM_LOCAL_PORT%%", p.Name)))
 		portMap := M{}
 		for _, v := range p.Ports() {
 			pt := v.Port
@@ -284,12 +299,35 @@ func Listener(pol *policy.Policy, o Settings) M {
 						tcpProxy(name+version(sni), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
 					},
 				})
-				tlsMatch = M{"matcher": M{"matcher_tree": M{
-					"input": input("sni", "ServerNameInput"),
-					"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
-						"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
-					})},
-				}}}
+				if denySNI == "" {
+					denySNI = p.Name + "/deny/sni"
+					chains = append(chains, denyChain(o, denySNI, p.Name, fmt.Sprintf(
+						"no sni rule of project %s allows %%REQUESTED_SERVER_NAME%% on port %%DOWNSTREAM_LOCAL_PORT%% (-: not a TLS ClientHello, or no server name)", p.Name)))
+				}
+				// A ClientHello whose name no sni rule allows is refused
+				// here, never handed to a parent's on_no_match (on a port
+				// with both kinds, the HTTP chain).
+				// Names are matched only once they are host names: a
+				// name such as secret\.github.com would match
+				// *.github.com, and the forward proxy would resolve it.
+				tlsMatch = M{"matcher": M{
+					"matcher_list": M{"matchers": []M{{
+						"predicate": M{"single_predicate": M{
+							"input":       input("sni", "ServerNameInput"),
+							"value_match": M{"safe_regex": M{"google_re2": M{}, "regex": hostNameRegex}},
+						}},
+						"on_match": M{"matcher": M{
+							"matcher_tree": M{
+								"input": input("sni", "ServerNameInput"),
+								"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
+									"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
+								})},
+							},
+							"on_no_match": action(denySNI),
+						}},
+					}}},
+					"on_no_match": action(denySNI),
+				}}
 			}
 			if len(v.HTTP) > 0 {
 				name := chainName(p.Name, "http", pt)
@@ -299,10 +337,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 			switch {
 			case tlsMatch != nil && httpMatch != nil:
 				// Both kinds on one port: the TLS inspector's verdict picks
-				// the kind, as the builtin plane's first byte does. A
-				// ClientHello whose name no sni rule allows is refused,
-				// never handed to the HTTP chain.
-				tlsMatch["matcher"].(M)["on_no_match"] = action(denyNamed)
+				// the kind, as the builtin plane's first byte does.
 				onPort = M{"matcher": M{
 					"matcher_tree": M{
 						"input":           input("transport", "TransportProtocolInput"),
@@ -331,29 +366,27 @@ func Listener(pol *policy.Policy, o Settings) M {
 						"range_matchers": []M{{"ranges": ranges, "on_match": action(name)}},
 					})},
 				}}
-				if onPort != nil {
-					m["on_no_match"] = onPort
+				if onPort == nil {
+					onPort = action(denyPort)
 				}
+				m["on_no_match"] = onPort
 				onPort = M{"matcher": m}
 			}
 			if onPort != nil {
 				portMap[strconv.Itoa(int(pt))] = onPort
 			}
 		}
-		if len(portMap) == 0 {
-			continue // a project with no rules: everything goes to the deny chain
+		onProject := action(denyPort) // a project with no rules
+		if len(portMap) > 0 {
+			onProject = M{"matcher": M{
+				"matcher_tree": M{
+					"input":           input("dst-port", "DestinationPortInput"),
+					"exact_match_map": M{"map": portMap},
+				},
+				"on_no_match": action(denyPort),
+			}}
 		}
-		projectMatchers = append(projectMatchers, M{
-			"ranges": []M{cidr(p.Subnet)},
-			"on_match": M{"matcher": M{"matcher_tree": M{
-				"input":           input("dst-port", "DestinationPortInput"),
-				"exact_match_map": M{"map": portMap},
-			}}},
-		})
-	}
-	denyFilters := func() []M {
-		return []M{tcpProxy("deny", ClusterDeny,
-			accessLog(o, M{"project": "", "verdict": "deny", "rule": "", "reason": "no rule of the source's project allows it"}))}
+		projectMatchers = append(projectMatchers, M{"ranges": []M{cidr(p.Subnet)}, "on_match": onProject})
 	}
 	l := M{
 		"name":              ListenerName,
@@ -370,16 +403,17 @@ func Listener(pol *policy.Policy, o Settings) M {
 				// server-first protocols (cidr rules) must work.
 				"filter_disabled": inspectorDisabled(tlsPorts(pol))},
 		},
+		// Connections that never reach a filter chain (closed, or silent
+		// for listener_filters_timeout, before the TLS inspector saw a
+		// ClientHello) are logged by the listener itself.
+		"access_log":                           listenerLog(o),
 		"listener_filters_timeout":             "10s",
 		"continue_on_listener_filters_timeout": false,
-		// The spec's reject cluster (127.0.0.1:1, where nothing listens): the
-		// upstream attempt fails at once and the guest gets a reset.
-		"default_filter_chain": M{"name": denyChain, "filters": denyFilters()},
+		// Sources in no project end here.
+		"default_filter_chain": denyChain(o, defaultDeny, "", "source address is in no project"),
 	}
 	if len(chains) > 0 {
-		// The same refusal as a named chain, for matchers that must say
-		// "deny" rather than fall through to a parent's on_no_match.
-		l["filter_chains"] = append(chains, M{"name": denyNamed, "filters": denyFilters()})
+		l["filter_chains"] = chains
 		l["filter_chain_matcher"] = M{"matcher_tree": M{
 			"input": input("src-ip", "SourceIPInput"),
 			"custom_match": M{"name": "projects", "typed_config": typed("xds.type.matcher.v3.IPMatcher", M{
@@ -394,6 +428,32 @@ func Listener(pol *policy.Policy, o Settings) M {
 	return l
 }
 
+// unchainedCEL is true for a connection no filter chain took.
+var unchainedCEL = "xds.filter_chain_name == ''"
+
+// listenerLog is the listener's own access log: Envoy writes it for a
+// connection that ends before a filter chain takes it (the client closed,
+// or sent nothing within listener_filters_timeout, while the TLS inspector
+// waited for a ClientHello). The source's project is unknown here.
+func listenerLog(o Settings) []M {
+	log := accessLog(o, M{"project": "", "verdict": "deny", "rule": "",
+		"reason": "no TLS ClientHello before the connection closed or timed out (%RESPONSE_FLAGS%)"})
+	if log == nil {
+		return nil
+	}
+	log[0]["filter"] = M{"extension_filter": M{"name": "envoy.access_loggers.extension_filters.cel", "typed_config": typed(
+		"envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", M{"expression": unchainedCEL})}}
+	return log
+}
+
+// denyChain refuses every connection (the spec's reject cluster,
+// 127.0.0.1:1 where nothing listens: the upstream attempt fails at once and
+// the guest gets a reset) and logs the denial with project and reason.
+func denyChain(o Settings, name, project, reason string) M {
+	return M{"name": name, "filters": []M{tcpProxy("deny", ClusterDeny,
+		accessLog(o, M{"project": project, "verdict": "deny", "rule": "", "reason": reason}))}}
+}
+
 // digest is a short digest of the values given.
 func digest(parts ...any) string {
 	h := sha256.New()
@@ -403,8 +463,13 @@ func digest(parts ...any) string {
 	return hex.EncodeToString(h.Sum(nil)[:4])
 }
 
-// httpLogs log each request: "deny" when the route answered 403, "allow"
-// otherwise (two logs, each with a status filter).
+// httpLogs log each request: "allow" when an allowed route took it (the
+// route turns on the set_metadata filter, which runs after the body check,
+// so the verdict is in the request's dynamic metadata), "deny" otherwise:
+// a downstream protocol error (DPE: TLS or raw bytes on an http port, a
+// malformed request) is "not an HTTP request", a 403 is the policy's
+// refusal, any other status is named by its details. Envoy's access-log
+// filters have no "not", but a metadata filter can pass a missing key.
 func httpLogs(o Settings, project, chain string) []M {
 	if o.AccessLogPath == "" {
 		return nil
@@ -412,17 +477,44 @@ func httpLogs(o Settings, project, chain string) []M {
 	status := func(op string, v int) M {
 		return M{"status_code_filter": M{"comparison": M{"op": op, "value": M{"default_value": v, "runtime_key": "vmegress.status"}}}}
 	}
+	// allowed(true) passes a request whose verdict is "allow";
+	// allowed(false) one without a verdict (only "allow" is ever set; the
+	// filter's matcher has no working invert, a missing key decides).
+	allowed := func(yes bool) M {
+		want := "allow"
+		if !yes {
+			want = "never set"
+		}
+		return M{"metadata_filter": M{"matcher": M{
+			"filter": verdictNamespace, "path": []M{{"key": "verdict"}},
+			"value": M{"string_match": M{"exact": want}},
+		}, "match_if_key_not_found": !yes}}
+	}
+	and := func(fs ...M) M { return M{"and_filter": M{"filters": fs}} }
 	fields := func(verdict, reason string) M {
 		return M{"project": project, "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
 			"verdict": verdict, "rule": "http (" + chain + ")", "reason": reason}
 	}
-	// %RESPONSE_CODE_DETAILS% tells the two refusals apart: "direct_response"
-	// (the host) or "rbac_access_denied_matched_policy[...]" (a body).
-	deny := accessLog(o, fields("deny", "no http rule of project "+project+" allows this host, or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"))
-	deny[0]["filter"] = status("EQ", 403)
-	allow := accessLog(o, fields("allow", "%RESPONSE_FLAGS%"))
-	allow[0]["filter"] = M{"or_filter": M{"filters": []M{status("LE", 402), status("GE", 404)}}}
-	return append(allow, deny...)
+	log := func(f M, verdict, reason string) M {
+		l := accessLog(o, fields(verdict, reason))[0]
+		l["filter"] = f
+		return l
+	}
+	return []M{
+		log(allowed(true), "allow", "%RESPONSE_FLAGS%"),
+		// A local 400 is a request Envoy could not take: DPE or not.
+		log(and(allowed(false), M{"or_filter": M{"filters": []M{M{"response_flag_filter": M{"flags": []string{"DPE"}}}, status("EQ", 400)}}}), "deny",
+			"not an HTTP request (%RESPONSE_CODE_DETAILS%)"),
+		// %RESPONSE_CODE_DETAILS% tells the two refusals apart:
+		// "direct_response" (the host) or
+		// "rbac_access_denied_matched_policy[...]" (a body).
+		log(and(allowed(false), status("EQ", 403)), "deny",
+			"no http rule of project "+project+" allows this host (or it is not a valid host name), or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"),
+		// Anything else refused before a rule allowed it: a body too
+		// large to check (413), a client gone before its request ended.
+		log(and(allowed(false), M{"or_filter": M{"filters": []M{status("LE", 399), status("GE", 404)}}}), "deny",
+			"refused before any rule allowed it (%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS%)"),
+	}
 }
 
 // tlsPorts are the ports some project's sni rules name.
@@ -463,7 +555,11 @@ func inspectorDisabled(ports []uint16) M {
 // http names through the forward proxy and answers 403 to the rest.
 func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string) M {
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
+	invalidHost := fmt.Sprintf("vmegress: egress policy of project %s refused this request: the host is not a valid host name\n", p.Name)
 	allowed := M{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}
+	// An empty config (no @type) turns the HCM's disabled filter on with
+	// the HCM's own config.
+	enableVerdict := typed("envoy.config.route.v3.FilterConfig", M{"config": M{}, "disabled": false})
 	var filters []M
 	if port != defaultHTTPPort {
 		// The forward proxy dials the Host's port, else 80: the Host gets
@@ -482,19 +578,29 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 	// request headers, so a chunked body is invisible to RBAC: bodiless
 	// methods are buffered (the buffer filter then sets Content-Length)
 	// before RBAC looks; other methods are not buffered (per route).
+	// The verdict goes into the request's dynamic metadata (for the access
+	// log) only on allowed routes, and only once the body check passed.
 	filters = append([]M{
 		{"name": bufferFilter, "typed_config": typed("envoy.extensions.filters.http.buffer.v3.Buffer", M{"max_request_bytes": maxBodilessBody})},
 		bodilessMethods(),
+		{"name": setMetadataFilter, "disabled": true, "typed_config": typed("envoy.extensions.filters.http.set_metadata.v3.Config", M{
+			"metadata": []M{{"metadata_namespace": verdictNamespace, "value": M{"verdict": "allow"}}}})},
 	}, filters...)
 	noBuffer := M{bufferFilter: typed("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", M{"disabled": true})}
 	// allowed, for bodiless methods (buffered) and for the rest (not).
-	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}}},
+	// Only a Host that is a host name is allowed: one that matches a
+	// domain only through bytes a resolver reads otherwise (secret\.github.com
+	// under *.github.com) takes the last route, a 403.
+	validHost := M{"name": ":authority", "string_match": M{"safe_regex": M{"regex": hostNameRegex}}}
+	allowed["match"].(M)["headers"] = []M{validHost}
+	bodiless := M{"match": M{"prefix": "/", "headers": []M{{"name": ":method", "string_match": M{"safe_regex": M{"regex": "^(GET|HEAD|OPTIONS|TRACE)$"}}}, validHost}},
 		"route": allowed["route"]}
 	if pf, ok := allowed["typed_per_filter_config"]; ok {
-		bodiless["typed_per_filter_config"] = pf
-		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], bufferFilter: noBuffer[bufferFilter]}
+		bodiless["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], setMetadataFilter: enableVerdict}
+		allowed["typed_per_filter_config"] = M{"envoy.filters.http.dynamic_forward_proxy": pf.(M)["envoy.filters.http.dynamic_forward_proxy"], bufferFilter: noBuffer[bufferFilter], setMetadataFilter: enableVerdict}
 	} else {
-		allowed["typed_per_filter_config"] = noBuffer
+		bodiless["typed_per_filter_config"] = M{setMetadataFilter: enableVerdict}
+		allowed["typed_per_filter_config"] = M{bufferFilter: noBuffer[bufferFilter], setMetadataFilter: enableVerdict}
 	}
 	filters = append(filters,
 		M{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
@@ -509,7 +615,8 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 				"route_config": M{
 					"name": name,
 					"virtual_hosts": []M{
-						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed}},
+						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed, {"match": M{"prefix": "/"},
+							"typed_per_filter_config": noBuffer, "direct_response": M{"status": 403, "body": M{"inline_string": invalidHost}}}}},
 						{"name": "denied", "domains": []string{"*"}, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
 							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
 					},

@@ -2,6 +2,7 @@ package envoy
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -71,8 +73,15 @@ func TestResources(t *testing.T) {
 			t.Errorf("listener lacks %s", want)
 		}
 	}
-	if strings.Contains(js, `"empty/`) {
-		t.Error("a project without rules got a chain")
+	// A project without rules has its refusal and nothing else.
+	var empty []string
+	for _, c := range Listener(mustPolicy(t, testConfig), testOptions)["filter_chains"].([]M) {
+		if name := c["name"].(string); strings.HasPrefix(name, "empty/") {
+			empty = append(empty, name)
+		}
+	}
+	if fmt.Sprint(empty) != "[empty/deny]" {
+		t.Errorf("a project without rules has chains %v; want its refusal alone", empty)
 	}
 }
 
@@ -121,8 +130,8 @@ func TestEitherPort(t *testing.T) {
 		t.Errorf("not TLS on 8080 goes to %v; want alpha/http/8080", got)
 	}
 	tls := onPort["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M)["tls"].(M)["matcher"].(M)
-	if got := tls["on_no_match"].(M)["action"].(M)["name"]; got != denyNamed {
-		t.Errorf("TLS with another name on 8080 goes to %v; want %s", got, denyNamed)
+	if got := tls["on_no_match"].(M)["action"].(M)["name"]; got != "alpha/deny/sni" {
+		t.Errorf("TLS with another name on 8080 goes to %v; want alpha/deny/sni", got)
 	}
 	if got := fmt.Sprint(l["listener_filters"].([]M)[1]["filter_disabled"]); !strings.Contains(got, "8080") {
 		t.Errorf("the TLS inspector is not enabled on 8080: %s", got)
@@ -200,4 +209,162 @@ func TestBodilessMethods(t *testing.T) {
 			t.Errorf("the http chain lacks %s", want)
 		}
 	}
+}
+
+// TestHTTPLogVerdicts: an http chain logs "allow" only for a request an
+// allowed route took (the route turns on the verdict metadata), and
+// "deny" for a downstream protocol error (TLS or raw bytes on an http port)
+// and for the 403s; each deny log wants the verdict missing.
+func TestHTTPLogVerdicts(t *testing.T) {
+	logs := httpLogs(testOptions, "alpha", "alpha/http/80")
+	var allow, dpe int
+	for _, l := range logs {
+		f := string(JSON(l["filter"].(M)))
+		verdict := l["typed_config"].(M)["log_format"].(M)["json_format"].(M)["verdict"]
+		switch {
+		case verdict == "allow":
+			allow++
+			if !strings.Contains(f, `"match_if_key_not_found": false`) || !strings.Contains(f, `"exact": "allow"`) {
+				t.Errorf("the allow log does not want the allow verdict: %s", f)
+			}
+		case !strings.Contains(f, `"match_if_key_not_found": true`):
+			t.Errorf("a deny log does not want the verdict missing: %s", f)
+		}
+		if strings.Contains(f, `"DPE"`) {
+			dpe++
+			if verdict != "deny" {
+				t.Errorf("a DPE is logged %v", verdict)
+			}
+		}
+	}
+	if allow != 1 || dpe != 1 {
+		t.Errorf("%d allow logs and %d DPE logs; want one each", allow, dpe)
+	}
+	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"www.github.com"})))
+	if strings.Count(js, `envoy.config.route.v3.FilterConfig"`) != 2 || !strings.Contains(js, `"disabled": true`) {
+		t.Errorf("the verdict filter is not off by default and on in the two allowed routes:\n%s", js)
+	}
+}
+
+// TestListenerLog: a connection that never reaches a filter chain (closed
+// or silent before a ClientHello) is logged by the listener, as a denial;
+// connections a chain took are not logged twice (Envoy 1.40 writes the
+// listener's log for every connection, so the log is filtered on the
+// chain's name being empty).
+func TestListenerLog(t *testing.T) {
+	l := Listener(mustPolicy(t, testConfig), testOptions)
+	logs, _ := l["access_log"].([]M)
+	if len(logs) != 1 {
+		t.Fatalf("listener access logs: %v", logs)
+	}
+	js := string(JSON(logs[0]))
+	for _, want := range []string{`"verdict": "deny"`, `"expression": "xds.filter_chain_name == ''"`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("the listener's log lacks %s:\n%s", want, js)
+		}
+	}
+	if l := Listener(mustPolicy(t, testConfig), Settings{TProxyPort: 15001}); len(l["access_log"].([]M)) != 0 {
+		t.Errorf("a listener log without a log path: %v", l["access_log"])
+	}
+}
+
+// TestProjectDenials: every placed project's refusals are its own chains,
+// named in each matcher's on_no_match (ports no rule names, TLS names no
+// sni rule allows), so a denial's log line names the project; only sources
+// in no project take the shared default chain.
+func TestProjectDenials(t *testing.T) {
+	l := Listener(mustPolicy(t, testConfig), testOptions)
+	js := string(JSON(l))
+	for _, want := range []string{
+		`"project": "alpha"`, `"no rule of project alpha allows port %DOWNSTREAM_LOCAL_PORT%"`,
+		`"no sni rule of project alpha allows %REQUESTED_SERVER_NAME% on port %DOWNSTREAM_LOCAL_PORT%`,
+		`"no rule of project empty allows port %DOWNSTREAM_LOCAL_PORT%"`,
+	} {
+		if !strings.Contains(js, want) {
+			t.Errorf("listener lacks %s", want)
+		}
+	}
+	projects := l["filter_chain_matcher"].(M)["matcher_tree"].(M)["custom_match"].(M)["typed_config"].(M)["range_matchers"].([]M)
+	for _, pm := range projects {
+		on := pm["on_match"].(M)
+		if a, ok := on["action"].(M); ok { // a project without rules
+			if a["name"] != "empty/deny" {
+				t.Errorf("project %v takes %v", pm["ranges"], a["name"])
+			}
+			continue
+		}
+		m := on["matcher"].(M)
+		if m["on_no_match"] == nil {
+			t.Errorf("project %v: a port no rule names has no refusal of its own", pm["ranges"])
+		}
+		for port, pt := range m["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M) {
+			if pm, ok := pt.(M)["matcher"].(M); ok && pm["on_no_match"] == nil {
+				t.Errorf("port %s: no refusal of its own", port)
+			}
+		}
+	}
+	def := string(JSON(l["default_filter_chain"].(M)))
+	if !strings.Contains(def, `"project": ""`) || !strings.Contains(def, "source address is in no project") {
+		t.Errorf("default chain: %s", def)
+	}
+}
+
+// hostNameByLabels is hostNameRegex written out: labels split on '.', none
+// empty, each of config.IsHostByte bytes, none starting or ending with '-'.
+func hostNameByLabels(s string) bool {
+	for _, l := range strings.Split(s, ".") {
+		if l == "" || l[0] == '-' || l[len(l)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(l); i++ {
+			if !config.IsHostByte(l[i]) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// FuzzHostNameRegex: the regex Envoy checks server names and hosts with
+// admits exactly the host names hostNameByLabels does (RE2 and Go's regexp
+// share the syntax).
+func FuzzHostNameRegex(f *testing.F) {
+	for _, s := range []string{"github.com", `secret\.github.com`, "a..b", ".a", "a.", "-a.b", "a_b.c", "xn--bcher-kva.example", "a:443", "", "é.com"} {
+		f.Add(s)
+	}
+	re := regexp.MustCompile(hostNameRegex)
+	f.Fuzz(func(t *testing.T, s string) {
+		if got, want := re.MatchString(s), hostNameByLabels(s); got != want {
+			t.Errorf("%q: regex %v, labels %v", s, got, want)
+		}
+	})
+}
+
+// TestNamesCheckedFirst: a TLS server name reaches the sni rules' domain
+// matcher only through the host-name check (else the project's sni
+// refusal), and an HTTP Host reaches the forward proxy only through it
+// (else a 403): secret\.github.com never matches *.github.com.
+func TestNamesCheckedFirst(t *testing.T) {
+	l := Listener(mustPolicy(t, testConfig), testOptions)
+	alpha := l["filter_chain_matcher"].(M)["matcher_tree"].(M)["custom_match"].(M)["typed_config"].(M)["range_matchers"].([]M)[0]
+	on443 := alpha["on_match"].(M)["matcher"].(M)["matcher_tree"].(M)["exact_match_map"].(M)["map"].(M)["443"].(M)
+	// 443 has a cidr rule too: its IP matcher falls back to the sni check.
+	tls := on443["matcher"].(M)["on_no_match"].(M)["matcher"].(M)
+	check := tls["matcher_list"].(M)["matchers"].([]M)[0]
+	if got := fmt.Sprint(check["predicate"]); !strings.Contains(got, hostNameRegex) || !strings.Contains(got, "ServerNameInput") {
+		t.Errorf("the sni matcher does not check the name first: %s", got)
+	}
+	if !strings.Contains(fmt.Sprint(check["on_match"]), "ServerNameMatcher") || fmt.Sprint(tls["on_no_match"]) == "<nil>" ||
+		tls["on_no_match"].(M)["action"].(M)["name"] != "alpha/deny/sni" {
+		t.Errorf("sni matcher: %s", JSON(tls))
+	}
+	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"*.github.com"})))
+	if strings.Count(js, `":authority"`) != 2 || strings.Count(js, hostNameRegexJSON()) != 2 || !strings.Contains(js, "is not a valid host name") {
+		t.Errorf("the allowed routes do not check the Host:\n%s", js)
+	}
+}
+
+func hostNameRegexJSON() string {
+	b, _ := json.Marshal(hostNameRegex)
+	return string(b)
 }
