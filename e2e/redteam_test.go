@@ -208,8 +208,8 @@ func TestRedteamHTTPForwarder(t *testing.T) {
 			finding: "a chunked request body is forwarded chunked; a server (or a handler) that ignores Transfer-Encoding and reads by Content-Length reads the body as the next request, for any host, on both planes (fix: forward chunked bodies up to a cap with Content-Length, 411 beyond it)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.finding != "" {
-				t.Skip("FINDING: " + tc.finding)
+			if tc.finding != "" && os.Getenv("VMEGRESS_REDTEAM_FINDINGS") != "1" {
+				t.Skip("FINDING (VMEGRESS_REDTEAM_FINDINGS=1 runs it): " + tc.finding)
 			}
 			o.reset()
 			e.w.Log.Reset()
