@@ -188,6 +188,7 @@ func FuzzForwardRequests(f *testing.F) {
 	f.Add("GET http://a.test/lf HTTP/1.1\nHost: b.test\n\n")
 	f.Add("GET / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 38\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n")
 	f.Add("GET http://a.test:80/x?y HTTP/1.0\r\nPragma: no-cache\r\nX: 1\r\nx: 2\r\n\r\n")
+	f.Add("GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n")
 	f.Fuzz(func(t *testing.T, in string) {
 		var out bytes.Buffer
 		type sent struct {
@@ -237,6 +238,11 @@ func FuzzForwardRequests(f *testing.F) {
 			}
 			if len(body) > 0 && (got.Method == "GET" || got.Method == "HEAD" || got.Method == "OPTIONS" || got.Method == "TRACE") {
 				t.Fatalf("request %d: %s with a body", i, got.Method)
+			}
+			for _, v := range got.Header.Values("Upgrade") {
+				if strings.Contains(strings.ToLower(v), "h2c") {
+					t.Fatalf("request %d: an h2c upgrade was sent: %q", i, v)
+				}
 			}
 			if tr := nonEmpty(got.Trailer); len(tr) > 0 {
 				t.Fatalf("request %d: trailer fields sent, never checked: %v", i, tr)
