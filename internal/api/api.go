@@ -15,9 +15,11 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -397,6 +399,9 @@ func Listen(path string, gid int) (net.Listener, error) {
 	if err := os.MkdirAll(dirOf(path), 0o755); err != nil {
 		return nil, fmt.Errorf("creating the API socket's directory: %w", err)
 	}
+	if err := checkSocketDir(dirOf(path), os.Geteuid()); err != nil {
+		return nil, err
+	}
 	os.Remove(path)
 	old := unix.Umask(0o117) // the socket is born 0660, never wider
 	ln, err := net.Listen("unix", path)
@@ -405,7 +410,8 @@ func Listen(path string, gid int) (net.Listener, error) {
 		return nil, fmt.Errorf("opening the API socket %s: %w", path, err)
 	}
 	if gid >= 0 {
-		if err := os.Chown(path, 0, gid); err != nil {
+		// Lchown: never follows a link put in the socket's place.
+		if err := os.Lchown(path, 0, gid); err != nil {
 			ln.Close()
 			return nil, fmt.Errorf("giving the API socket to group %d: %w", gid, err)
 		}
@@ -415,6 +421,37 @@ func Listen(path string, gid int) (net.Listener, error) {
 		return nil, fmt.Errorf("setting the API socket's mode: %w", err)
 	}
 	return ln, nil
+}
+
+// checkSocketDir refuses a socket directory in which another user could
+// replace the socket (with their own, or with a link to a file the chown and
+// chmod that follow would then give to the API group): dir and every
+// directory above it must belong to root or euid, and be writable by no one
+// else unless sticky (like /tmp, where others cannot rename what is ours).
+func checkSocketDir(dir string, euid int) error {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("checking the API socket's directory: %w", err)
+	}
+	for d := abs; ; d = filepath.Dir(d) {
+		fi, err := os.Stat(d)
+		if err != nil {
+			return fmt.Errorf("checking the API socket's directory: %w", err)
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return fmt.Errorf("checking the API socket's directory %s: no owner", d)
+		}
+		if int(st.Uid) != 0 && int(st.Uid) != euid {
+			return fmt.Errorf("the API socket's directory %s belongs to uid %d: that user could replace the socket", d, st.Uid)
+		}
+		if fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0 {
+			return fmt.Errorf("the API socket's directory %s is writable by other users (mode %v): they could replace the socket", d, fi.Mode().Perm())
+		}
+		if d == filepath.Dir(d) {
+			return nil
+		}
+	}
 }
 
 func dirOf(path string) string {

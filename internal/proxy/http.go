@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/textproto"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -184,7 +183,57 @@ func readRequest(br *bufio.Reader, hr *headReader) (*request, error) {
 	}
 	name, _, _ := splitHost(req.Host)
 	p.name = name
+	p.dropHTTPUpgrade()
 	return p, nil
+}
+
+// dropHTTPUpgrade removes the upgrade tokens that switch the connection to
+// another version of HTTP (h2c, HTTP/x): once a server switched, every
+// HTTP/2 stream names its own host and none of them is checked. The server
+// answers in HTTP/1.1 instead (RFC 9110 7.8: it may ignore Upgrade). Other
+// upgrades (WebSocket) stay.
+func (p *request) dropHTTPUpgrade() {
+	vals := p.Header.Values("Upgrade")
+	if len(vals) == 0 {
+		return
+	}
+	var keep []string
+	dropped := false
+	for _, v := range vals {
+		for _, tok := range strings.Split(v, ",") {
+			tok = strings.TrimSpace(tok)
+			switch {
+			case tok == "":
+			case strings.EqualFold(tok, "h2c") || len(tok) >= 5 && strings.EqualFold(tok[:5], "HTTP/"):
+				dropped = true
+			default:
+				keep = append(keep, tok)
+			}
+		}
+	}
+	if !dropped {
+		return
+	}
+	p.Header.Del("Http2-Settings")
+	if len(keep) > 0 {
+		p.Header["Upgrade"] = []string{strings.Join(keep, ", ")}
+		return
+	}
+	p.Header.Del("Upgrade")
+	// Connection no longer names an upgrade (nor HTTP2-Settings).
+	var conn []string
+	for _, v := range p.Header.Values("Connection") {
+		for _, tok := range strings.Split(v, ",") {
+			tok = strings.TrimSpace(tok)
+			if tok != "" && !strings.EqualFold(tok, "upgrade") && !strings.EqualFold(tok, "http2-settings") {
+				conn = append(conn, tok)
+			}
+		}
+	}
+	p.Header.Del("Connection")
+	if len(conn) > 0 {
+		p.Header["Connection"] = []string{strings.Join(conn, ", ")}
+	}
 }
 
 func peekBuffered(br *bufio.Reader) []byte {
@@ -325,17 +374,11 @@ func (p *request) write(w io.Writer) error {
 		if _, err := io.CopyBuffer(writerOnly{cw}, p.Body, *bp); err != nil {
 			return fmt.Errorf("reading a chunked request body: %w", err)
 		}
-		cw.Close() // the last chunk; trailers and the empty line follow
-		b.Reset()
-		for _, k := range sortedKeys(p.Trailer) {
-			for _, v := range p.Trailer[k] {
-				if err := writeField(&b, k, v); err != nil {
-					return err
-				}
-			}
-		}
-		b.WriteString("\r\n")
-		_, err := w.Write(b.Bytes())
+		cw.Close() // the last chunk; the empty line follows
+		// Trailer fields are never sent: nothing checks them (a Host or
+		// Content-Length among them is for a server to misread), and
+		// Envoy's HTTP/1 codec drops them too.
+		_, err := io.WriteString(w, "\r\n")
 		return err
 	case p.ContentLength > 0:
 		n, err := io.CopyBuffer(writerOnly{w}, p.Body, *bp)
@@ -356,17 +399,6 @@ func writeField(b *bytes.Buffer, k, v string) error {
 	b.WriteString(v)
 	b.WriteString("\r\n")
 	return nil
-}
-
-func sortedKeys(h http.Header) []string {
-	var keys []string
-	for k, vs := range h {
-		if len(vs) > 0 {
-			keys = append(keys, k)
-		}
-	}
-	slices.Sort(keys)
-	return keys
 }
 
 // writerOnly hides a writer's ReadFrom, so io.CopyBuffer uses the pooled
