@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -368,7 +369,10 @@ func (s *Server) getEvents(w http.ResponseWriter, r *http.Request) {
 		flush = fl.Flush
 		fl.Flush()
 	}
-	events.WriteStream(r.Context(), w, flush, sub)
+	// A reader that stops reading is cut off after eventWriteTimeout
+	// instead of holding this handler (and its descriptor) forever.
+	rc := http.NewResponseController(w)
+	events.WriteStream(r.Context(), w, flush, sub, func() { rc.SetWriteDeadline(time.Now().Add(eventWriteTimeout)) })
 }
 
 func (s *Server) postExplain(w http.ResponseWriter, r *http.Request) {
@@ -392,6 +396,9 @@ func (s *Server) getStatus(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, s.Status(r.Context()))
 }
+
+// eventWriteTimeout bounds one write of the event stream to its reader.
+const eventWriteTimeout = 10 * time.Second
 
 // Listen opens the API's unix socket at path, mode 0660, group gid (-1:
 // root's). A stale socket file from a previous run is replaced.

@@ -74,10 +74,19 @@ func TestAPIProjects(t *testing.T) {
 		}, 400, "policy.allow[0].cidr"},
 		{func() error { _, err := c.SetPolicy(ctx, "filed", client.Policy{}); return err }, 409, ""},
 		{func() error { _, err := c.SetPolicy(ctx, "ghost", client.Policy{}); return err }, 404, ""},
-		{func() error { _, err := c.PutProject(ctx, "x", client.ProjectSpec{Subnet: "172.31.0.0/30"}); return err }, 409, ""},
-		{func() error { _, err := c.PutProject(ctx, "x", client.ProjectSpec{TAP: "tap-waytoolongname"}); return err }, 400, "tap"},
+		{func() error {
+			_, err := c.PutProject(ctx, "x", client.ProjectSpec{Subnet: "172.31.0.0/30"})
+			return err
+		}, 409, ""},
+		{func() error {
+			_, err := c.PutProject(ctx, "x", client.ProjectSpec{TAP: "tap-waytoolongname"})
+			return err
+		}, 400, "tap"},
 		{func() error { _, err := c.PutProject(ctx, "x", client.ProjectSpec{Egress: "open"}); return err }, 400, "egress"},
-		{func() error { _, err := c.Explain(ctx, client.ExplainRequest{Project: "ghost", Host: "a.b"}); return err }, 404, ""},
+		{func() error {
+			_, err := c.Explain(ctx, client.ExplainRequest{Project: "ghost", Host: "a.b"})
+			return err
+		}, 404, ""},
 	} {
 		err := tc.call()
 		if !errors.As(err, &ce) || ce.Status != tc.status || ce.Field != tc.field {

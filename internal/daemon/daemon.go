@@ -283,7 +283,8 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 		access = io.Discard
 	}
 	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, AdminSocket: d.envoyOpt.AdminSocket, Access: access,
-		Log: d.Log.With("component", "envoy"), OnState: func(up bool) { d.metrics.DataplaneUp(up) }}
+		KeepOnChange: cfg.OnPolicyChange == "keep",
+		Log:          d.Log.With("component", "envoy"), OnState: func(up bool) { d.metrics.DataplaneUp(up) }}
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); sup.Run(runCtx) }()

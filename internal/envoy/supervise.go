@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,7 +33,17 @@ type Supervisor struct {
 	Log    *slog.Logger
 	// OnState is told when Envoy starts and exits (may be nil).
 	OnState func(running bool)
+	// KeepOnChange: connections of a filter chain a policy change removed
+	// are drained over KeepDrain (on_policy_change: keep); otherwise they
+	// are closed at once, as the builtin plane closes what the new policy
+	// refuses (a request or keep-alive on the old chain would otherwise
+	// still be served by the old policy).
+	KeepOnChange bool
 }
+
+// KeepDrain is how long, with on_policy_change: keep, Envoy lets the
+// connections of a removed filter chain live on (Envoy's own default).
+const KeepDrain = 600
 
 // FindBinary resolves name (a path or a command on PATH).
 func FindBinary(name string) (string, error) {
@@ -68,8 +79,12 @@ func (s *Supervisor) Run(ctx context.Context) {
 func (s *Supervisor) once(ctx context.Context) error {
 	// Access-log lines are flushed within 200 ms (Envoy's default holds
 	// them for up to 10 s).
+	drain := "0"
+	if s.KeepOnChange {
+		drain = strconv.Itoa(KeepDrain)
+	}
 	cmd := exec.Command(s.Binary, "-c", s.Bootstrap, "--disable-hot-restart", "--file-flush-interval-msec", "200",
-		"--drain-time-s", "2", "--drain-strategy", "immediate", "--log-level", "warning")
+		"--drain-time-s", drain, "--drain-strategy", "immediate", "--log-level", "warning")
 	cmd.Stdout = s.Access
 	// Envoy dies with the daemon: an orphan would keep serving a stale
 	// policy and hold the port the next daemon's Envoy needs.

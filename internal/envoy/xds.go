@@ -7,6 +7,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -101,16 +102,35 @@ func XDSBootstrap(o Settings, xdsSocket string) M {
 // Server serves the compiled policy to Envoy over ADS.
 type Server struct {
 	cache   cachev3.SnapshotCache
-	mu      sync.Mutex
+	mu      sync.Mutex // serializes Update
 	version int
+
+	// AckTimeout bounds how long Update waits for Envoy to apply a snapshot
+	// (zero: DefaultAckTimeout).
+	AckTimeout time.Duration
+
+	ackMu     sync.Mutex
+	ackCh     chan struct{} // closed and replaced on every listener ACK or NACK
+	sent      int           // the newest version handed to the cache
+	acked     int           // the last listener version Envoy applied
+	nacked    int           // the last listener version Envoy refused
+	nackMsg   string
+	listening bool // an Envoy asked for listeners: Updates wait for it
 }
+
+// DefaultAckTimeout is how long Update waits for Envoy to apply a change.
+const DefaultAckTimeout = 5 * time.Second
 
 // NewServer returns an xDS server with nothing to serve yet.
 func NewServer() *Server {
-	return &Server{cache: cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil)}
+	return &Server{cache: cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil), ackCh: make(chan struct{})}
 }
 
-// Update pushes a new snapshot built from pol (Envoy applies it live).
+// Update pushes a new snapshot built from pol and, once an Envoy is
+// connected, waits until it has applied it (its ACK of the listener
+// version), so that when Update returns new connections are decided by
+// pol. A refusal (NACK) or no answer within AckTimeout is an error; the
+// previous configuration then stays in Envoy.
 func (s *Server) Update(ctx context.Context, pol *policy.Policy, o Settings) error {
 	res, err := Resources(pol, o)
 	if err != nil {
@@ -119,20 +139,78 @@ func (s *Server) Update(ctx context.Context, pol *policy.Policy, o Settings) err
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.version++
-	snap, err := cachev3.NewSnapshot(strconv.Itoa(s.version), res)
+	v := s.version
+	snap, err := cachev3.NewSnapshot(strconv.Itoa(v), res)
 	if err != nil {
 		return fmt.Errorf("building the xDS snapshot: %w", err)
 	}
 	if err := snap.Consistent(); err != nil {
 		return fmt.Errorf("inconsistent xDS snapshot: %w", err)
 	}
-	return s.cache.SetSnapshot(ctx, NodeID, snap)
+	s.ackMu.Lock()
+	s.sent = v
+	s.ackMu.Unlock()
+	if err := s.cache.SetSnapshot(ctx, NodeID, snap); err != nil {
+		return err
+	}
+	return s.waitAck(ctx, v)
+}
+
+func (s *Server) waitAck(ctx context.Context, v int) error {
+	timeout := s.AckTimeout
+	if timeout == 0 {
+		timeout = DefaultAckTimeout
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		s.ackMu.Lock()
+		listening, acked, nacked, msg, ch := s.listening, s.acked, s.nacked, s.nackMsg, s.ackCh
+		s.ackMu.Unlock()
+		switch {
+		case !listening || acked >= v:
+			return nil
+		case nacked >= v:
+			return fmt.Errorf("envoy refused configuration version %d: %s", v, msg)
+		}
+		select {
+		case <-ch:
+		case <-t.C:
+			return fmt.Errorf("envoy did not apply configuration version %d within %s", v, timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// onRequest notes Envoy's ACKs and NACKs of listener versions.
+func (s *Server) onRequest(_ int64, req *discoverygrpc.DiscoveryRequest) error {
+	if req.GetTypeUrl() != resourcev3.ListenerType {
+		return nil
+	}
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	s.listening = true
+	v, err := strconv.Atoi(req.GetVersionInfo())
+	if err != nil {
+		return nil // the first request: nothing applied yet
+	}
+	if d := req.GetErrorDetail(); d != nil {
+		// A NACK's version_info is the last version applied; the refused
+		// one is the newest sent.
+		s.nacked, s.nackMsg = s.sent, d.GetMessage()
+	} else if v > s.acked {
+		s.acked = v
+	}
+	close(s.ackCh)
+	s.ackCh = make(chan struct{})
+	return nil
 }
 
 // Serve answers xDS on ln until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	gs := grpc.NewServer()
-	srv := serverv3.NewServer(ctx, s.cache, nil)
+	srv := serverv3.NewServer(ctx, s.cache, serverv3.CallbackFuncs{StreamRequestFunc: s.onRequest})
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(gs, srv)
 	listenerservice.RegisterListenerDiscoveryServiceServer(gs, srv)
 	clusterservice.RegisterClusterDiscoveryServiceServer(gs, srv)

@@ -208,14 +208,21 @@ func (lw *LineWriter) Write(p []byte) (int, error) {
 
 // WriteStream writes sub's events to w as newline-delimited JSON until ctx
 // ends or the subscription is dropped (then a lagged event is written).
-func WriteStream(ctx context.Context, w io.Writer, flush func(), sub *Subscription) error {
+// beforeWrite (may be nil) runs before each batch is written: the place to
+// set a write deadline, so a reader that stops reading cannot hold the
+// writer forever.
+func WriteStream(ctx context.Context, w io.Writer, flush func(), sub *Subscription, beforeWrite func()) error {
 	bw := bufio.NewWriter(w)
 	enc := json.NewEncoder(bw)
+	if beforeWrite == nil {
+		beforeWrite = func() {}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case e, ok := <-sub.C:
+			beforeWrite()
 			if !ok {
 				if sub.Lagged() {
 					enc.Encode(Event{"type": "lagged", "reason": "the reader fell behind; reconnect to resume"})

@@ -29,7 +29,7 @@ func TestHubFilterAndLag(t *testing.T) {
 		t.Errorf("lagged: all %v, deny %v; want only the full one dropped", all.Lagged(), deny.Lagged())
 	}
 	var out bytes.Buffer
-	WriteStream(context.Background(), &out, func() {}, all)
+	WriteStream(context.Background(), &out, func() {}, all, nil)
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	if !strings.Contains(lines[len(lines)-1], `"type":"lagged"`) {
 		t.Errorf("the stream did not end with a lagged event: %s", lines[len(lines)-1])
