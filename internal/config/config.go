@@ -7,7 +7,9 @@
 package config
 
 import (
+	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -85,10 +87,13 @@ type Project struct {
 	Mode           string
 	MaxConnections int
 	Allow          []Rule
-	Pos            Position
+	// Deny is evaluated before Allow: a connection or name a deny rule
+	// matches is refused whatever Allow says.
+	Deny []Rule
+	Pos  Position
 }
 
-// RuleKind is what an allow rule matches on.
+// RuleKind is what a rule matches on.
 type RuleKind string
 
 // Rule kinds of the config contract.
@@ -98,18 +103,27 @@ const (
 	KindCIDR RuleKind = "cidr"
 )
 
-// Rule is one allow rule.
+// AnyName is the sni or http pattern that matches every name.
+const AnyName = "*"
+
+
+// Rule is one allow or deny rule.
 type Rule struct {
 	Kind RuleKind
 	// Name is the normalised name for sni/http rules: lower case, no trailing
-	// dot, optionally starting with "*." (any depth of subdomain, not the apex).
+	// dot, optionally starting with "*." (any depth of subdomain, not the
+	// apex), or AnyName.
 	Name string
 	// Prefix is the destination range of a cidr rule.
 	Prefix netip.Prefix
-	// Ports the rule applies to; empty means the kind's default (443 for sni,
-	// 80 for http); always set for cidr.
+	// Ports the rule applies to. Empty in an allow rule means the kind's
+	// default (443 for sni, 80 for http; always set for cidr); empty in a
+	// deny rule means every port.
 	Ports []uint16
-	Pos   Position
+	// Preset names the preset the rule came from ("" for a rule written
+	// in the config itself).
+	Preset string
+	Pos    Position
 }
 
 // EffectivePorts returns the ports the rule applies to, defaults applied.
@@ -126,9 +140,13 @@ func (r Rule) EffectivePorts() []uint16 {
 	return nil
 }
 
-// String renders the rule as it would be written in the config, for logs.
+// String renders the rule as it would be written in the config, for logs;
+// a preset's rule is prefixed with "preset:NAME/".
 func (r Rule) String() string {
 	var b strings.Builder
+	if r.Preset != "" {
+		b.WriteString("preset:" + r.Preset + "/")
+	}
 	b.WriteString(string(r.Kind))
 	b.WriteString(":")
 	if r.Kind == KindCIDR {
@@ -178,4 +196,37 @@ func (c *Config) Project(name string) *Project {
 		}
 	}
 	return nil
+}
+
+// Same reports whether two rules are the same rule (positions aside).
+func (r Rule) Same(o Rule) bool {
+	return r.Kind == o.Kind && r.Name == o.Name && r.Prefix == o.Prefix && r.Preset == o.Preset && slices.Equal(r.Ports, o.Ports)
+}
+
+// SameRules reports whether a and b list the same rules in the same order.
+func SameRules(a, b []Rule) bool {
+	return slices.EqualFunc(a, b, Rule.Same)
+}
+
+// AllowsAnyName reports whether an allow rule of the project is sni "*"
+// or http "*": its resolver then answers every name (DNS exfiltration).
+func (p *Project) AllowsAnyName() bool {
+	for _, r := range p.Allow {
+		if r.Name == AnyName {
+			return true
+		}
+	}
+	return false
+}
+
+// Warnings are what is valid in cfg but gives up a protection, one line
+// each, for `policy check` and `doctor`.
+func (c *Config) Warnings() []string {
+	var out []string
+	for _, p := range c.Projects {
+		if p.AllowsAnyName() {
+			out = append(out, fmt.Sprintf("project %q allows any name (sni or http \"*\"): its resolver forwards every name upstream, so a guest can send data out in DNS queries (DNS exfiltration); list names instead, or accept it", p.Name))
+		}
+	}
+	return out
 }

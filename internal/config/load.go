@@ -376,9 +376,15 @@ func (p *parser) project(k, v *yaml.Node) {
 				return // "allow:" with nothing: allows nothing
 			}
 			p.list(n, "allow", func(e *yaml.Node) {
-				if r, ok := p.rule(e); ok {
-					pr.Allow = append(pr.Allow, r)
-				}
+				pr.Allow = append(pr.Allow, p.entry(e, listAllow)...)
+			})
+		},
+		"deny": func(n *yaml.Node) {
+			if n.Tag == "!!null" {
+				return // "deny:" with nothing: denies nothing
+			}
+			p.list(n, "deny", func(e *yaml.Node) {
+				pr.Deny = append(pr.Deny, p.entry(e, listDeny)...)
 			})
 		},
 	})
@@ -391,10 +397,63 @@ type subnetAt struct {
 	pos     Position
 }
 
-func (p *parser) rule(n *yaml.Node) (Rule, bool) {
+// Which list a rule is in: allow and deny differ in what ports mean when
+// none are given (the kind's default, every port) and in the port 25 check.
+const (
+	listAllow = "allow"
+	listDeny  = "deny"
+)
+
+// entry parses one entry of an allow or deny list: a rule, or a preset
+// expanded to its rules (each validated as if written here).
+func (p *parser) entry(n *yaml.Node, list string) []Rule {
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if n.Content[i].Value == "preset" {
+				return p.preset(n, list)
+			}
+		}
+	}
+	if r, ok := p.rule(n, list); ok {
+		return []Rule{r}
+	}
+	return nil
+}
+
+// preset expands a {preset: NAME} entry.
+func (p *parser) preset(n *yaml.Node, list string) []Rule {
+	var name string
+	var nameNode *yaml.Node
+	p.mapping(n, list+" entry", map[string]func(*yaml.Node){
+		"preset": func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "preset"); ok {
+				name, nameNode = s, v
+			}
+		},
+	})
+	if nameNode == nil {
+		return nil
+	}
+	pre, ok := LookupPreset(name)
+	if !ok {
+		p.errf(nameNode, "preset %q does not exist (vmegress policy presets lists them: %s)", name, strings.Join(PresetNames(), ", "))
+		return nil
+	}
+	rules, err := pre.Rules(list)
+	if err != nil {
+		p.errf(nameNode, "preset %q: %v", name, err)
+		return nil
+	}
+	for i := range rules {
+		rules[i].Pos = pos(n)
+	}
+	return rules
+}
+
+func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 	r := Rule{Pos: pos(n)}
 	if n.Kind != yaml.MappingNode {
-		p.errf(n, "allow entry must be a mapping such as {sni: example.com}")
+		p.errf(n, "%s entry must be a mapping such as {sni: example.com}", list)
 		return r, false
 	}
 	before := len(p.issues)
@@ -402,7 +461,7 @@ func (p *parser) rule(n *yaml.Node) (Rule, bool) {
 	setKind := func(kind RuleKind) func(*yaml.Node) {
 		return func(v *yaml.Node) {
 			if kindNode != nil {
-				p.errf(v, "allow entry has both %s and %s; use one rule kind per entry", r.Kind, kind)
+				p.errf(v, "%s entry has both %s and %s; use one rule kind per entry", list, r.Kind, kind)
 				return
 			}
 			kindNode, r.Kind = v, kind
@@ -412,6 +471,10 @@ func (p *parser) rule(n *yaml.Node) (Rule, bool) {
 			}
 			switch kind {
 			case KindSNI, KindHTTP:
+				if s == AnyName {
+					r.Name = AnyName
+					return
+				}
 				name, err := NormalizeName(s)
 				if err != nil {
 					p.errf(v, "%s: %v", kind, err)
@@ -436,7 +499,7 @@ func (p *parser) rule(n *yaml.Node) (Rule, bool) {
 			}
 		}
 	}
-	p.mapping(n, "allow entry", map[string]func(*yaml.Node){
+	p.mapping(n, list+" entry", map[string]func(*yaml.Node){
 		"sni":  setKind(KindSNI),
 		"http": setKind(KindHTTP),
 		"cidr": setKind(KindCIDR),
@@ -456,8 +519,10 @@ func (p *parser) rule(n *yaml.Node) (Rule, bool) {
 	}
 	switch {
 	case kindNode == nil:
-		p.errf(n, "allow entry needs one of sni, http or cidr")
+		p.errf(n, "%s entry needs one of sni, http, cidr or preset", list)
 		return r, false
+	case list == listDeny:
+		return r, true // no ports: every port; any port may be denied
 	case r.Kind == KindCIDR && len(r.Ports) == 0:
 		p.errf(kindNode, "cidr rule %s needs ports (a cidr rule is not inspected, so it must say where it applies)", r.Prefix)
 		return r, false
@@ -494,6 +559,11 @@ func (p *parser) crossCheck() {
 		for _, pr := range c.Projects {
 			if pr.Mode == "audit" {
 				p.issues = append(p.issues, Issue{Pos: pr.Pos, Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", pr.Name)})
+			}
+			for _, r := range pr.Deny {
+				if r.Kind == KindCIDR {
+					p.issues = append(p.issues, Issue{Pos: r.Pos, Msg: fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (Envoy resolves names itself and cannot keep a project's denied ranges out of what it dials)", pr.Name, r)})
+				}
 			}
 		}
 		if c.Upstream == "original_dst" {

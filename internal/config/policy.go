@@ -11,7 +11,7 @@ import (
 // ParsePolicy validates one project's policy given on its own (an API body
 // or a file for `vmegress policy set`): a YAML or JSON mapping with the keys
 // of a project in the config file but subnet (mode, max_connections,
-// allow). The rules and messages are the config file's; each issue also
+// allow, deny). The rules and messages are the config file's; each issue also
 // carries the path of the value at fault (Issue.Field).
 func ParsePolicy(file, name string, data []byte) (Project, error) {
 	if file == "" {
@@ -48,6 +48,9 @@ func ParsePolicy(file, name string, data []byte) (Project, error) {
 	pr.Pos = Position{}
 	for i := range pr.Allow {
 		pr.Allow[i].Pos = Position{}
+	}
+	for i := range pr.Deny {
+		pr.Deny[i].Pos = Position{}
 	}
 	return pr, nil
 }
@@ -89,10 +92,25 @@ func pathOf(root, target *yaml.Node) string {
 }
 
 // PolicyDocument renders a project's policy in ParsePolicy's JSON form (what
-// the API returns and the state directory keeps for API projects).
+// the API returns and the state directory keeps for API projects). A
+// preset's rules are rendered as the one {preset: NAME} entry they came from.
 func PolicyDocument(p Project) map[string]any {
-	allow := make([]map[string]any, 0, len(p.Allow))
-	for _, r := range p.Allow {
+	doc := map[string]any{"mode": p.Mode, "max_connections": p.MaxConnections, "allow": ruleDocuments(p.Allow)}
+	if len(p.Deny) > 0 {
+		doc["deny"] = ruleDocuments(p.Deny)
+	}
+	return doc
+}
+
+func ruleDocuments(rules []Rule) []map[string]any {
+	out := make([]map[string]any, 0, len(rules))
+	for i, r := range rules {
+		if r.Preset != "" {
+			if i == 0 || rules[i-1].Preset != r.Preset {
+				out = append(out, map[string]any{"preset": r.Preset})
+			}
+			continue
+		}
 		m := map[string]any{}
 		switch r.Kind {
 		case KindCIDR:
@@ -103,9 +121,9 @@ func PolicyDocument(p Project) map[string]any {
 		if len(r.Ports) > 0 {
 			m["ports"] = r.Ports
 		}
-		allow = append(allow, m)
+		out = append(out, m)
 	}
-	return map[string]any{"mode": p.Mode, "max_connections": p.MaxConnections, "allow": allow}
+	return out
 }
 
 // FirstField returns the field of err's first issue ("" if none).

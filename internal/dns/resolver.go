@@ -406,6 +406,9 @@ func (r *Resolver) allowedAddr(pr *policy.Project, a netip.Addr) bool {
 	if r.GuestRange.IsValid() && r.GuestRange.Contains(a) {
 		return false
 	}
+	if _, denied := pr.DeniesAddr(a); denied {
+		return false
+	}
 	return dest.AlwaysDenied(a) == "" || pr.CIDRNames(a)
 }
 

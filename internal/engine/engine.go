@@ -497,16 +497,8 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 
 // SameProject reports whether two projects compile to the same policy.
 func SameProject(a, b config.Project) bool {
-	if a.Name != b.Name || a.Subnet != b.Subnet || a.Mode != b.Mode || a.MaxConnections != b.MaxConnections || len(a.Allow) != len(b.Allow) {
-		return false
-	}
-	for i := range a.Allow {
-		x, y := a.Allow[i], b.Allow[i]
-		if x.Kind != y.Kind || x.Name != y.Name || x.Prefix != y.Prefix || !slices.Equal(x.Ports, y.Ports) {
-			return false
-		}
-	}
-	return true
+	return a.Name == b.Name && a.Subnet == b.Subnet && a.Mode == b.Mode && a.MaxConnections == b.MaxConnections &&
+		config.SameRules(a.Allow, b.Allow) && config.SameRules(a.Deny, b.Deny)
 }
 
 // Reloadable refuses changes that need a restart (listening sockets, the

@@ -1,6 +1,9 @@
 // Package policy compiles the config's per-project allowlists into a matcher
 // and decides, for one connection's facts, whether it may leave the host.
 //
+// A project's deny rules are evaluated before its allow rules at every
+// stage: a deny rule that matches decides, whatever an allow rule says.
+//
 // A decision has two stages. Connect looks only at addresses: it settles
 // cidr rules (never inspected) and unknown ports at once, and otherwise says
 // what the data plane must read (a TLS ClientHello, an HTTP request head).
@@ -30,7 +33,10 @@ type Decision struct {
 	Verdict Verdict
 	// Project is the project the source address belongs to ("" if none).
 	Project string
-	// Rule is the allow rule that matched, as written in the config ("" on deny).
+	// Rule is the rule that decided, as written in the config: the allow
+	// rule that matched, or the deny rule that matched prefixed "deny/"
+	// ("" when no rule matched). A preset's rule reads
+	// "preset:NAME/KIND:VALUE".
 	Rule string
 	// Reason explains a denial in words an operator can act on.
 	Reason string
@@ -89,13 +95,19 @@ type Project struct {
 	cidrs     []cidrRule
 	sniPorts  map[uint16]bool
 	httpPorts map[uint16]bool
+	// The deny rules; a rule with no ports applies on every port.
+	denySNI, denyHTTP nameMatcher
+	denyCIDRs         []cidrRule
 }
 
 type cidrRule struct {
 	prefix netip.Prefix
-	ports  []uint16
+	ports  []uint16 // nil (deny rules only): every port
 	rule   string
 }
+
+// DenyPrefix marks a deny rule in Decision.Rule.
+const DenyPrefix = "deny/"
 
 // Compile builds the matcher for every project of cfg.
 func Compile(cfg *config.Config) (*Policy, error) {
@@ -118,6 +130,20 @@ func CompileProject(cp config.Project) (*Project, error) {
 		Name: cp.Name, MaxConnections: cp.MaxConnections, Audit: cp.Mode == "audit",
 		sni: newNameMatcher(), http: newNameMatcher(),
 		sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
+		denySNI: newNameMatcher(), denyHTTP: newNameMatcher(),
+	}
+	for _, r := range cp.Deny {
+		ports, rule := r.Ports, DenyPrefix+r.String() // no ports: every port
+		switch r.Kind {
+		case config.KindSNI:
+			pr.denySNI.add(r.Name, ports, rule)
+		case config.KindHTTP:
+			pr.denyHTTP.add(r.Name, ports, rule)
+		case config.KindCIDR:
+			pr.denyCIDRs = append(pr.denyCIDRs, cidrRule{r.Prefix, ports, rule})
+		default:
+			return nil, fmt.Errorf("compiling project %q: deny rule kind %q is not supported", cp.Name, r.Kind)
+		}
 	}
 	for _, r := range cp.Allow {
 		ports := r.EffectivePorts()
@@ -231,6 +257,9 @@ func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect)
 	if pr == nil {
 		return Decision{Verdict: Deny, Reason: "source address is in no project"}, InspectNone
 	}
+	if rule, ok := pr.CIDRDenies(dst.Addr(), dst.Port()); ok {
+		return Decision{Verdict: Deny, Project: pr.Name, Rule: rule, Reason: "denied by rule " + strings.TrimPrefix(rule, DenyPrefix)}, InspectNone
+	}
 	if rule, ok := pr.CIDRAllows(dst.Addr(), dst.Port()); ok {
 		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}, InspectNone
 	}
@@ -277,16 +306,16 @@ func (pr *Project) InspectFor(port uint16) Inspect {
 // DecideName decides a name learnt as kind on port for this project.
 func (pr *Project) DecideName(kind Kind, name string, port uint16) Decision {
 	d := Decision{Verdict: Deny, Project: pr.Name}
-	var m nameMatcher
+	var m, deny nameMatcher
 	switch kind {
 	case KindTLS:
-		m = pr.sni
+		m, deny = pr.sni, pr.denySNI
 		if name == "" {
 			d.Reason = "TLS ClientHello without a server name (SNI)"
 			return d
 		}
 	case KindHTTP:
-		m = pr.http
+		m, deny = pr.http, pr.denyHTTP
 		if name == "" {
 			d.Reason = "HTTP request without a Host"
 			return d
@@ -304,6 +333,10 @@ func (pr *Project) DecideName(kind Kind, name string, port uint16) Decision {
 		d.Reason = "port 25 is never allowed by a name rule"
 		return d
 	}
+	if rule, ok := deny.match(norm, port); ok {
+		d.Rule, d.Reason = rule, "denied by rule "+strings.TrimPrefix(rule, DenyPrefix)
+		return d
+	}
 	if rule, ok := m.match(norm, port); ok {
 		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}
 	}
@@ -318,10 +351,47 @@ func ruleKind(k Kind) string {
 	return "sni"
 }
 
-// AllowsName reports whether any sni or http rule of the project matches
-// name (normalised), on any port: the resolver answers exactly these names.
+// AllowsName reports whether some sni or http rule of the project allows
+// name (normalised) on some port that no deny rule of the same kind
+// refuses it on: the resolver answers exactly these names.
 func (pr *Project) AllowsName(name string) bool {
-	return pr.sni.matchAny(name) || pr.http.matchAny(name)
+	return allowsSomewhere(pr.sni, pr.denySNI, name) || allowsSomewhere(pr.http, pr.denyHTTP, name)
+}
+
+func allowsSomewhere(allow, deny nameMatcher, name string) bool {
+	return allow.candidates(name, func(rs []portRule) bool {
+		for _, r := range rs {
+			for _, pt := range r.ports {
+				if _, denied := deny.match(name, pt); !denied {
+					return true
+				}
+			}
+		}
+		return false
+	})
+}
+
+// CIDRDenies returns the deny cidr rule refusing addr on port, if any.
+func (pr *Project) CIDRDenies(addr netip.Addr, port uint16) (string, bool) {
+	addr = addr.Unmap()
+	for _, c := range pr.denyCIDRs {
+		if c.prefix.Contains(addr) && (c.ports == nil || slices.Contains(c.ports, port)) {
+			return c.rule, true
+		}
+	}
+	return "", false
+}
+
+// DeniesAddr returns the deny cidr rule refusing addr on every port, if
+// any: the resolver never hands such an address out.
+func (pr *Project) DeniesAddr(addr netip.Addr) (string, bool) {
+	addr = addr.Unmap()
+	for _, c := range pr.denyCIDRs {
+		if c.ports == nil && c.prefix.Contains(addr) {
+			return c.rule, true
+		}
+	}
+	return "", false
 }
 
 // CIDRAllows returns the cidr rule allowing addr on port, if any.
@@ -348,22 +418,28 @@ func (pr *Project) CIDRNames(addr netip.Addr) bool {
 }
 
 // nameMatcher finds the rule for a host name and port: exact names first,
-// then the longest "*." suffix. Lookup is O(labels), whatever the rule count.
+// then the longest "*." suffix, then "*". Lookup is O(labels), whatever the
+// rule count.
 type nameMatcher struct {
 	exact map[string][]portRule
 	wild  map[string][]portRule // key: the suffix after "*."
+	any   *[]portRule           // the rules "*" (shared by copies of the matcher)
 }
 
 type portRule struct {
-	ports []uint16
+	ports []uint16 // nil (deny rules only): every port
 	rule  string
 }
 
 func newNameMatcher() nameMatcher {
-	return nameMatcher{exact: map[string][]portRule{}, wild: map[string][]portRule{}}
+	return nameMatcher{exact: map[string][]portRule{}, wild: map[string][]portRule{}, any: new([]portRule)}
 }
 
 func (m nameMatcher) add(pattern string, ports []uint16, rule string) {
+	if pattern == config.AnyName {
+		*m.any = append(*m.any, portRule{ports, rule})
+		return
+	}
 	if suffix, ok := strings.CutPrefix(pattern, "*."); ok {
 		m.wild[suffix] = append(m.wild[suffix], portRule{ports, rule})
 		return
@@ -373,7 +449,7 @@ func (m nameMatcher) add(pattern string, ports []uint16, rule string) {
 
 func findPort(rs []portRule, port uint16) (string, bool) {
 	for _, r := range rs {
-		if slices.Contains(r.ports, port) {
+		if r.ports == nil || slices.Contains(r.ports, port) {
 			return r.rule, true
 		}
 	}
@@ -389,13 +465,14 @@ func (m nameMatcher) candidates(name string, f func([]portRule) bool) bool {
 	for rest := name; ; {
 		i := strings.IndexByte(rest, '.')
 		if i < 0 {
-			return false
+			break
 		}
 		rest = rest[i+1:]
 		if rs, ok := m.wild[rest]; ok && f(rs) {
 			return true
 		}
 	}
+	return m.any != nil && len(*m.any) > 0 && f(*m.any)
 }
 
 // match reports the rule allowing name (normalised) on port.
@@ -407,7 +484,21 @@ func (m nameMatcher) match(name string, port uint16) (rule string, ok bool) {
 	return rule, ok
 }
 
-// matchAny reports whether any rule matches name, whatever its ports.
-func (m nameMatcher) matchAny(name string) bool {
-	return m.candidates(name, func([]portRule) bool { return true })
+// each calls f with every pattern of m and its rules.
+func (m nameMatcher) each(f func(pattern string, r portRule)) {
+	for name, rs := range m.exact {
+		for _, r := range rs {
+			f(name, r)
+		}
+	}
+	for suffix, rs := range m.wild {
+		for _, r := range rs {
+			f("*."+suffix, r)
+		}
+	}
+	if m.any != nil {
+		for _, r := range *m.any {
+			f(config.AnyName, r)
+		}
+	}
 }

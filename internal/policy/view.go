@@ -31,6 +31,27 @@ type PortView struct {
 	HTTP []NameRule
 	// CIDRs are the ranges connections to Port may reach uninspected.
 	CIDRs []CIDRRule
+	// DenySNI and DenyHTTP are the deny rules' patterns that apply on Port,
+	// sorted. SNI and HTTP hold no pattern a deny pattern of the same kind
+	// covers (every name it matches is denied): a renderer where the most
+	// specific pattern wins (Envoy's server-name and virtual-host matchers)
+	// gives deny patterns a deny action and so denies exactly what the
+	// builtin plane denies.
+	DenySNI, DenyHTTP []NameRule
+}
+
+// Covers reports whether every name pattern b matches is matched by
+// pattern a ("*" covers all; "*.x" covers "y.x" and "*.y.x"; a name covers
+// itself).
+func Covers(a, b string) bool {
+	if a == b || a == "*" {
+		return true
+	}
+	suffix, ok := strings.CutPrefix(a, "*.")
+	if !ok || b == "*" {
+		return false
+	}
+	return strings.HasSuffix(strings.TrimPrefix(b, "*."), "."+suffix)
 }
 
 // Inspect is what the builtin plane reads on this port before the name
@@ -64,18 +85,11 @@ func (pr *Project) Ports() []PortView {
 		{pr.sni, func(v *PortView, n NameRule) { v.SNI = append(v.SNI, n) }},
 		{pr.http, func(v *PortView, n NameRule) { v.HTTP = append(v.HTTP, n) }},
 	} {
-		for _, names := range []struct {
-			prefix string
-			rules  map[string][]portRule
-		}{{"", k.m.exact}, {"*.", k.m.wild}} {
-			for name, rs := range names.rules {
-				for _, r := range rs {
-					for _, pt := range r.ports {
-						k.add(get(pt), NameRule{Pattern: names.prefix + name, Rule: r.rule})
-					}
-				}
+		k.m.each(func(pattern string, r portRule) {
+			for _, pt := range r.ports {
+				k.add(get(pt), NameRule{Pattern: pattern, Rule: r.rule})
 			}
-		}
+		})
 	}
 	for _, c := range pr.cidrs {
 		for _, pt := range c.ports {
@@ -85,12 +99,32 @@ func (pr *Project) Ports() []PortView {
 	}
 	out := make([]PortView, 0, len(byPort))
 	for _, v := range byPort {
-		v.SNI = sortNames(v.SNI)
-		v.HTTP = sortNames(v.HTTP)
+		v.DenySNI = denyOn(pr.denySNI, v.Port)
+		v.DenyHTTP = denyOn(pr.denyHTTP, v.Port)
+		v.SNI = uncovered(sortNames(v.SNI), v.DenySNI)
+		v.HTTP = uncovered(sortNames(v.HTTP), v.DenyHTTP)
 		out = append(out, *v)
 	}
 	slices.SortFunc(out, func(a, b PortView) int { return int(a.Port) - int(b.Port) })
 	return out
+}
+
+// denyOn lists the deny patterns of m that apply on port, sorted.
+func denyOn(m nameMatcher, port uint16) []NameRule {
+	var out []NameRule
+	m.each(func(pattern string, r portRule) {
+		if r.ports == nil || slices.Contains(r.ports, port) {
+			out = append(out, NameRule{Pattern: pattern, Rule: r.rule})
+		}
+	})
+	return sortNames(out)
+}
+
+// uncovered drops the allow patterns a deny pattern covers.
+func uncovered(allow, deny []NameRule) []NameRule {
+	return slices.DeleteFunc(allow, func(a NameRule) bool {
+		return slices.ContainsFunc(deny, func(d NameRule) bool { return Covers(d.Pattern, a.Pattern) })
+	})
 }
 
 // sortNames sorts by pattern and keeps the first rule of each pattern (the

@@ -510,7 +510,7 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 	if reason != "" && e.d.Verdict == WouldDeny && !byAddress {
 		// In audit, a name that cannot be vetted still goes where the
 		// guest asked, within the always-denied rules.
-		target, reason = e.dst, p.checkDst(pr, e.dst.Addr())
+		target, reason = e.dst, p.checkDst(pr, e.dst.Addr(), e.dst.Port())
 	}
 	if reason != "" {
 		e.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Rule: e.d.Rule, Reason: reason}
@@ -780,11 +780,11 @@ func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect
 // to this project for this name; else an address the proxy resolves itself.
 func (p *Proxy) target(ctx context.Context, pr *policy.Project, name string, dst netip.AddrPort, byAddress bool) (netip.AddrPort, string) {
 	if byAddress || p.OriginalDst {
-		return dst, p.checkDst(pr, dst.Addr())
+		return dst, p.checkDst(pr, dst.Addr(), dst.Port())
 	}
 	name = dnsName(name)
 	if p.Answers != nil && p.Answers.Vetted(pr.Name, name, dst.Addr()) {
-		if reason := p.checkDst(pr, dst.Addr()); reason == "" {
+		if reason := p.checkDst(pr, dst.Addr(), dst.Port()); reason == "" {
 			return dst, ""
 		}
 	}
@@ -797,7 +797,7 @@ func (p *Proxy) target(ctx context.Context, pr *policy.Project, name string, dst
 	}
 	var reasons []string
 	for _, a := range addrs {
-		reason := p.checkDst(pr, a)
+		reason := p.checkDst(pr, a, dst.Port())
 		if reason == "" {
 			return netip.AddrPortFrom(a, dst.Port()), ""
 		}
@@ -810,8 +810,9 @@ func dnsName(s string) string { return strings.ToLower(strings.TrimSuffix(s, "."
 
 // checkDst refuses destinations that would loop back into the host, reach
 // another guest, or land in the always-denied set (unless a cidr rule of
-// the project names the address); it returns "" when a may be dialled.
-func (p *Proxy) checkDst(pr *policy.Project, a netip.Addr) string {
+// the project names the address) or in a deny cidr rule of the project
+// for port; it returns "" when a may be dialled.
+func (p *Proxy) checkDst(pr *policy.Project, a netip.Addr, port uint16) string {
 	a = a.Unmap()
 	if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
 		return "destination is not a routable unicast address"
@@ -825,6 +826,9 @@ func (p *Proxy) checkDst(pr *policy.Project, a netip.Addr) string {
 	}
 	if local {
 		return "destination is an address of the host itself"
+	}
+	if rule, denied := pr.CIDRDenies(a, port); denied {
+		return fmt.Sprintf("destination %s is denied by rule %s", a, strings.TrimPrefix(rule, policy.DenyPrefix))
 	}
 	if why := dest.AlwaysDenied(a); why != "" && !pr.CIDRNames(a) {
 		return fmt.Sprintf("destination %s is always denied (%s)", a, why)

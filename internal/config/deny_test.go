@@ -1,0 +1,84 @@
+package config
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+func TestParseDenyAndPresets(t *testing.T) {
+	cfg, err := Parse("c.yaml", []byte(`
+projects:
+  a:
+    allow:
+      - sni: "*"
+      - http: "*"
+      - preset: pypi
+    deny:
+      - sni: evil.example
+      - http: "*.evil.example"
+        ports: [8080]
+      - cidr: 198.51.100.0/24
+      - sni: mail.example
+        ports: [25]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := cfg.Project("a")
+	if len(p.Allow) != 4 || p.Allow[0].Name != AnyName || p.Allow[2].String() != "preset:pypi/sni:pypi.org" {
+		t.Errorf("allow: %+v", p.Allow)
+	}
+	if len(p.Deny) != 4 || p.Deny[0].Ports != nil || p.Deny[2].Ports != nil || p.Deny[1].String() != "http:*.evil.example ports 8080" {
+		t.Errorf("deny: %+v (a deny rule without ports has none: every port)", p.Deny)
+	}
+	if w := cfg.Warnings(); len(w) != 1 || !strings.Contains(w[0], "DNS exfiltration") {
+		t.Errorf("warnings %q; want one about DNS exfiltration", w)
+	}
+	// The API form: the same rules, and a preset renders as itself.
+	pr, err := ParsePolicy("", "a", []byte(`{"allow":[{"preset":"npm"},{"sni":"x.example"}],"deny":[{"sni":"*"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(PolicyDocument(pr))
+	if want := `{"allow":[{"preset":"npm"},{"sni":"x.example"}],"deny":[{"sni":"*"}],"max_connections":1024,"mode":"enforce"}`; string(b) != want {
+		t.Errorf("document %s; want %s", b, want)
+	}
+	again, err := ParsePolicy("", "a", b)
+	if err != nil || !SameRules(again.Allow, pr.Allow) || !SameRules(again.Deny, pr.Deny) {
+		t.Errorf("round trip: %+v, %v", again, err)
+	}
+}
+
+// TestPresetsValid expands every preset through the validator, in both
+// lists, and checks each names its sources and a version.
+func TestPresetsValid(t *testing.T) {
+	if len(Presets()) < 14 {
+		t.Errorf("%d presets", len(Presets()))
+	}
+	for _, pre := range Presets() {
+		for _, list := range []string{listAllow, listDeny} {
+			rules, err := pre.Rules(list)
+			if err != nil || len(rules) == 0 {
+				t.Errorf("preset %s in %s: %d rules, %v", pre.Name, list, len(rules), err)
+			}
+			for _, r := range rules {
+				if r.Preset != pre.Name {
+					t.Errorf("preset %s: rule %s not marked", pre.Name, r)
+				}
+			}
+		}
+		if len(pre.Sources) == 0 || pre.Version == "" || pre.Description == "" {
+			t.Errorf("preset %s: needs sources, a version and a description", pre.Name)
+		}
+		// The config parser takes it as an entry.
+		if _, err := Parse("c.yaml", []byte("projects:\n  a:\n    allow:\n      - preset: "+pre.Name+"\n")); err != nil {
+			t.Errorf("preset %s in a config: %v", pre.Name, err)
+		}
+	}
+	// A preset body with a bad rule is refused by the same validator.
+	bad := Preset{Name: "bad", Body: "- sni: \"a.*.com\"\n"}
+	if _, err := bad.Rules(listAllow); err == nil || !strings.Contains(err.Error(), "wildcard") {
+		t.Errorf("bad preset: %v; want the validator's error", err)
+	}
+}
