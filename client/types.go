@@ -34,15 +34,20 @@ type Policy struct {
 	MaxConnections int `json:"max_connections,omitempty"`
 	// Allow lists what the project may reach; nothing else leaves.
 	Allow []Rule `json:"allow"`
+	// Deny is evaluated before Allow: what a deny rule matches is refused
+	// whatever Allow says (a deny rule without ports applies on every port).
+	Deny []Rule `json:"deny,omitempty"`
 }
 
-// Rule is one allow rule: exactly one of SNI, HTTP or CIDR, and ports
+// Rule is one allow or deny rule: exactly one of SNI, HTTP, CIDR or Preset, and ports
 // (default 443 for SNI, 80 for HTTP; required for CIDR).
 type Rule struct {
-	SNI   string   `json:"sni,omitempty"`
-	HTTP  string   `json:"http,omitempty"`
-	CIDR  string   `json:"cidr,omitempty"`
-	Ports []uint16 `json:"ports,omitempty"`
+	SNI  string `json:"sni,omitempty"`
+	HTTP string `json:"http,omitempty"`
+	CIDR string `json:"cidr,omitempty"`
+	// Preset names a shipped preset (vmegress policy presets); no ports.
+	Preset string   `json:"preset,omitempty"`
+	Ports  []uint16 `json:"ports,omitempty"`
 }
 
 // Project is GET /v1/projects/{name}: placement, policy, where the policy

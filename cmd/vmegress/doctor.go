@@ -40,6 +40,14 @@ says how to fix it; the exit code is 1 when any check fails.`,
 					}
 				}
 			}
+			// Valid but weaker than the default: said, never a failure.
+			warnTo := a.stdout
+			if asJSON {
+				warnTo = a.stderr
+			}
+			for _, w := range cfg.Warnings() {
+				fmt.Fprintf(warnTo, "[warn] policy: %s\n", w)
+			}
 			if doctor.Failed(results) {
 				return errSilent
 			}

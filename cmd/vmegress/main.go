@@ -159,7 +159,7 @@ func (a *app) loadConfig() (*config.Config, error) {
 
 func (a *app) policyCmd() *cobra.Command {
 	pc := &cobra.Command{Use: "policy", Short: "Check and explain policy"}
-	pc.AddCommand(a.explainCmd(), a.suggestCmd(), a.policySetCmd())
+	pc.AddCommand(a.explainCmd(), a.suggestCmd(), a.policySetCmd(), a.presetsCmd())
 	pc.AddCommand(&cobra.Command{
 		Use:   "check [FILE]",
 		Short: "Validate a config file (errors as file:line:col, exit 2)",
@@ -174,9 +174,12 @@ func (a *app) policyCmd() *cobra.Command {
 			}
 			rules := 0
 			for _, p := range cfg.Projects {
-				rules += len(p.Allow)
+				rules += len(p.Allow) + len(p.Deny)
 			}
 			fmt.Fprintf(a.stdout, "%s: ok (%d projects, %d rules)\n", a.configPath, len(cfg.Projects), rules)
+			for _, w := range cfg.Warnings() {
+				fmt.Fprintf(a.stderr, "warning: %s\n", w)
+			}
 			return nil
 		},
 	})

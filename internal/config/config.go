@@ -106,7 +106,6 @@ const (
 // AnyName is the sni or http pattern that matches every name.
 const AnyName = "*"
 
-
 // Rule is one allow or deny rule.
 type Rule struct {
 	Kind RuleKind

@@ -36,12 +36,12 @@ projects:
 		t.Errorf("warnings %q; want one about DNS exfiltration", w)
 	}
 	// The API form: the same rules, and a preset renders as itself.
-	pr, err := ParsePolicy("", "a", []byte(`{"allow":[{"preset":"npm"},{"sni":"x.example"}],"deny":[{"sni":"*"}]}`))
+	pr, err := ParsePolicy("", "a", []byte(`{"allow":[{"preset":"npm"},{"preset":"npm"},{"sni":"x.example"}],"deny":[{"sni":"*"}]}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	b, _ := json.Marshal(PolicyDocument(pr))
-	if want := `{"allow":[{"preset":"npm"},{"sni":"x.example"}],"deny":[{"sni":"*"}],"max_connections":1024,"mode":"enforce"}`; string(b) != want {
+	if want := `{"allow":[{"preset":"npm"},{"preset":"npm"},{"sni":"x.example"}],"deny":[{"sni":"*"}],"max_connections":1024,"mode":"enforce"}`; string(b) != want {
 		t.Errorf("document %s; want %s", b, want)
 	}
 	again, err := ParsePolicy("", "a", b)

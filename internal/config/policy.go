@@ -104,10 +104,15 @@ func PolicyDocument(p Project) map[string]any {
 
 func ruleDocuments(rules []Rule) []map[string]any {
 	out := make([]map[string]any, 0, len(rules))
-	for i, r := range rules {
+	for i := 0; i < len(rules); i++ {
+		r := rules[i]
 		if r.Preset != "" {
-			if i == 0 || rules[i-1].Preset != r.Preset {
-				out = append(out, map[string]any{"preset": r.Preset})
+			// One entry for one expansion: a preset named twice stays twice.
+			out = append(out, map[string]any{"preset": r.Preset})
+			if pre, ok := LookupPreset(r.Preset); ok {
+				if exp, err := pre.Rules(listAllow); err == nil {
+					i += len(exp) - 1
+				}
 			}
 			continue
 		}

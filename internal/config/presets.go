@@ -122,7 +122,6 @@ var presets = []Preset{
 - sni: "*.github.com"               # api, codeload, uploads, objects
 - sni: "*.githubusercontent.com"    # raw, objects (release assets), avatars
 - sni: ghcr.io                      # GitHub Packages container registry
-- sni: pkg-containers.githubusercontent.com
 `,
 	},
 	{

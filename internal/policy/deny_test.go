@@ -74,9 +74,9 @@ func TestDenyWins(t *testing.T) {
 	for name, want := range map[string]bool{
 		"github.com":          true,
 		"blocked.example":     true, // denied on every port for sni; http "*" still allows it
-		"api.blocked.example": true,  // http "*" allows it on 80
-		"only443.example":     true,  // sni 8443 is not denied
-		"x.tracker.example":   true,  // sni allows it
+		"api.blocked.example": true, // http "*" allows it on 80
+		"only443.example":     true, // sni 8443 is not denied
+		"x.tracker.example":   true, // sni allows it
 	} {
 		if got := pr.AllowsName(name); got != want {
 			t.Errorf("AllowsName(%s) = %v; want %v", name, got, want)
