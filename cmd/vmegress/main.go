@@ -159,7 +159,7 @@ func (a *app) loadConfig() (*config.Config, error) {
 
 func (a *app) policyCmd() *cobra.Command {
 	pc := &cobra.Command{Use: "policy", Short: "Check and explain policy"}
-	pc.AddCommand(a.explainCmd(), a.suggestCmd(), a.policySetCmd(), a.presetsCmd())
+	pc.AddCommand(a.explainCmd(), a.suggestCmd(), a.policySetCmd(), a.presetsCmd(), a.policyTestCmd(), a.policyDiffCmd())
 	pc.AddCommand(&cobra.Command{
 		Use:   "check [FILE]",
 		Short: "Validate a config file (errors as file:line:col, exit 2)",

@@ -89,6 +89,20 @@ func Parse(file string, data []byte) (*Config, error) {
 	return p.cfg, nil
 }
 
+// ParseNode validates root, a YAML mapping read elsewhere (an expectation
+// file's inline projects), as the config file named file; positions are
+// root's own.
+func ParseNode(file string, root *yaml.Node) (*Config, error) {
+	p := &parser{file: file, cfg: Default()}
+	p.cfg.Path = file
+	p.top(root)
+	p.crossCheck()
+	if len(p.issues) > 0 {
+		return nil, &Error{File: file, Issues: p.issues}
+	}
+	return p.cfg, nil
+}
+
 type parser struct {
 	file      string
 	cfg       *Config

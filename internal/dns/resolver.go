@@ -316,9 +316,9 @@ func (r *Resolver) answer(ctx context.Context, src netip.Addr, req *mdns.Msg) ou
 		return nx("query class is not IN")
 	}
 	verdict := "allow"
-	if !pr.AllowsName(name) {
+	if d := pr.Resolve(name); d.Verdict != policy.Allow {
 		if !pr.Audit {
-			return nx("no rule of project " + pr.Name + " allows the name")
+			return nx(d.Reason)
 		}
 		verdict = "would_deny" // audit: answered, but enforcement would not
 	}

@@ -355,20 +355,39 @@ func ruleKind(k Kind) string {
 // name (normalised) on some port that no deny rule of the same kind
 // refuses it on: the resolver answers exactly these names.
 func (pr *Project) AllowsName(name string) bool {
-	return allowsSomewhere(pr.sni, pr.denySNI, name) || allowsSomewhere(pr.http, pr.denyHTTP, name)
+	return pr.Resolve(name).Verdict == Allow
 }
 
-func allowsSomewhere(allow, deny nameMatcher, name string) bool {
-	return allow.candidates(name, func(rs []portRule) bool {
-		for _, r := range rs {
-			for _, pt := range r.ports {
-				if _, denied := deny.match(name, pt); !denied {
-					return true
+// Resolve decides whether the resolver answers name (normalised) for the
+// project, enforcement assumed (an audit project's resolver answers a
+// denied name too): Allow with the first rule that allows the name on a
+// port no deny rule refuses it on; else Deny, with the deny rule that
+// refused it when one did.
+func (pr *Project) Resolve(name string) Decision {
+	d := Decision{Verdict: Deny, Project: pr.Name, Reason: "no rule of project " + pr.Name + " allows the name"}
+	for _, k := range []struct{ allow, deny nameMatcher }{{pr.sni, pr.denySNI}, {pr.http, pr.denyHTTP}} {
+		var rule, denied string
+		k.allow.candidates(name, func(rs []portRule) bool {
+			for _, r := range rs {
+				for _, pt := range r.ports {
+					dr, ok := k.deny.match(name, pt)
+					if !ok {
+						rule = r.rule
+						return true
+					}
+					denied = dr
 				}
 			}
+			return false
+		})
+		if rule != "" {
+			return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}
 		}
-		return false
-	})
+		if denied != "" && d.Rule == "" {
+			d.Rule, d.Reason = denied, "denied by rule "+strings.TrimPrefix(denied, DenyPrefix)
+		}
+	}
+	return d
 }
 
 // CIDRDenies returns the deny cidr rule refusing addr on port, if any.
