@@ -229,3 +229,36 @@ func (c *Config) Warnings() []string {
 	}
 	return out
 }
+
+// EnvoyIssue is something in a project that dataplane envoy cannot carry
+// out as the builtin plane does; Rule is the rule at fault (nil: the
+// project's mode).
+type EnvoyIssue struct {
+	Field string // "mode", "deny[2]"
+	Rule  *Rule
+	Msg   string
+}
+
+// EnvoyIssues lists what in p dataplane envoy refuses, each naming the
+// rule, so the planes never differ silently. Deny rules are among them
+// until the Envoy renderer gives them deny actions.
+func (p Project) EnvoyIssues() []EnvoyIssue {
+	var out []EnvoyIssue
+	if p.Mode == "audit" {
+		out = append(out, EnvoyIssue{Field: "mode", Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", p.Name)})
+	}
+	for i := range p.Allow {
+		if r := &p.Allow[i]; r.Kind == KindHTTP && r.Name == AnyName {
+			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (the Envoy plane's catch-all virtual host is its refusal; not rendered yet)", p.Name, r)})
+		}
+	}
+	for i := range p.Deny {
+		r := &p.Deny[i]
+		msg := fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (the Envoy plane does not render deny rules yet)", p.Name, r)
+		if r.Kind == KindCIDR {
+			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (Envoy resolves names itself and cannot keep a project's denied ranges out of what it dials)", p.Name, r)
+		}
+		out = append(out, EnvoyIssue{Field: fmt.Sprintf("deny[%d]", i), Rule: r, Msg: msg})
+	}
+	return out
+}

@@ -82,3 +82,13 @@ func TestPresetsValid(t *testing.T) {
 		t.Errorf("bad preset: %v; want the validator's error", err)
 	}
 }
+
+// TestEnvoyRefusesDeny: dataplane envoy refuses deny rules at load, naming
+// each rule at its position (never a silent difference between planes).
+func TestEnvoyRefusesDeny(t *testing.T) {
+	_, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: \"*\"\n    deny:\n      - sni: evil.example\n      - cidr: 198.51.100.0/24\n"))
+	if err == nil || !strings.Contains(err.Error(), `c.yaml:7:9: project "a": deny rule sni:evil.example needs dataplane builtin`) ||
+		!strings.Contains(err.Error(), `c.yaml:8:9: project "a": deny rule cidr:198.51.100.0/24 needs dataplane builtin`) {
+		t.Errorf("got %v", err)
+	}
+}

@@ -571,13 +571,12 @@ func (p *parser) crossCheck() {
 	c := p.cfg
 	if c.Dataplane == "envoy" {
 		for _, pr := range c.Projects {
-			if pr.Mode == "audit" {
-				p.issues = append(p.issues, Issue{Pos: pr.Pos, Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", pr.Name)})
-			}
-			for _, r := range pr.Deny {
-				if r.Kind == KindCIDR {
-					p.issues = append(p.issues, Issue{Pos: r.Pos, Msg: fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (Envoy resolves names itself and cannot keep a project's denied ranges out of what it dials)", pr.Name, r)})
+			for _, is := range pr.EnvoyIssues() {
+				at := pr.Pos
+				if is.Rule != nil {
+					at = is.Rule.Pos
 				}
+				p.issues = append(p.issues, Issue{Pos: at, Msg: is.Msg})
 			}
 		}
 		if c.Upstream == "original_dst" {

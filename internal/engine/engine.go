@@ -694,10 +694,13 @@ func (e *Engine) SetPolicy(ctx context.Context, p config.Project) (generation ui
 }
 
 // planeSupports refuses a policy the data plane cannot carry out (Envoy has
-// no audit mode), as the config file's loader does.
+// no audit mode, ...), as the config file's loader does.
 func planeSupports(file *config.Config, p config.Project) error {
-	if file.Dataplane == "envoy" && p.Mode == "audit" {
-		return &placement.Invalid{Field: "policy.mode", Err: fmt.Errorf("project %q: mode audit needs dataplane builtin", p.Name)}
+	if file.Dataplane != "envoy" {
+		return nil
+	}
+	if is := p.EnvoyIssues(); len(is) > 0 {
+		return &placement.Invalid{Field: "policy." + is[0].Field, Err: errors.New(is[0].Msg)}
 	}
 	return nil
 }
