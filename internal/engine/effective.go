@@ -31,7 +31,7 @@ func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Pr
 	}
 	out := *cfg
 	out.Projects = append([]config.Project(nil), cfg.Projects...)
-	seen := map[string]bool{}
+	seen := make(map[string]bool, len(out.Projects)+len(st.Projects)+len(api))
 	for i := range out.Projects {
 		p := &out.Projects[i]
 		seen[p.Name] = true
@@ -47,10 +47,17 @@ func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Pr
 				p.Name, p.Subnet, placed.Subnet, p.Name)
 		}
 	}
-	for _, placed := range st.Sorted() {
-		if seen[placed.Name] {
-			continue
+	// Only the placed projects the config does not name are sorted, by
+	// name (not whole records): cheap at thousands of projects.
+	var names []string
+	for name := range st.Projects {
+		if !seen[name] {
+			names = append(names, name)
 		}
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		placed := st.Projects[name]
 		seen[placed.Name] = true
 		p, ok := api[placed.Name]
 		if !ok {
@@ -88,4 +95,21 @@ func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Pr
 		owner[key] = p.Name
 	}
 	return &out, nil
+}
+
+// replacePolicy is EffectiveWith for a change of one API project's policy
+// that does not move the project (the state is unchanged): eff, the merged
+// config before the change, with that project's entry replaced by p at its
+// placement. It copies the list of projects once and recompiles nothing;
+// ok is false when eff has no entry for p.Name (the caller merges anew).
+func replacePolicy(eff *config.Config, p config.Project) (out *config.Config, ok bool) {
+	i := slices.IndexFunc(eff.Projects, func(q config.Project) bool { return q.Name == p.Name })
+	if i < 0 {
+		return nil, false
+	}
+	c := *eff
+	c.Projects = slices.Clone(eff.Projects)
+	p.Subnet = eff.Projects[i].Subnet
+	c.Projects[i] = p
+	return &c, true
 }

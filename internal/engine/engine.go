@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 
@@ -408,26 +409,11 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	if err != nil {
 		return nil, err
 	}
-	oldBy := make(map[string]*config.Project, len(cur.Config.Projects))
-	for i := range cur.Config.Projects {
-		oldBy[cur.Config.Projects[i].Name] = &cur.Config.Projects[i]
+	changed, removed := diffProjects(cur.Config.Projects, eff.Projects)
+	for i := range changed {
+		changedProjects = append(changedProjects, changed[i].Name)
 	}
-	var changed []config.Project
-	seen := make(map[string]bool, len(eff.Projects))
-	for _, p := range eff.Projects {
-		seen[p.Name] = true
-		if o := oldBy[p.Name]; o == nil || !SameProject(*o, p) {
-			changed = append(changed, p)
-			changedProjects = append(changedProjects, p.Name)
-		}
-	}
-	var removed []string
-	for name := range oldBy {
-		if !seen[name] {
-			removed = append(removed, name)
-			changedProjects = append(changedProjects, name)
-		}
-	}
+	changedProjects = append(changedProjects, removed...)
 	slices.Sort(changedProjects)
 	pol, err := cur.Policy.Update(changed, removed)
 	if err != nil {
@@ -445,13 +431,47 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	return changedProjects, nil
 }
 
+// diffProjects returns the projects of to that are new or compile
+// differently than in from, and the names of from's projects that to lacks.
+// Merged configs list projects in a stable order, so it compares position
+// by position and builds a map by name only from the first position where
+// the names part.
+func diffProjects(from, to []config.Project) (changed []config.Project, removed []string) {
+	i := 0
+	for ; i < len(from) && i < len(to) && from[i].Name == to[i].Name; i++ {
+		if !SameProject(from[i], to[i]) {
+			changed = append(changed, to[i])
+		}
+	}
+	if i == len(from) && i == len(to) {
+		return changed, nil
+	}
+	oldBy := make(map[string]*config.Project, len(from)-i)
+	for j := i; j < len(from); j++ {
+		oldBy[from[j].Name] = &from[j]
+	}
+	for j := i; j < len(to); j++ {
+		p := &to[j]
+		o, ok := oldBy[p.Name]
+		if !ok || !SameProject(*o, *p) {
+			changed = append(changed, *p)
+		}
+		delete(oldBy, p.Name)
+	}
+	for name := range oldBy {
+		removed = append(removed, name)
+	}
+	slices.Sort(removed)
+	return changed, removed
+}
+
 // SameProject reports whether two projects compile to the same policy.
 func SameProject(a, b config.Project) bool {
 	if a.Name != b.Name || a.Subnet != b.Subnet || a.Mode != b.Mode || a.MaxConnections != b.MaxConnections || len(a.Allow) != len(b.Allow) {
 		return false
 	}
 	for i := range a.Allow {
-		x, y := a.Allow[i], b.Allow[i]
+		x, y := &a.Allow[i], &b.Allow[i] // pointers: a Rule is too big to copy per comparison
 		if x.Kind != y.Kind || x.Name != y.Name || x.Prefix != y.Prefix || !slices.Equal(x.Ports, y.Ports) {
 			return false
 		}
@@ -551,22 +571,20 @@ func (e *Engine) RestoreNAT(ctx context.Context, setForwarding func(tap string) 
 	return sorted, nil
 }
 
+// withPolicy and withoutPolicy copy with maps.Clone, which copies the
+// map's table whole (thousands of projects) instead of inserting one by one.
 func withPolicy(m map[string]config.Project, p config.Project) map[string]config.Project {
-	out := make(map[string]config.Project, len(m)+1)
-	for k, v := range m {
-		out[k] = v
+	out := maps.Clone(m)
+	if out == nil {
+		out = map[string]config.Project{}
 	}
 	out[p.Name] = p
 	return out
 }
 
 func withoutPolicy(m map[string]config.Project, name string) map[string]config.Project {
-	out := make(map[string]config.Project, len(m))
-	for k, v := range m {
-		if k != name {
-			out[k] = v
-		}
-	}
+	out := maps.Clone(m)
+	delete(out, name)
 	return out
 }
 
@@ -635,9 +653,13 @@ func (e *Engine) SetPolicy(ctx context.Context, p config.Project) (generation ui
 		return cur.Generation, nil
 	}
 	policies := withPolicy(cur.Policies, p)
-	eff, err := EffectiveWith(cur.File, cur.State, policies)
-	if err != nil {
-		return 0, err
+	// The project keeps its place: only its entry of the merged config
+	// changes (EffectiveWith would rebuild all of them).
+	eff, ok := replacePolicy(cur.Config, p)
+	if !ok {
+		if eff, err = EffectiveWith(cur.File, cur.State, policies); err != nil {
+			return 0, err
+		}
 	}
 	compiled, err := cur.Policy.Update([]config.Project{*eff.Project(p.Name)}, nil)
 	if err != nil {

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/google/go-cmp/cmp"
+
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
@@ -272,5 +274,61 @@ func TestSetConfigRecompilesOnlyChanged(t *testing.T) {
 	before := f.eng.Snapshot()
 	if _, err := f.eng.SetConfig(context.Background(), bad); err == nil || f.eng.Snapshot() != before {
 		t.Errorf("a restart-only change was applied: %v", err)
+	}
+}
+
+// TestIncrementalMergeMatchesFull: the incremental paths (one policy
+// replaced; projects compared by position) give what a full merge and a
+// by-name comparison give.
+func TestIncrementalMergeMatchesFull(t *testing.T) {
+	cfg := testConfig()
+	st := &state.State{Projects: map[string]state.Project{
+		"alpha": {Name: "alpha", TAP: "tap-alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30")},
+		"zed":   {Name: "zed", TAP: "tap-zed", Subnet: netip.MustParsePrefix("172.31.0.8/30")},
+		"api1":  {Name: "api1", TAP: "tap-api1", Subnet: netip.MustParsePrefix("172.31.0.4/30")},
+	}}
+	api := map[string]config.Project{
+		"api1":  {Name: "api1", Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: "a.example"}}},
+		"later": {Name: "later", Mode: "enforce"},
+	}
+	eff, err := EffectiveWith(cfg, st, api)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []config.Project{
+		{Name: "api1", Mode: "audit", Allow: []config.Rule{{Kind: config.KindHTTP, Name: "b.example"}}},
+		{Name: "later", Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: "c.example"}}},
+		{Name: "zed", Mode: "enforce", MaxConnections: 3},
+	} {
+		got, ok := replacePolicy(eff, p)
+		want, err := EffectiveWith(cfg, st, withPolicy(api, p))
+		if !ok || err != nil {
+			t.Fatalf("%s: ok %v, err %v", p.Name, ok, err)
+		}
+		netipEq := cmp.Options{cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+			cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })}
+		if d := cmp.Diff(want, got, netipEq); d != "" {
+			t.Errorf("replacing %s's policy (-full +incremental):\n%s", p.Name, d)
+		}
+		if eff.Project(p.Name).Mode == p.Mode && p.Mode == "audit" {
+			t.Error("replacePolicy changed its input")
+		}
+	}
+	if _, ok := replacePolicy(eff, config.Project{Name: "nobody"}); ok {
+		t.Error("replacePolicy of a project the merge lacks")
+	}
+	// diffProjects, in order and shuffled.
+	a := []config.Project{{Name: "a"}, {Name: "b", Mode: "enforce"}, {Name: "c"}, {Name: "d"}}
+	b := []config.Project{{Name: "a"}, {Name: "b", Mode: "audit"}, {Name: "d"}, {Name: "e"}, {Name: "c"}}
+	changed, removed := diffProjects(a, b)
+	var names []string
+	for _, p := range changed {
+		names = append(names, p.Name)
+	}
+	if !slices.Equal(names, []string{"b", "e"}) || len(removed) != 0 {
+		t.Errorf("changed %v removed %v, want [b e] []", names, removed)
+	}
+	if changed, removed = diffProjects(b, a[:2]); len(changed) != 1 || !slices.Equal(removed, []string{"c", "d", "e"}) {
+		t.Errorf("changed %v removed %v, want [b] [c d e]", changed, removed)
 	}
 }

@@ -38,10 +38,10 @@ func TestPorts(t *testing.T) {
 		got = append(got, fmt.Sprintf("%d %v sni=%v http=%v cidrs=%v", v.Port, v.Inspect(), v.SNI, v.HTTP, v.CIDRs))
 	}
 	want := []string{
-		"22 0 sni=[] http=[] cidrs=[{198.51.100.0/24 cidr:198.51.100.0/24 ports 22}]",
-		"80 2 sni=[] http=[{c.example http:c.example ports 8080,80}] cidrs=[]",
-		"443 1 sni=[{*.a.example sni:*.a.example ports 443,8080} {b.example sni:b.example}] http=[] cidrs=[]",
-		"8080 3 sni=[{*.a.example sni:*.a.example ports 443,8080}] http=[{c.example http:c.example ports 8080}] cidrs=[]",
+		"22 none sni=[] http=[] cidrs=[{198.51.100.0/24 cidr:198.51.100.0/24 ports 22}]",
+		"80 http sni=[] http=[{c.example http:c.example ports 8080,80}] cidrs=[]",
+		"443 tls sni=[{*.a.example sni:*.a.example ports 443,8080} {b.example sni:b.example}] http=[] cidrs=[]",
+		"8080 tls-or-http sni=[{*.a.example sni:*.a.example ports 443,8080}] http=[{c.example http:c.example ports 8080}] cidrs=[]",
 	}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("Ports (-want +got):\n%s", d)
