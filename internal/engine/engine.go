@@ -40,6 +40,8 @@ type Host interface {
 	// Prefixes lists the host's IPv4 addresses and routes on interfaces other
 	// than those skip names (vmegress's own TAPs).
 	Prefixes(skip func(iface string) bool) ([]placement.HostPrefix, error)
+	// Links names the host's network interfaces.
+	Links() (map[string]bool, error)
 }
 
 // Snapshot is one consistent view: the config file, the projects placed,
@@ -126,6 +128,9 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 		if err := e.install(ctx, eff, st); err != nil {
 			return err
 		}
+		if err := e.restoreTAPs(st); err != nil {
+			return err
+		}
 		// The other backend's leftovers are gone now; later installs
 		// (reloads, drift repairs) need not look again.
 		e.Interception.Stale = nil
@@ -134,6 +139,41 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 	e.snap = snap
 	e.publish(snap, Change{Kind: ChangeOpen})
 	return nil
+}
+
+// restoreTAPs re-creates the TAP of every placed project that has none: a
+// crash between a removal's TAP deletion and its state write, or a reboot
+// (TAPs do not survive one; the state does). Without it the project stays
+// placed with nothing to attach a VM to, and placing it again changes
+// nothing. The ruleset is installed first, so a TAP never comes up
+// unfiltered. A TAP the state does not list (a crash between a placement's
+// TAP and its state write) is left: it is a guest interface with forwarding
+// off in no project's /30, so nothing from it leaves, and placing its
+// project again adopts it.
+func (e *Engine) restoreTAPs(st *state.State) error {
+	if e.Host == nil || len(st.Projects) == 0 {
+		return nil
+	}
+	links, err := e.Host.Links()
+	if err != nil {
+		return fmt.Errorf("listing interfaces: %w", err)
+	}
+	for _, p := range st.Sorted() {
+		if links[p.TAP] {
+			continue
+		}
+		e.log().Warn("re-creating the TAP of a placed project (a crash cut a change short, or the host rebooted)", "project", p.Name, "tap", p.TAP)
+		if _, err := e.Host.CreateTAP(tapOf(p), p.Name); err != nil {
+			return fmt.Errorf("re-creating the TAP of project %s: %w", p.Name, err)
+		}
+	}
+	return nil
+}
+
+func tapOf(p state.Project) hostnet.TAP {
+	return hostnet.TAP{Name: p.TAP, HostIP: p.HostIP(), GuestIP: p.GuestIP(),
+		GuestMAC: p.MAC, Owner: p.Owner, Group: p.Group,
+		Forwarding: p.Egress == state.EgressNAT || p.SSHPort != 0}
 }
 
 // Snapshot returns the current snapshot.
@@ -236,9 +276,7 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 		}()
 	}
 	if e.Host != nil {
-		created, err := e.Host.CreateTAP(hostnet.TAP{Name: p.TAP, HostIP: p.HostIP(), GuestIP: p.GuestIP(),
-			GuestMAC: p.MAC, Owner: p.Owner, Group: p.Group,
-			Forwarding: p.Egress == state.EgressNAT || p.SSHPort != 0}, p.Name)
+		created, err := e.Host.CreateTAP(tapOf(p), p.Name)
 		if err != nil {
 			return state.Project{}, false, err
 		}

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/vishvananda/netlink"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/firewall"
@@ -50,6 +51,37 @@ func (h *fakeHost) DeleteTAP(name, project string) error {
 
 func (h *fakeHost) Prefixes(skip func(string) bool) ([]placement.HostPrefix, error) {
 	return h.prefixes, nil
+}
+
+func (h *fakeHost) Links() (map[string]bool, error) {
+	out := map[string]bool{}
+	for n := range h.taps {
+		out[n] = true
+	}
+	return out, nil
+}
+
+// TestOpenRestoresMissingTAPs: a daemon start re-creates the TAP of a placed
+// project that has none (a crash between a removal's TAP deletion and its
+// state write, or a reboot), and leaves the ones that exist alone.
+func TestOpenRestoresMissingTAPs(t *testing.T) {
+	dir := t.TempDir()
+	st := &state.State{Projects: map[string]state.Project{
+		"alpha": {Name: "alpha", TAP: "tap-alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30"), MAC: state.MAC("alpha"), Egress: state.EgressProxy},
+		"beta":  {Name: "beta", TAP: "tap-beta", Subnet: netip.MustParsePrefix("172.31.0.4/30"), MAC: state.MAC("beta"), Egress: state.EgressProxy},
+	}}
+	if err := (state.Store{Dir: dir}).Save(st); err != nil {
+		t.Fatal(err)
+	}
+	j := &journal{}
+	host := &fakeHost{j: j, taps: map[string]bool{"tap-beta": true}}
+	e := &Engine{Store: state.Store{Dir: dir}, Interception: Interception{Firewall: &fakeFirewall{j: j}, Netlink: nullNetlink{}}, Host: host}
+	if err := e.Open(context.Background(), testConfig(), true); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"apply", "tap+ tap-alpha"}; !slices.Equal(j.events, want) {
+		t.Errorf("side effects %q, want %q (the ruleset first, then only the missing TAP)", j.events, want)
+	}
 }
 
 // fakeFirewall is installed and records element updates.
@@ -331,4 +363,21 @@ func TestIncrementalMergeMatchesFull(t *testing.T) {
 	if changed, removed = diffProjects(b, a[:2]); len(changed) != 1 || !slices.Equal(removed, []string{"c", "d", "e"}) {
 		t.Errorf("changed %v removed %v, want [b] [c d e]", changed, removed)
 	}
+}
+
+// nullNetlink is policy routing that accepts everything and holds nothing.
+type nullNetlink struct{}
+
+func (nullNetlink) RuleListFiltered(int, *netlink.Rule, uint64) ([]netlink.Rule, error) {
+	return nil, nil
+}
+func (nullNetlink) RuleAdd(*netlink.Rule) error { return nil }
+func (nullNetlink) RuleDel(*netlink.Rule) error { return nil }
+func (nullNetlink) RouteListFiltered(int, *netlink.Route, uint64) ([]netlink.Route, error) {
+	return nil, nil
+}
+func (nullNetlink) RouteReplace(*netlink.Route) error { return nil }
+func (nullNetlink) RouteDel(*netlink.Route) error     { return nil }
+func (nullNetlink) LinkByName(string) (netlink.Link, error) {
+	return &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "lo", Index: 1}}, nil
 }

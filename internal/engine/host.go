@@ -31,6 +31,19 @@ func (h NetlinkHost) DeleteTAP(name, project string) error {
 	return hostnet.DeleteTAP(h.Handle, name)
 }
 
+// Links names the interfaces of the namespace (one netlink dump).
+func (h NetlinkHost) Links() (map[string]bool, error) {
+	links, err := h.Handle.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing links: %w", err)
+	}
+	out := make(map[string]bool, len(links))
+	for _, l := range links {
+		out[l.Attrs().Name] = true
+	}
+	return out, nil
+}
+
 // Prefixes lists the IPv4 addresses and main-table routes of every
 // interface skip does not name. Default routes are where traffic goes, not
 // addresses in use, and are left out.
