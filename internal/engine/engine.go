@@ -250,7 +250,16 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 	if !samePol {
 		policies = withPolicy(cur.Policies, *pol)
 	}
-	eff, err := EffectiveWith(cur.File, next, policies)
+	// A project the file does not name goes into the merge alone; others
+	// are merged anew.
+	var apiPol *config.Project
+	if q, ok := policies[p.Name]; ok {
+		apiPol = &q
+	}
+	eff, ok, err := withPlaced(cur.File, cur.Config, p.Name, p.Subnet, apiPol)
+	if !ok {
+		eff, err = EffectiveWith(cur.File, next, policies)
+	}
 	if err != nil {
 		return state.Project{}, false, &placement.Conflict{Err: err}
 	}
@@ -395,8 +404,13 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 	if _, ok := policies[name]; ok {
 		policies = withoutPolicy(policies, name)
 	}
-	eff, err := EffectiveWith(cur.File, next, policies)
-	if err != nil {
+	var eff *config.Config
+	if cur.File.Project(name) == nil && cur.Config != cur.File {
+		// Not the file's: the merge loses that one entry.
+		c := *cur.Config
+		c.Projects = slices.DeleteFunc(slices.Clone(cur.Config.Projects), func(q config.Project) bool { return q.Name == name })
+		eff = &c
+	} else if eff, err = EffectiveWith(cur.File, next, policies); err != nil {
 		return p, true, err
 	}
 	var changed []config.Project

@@ -327,6 +327,8 @@ func TestIncrementalMergeMatchesFull(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	netipEq := cmp.Options{cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+		cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })}
 	for _, p := range []config.Project{
 		{Name: "api1", Mode: "audit", Allow: []config.Rule{{Kind: config.KindHTTP, Name: "b.example"}}},
 		{Name: "later", Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: "c.example"}}},
@@ -337,13 +339,63 @@ func TestIncrementalMergeMatchesFull(t *testing.T) {
 		if !ok || err != nil {
 			t.Fatalf("%s: ok %v, err %v", p.Name, ok, err)
 		}
-		netipEq := cmp.Options{cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
-			cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })}
 		if d := cmp.Diff(want, got, netipEq); d != "" {
 			t.Errorf("replacing %s's policy (-full +incremental):\n%s", p.Name, d)
 		}
 		if eff.Project(p.Name).Mode == p.Mode && p.Mode == "audit" {
 			t.Error("replacePolicy changed its input")
+		}
+	}
+	// Placements: new (sorted in), moved, one with an unplaced API policy;
+	// a file project falls back.
+	for _, pl := range []state.Project{
+		{Name: "aaa", Subnet: netip.MustParsePrefix("172.31.0.12/30")},
+		{Name: "mmm", Subnet: netip.MustParsePrefix("172.31.0.16/30")},
+		{Name: "zzz", Subnet: netip.MustParsePrefix("172.31.0.20/30")},
+		{Name: "api1", Subnet: netip.MustParsePrefix("172.31.0.24/30")},
+		{Name: "later", Subnet: netip.MustParsePrefix("172.31.0.28/30")},
+	} {
+		var pol *config.Project
+		if q, ok := api[pl.Name]; ok {
+			pol = &q
+		}
+		got, ok, err := withPlaced(cfg, eff, pl.Name, pl.Subnet, pol)
+		want, werr := EffectiveWith(cfg, st.With(pl), api)
+		if !ok || err != nil || werr != nil {
+			t.Fatalf("placing %s: ok %v, err %v, %v", pl.Name, ok, err, werr)
+		}
+		if d := cmp.Diff(want, got, netipEq); d != "" {
+			t.Errorf("placing %s (-full +incremental):\n%s", pl.Name, d)
+		}
+	}
+	if _, _, err := withPlaced(cfg, eff, "dup", netip.MustParsePrefix("172.31.0.4/30"), nil); err == nil {
+		t.Error("withPlaced took a subnet api1 holds")
+	}
+	if _, ok, _ := withPlaced(cfg, eff, "alpha", netip.MustParsePrefix("172.31.0.32/30"), nil); ok {
+		t.Error("withPlaced placed a project the file names")
+	}
+	// Removal through the engine gives the full merge too.
+	f := newFixture(t, testConfig())
+	for _, n := range []string{"api2", "api3", "alpha"} {
+		pol := &config.Project{Name: n, Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: n + ".example"}}}
+		if n == "alpha" {
+			pol = nil
+		}
+		if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: n}, pol); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"api2", "alpha"} {
+		if _, _, err := f.eng.Remove(context.Background(), n); err != nil {
+			t.Fatal(err)
+		}
+		s := f.eng.Snapshot()
+		want, err := EffectiveWith(s.File, s.State, s.Policies)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := cmp.Diff(want, s.Config, netipEq); d != "" {
+			t.Errorf("after removing %s (-full +engine):\n%s", n, d)
 		}
 	}
 	if _, ok := replacePolicy(eff, config.Project{Name: "nobody"}); ok {
