@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -320,6 +322,13 @@ project's policy.
 	fmt.Fprintf(&b, "| place, none placed | %s ms | %s ms | | |\n", num(r.placeNoneP50), num(r.placeNoneP99))
 	fmt.Fprintf(&b, "| place with %d others / with none (p50) | %.2f× | | ≤ 1.2× | %s |\n", r.o.projects, ratio, verdict(ratio > 0 && ratio <= 1.2))
 	fmt.Fprintf(&b, "\nConnections after a PUT returned that still showed the old verdict: %d of %d changes.\n", r.extraConns, r.o.changes)
+	b.WriteString(`
+The policy change's tail comes from the machine more than from the project count: the
+engine's own cost is a few milliseconds (see the section above), the policy file is
+fsynced, and the guest, the fake internet, the daemon and other work share two cores;
+its p99 ranged from 7 to 38 ms over the runs made while writing this.
+`)
+	b.WriteString(placeLimits)
 	if n := len(r.conc); n > 0 || r.concFailed > 0 {
 		fmt.Fprintf(&b, "\n%d concurrent policy changes: %d served, %d failed, all done in %s ms. Latency per caller: min %s, p50 %s, p90 %s, p99 %s, max %s ms; %d distinct generations returned.\n",
 			n+r.concFailed, n, r.concFailed, num(r.concWall), num(quantile(r.conc, 0)), num(quantile(r.conc, 0.5)), num(quantile(r.conc, 0.9)), num(quantile(r.conc, 0.99)), num(quantile(r.conc, 1)), r.concDistinctGens)
@@ -333,3 +342,81 @@ place in the queue.
 	}
 	return b.String()
 }
+
+// engineBench runs the engine's incremental-change benchmarks (fakes for the
+// host: the engine's own cost) and renders them.
+func engineBench(o options) (string, error) {
+	iters := "50x"
+	if o.smoke {
+		iters = "2x"
+	}
+	args := []string{"test", "-count=1", "-run", "^$", "-bench", "BenchmarkSetPolicy4000x50|BenchmarkSetConfig4000x50", "-benchtime", iters, "./internal/engine"}
+	out, err := exec.Command("go", args...).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%v\n%s", err, out)
+	}
+	var b strings.Builder
+	b.WriteString("## Incremental change in the engine (issue 11 item 6)\n\n")
+	fmt.Fprintf(&b, "`go run ./bench -engine` (`go test -run '^$' -bench 'BenchmarkSetPolicy4000x50|BenchmarkSetConfig4000x50' -benchtime %s ./internal/engine`) on %s, %s: 4,000 placed projects × 50 rules, the host and firewall faked (the engine's own cost), each change timed until `policy.Explain` on the new snapshot gives the new verdict for the changed project.\n\n",
+		iters, machine(), time.Now().UTC().Format("2006-01-02"))
+	b.WriteString("| change | p50 | p99 | target p99 < 10 ms |\n|---|---|---|---|\n")
+	what := map[string]string{
+		"BenchmarkSetPolicy4000x50":             "one API project's policy replaced (its policy file written with fsync)",
+		"BenchmarkSetConfig4000x50/parse=false": "config reload, one project changed, file already parsed",
+		"BenchmarkSetConfig4000x50/parse=true":  "config reload, one project changed, parsing the 4,000-project file included",
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		name := f[0] // BenchmarkX/sub-GOMAXPROCS
+		if i := strings.LastIndex(f[0], "-"); i > 0 {
+			name = f[0][:i]
+		}
+		desc, ok := what[name]
+		if !ok {
+			continue
+		}
+		vals := map[string]string{}
+		for i := 2; i+1 < len(f); i += 2 {
+			vals[f[i+1]] = f[i]
+		}
+		p99, _ := strconv.ParseFloat(vals["ms-p99"], 64)
+		verdict := "met"
+		if p99 >= 10 {
+			verdict = "**missed**"
+		}
+		fmt.Fprintf(&b, "| %s | %s ms | %s ms | %s |\n", desc, vals["ms-p50"], vals["ms-p99"], verdict)
+		if w := vals["ms-write-p50"]; w != "" {
+			fmt.Fprintf(&b, "| … of which the policy file's atomic write (two fsyncs), p50 | %s ms | | |\n", w)
+		}
+	}
+	b.WriteString(`
+What it took (profiles with -cpuprofile): a policy change re-merged all 4,000 projects
+(copying and sorting every placed record), copied the API policy map and both maps of
+the compiled policy entry by entry, and a reload compared every rule by value through
+two maps built per call. Now a policy change replaces one entry of the merged config,
+placements and removals insert or drop one entry, maps are copied with maps.Clone, and
+a reload compares projects position by position (rules by pointer). Before: policy
+change p50 12.6 ms (p99 34.9), reload without parsing p50 29.9 ms (p99 56.0). What
+remains: the policy file's fsyncs and garbage collection of a heap holding 200,000
+compiled rules set the tail of a policy change; a reload must still compare all 200,000
+rules, and parsing the file (about 1.2 s here) dwarfs everything else in it.
+`)
+	return b.String(), nil
+}
+
+// placeLimits says what grows with the project count in a placement (from
+// the daemon's CPU profiles, VMEGRESS_CPUPROFILE).
+const placeLimits = `
+What grows with the number of projects in a placement (daemon CPU profiles): the host's
+addresses and routes are read on every placement, so a new project's /30 never collides
+with a network the host uses; with 4,000 TAPs that is a dump of 4,000 addresses and of
+every routing table (the netlink library filters the main table in user space: about
+12,000 routes), about 25 ms. A dump of every link for interface names cost another
+100 ms and is gone (names now come from the address labels). The rest is the state file
+(one line per project, rendered and fsynced whole). Closing the
+gap needs the host's prefixes kept current from a netlink subscription instead of a dump
+per call, and the kernel filtering the route dump (NETLINK_GET_STRICT_CHK).
+`

@@ -4,6 +4,7 @@
 //
 //	go run ./bench                 # the full run behind BENCHMARKS.md
 //	go run ./bench -smoke -out ""  # a short run that proves it works (CI)
+//	go run ./bench -engine         # only the engine's incremental-change benchmarks
 //	go run ./bench -api            # only the local API's speed (its section of BENCHMARKS.md)
 //	go run ./bench -soak 1000000   # only the soak (its section of BENCHMARKS.md)
 //
@@ -68,6 +69,7 @@ type options struct {
 	// apiOnly, soak: run only that measurement and replace only its
 	// section of the report.
 	apiOnly      bool
+	engineOnly   bool
 	api          apiOptions
 	soak         int
 	soakClients  int
@@ -99,6 +101,7 @@ func main() {
 	flag.IntVar(&o.idle, "idle", 4000, "idle connections for the memory figure (2 descriptors each here and in the data plane)")
 	flag.StringVar(&o.out, "out", "BENCHMARKS.md", "report file (\"\": print only)")
 	flag.BoolVar(&o.smoke, "smoke", false, "a short run: 1 run, 300ms measurements, 200 idle connections, a small API world, a short soak")
+	flag.BoolVar(&o.engineOnly, "engine", false, "run only the engine's incremental-change benchmarks and replace their section of -out")
 	flag.BoolVar(&o.apiOnly, "api", false, "measure only the local API's speed and replace its section of -out")
 	flag.IntVar(&o.api.projects, "api-projects", 4000, "placed API projects besides the guest's")
 	flag.IntVar(&o.api.rules, "api-rules", 50, "rules per project")
@@ -146,6 +149,13 @@ func run(o options) error {
 	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/vmegress").CombinedOutput(); err != nil {
 		return fmt.Errorf("building vmegress: %v\n%s", err, out)
 	}
+	if o.engineOnly {
+		sec, err := engineBench(o)
+		if err != nil {
+			return fmt.Errorf("engine: %w", err)
+		}
+		return emitSection(o.out, "engine", sec)
+	}
 	if o.apiOnly {
 		r, err := measureAPI(bin, o.api)
 		if err != nil {
@@ -179,7 +189,11 @@ func run(o options) error {
 	if err != nil {
 		return fmt.Errorf("api: %w", err)
 	}
-	report := render(o, results) + density + "\n" + section("api", renderAPI(ar, apiCommand(o)))
+	eng, err := engineBench(o)
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	report := render(o, results) + density + "\n" + section("engine", eng) + "\n" + section("api", renderAPI(ar, apiCommand(o)))
 	soak := ""
 	if o.smoke {
 		sr, err := measureSoak(bin, o.soak, o.soakClients, o.soakSampling)
