@@ -4,6 +4,9 @@
 //
 //	go run ./bench                 # the full run behind BENCHMARKS.md
 //	go run ./bench -smoke -out ""  # a short run that proves it works (CI)
+//	go run ./bench -engine         # only the engine's incremental-change benchmarks
+//	go run ./bench -api            # only the local API's speed (its section of BENCHMARKS.md)
+//	go run ./bench -soak 1000000   # only the soak (its section of BENCHMARKS.md)
 //
 // Method: for each run, the three paths (direct NAT, builtin, Envoy) are
 // measured back to back in fresh worlds, and each ratio is computed within
@@ -63,6 +66,14 @@ type options struct {
 	idle     int
 	out      string
 	smoke    bool
+	// apiOnly, soak: run only that measurement and replace only its
+	// section of the report.
+	apiOnly      bool
+	engineOnly   bool
+	api          apiOptions
+	soak         int
+	soakClients  int
+	soakSampling int
 }
 
 // result is one path's figures in one run.
@@ -89,10 +100,22 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of each throughput/connection/DNS measurement")
 	flag.IntVar(&o.idle, "idle", 4000, "idle connections for the memory figure (2 descriptors each here and in the data plane)")
 	flag.StringVar(&o.out, "out", "BENCHMARKS.md", "report file (\"\": print only)")
-	flag.BoolVar(&o.smoke, "smoke", false, "a short run: 1 run, 300ms measurements, 200 idle connections")
+	flag.BoolVar(&o.smoke, "smoke", false, "a short run: 1 run, 300ms measurements, 200 idle connections, a small API world, a short soak")
+	flag.BoolVar(&o.engineOnly, "engine", false, "run only the engine's incremental-change benchmarks and replace their section of -out")
+	flag.BoolVar(&o.apiOnly, "api", false, "measure only the local API's speed and replace its section of -out")
+	flag.IntVar(&o.api.projects, "api-projects", 4000, "placed API projects besides the guest's")
+	flag.IntVar(&o.api.rules, "api-rules", 50, "rules per project")
+	flag.IntVar(&o.api.changes, "api-changes", 200, "policy changes timed to the guest's next connection")
+	flag.IntVar(&o.api.places, "api-places", 30, "placements timed (with the others, and with none)")
+	flag.IntVar(&o.api.concurrent, "api-concurrent", 200, "callers changing different projects at once")
+	flag.IntVar(&o.soak, "soak", 0, "run only the soak with this many connections and replace its section of -out")
+	flag.IntVar(&o.soakClients, "soak-clients", 8, "parallel clients in the soak")
+	flag.IntVar(&o.soakSampling, "soak-sample", 50000, "connections between samples in the soak")
 	flag.Parse()
 	if o.smoke {
 		o.runs, o.duration, o.idle = 1, 300*time.Millisecond, 200
+		o.api = apiOptions{projects: 50, rules: 50, changes: 6, places: 3, concurrent: 20}
+		o.soak, o.soakSampling = 400, 200
 	}
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -126,6 +149,27 @@ func run(o options) error {
 	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/vmegress").CombinedOutput(); err != nil {
 		return fmt.Errorf("building vmegress: %v\n%s", err, out)
 	}
+	if o.engineOnly {
+		sec, err := engineBench(o)
+		if err != nil {
+			return fmt.Errorf("engine: %w", err)
+		}
+		return emitSection(o.out, "engine", sec)
+	}
+	if o.apiOnly {
+		r, err := measureAPI(bin, o.api)
+		if err != nil {
+			return fmt.Errorf("api: %w", err)
+		}
+		return emitSection(o.out, "api", renderAPI(r, apiCommand(o)))
+	}
+	if o.soak > 0 && !o.smoke {
+		r, err := measureSoak(bin, o.soak, o.soakClients, o.soakSampling)
+		if err != nil {
+			return fmt.Errorf("soak: %w", err)
+		}
+		return emitSection(o.out, "soak", renderSoak(r, soakCommand(o)))
+	}
 	results := map[string][]result{}
 	for r := 1; r <= o.runs; r++ {
 		for _, p := range paths {
@@ -141,12 +185,79 @@ func run(o options) error {
 	if err != nil {
 		return fmt.Errorf("host density: %w", err)
 	}
-	report := render(o, results) + density
+	ar, err := measureAPI(bin, o.api)
+	if err != nil {
+		return fmt.Errorf("api: %w", err)
+	}
+	eng, err := engineBench(o)
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	report := render(o, results) + density + "\n" + section("engine", eng) + "\n" + section("api", renderAPI(ar, apiCommand(o)))
+	soak := ""
+	if o.smoke {
+		sr, err := measureSoak(bin, o.soak, o.soakClients, o.soakSampling)
+		if err != nil {
+			return fmt.Errorf("soak: %w", err)
+		}
+		soak = section("soak", renderSoak(sr, soakCommand(o)))
+	} else if old, err := os.ReadFile(o.out); err == nil {
+		soak, _ = findSection(string(old), "soak") // a soak is run on its own (-soak N)
+	}
+	if soak != "" {
+		report += "\n" + soak
+	}
 	fmt.Print(report)
 	if o.out != "" {
 		return os.WriteFile(o.out, []byte(report), 0o644)
 	}
 	return nil
+}
+
+func apiCommand(o options) string {
+	return fmt.Sprintf("go run ./bench -api -api-projects %d -api-rules %d -api-changes %d -api-places %d -api-concurrent %d",
+		o.api.projects, o.api.rules, o.api.changes, o.api.places, o.api.concurrent)
+}
+
+func soakCommand(o options) string {
+	return fmt.Sprintf("go run ./bench -soak %d -soak-clients %d -soak-sample %d", o.soak, o.soakClients, o.soakSampling)
+}
+
+// Sections measured on their own (-api, -soak) sit between markers, so a
+// run of one replaces its own and leaves the rest of the report alone.
+func section(name, body string) string {
+	return "<!-- bench:" + name + " -->\n" + body + "<!-- /bench:" + name + " -->\n"
+}
+
+// findSection returns the marked section name of report, markers included.
+func findSection(report, name string) (string, bool) {
+	start := strings.Index(report, "<!-- bench:"+name+" -->")
+	endMark := "<!-- /bench:" + name + " -->\n"
+	end := strings.Index(report, endMark)
+	if start < 0 || end < start {
+		return "", false
+	}
+	return report[start : end+len(endMark)], true
+}
+
+// emitSection prints body and puts it in place of its section of file
+// (appended when the file has none; nothing written when file is "").
+func emitSection(file, name, body string) error {
+	fmt.Print(body)
+	if file == "" {
+		return nil
+	}
+	old, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("reading the report to update: %w", err)
+	}
+	report, sec := string(old), section(name, body)
+	if cur, ok := findSection(report, name); ok {
+		report = strings.Replace(report, cur, sec, 1)
+	} else {
+		report = strings.TrimRight(report, "\n") + "\n\n" + sec
+	}
+	return os.WriteFile(file, []byte(report), 0o644)
 }
 
 // measure builds a world for one path and takes every figure.

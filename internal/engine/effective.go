@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/state"
@@ -31,7 +32,7 @@ func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Pr
 	}
 	out := *cfg
 	out.Projects = append([]config.Project(nil), cfg.Projects...)
-	seen := map[string]bool{}
+	seen := make(map[string]bool, len(out.Projects)+len(st.Projects)+len(api))
 	for i := range out.Projects {
 		p := &out.Projects[i]
 		seen[p.Name] = true
@@ -47,10 +48,17 @@ func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Pr
 				p.Name, p.Subnet, placed.Subnet, p.Name)
 		}
 	}
-	for _, placed := range st.Sorted() {
-		if seen[placed.Name] {
-			continue
+	// Only the placed projects the config does not name are sorted, by
+	// name (not whole records): cheap at thousands of projects.
+	var names []string
+	for name := range st.Projects {
+		if !seen[name] {
+			names = append(names, name)
 		}
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		placed := st.Projects[name]
 		seen[placed.Name] = true
 		p, ok := api[placed.Name]
 		if !ok {
@@ -88,4 +96,62 @@ func EffectiveWith(cfg *config.Config, st *state.State, api map[string]config.Pr
 		owner[key] = p.Name
 	}
 	return &out, nil
+}
+
+// replacePolicy is EffectiveWith for a change of one API project's policy
+// that does not move the project (the state is unchanged): eff, the merged
+// config before the change, with that project's entry replaced by p at its
+// placement. It copies the list of projects once and recompiles nothing;
+// ok is false when eff has no entry for p.Name (the caller merges anew).
+func replacePolicy(eff *config.Config, p config.Project) (out *config.Config, ok bool) {
+	i := slices.IndexFunc(eff.Projects, func(q config.Project) bool { return q.Name == p.Name })
+	if i < 0 {
+		return nil, false
+	}
+	c := *eff
+	c.Projects = slices.Clone(eff.Projects)
+	p.Subnet = eff.Projects[i].Subnet
+	c.Projects[i] = p
+	return &c, true
+}
+
+// withPlaced is EffectiveWith for the placement of one project the config
+// file does not name: eff (the merge before) with that project, as
+// pol says (nil: allows nothing), placed at subnet, in its sorted place among
+// the placed API projects, and its earlier entry (placed elsewhere, or
+// unplaced) gone. It copies the list once and sorts nothing; ok is false
+// for a project the file names (the caller merges anew).
+func withPlaced(file, eff *config.Config, name string, subnet netip.Prefix, pol *config.Project) (out *config.Config, ok bool, err error) {
+	if file.Project(name) != nil || eff == file {
+		return nil, false, nil
+	}
+	p := config.Project{Name: name, Mode: "enforce", MaxConnections: config.DefaultMaxConnections}
+	if pol != nil {
+		p = *pol
+	}
+	p.Subnet = subnet
+	projects := make([]config.Project, 0, len(eff.Projects)+1)
+	for i := range eff.Projects {
+		if q := &eff.Projects[i]; q.Name != name {
+			projects = append(projects, *q)
+		}
+	}
+	// File projects, then placed API ones by name, then unplaced ones.
+	lo, hi := len(file.Projects), len(file.Projects)
+	for hi < len(projects) && projects[hi].Subnet.IsValid() {
+		hi++
+	}
+	at, _ := slices.BinarySearchFunc(projects[lo:hi], name, func(q config.Project, n string) int { return strings.Compare(q.Name, n) })
+	projects = slices.Insert(projects, lo+at, p)
+	if subnet.Bits() != 30 {
+		return nil, true, fmt.Errorf("project %q: subnet %s is not a /30", name, subnet)
+	}
+	for i := range projects {
+		if q := &projects[i]; q.Name != name && q.Subnet.IsValid() && q.Subnet.Masked() == subnet.Masked() {
+			return nil, true, fmt.Errorf("projects %q and %q both have subnet %s", q.Name, name, subnet.Masked())
+		}
+	}
+	c := *eff
+	c.Projects = projects
+	return &c, true, nil
 }

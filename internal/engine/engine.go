@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 
@@ -39,7 +40,7 @@ type Host interface {
 	// Prefixes lists the host's IPv4 addresses and routes on interfaces other
 	// than those skip names (vmegress's own TAPs).
 	Prefixes(skip func(iface string) bool) ([]placement.HostPrefix, error)
-	// Links lists the host's interface names.
+	// Links names the host's network interfaces.
 	Links() (map[string]bool, error)
 }
 
@@ -138,11 +139,16 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 	return nil
 }
 
-// restoreTAPs re-creates the TAPs of placed projects that are missing (a
-// host reboot removes every TAP; the state keeps the projects), so a
-// project placed once stays usable. The ruleset is in place before: a
-// re-created TAP never carries unfiltered traffic. Failures are logged: the
-// project stays recorded and a later net up or PUT repairs it.
+// restoreTAPs re-creates the TAP of every placed project that has none: a
+// crash between a removal's TAP deletion and its state write, or a reboot
+// (TAPs do not survive one; the state does). Without it the project stays
+// placed with nothing to attach a VM to, and placing it again changes
+// nothing. The ruleset is installed first, so a TAP never comes up
+// unfiltered. A TAP the state does not list (a crash between a placement's
+// TAP and its state write) is left: it is a guest interface with forwarding
+// off in no project's /30, so nothing from it leaves, and placing its
+// project again adopts it. A TAP that cannot be made is logged, not fatal:
+// one project's trouble never keeps the others' data plane down.
 func (e *Engine) restoreTAPs(st *state.State) {
 	if e.Host == nil || len(st.Projects) == 0 {
 		return
@@ -254,7 +260,16 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 	if !samePol {
 		policies = withPolicy(cur.Policies, *pol)
 	}
-	eff, err := EffectiveWith(cur.File, next, policies)
+	// A project the file does not name goes into the merge alone; others
+	// are merged anew.
+	var apiPol *config.Project
+	if q, ok := policies[p.Name]; ok {
+		apiPol = &q
+	}
+	eff, ok, err := withPlaced(cur.File, cur.Config, p.Name, p.Subnet, apiPol)
+	if !ok {
+		eff, err = EffectiveWith(cur.File, next, policies)
+	}
 	if err != nil {
 		return state.Project{}, false, &placement.Conflict{Err: err}
 	}
@@ -403,8 +418,13 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 	if _, ok := policies[name]; ok {
 		policies = withoutPolicy(policies, name)
 	}
-	eff, err := EffectiveWith(cur.File, next, policies)
-	if err != nil {
+	var eff *config.Config
+	if cur.File.Project(name) == nil && cur.Config != cur.File {
+		// Not the file's: the merge loses that one entry.
+		c := *cur.Config
+		c.Projects = slices.DeleteFunc(slices.Clone(cur.Config.Projects), func(q config.Project) bool { return q.Name == name })
+		eff = &c
+	} else if eff, err = EffectiveWith(cur.File, next, policies); err != nil {
 		return p, true, err
 	}
 	var changed []config.Project
@@ -458,26 +478,11 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	if err != nil {
 		return nil, err
 	}
-	oldBy := make(map[string]*config.Project, len(cur.Config.Projects))
-	for i := range cur.Config.Projects {
-		oldBy[cur.Config.Projects[i].Name] = &cur.Config.Projects[i]
+	changed, removed := diffProjects(cur.Config.Projects, eff.Projects)
+	for i := range changed {
+		changedProjects = append(changedProjects, changed[i].Name)
 	}
-	var changed []config.Project
-	seen := make(map[string]bool, len(eff.Projects))
-	for _, p := range eff.Projects {
-		seen[p.Name] = true
-		if o := oldBy[p.Name]; o == nil || !SameProject(*o, p) {
-			changed = append(changed, p)
-			changedProjects = append(changedProjects, p.Name)
-		}
-	}
-	var removed []string
-	for name := range oldBy {
-		if !seen[name] {
-			removed = append(removed, name)
-			changedProjects = append(changedProjects, name)
-		}
-	}
+	changedProjects = append(changedProjects, removed...)
 	slices.Sort(changedProjects)
 	pol, err := cur.Policy.Update(changed, removed)
 	if err != nil {
@@ -493,6 +498,40 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	e.snap = &Snapshot{File: file, Config: eff, State: cur.State, Policies: cur.Policies, Policy: pol, Generation: cur.Generation + 1}
 	e.publish(e.snap, Change{Kind: ChangeConfig, Projects: changedProjects})
 	return changedProjects, nil
+}
+
+// diffProjects returns the projects of to that are new or compile
+// differently than in from, and the names of from's projects that to lacks.
+// Merged configs list projects in a stable order, so it compares position
+// by position and builds a map by name only from the first position where
+// the names part.
+func diffProjects(from, to []config.Project) (changed []config.Project, removed []string) {
+	i := 0
+	for ; i < len(from) && i < len(to) && from[i].Name == to[i].Name; i++ {
+		if !SameProject(from[i], to[i]) {
+			changed = append(changed, to[i])
+		}
+	}
+	if i == len(from) && i == len(to) {
+		return changed, nil
+	}
+	oldBy := make(map[string]*config.Project, len(from)-i)
+	for j := i; j < len(from); j++ {
+		oldBy[from[j].Name] = &from[j]
+	}
+	for j := i; j < len(to); j++ {
+		p := &to[j]
+		o, ok := oldBy[p.Name]
+		if !ok || !SameProject(*o, *p) {
+			changed = append(changed, *p)
+		}
+		delete(oldBy, p.Name)
+	}
+	for name := range oldBy {
+		removed = append(removed, name)
+	}
+	slices.Sort(removed)
+	return changed, removed
 }
 
 // SameProject reports whether two projects compile to the same policy.
@@ -593,22 +632,20 @@ func (e *Engine) RestoreNAT(ctx context.Context, setForwarding func(tap string) 
 	return sorted, nil
 }
 
+// withPolicy and withoutPolicy copy with maps.Clone, which copies the
+// map's table whole (thousands of projects) instead of inserting one by one.
 func withPolicy(m map[string]config.Project, p config.Project) map[string]config.Project {
-	out := make(map[string]config.Project, len(m)+1)
-	for k, v := range m {
-		out[k] = v
+	out := maps.Clone(m)
+	if out == nil {
+		out = map[string]config.Project{}
 	}
 	out[p.Name] = p
 	return out
 }
 
 func withoutPolicy(m map[string]config.Project, name string) map[string]config.Project {
-	out := make(map[string]config.Project, len(m))
-	for k, v := range m {
-		if k != name {
-			out[k] = v
-		}
-	}
+	out := maps.Clone(m)
+	delete(out, name)
 	return out
 }
 
@@ -677,9 +714,13 @@ func (e *Engine) SetPolicy(ctx context.Context, p config.Project) (generation ui
 		return cur.Generation, nil
 	}
 	policies := withPolicy(cur.Policies, p)
-	eff, err := EffectiveWith(cur.File, cur.State, policies)
-	if err != nil {
-		return 0, err
+	// The project keeps its place: only its entry of the merged config
+	// changes (EffectiveWith would rebuild all of them).
+	eff, ok := replacePolicy(cur.Config, p)
+	if !ok {
+		if eff, err = EffectiveWith(cur.File, cur.State, policies); err != nil {
+			return 0, err
+		}
 	}
 	compiled, err := cur.Policy.Update([]config.Project{*eff.Project(p.Name)}, nil)
 	if err != nil {

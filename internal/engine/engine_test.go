@@ -11,6 +11,9 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/google/go-cmp/cmp"
+	"github.com/vishvananda/netlink"
+
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
@@ -46,10 +49,39 @@ func (h *fakeHost) DeleteTAP(name, project string) error {
 	return nil
 }
 
-func (h *fakeHost) Links() (map[string]bool, error) { return h.taps, nil }
-
 func (h *fakeHost) Prefixes(skip func(string) bool) ([]placement.HostPrefix, error) {
 	return h.prefixes, nil
+}
+
+func (h *fakeHost) Links() (map[string]bool, error) {
+	out := map[string]bool{}
+	for n := range h.taps {
+		out[n] = true
+	}
+	return out, nil
+}
+
+// TestOpenRestoresMissingTAPs: a daemon start re-creates the TAP of a placed
+// project that has none (a crash between a removal's TAP deletion and its
+// state write, or a reboot), and leaves the ones that exist alone.
+func TestOpenRestoresMissingTAPs(t *testing.T) {
+	dir := t.TempDir()
+	st := &state.State{Projects: map[string]state.Project{
+		"alpha": {Name: "alpha", TAP: "tap-alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30"), MAC: state.MAC("alpha"), Egress: state.EgressProxy},
+		"beta":  {Name: "beta", TAP: "tap-beta", Subnet: netip.MustParsePrefix("172.31.0.4/30"), MAC: state.MAC("beta"), Egress: state.EgressProxy},
+	}}
+	if err := (state.Store{Dir: dir}).Save(st); err != nil {
+		t.Fatal(err)
+	}
+	j := &journal{}
+	host := &fakeHost{j: j, taps: map[string]bool{"tap-beta": true}}
+	e := &Engine{Store: state.Store{Dir: dir}, Interception: Interception{Firewall: &fakeFirewall{j: j}, Netlink: nullNetlink{}}, Host: host}
+	if err := e.Open(context.Background(), testConfig(), true); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"apply", "tap+ tap-alpha"}; !slices.Equal(j.events, want) {
+		t.Errorf("side effects %q, want %q (the ruleset first, then only the missing TAP)", j.events, want)
+	}
 }
 
 // fakeFirewall is installed and records element updates.
@@ -275,4 +307,129 @@ func TestSetConfigRecompilesOnlyChanged(t *testing.T) {
 	if _, err := f.eng.SetConfig(context.Background(), bad); err == nil || f.eng.Snapshot() != before {
 		t.Errorf("a restart-only change was applied: %v", err)
 	}
+}
+
+// TestIncrementalMergeMatchesFull: the incremental paths (one policy
+// replaced; projects compared by position) give what a full merge and a
+// by-name comparison give.
+func TestIncrementalMergeMatchesFull(t *testing.T) {
+	cfg := testConfig()
+	st := &state.State{Projects: map[string]state.Project{
+		"alpha": {Name: "alpha", TAP: "tap-alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30")},
+		"zed":   {Name: "zed", TAP: "tap-zed", Subnet: netip.MustParsePrefix("172.31.0.8/30")},
+		"api1":  {Name: "api1", TAP: "tap-api1", Subnet: netip.MustParsePrefix("172.31.0.4/30")},
+	}}
+	api := map[string]config.Project{
+		"api1":  {Name: "api1", Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: "a.example"}}},
+		"later": {Name: "later", Mode: "enforce"},
+	}
+	eff, err := EffectiveWith(cfg, st, api)
+	if err != nil {
+		t.Fatal(err)
+	}
+	netipEq := cmp.Options{cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+		cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })}
+	for _, p := range []config.Project{
+		{Name: "api1", Mode: "audit", Allow: []config.Rule{{Kind: config.KindHTTP, Name: "b.example"}}},
+		{Name: "later", Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: "c.example"}}},
+		{Name: "zed", Mode: "enforce", MaxConnections: 3},
+	} {
+		got, ok := replacePolicy(eff, p)
+		want, err := EffectiveWith(cfg, st, withPolicy(api, p))
+		if !ok || err != nil {
+			t.Fatalf("%s: ok %v, err %v", p.Name, ok, err)
+		}
+		if d := cmp.Diff(want, got, netipEq); d != "" {
+			t.Errorf("replacing %s's policy (-full +incremental):\n%s", p.Name, d)
+		}
+		if eff.Project(p.Name).Mode == p.Mode && p.Mode == "audit" {
+			t.Error("replacePolicy changed its input")
+		}
+	}
+	// Placements: new (sorted in), moved, one with an unplaced API policy;
+	// a file project falls back.
+	for _, pl := range []state.Project{
+		{Name: "aaa", Subnet: netip.MustParsePrefix("172.31.0.12/30")},
+		{Name: "mmm", Subnet: netip.MustParsePrefix("172.31.0.16/30")},
+		{Name: "zzz", Subnet: netip.MustParsePrefix("172.31.0.20/30")},
+		{Name: "api1", Subnet: netip.MustParsePrefix("172.31.0.24/30")},
+		{Name: "later", Subnet: netip.MustParsePrefix("172.31.0.28/30")},
+	} {
+		var pol *config.Project
+		if q, ok := api[pl.Name]; ok {
+			pol = &q
+		}
+		got, ok, err := withPlaced(cfg, eff, pl.Name, pl.Subnet, pol)
+		want, werr := EffectiveWith(cfg, st.With(pl), api)
+		if !ok || err != nil || werr != nil {
+			t.Fatalf("placing %s: ok %v, err %v, %v", pl.Name, ok, err, werr)
+		}
+		if d := cmp.Diff(want, got, netipEq); d != "" {
+			t.Errorf("placing %s (-full +incremental):\n%s", pl.Name, d)
+		}
+	}
+	if _, _, err := withPlaced(cfg, eff, "dup", netip.MustParsePrefix("172.31.0.4/30"), nil); err == nil {
+		t.Error("withPlaced took a subnet api1 holds")
+	}
+	if _, ok, _ := withPlaced(cfg, eff, "alpha", netip.MustParsePrefix("172.31.0.32/30"), nil); ok {
+		t.Error("withPlaced placed a project the file names")
+	}
+	// Removal through the engine gives the full merge too.
+	f := newFixture(t, testConfig())
+	for _, n := range []string{"api2", "api3", "alpha"} {
+		pol := &config.Project{Name: n, Mode: "enforce", Allow: []config.Rule{{Kind: config.KindSNI, Name: n + ".example"}}}
+		if n == "alpha" {
+			pol = nil
+		}
+		if _, _, err := f.eng.Place(context.Background(), placement.Request{Name: n}, pol); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"api2", "alpha"} {
+		if _, _, err := f.eng.Remove(context.Background(), n); err != nil {
+			t.Fatal(err)
+		}
+		s := f.eng.Snapshot()
+		want, err := EffectiveWith(s.File, s.State, s.Policies)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := cmp.Diff(want, s.Config, netipEq); d != "" {
+			t.Errorf("after removing %s (-full +engine):\n%s", n, d)
+		}
+	}
+	if _, ok := replacePolicy(eff, config.Project{Name: "nobody"}); ok {
+		t.Error("replacePolicy of a project the merge lacks")
+	}
+	// diffProjects, in order and shuffled.
+	a := []config.Project{{Name: "a"}, {Name: "b", Mode: "enforce"}, {Name: "c"}, {Name: "d"}}
+	b := []config.Project{{Name: "a"}, {Name: "b", Mode: "audit"}, {Name: "d"}, {Name: "e"}, {Name: "c"}}
+	changed, removed := diffProjects(a, b)
+	var names []string
+	for _, p := range changed {
+		names = append(names, p.Name)
+	}
+	if !slices.Equal(names, []string{"b", "e"}) || len(removed) != 0 {
+		t.Errorf("changed %v removed %v, want [b e] []", names, removed)
+	}
+	if changed, removed = diffProjects(b, a[:2]); len(changed) != 1 || !slices.Equal(removed, []string{"c", "d", "e"}) {
+		t.Errorf("changed %v removed %v, want [b] [c d e]", changed, removed)
+	}
+}
+
+// nullNetlink is policy routing that accepts everything and holds nothing.
+type nullNetlink struct{}
+
+func (nullNetlink) RuleListFiltered(int, *netlink.Rule, uint64) ([]netlink.Rule, error) {
+	return nil, nil
+}
+func (nullNetlink) RuleAdd(*netlink.Rule) error { return nil }
+func (nullNetlink) RuleDel(*netlink.Rule) error { return nil }
+func (nullNetlink) RouteListFiltered(int, *netlink.Route, uint64) ([]netlink.Route, error) {
+	return nil, nil
+}
+func (nullNetlink) RouteReplace(*netlink.Route) error { return nil }
+func (nullNetlink) RouteDel(*netlink.Route) error     { return nil }
+func (nullNetlink) LinkByName(string) (netlink.Link, error) {
+	return &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "lo", Index: 1}}, nil
 }

@@ -12,6 +12,7 @@ package policy
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -199,23 +200,31 @@ func (p *Policy) Update(changed []config.Project, removed []string) (*Policy, er
 		}
 		compiled = append(compiled, pr)
 	}
-	n := &Policy{bySubnet: make(map[netip.Prefix]*Project, len(p.bySubnet)+len(changed)), byName: make(map[string]*Project, len(p.byName)+len(changed))}
-	drop := make(map[string]bool, len(removed)+len(changed))
+	// maps.Clone copies each map's table whole, far cheaper at thousands
+	// of projects than re-inserting every entry; then only the projects
+	// that go or change are taken out.
+	n := &Policy{bySubnet: maps.Clone(p.bySubnet), byName: maps.Clone(p.byName)}
+	if n.bySubnet == nil {
+		n.bySubnet = map[netip.Prefix]*Project{}
+	}
+	if n.byName == nil {
+		n.byName = map[string]*Project{}
+	}
+	drop := func(name string) {
+		old, ok := n.byName[name]
+		if !ok {
+			return
+		}
+		delete(n.byName, name)
+		if old.Subnet.IsValid() && n.bySubnet[old.Subnet] == old {
+			delete(n.bySubnet, old.Subnet)
+		}
+	}
 	for _, name := range removed {
-		drop[name] = true
+		drop(name)
 	}
 	for _, pr := range compiled {
-		drop[pr.Name] = true
-	}
-	for name, pr := range p.byName {
-		if !drop[name] {
-			n.byName[name] = pr
-		}
-	}
-	for sub, pr := range p.bySubnet {
-		if !drop[pr.Name] {
-			n.bySubnet[sub] = pr
-		}
+		drop(pr.Name)
 	}
 	for _, pr := range compiled {
 		if err := n.add(pr); err != nil {
