@@ -81,9 +81,12 @@ if [ -z "$sandboxed" ]; then
 
 	# Serialized with the end-to-end tests: they must not see a half-installed package.
 	exec 9>/tmp/vmegress-e2e.lock
+	t2=$SECONDS
 	flock 9
+	echo "waited $((SECONDS - t2)) s for the end-to-end lock"
+	t3=$SECONDS
 	unshare --net --mount -- bash "$0" --sandboxed "$work"
-	echo "packaging CI passed in $((SECONDS - t0)) s"
+	echo "installed, upgraded and removed in $((SECONDS - t3)) s; packaging CI passed in $((SECONDS - t0)) s"
 	exit 0
 fi
 
