@@ -31,7 +31,7 @@ func TestSystemdUnit(t *testing.T) {
 	}
 	dir := t.TempDir()
 	for name, replace := range map[string][2]string{
-		"vmegress.service":             {"/usr/local/bin/vmegress", binary},
+		"vmegress.service":             {"/usr/bin/vmegress", binary},
 		"envoy-microvm-egress.service": {"/usr/bin/envoy", envoyBin},
 	} {
 		unit, err := os.ReadFile("../packaging/systemd/" + name)
