@@ -248,17 +248,13 @@ type EnvoyIssue struct {
 const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know"
 
 // EnvoyIssues lists what in p dataplane envoy refuses, each naming the
-// rule, so the planes never differ silently. Deny rules are among them
-// until the Envoy renderer gives them deny actions.
+// rule, so the planes never differ silently: audit mode, tcp rules and
+// cidr deny rules. (sni and http deny rules are rendered: deny actions in
+// the server-name matcher, 403 virtual hosts.)
 func (p Project) EnvoyIssues() []EnvoyIssue {
 	var out []EnvoyIssue
 	if p.Mode == "audit" {
 		out = append(out, EnvoyIssue{Field: "mode", Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", p.Name)})
-	}
-	for i := range p.Allow {
-		if r := &p.Allow[i]; r.Kind == KindHTTP && r.Name == AnyName {
-			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (the Envoy plane's catch-all virtual host is its refusal; not rendered yet)", p.Name, r)})
-		}
 	}
 	for i := range p.Allow {
 		if r := &p.Allow[i]; r.Kind == KindTCP {
@@ -267,12 +263,14 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 	}
 	for i := range p.Deny {
 		r := &p.Deny[i]
-		msg := fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (the Envoy plane does not render deny rules yet)", p.Name, r)
-		if r.Kind == KindTCP {
+		var msg string
+		switch r.Kind {
+		case KindTCP:
 			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)
-		}
-		if r.Kind == KindCIDR {
+		case KindCIDR:
 			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (Envoy resolves names itself and cannot keep a project's denied ranges out of what it dials)", p.Name, r)
+		default:
+			continue // sni and http deny rules are rendered
 		}
 		out = append(out, EnvoyIssue{Field: fmt.Sprintf("deny[%d]", i), Rule: r, Msg: msg})
 	}

@@ -83,13 +83,14 @@ func TestPresetsValid(t *testing.T) {
 	}
 }
 
-// TestEnvoyRefusesDeny: dataplane envoy refuses deny rules at load, naming
-// each rule at its position (never a silent difference between planes).
+// TestEnvoyRefusesDeny: dataplane envoy refuses cidr deny rules at load,
+// naming each rule at its position (never a silent difference between
+// planes); sni and http deny rules and http "*" are rendered, so accepted.
 func TestEnvoyRefusesDeny(t *testing.T) {
-	_, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: \"*\"\n    deny:\n      - sni: evil.example\n      - cidr: 198.51.100.0/24\n"))
-	if err == nil || !strings.Contains(err.Error(), `c.yaml:7:9: project "a": deny rule sni:evil.example needs dataplane builtin`) ||
-		!strings.Contains(err.Error(), `c.yaml:8:9: project "a": deny rule cidr:198.51.100.0/24 needs dataplane builtin`) {
-		t.Errorf("got %v", err)
+	_, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: \"*\"\n      - http: \"*\"\n    deny:\n      - sni: evil.example\n      - cidr: 198.51.100.0/24\n      - http: \"*.evil.example\"\n"))
+	if err == nil || !strings.Contains(err.Error(), `c.yaml:9:9: project "a": deny rule cidr:198.51.100.0/24 needs dataplane builtin`) ||
+		strings.Contains(err.Error(), "sni:evil.example") || strings.Contains(err.Error(), "http:") || strings.Count(err.Error(), "\n") != 0 {
+		t.Errorf("got %v; want the cidr deny rule alone", err)
 	}
 }
 
