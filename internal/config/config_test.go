@@ -204,6 +204,7 @@ func TestNormalizeName(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add([]byte("vm_cidr: 172.31.0.0/16\nprojects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - sni: a.com\n"))
 	f.Add([]byte("projects:\n  a: [\n"))
+	f.Add([]byte("projects:\n  a:\n    allow:\n      - tcp: \"*.a.com\"\n        ports: [22]\n    deny:\n      - tcp: b.a.com\n"))
 	f.Add([]byte("mark: 0x1\nroute_table: 100\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse("f.yaml", data)
