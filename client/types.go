@@ -39,11 +39,14 @@ type Policy struct {
 	Deny []Rule `json:"deny,omitempty"`
 }
 
-// Rule is one allow or deny rule: exactly one of SNI, HTTP, CIDR or Preset, and ports
-// (default 443 for SNI, 80 for HTTP; required for CIDR).
+// Rule is one allow or deny rule: exactly one of SNI, HTTP, TCP, CIDR or Preset, and ports
+// (default 443 for SNI, 80 for HTTP; required for TCP and CIDR).
 type Rule struct {
 	SNI  string `json:"sni,omitempty"`
 	HTTP string `json:"http,omitempty"`
+	// TCP is a name (or *. wildcard) on any port, not inspected: allowed to
+	// the addresses vmegress's resolver handed the project for it.
+	TCP  string `json:"tcp,omitempty"`
 	CIDR string `json:"cidr,omitempty"`
 	// Preset names a shipped preset (vmegress policy presets); no ports.
 	Preset string   `json:"preset,omitempty"`

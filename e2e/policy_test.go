@@ -38,14 +38,6 @@ func TestDenyBeatsWildcard(t *testing.T) {
       - http: example.com
       - sni: "*.github.com"
 `)
-	if onEnvoy() {
-		// Not rendered for Envoy yet: refused at load, naming the rule.
-		out, err := e.vmegress("policy", "check", e.cfg)
-		if exitCode(err) != 2 || !strings.Contains(out+err.Error(), `deny rule sni:example.com needs dataplane builtin`) {
-			t.Errorf("policy check with deny rules on envoy: exit %d, %s %v; want 2 naming the rule", exitCode(err), out, err)
-		}
-		return
-	}
 	e.start()
 
 	if body, err := e.curl("https://github.com"); err != nil || !strings.HasPrefix(body, "hello from github.com") {
@@ -71,8 +63,14 @@ func TestDenyBeatsWildcard(t *testing.T) {
 	if h := append(append(e.hits("tls:example.com"), e.hits("http:example.com")...), e.hits("tls:www.github.com")...); len(h) > 0 {
 		t.Errorf("a denied connection reached a server: %+v", h)
 	}
-	if !onEnvoy() {
-		e.accessLine("sni", "example.com", "verdict", "deny", "rule", "deny/sni:example.com")
+	e.accessLine("sni", "example.com", "verdict", "deny", "rule", "deny/sni:example.com")
+	if onEnvoy() {
+		// Envoy's per-request line knows the chain, not the virtual host;
+		// the 403's body names the rule.
+		if out, _ := e.curlAt("http://example.com/", world.ExampleIP.String()); !strings.Contains(out, "denied by rule http:example.com") {
+			t.Errorf("HTTP to example.com on envoy: %q; want a 403 naming the deny rule", out)
+		}
+	} else {
 		e.accessLine("host", "example.com", "verdict", "deny", "rule", "deny/http:example.com")
 	}
 	for _, tc := range []struct{ hostport, as, verdict, rule string }{
@@ -99,6 +97,15 @@ func TestPresetProject(t *testing.T) {
     allow:
       - preset: github
 `)
+	if onEnvoy() {
+		// The preset holds a tcp rule (git over SSH), which the Envoy plane
+		// does not carry out: refused at load, naming the preset's rule.
+		out, err := e.vmegress("policy", "check", e.cfg)
+		if exitCode(err) != 2 || !strings.Contains(out+err.Error(), `allow rule preset:github/tcp:github.com ports 22 needs dataplane builtin`) {
+			t.Errorf("policy check with preset github on envoy: exit %d, %s %v; want 2 naming the preset's tcp rule", exitCode(err), out, err)
+		}
+		return
+	}
 	e.start()
 	if body, err := e.curl("https://github.com"); err != nil || !strings.HasPrefix(body, "hello from github.com") {
 		t.Errorf("TLS to github.com: %q, %v", body, err)
@@ -127,16 +134,6 @@ func TestAnyName(t *testing.T) {
       - sni: "*"
       - http: "*"
 `)
-	if onEnvoy() {
-		// http "*" is not rendered for Envoy yet: refused at load; sni "*" is.
-		out, err := e.vmegress("policy", "check", e.cfg)
-		if exitCode(err) != 2 || !strings.Contains(out+err.Error(), `allow rule http:* needs dataplane builtin`) {
-			t.Errorf("policy check with http * on envoy: exit %d, %s %v; want 2 naming the rule", exitCode(err), out, err)
-		}
-		if err := e.writeConfig("projects:\n  alpha:\n    subnet: 172.31.0.0/30\n    allow:\n      - sni: \"*\"\n      - http: www.github.com\n"); err != nil {
-			t.Fatal(err)
-		}
-	}
 	e.start()
 	if body, err := e.curl("https://example.com"); err != nil || !strings.HasPrefix(body, "hello from example.com") {
 		t.Errorf("TLS to example.com: %q, %v", body, err)

@@ -10,7 +10,7 @@ import (
 // one exits 2.
 func TestPolicyTestCommand(t *testing.T) {
 	const dir = "../../internal/policytest/testdata/"
-	if code, out, errOut := runCLI(t, nil, "policy", "test", dir+"good.yaml"); code != 0 || !strings.Contains(out, "8 expectations, 0 failed") {
+	if code, out, errOut := runCLI(t, nil, "policy", "test", dir+"good.yaml"); code != 0 || !strings.Contains(out, "10 expectations, 0 failed") {
 		t.Errorf("good: exit %d\n%s%s", code, out, errOut)
 	}
 	code, out, errOut := runCLI(t, nil, "policy", "test", dir+"good.yaml", dir+"bad.yaml")

@@ -101,6 +101,10 @@ const (
 	KindSNI  RuleKind = "sni"
 	KindHTTP RuleKind = "http"
 	KindCIDR RuleKind = "cidr"
+	// KindTCP is a name on any TCP port, not inspected: a connection is
+	// allowed to an address the resolver handed the project for a name the
+	// rule matches.
+	KindTCP RuleKind = "tcp"
 )
 
 // AnyName is the sni or http pattern that matches every name.
@@ -109,14 +113,14 @@ const AnyName = "*"
 // Rule is one allow or deny rule.
 type Rule struct {
 	Kind RuleKind
-	// Name is the normalised name for sni/http rules: lower case, no trailing
-	// dot, optionally starting with "*." (any depth of subdomain, not the
-	// apex), or AnyName.
+	// Name is the normalised name for sni/http/tcp rules: lower case, no
+	// trailing dot, optionally starting with "*." (any depth of subdomain,
+	// not the apex), or AnyName (sni and http only).
 	Name string
 	// Prefix is the destination range of a cidr rule.
 	Prefix netip.Prefix
 	// Ports the rule applies to. Empty in an allow rule means the kind's
-	// default (443 for sni, 80 for http; always set for cidr); empty in a
+	// default (443 for sni, 80 for http; always set for cidr and tcp); empty in a
 	// deny rule means every port.
 	Ports []uint16
 	// Preset names the preset the rule came from ("" for a rule written
@@ -239,24 +243,34 @@ type EnvoyIssue struct {
 	Msg   string
 }
 
+// envoyTCPWhy is why tcp rules are builtin-only: their verdict depends on
+// what the resolver answered the project, which Envoy's listeners do not see.
+const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know"
+
 // EnvoyIssues lists what in p dataplane envoy refuses, each naming the
-// rule, so the planes never differ silently. Deny rules are among them
-// until the Envoy renderer gives them deny actions.
+// rule, so the planes never differ silently: audit mode, tcp rules and
+// cidr deny rules. (sni and http deny rules are rendered: deny actions in
+// the server-name matcher, 403 virtual hosts.)
 func (p Project) EnvoyIssues() []EnvoyIssue {
 	var out []EnvoyIssue
 	if p.Mode == "audit" {
 		out = append(out, EnvoyIssue{Field: "mode", Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", p.Name)})
 	}
 	for i := range p.Allow {
-		if r := &p.Allow[i]; r.Kind == KindHTTP && r.Name == AnyName {
-			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (the Envoy plane's catch-all virtual host is its refusal; not rendered yet)", p.Name, r)})
+		if r := &p.Allow[i]; r.Kind == KindTCP {
+			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)})
 		}
 	}
 	for i := range p.Deny {
 		r := &p.Deny[i]
-		msg := fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (the Envoy plane does not render deny rules yet)", p.Name, r)
-		if r.Kind == KindCIDR {
+		var msg string
+		switch r.Kind {
+		case KindTCP:
+			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)
+		case KindCIDR:
 			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (Envoy resolves names itself and cannot keep a project's denied ranges out of what it dials)", p.Name, r)
+		default:
+			continue // sni and http deny rules are rendered
 		}
 		out = append(out, EnvoyIssue{Field: fmt.Sprintf("deny[%d]", i), Rule: r, Msg: msg})
 	}

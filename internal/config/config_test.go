@@ -130,9 +130,9 @@ func TestParseErrors(t *testing.T) {
 		{"two kinds", "projects:\n  a:\n    allow:\n      - {sni: a.com, http: a.com}\n",
 			[]string{`c.yaml:4:28: allow entry has both sni and http; use one rule kind per entry`}},
 		{"no kind", "projects:\n  a:\n    allow:\n      - ports: [443]\n",
-			[]string{`c.yaml:4:9: allow entry needs one of sni, http, cidr or preset`}},
+			[]string{`c.yaml:4:9: allow entry needs one of sni, http, tcp, cidr or preset`}},
 		{"deny no kind", "projects:\n  a:\n    deny:\n      - ports: [443]\n",
-			[]string{`c.yaml:4:9: deny entry needs one of sni, http, cidr or preset`}},
+			[]string{`c.yaml:4:9: deny entry needs one of sni, http, tcp, cidr or preset`}},
 		{"unknown preset", "projects:\n  a:\n    allow:\n      - preset: pipy\n",
 			[]string{`c.yaml:4:17: preset "pipy" does not exist (vmegress policy presets lists them: ` + strings.Join(PresetNames(), ", ") + `)`}},
 		{"preset with ports", "projects:\n  a:\n    allow:\n      - preset: pypi\n        ports: [8443]\n",
@@ -204,6 +204,7 @@ func TestNormalizeName(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add([]byte("vm_cidr: 172.31.0.0/16\nprojects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - sni: a.com\n"))
 	f.Add([]byte("projects:\n  a: [\n"))
+	f.Add([]byte("projects:\n  a:\n    allow:\n      - tcp: \"*.a.com\"\n        ports: [22]\n    deny:\n      - tcp: b.a.com\n"))
 	f.Add([]byte("mark: 0x1\nroute_table: 100\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse("f.yaml", data)

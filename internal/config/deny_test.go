@@ -83,12 +83,67 @@ func TestPresetsValid(t *testing.T) {
 	}
 }
 
-// TestEnvoyRefusesDeny: dataplane envoy refuses deny rules at load, naming
-// each rule at its position (never a silent difference between planes).
+// TestEnvoyRefusesDeny: dataplane envoy refuses cidr deny rules at load,
+// naming each rule at its position (never a silent difference between
+// planes); sni and http deny rules and http "*" are rendered, so accepted.
 func TestEnvoyRefusesDeny(t *testing.T) {
-	_, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: \"*\"\n    deny:\n      - sni: evil.example\n      - cidr: 198.51.100.0/24\n"))
-	if err == nil || !strings.Contains(err.Error(), `c.yaml:7:9: project "a": deny rule sni:evil.example needs dataplane builtin`) ||
-		!strings.Contains(err.Error(), `c.yaml:8:9: project "a": deny rule cidr:198.51.100.0/24 needs dataplane builtin`) {
-		t.Errorf("got %v", err)
+	_, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: \"*\"\n      - http: \"*\"\n    deny:\n      - sni: evil.example\n      - cidr: 198.51.100.0/24\n      - http: \"*.evil.example\"\n"))
+	if err == nil || !strings.Contains(err.Error(), `c.yaml:9:9: project "a": deny rule cidr:198.51.100.0/24 needs dataplane builtin`) ||
+		strings.Contains(err.Error(), "sni:evil.example") || strings.Contains(err.Error(), "http:") || strings.Count(err.Error(), "\n") != 0 {
+		t.Errorf("got %v; want the cidr deny rule alone", err)
+	}
+}
+
+// TestParseTCP: tcp rules take a name or a *. wildcard and need ports;
+// "*", port 25 and a missing ports list are refused; deny rules need no
+// ports; dataplane envoy refuses them (and presets holding them) at load,
+// naming the rule, and only in the projects that use them.
+func TestParseTCP(t *testing.T) {
+	cfg, err := Parse("c.yaml", []byte(`
+projects:
+  a:
+    allow:
+      - tcp: GitHub.com.
+        ports: [22]
+      - tcp: "*.db.example"
+        ports: [5432, 5433]
+    deny:
+      - tcp: bad.db.example
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := cfg.Project("a")
+	if len(p.Allow) != 2 || p.Allow[0].String() != "tcp:github.com ports 22" || p.Allow[1].String() != "tcp:*.db.example ports 5432,5433" || p.Deny[0].String() != "tcp:bad.db.example" {
+		t.Errorf("rules: %v / %v", p.Allow, p.Deny)
+	}
+	for _, tc := range []struct{ rule, want string }{
+		{"- tcp: github.com", "c.yaml:5:14: tcp rule github.com needs ports"},
+		{"- tcp: \"*\"\n        ports: [22]", `c.yaml:5:14: tcp: "*" is not allowed`},
+		{"- tcp: mail.example\n        ports: [25]", "c.yaml:5:14: tcp rule mail.example: port 25 (SMTP) is never allowed by a name rule"},
+		{"- tcp: -bad-.example\n        ports: [22]", "c.yaml:5:14: tcp: "},
+	} {
+		_, err := Parse("c.yaml", []byte("projects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      "+tc.rule+"\n"))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v; want %q", tc.rule, err, tc.want)
+		}
+	}
+	_, err = Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - tcp: github.com\n        ports: [22]\n  b:\n    allow:\n      - preset: github\n  c:\n    allow:\n      - preset: pypi\n"))
+	if err == nil || !strings.Contains(err.Error(), `c.yaml:5:9: project "a": allow rule tcp:github.com ports 22 needs dataplane builtin`) ||
+		!strings.Contains(err.Error(), `c.yaml:9:9: project "b": allow rule preset:github/tcp:github.com ports 22 needs dataplane builtin`) ||
+		strings.Contains(err.Error(), `project "c"`) {
+		t.Errorf("envoy: %v", err)
+	}
+	if _, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  c:\n    allow:\n      - preset: pypi\n")); err != nil {
+		t.Errorf("envoy with a preset without tcp rules: %v", err)
+	}
+	// The API form carries tcp rules through.
+	pr, err := ParsePolicy("", "a", []byte(`{"allow":[{"tcp":"github.com","ports":[22]}]}`))
+	if err != nil || len(pr.Allow) != 1 || pr.Allow[0].Kind != KindTCP {
+		t.Fatalf("policy: %+v, %v", pr, err)
+	}
+	b, _ := json.Marshal(PolicyDocument(pr))
+	if !strings.Contains(string(b), `{"ports":[22],"tcp":"github.com"}`) {
+		t.Errorf("document %s", b)
 	}
 }

@@ -484,7 +484,11 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 				return
 			}
 			switch kind {
-			case KindSNI, KindHTTP:
+			case KindSNI, KindHTTP, KindTCP:
+				if s == AnyName && kind == KindTCP {
+					p.errf(v, "tcp: %q is not allowed: a tcp rule names a name or a *. wildcard (use a cidr rule for addresses)", s)
+					return
+				}
 				if s == AnyName {
 					r.Name = AnyName
 					return
@@ -517,6 +521,7 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 		"sni":  setKind(KindSNI),
 		"http": setKind(KindHTTP),
 		"cidr": setKind(KindCIDR),
+		"tcp":  setKind(KindTCP),
 		"ports": func(v *yaml.Node) {
 			p.list(v, "ports", func(e *yaml.Node) {
 				if pt, ok := p.portValue(e, "ports"); ok {
@@ -533,12 +538,15 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 	}
 	switch {
 	case kindNode == nil:
-		p.errf(n, "%s entry needs one of sni, http, cidr or preset", list)
+		p.errf(n, "%s entry needs one of sni, http, tcp, cidr or preset", list)
 		return r, false
 	case list == listDeny:
 		return r, true // no ports: every port; any port may be denied
 	case r.Kind == KindCIDR && len(r.Ports) == 0:
 		p.errf(kindNode, "cidr rule %s needs ports (a cidr rule is not inspected, so it must say where it applies)", r.Prefix)
+		return r, false
+	case r.Kind == KindTCP && len(r.Ports) == 0:
+		p.errf(kindNode, "tcp rule %s needs ports (a tcp rule is not inspected, so it must say where it applies)", r.Name)
 		return r, false
 	case r.Kind != KindCIDR && slices.Contains(r.Ports, SMTPPort):
 		// Mail from sandboxes is spam waiting to happen: only an explicit

@@ -112,9 +112,10 @@ var presets = []Preset{
 `,
 	},
 	{
-		Name: "github", Version: "2025.1", Description: "github.com over HTTPS: git, the API, releases, raw files, packages (git over SSH is not in it yet: it needs tcp rules)",
+		Name: "github", Version: "2025.2", Description: "github.com over HTTPS and git over SSH: git, the API, releases, raw files, packages",
 		Sources: []string{
 			"https://docs.github.com/en/authentication/keeping-your-account-and-data-secure/about-githubs-ip-addresses",
+			"https://docs.github.com/en/authentication/connecting-to-github-with-ssh/using-ssh-over-the-https-port (git@github.com on port 22)",
 			"https://api.github.com/meta (the domains section)",
 		},
 		Body: `
@@ -122,15 +123,19 @@ var presets = []Preset{
 - sni: "*.github.com"               # api, codeload, uploads, objects
 - sni: "*.githubusercontent.com"    # raw, objects (release assets), avatars
 - sni: ghcr.io                      # GitHub Packages container registry
+- tcp: github.com                   # git over SSH (git@github.com:owner/repo)
+  ports: [22]
 `,
 	},
 	{
-		Name: "gitlab", Version: "2025.1", Description: "gitlab.com over HTTPS: git, the API, the container registry (git over SSH is not in it yet: it needs tcp rules)",
-		Sources: []string{"https://docs.gitlab.com/user/gitlab_com/ (gitlab.com, registry.gitlab.com)"},
+		Name: "gitlab", Version: "2025.2", Description: "gitlab.com over HTTPS and git over SSH: git, the API, the container registry",
+		Sources: []string{"https://docs.gitlab.com/user/gitlab_com/ (gitlab.com, registry.gitlab.com; SSH host keys of gitlab.com on port 22)"},
 		Body: `
 - sni: gitlab.com                   # web, API, git over HTTPS
 - sni: registry.gitlab.com          # container registry
 - sni: "*.gitlab-static.net"        # assets and package downloads
+- tcp: gitlab.com                   # git over SSH (git@gitlab.com:group/project)
+  ports: [22]
 `,
 	},
 	{

@@ -6,6 +6,7 @@ package dest
 
 import (
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 )
@@ -66,12 +67,26 @@ type Answers struct {
 	Now func() time.Time
 
 	mu sync.Mutex
-	m  map[string]map[answerKey]time.Time // project → (addr, name) → expiry
+	m  map[string]*projectAnswers
 }
 
-type answerKey struct {
-	addr netip.Addr
-	name string
+// projectAnswers is one project's record: address → name → expiry, and
+// how many (address, name) pairs it holds.
+type projectAnswers struct {
+	byAddr map[netip.Addr]map[string]time.Time
+	n      int
+}
+
+func (pa *projectAnswers) del(addr netip.Addr, name string) {
+	names := pa.byAddr[addr]
+	if _, ok := names[name]; !ok {
+		return
+	}
+	delete(names, name)
+	pa.n--
+	if len(names) == 0 {
+		delete(pa.byAddr, addr)
+	}
 }
 
 func (a *Answers) now() time.Time {
@@ -87,27 +102,40 @@ func (a *Answers) Record(project, name string, addr netip.Addr, ttl time.Duratio
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.m == nil {
-		a.m = map[string]map[answerKey]time.Time{}
+		a.m = map[string]*projectAnswers{}
 	}
 	pm := a.m[project]
 	if pm == nil {
-		pm = map[answerKey]time.Time{}
+		pm = &projectAnswers{byAddr: map[netip.Addr]map[string]time.Time{}}
 		a.m[project] = pm
 	}
-	if len(pm) >= MaxPerProject {
-		for k, exp := range pm {
-			if now.After(exp) {
-				delete(pm, k)
+	addr = addr.Unmap()
+	if _, ok := pm.byAddr[addr][name]; !ok && pm.n >= MaxPerProject {
+		for ad, names := range pm.byAddr {
+			for nm, exp := range names {
+				if now.After(exp) {
+					pm.del(ad, nm)
+				}
 			}
 		}
-		for k := range pm { // still full: drop arbitrary entries
-			if len(pm) < MaxPerProject {
-				break
+		for ad, names := range pm.byAddr { // still full: drop arbitrary entries
+			for nm := range names {
+				if pm.n < MaxPerProject {
+					break
+				}
+				pm.del(ad, nm)
 			}
-			delete(pm, k)
 		}
 	}
-	pm[answerKey{addr.Unmap(), name}] = now.Add(ttl + Grace)
+	names := pm.byAddr[addr]
+	if names == nil {
+		names = map[string]time.Time{}
+		pm.byAddr[addr] = names
+	}
+	if _, ok := names[name]; !ok {
+		pm.n++
+	}
+	names[name] = now.Add(ttl + Grace)
 }
 
 // Vetted reports whether the resolver gave addr to project for name and the
@@ -116,8 +144,33 @@ func (a *Answers) Vetted(project, name string, addr netip.Addr) bool {
 	now := a.now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	exp, ok := a.m[project][answerKey{addr.Unmap(), name}]
+	pm := a.m[project]
+	if pm == nil {
+		return false
+	}
+	exp, ok := pm.byAddr[addr.Unmap()][name]
 	return ok && !now.After(exp)
+}
+
+// Names returns, sorted, the names the resolver gave addr to project for
+// whose answers have not expired (TTL plus Grace): what tcp rules are
+// decided by (a policy.Resolved).
+func (a *Answers) Names(project string, addr netip.Addr) []string {
+	now := a.now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pm := a.m[project]
+	if pm == nil {
+		return nil
+	}
+	var out []string
+	for name, exp := range pm.byAddr[addr.Unmap()] {
+		if !now.After(exp) {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Forget drops everything remembered for project.

@@ -55,7 +55,38 @@ func TestAnswers(t *testing.T) {
 	for i := 0; i < MaxPerProject+10; i++ {
 		a.Record("alpha", "n", netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), time.Minute)
 	}
-	if n := len(a.m["alpha"]); n > MaxPerProject {
+	if n := a.m["alpha"].n; n > MaxPerProject {
 		t.Errorf("%d answers kept, cap %d", n, MaxPerProject)
+	}
+	total := 0
+	for _, names := range a.m["alpha"].byAddr {
+		total += len(names)
+	}
+	if total != a.m["alpha"].n {
+		t.Errorf("count %d, %d answers held", a.m["alpha"].n, total)
+	}
+}
+
+// TestAnswerNames: Names lists the unexpired names an address was given
+// to a project for, and only that project's.
+func TestAnswerNames(t *testing.T) {
+	now := time.Unix(1000, 0)
+	a := &Answers{Now: func() time.Time { return now }}
+	ip := netip.MustParseAddr("198.18.1.22")
+	a.Record("alpha", "github.com", ip, 60*time.Second)
+	a.Record("alpha", "ssh.github.com", ip, 10*time.Second)
+	a.Record("beta", "evil.example", ip, 60*time.Second)
+	if got := a.Names("alpha", netip.MustParseAddr("::ffff:198.18.1.22")); len(got) != 2 || got[0] != "github.com" || got[1] != "ssh.github.com" {
+		t.Errorf("names %q; want github.com, ssh.github.com", got)
+	}
+	now = now.Add(10*time.Second + Grace + time.Second)
+	if got := a.Names("alpha", ip); len(got) != 1 || got[0] != "github.com" {
+		t.Errorf("after ssh.github.com's TTL and grace: %q; want github.com", got)
+	}
+	if got := a.Names("gamma", ip); got != nil {
+		t.Errorf("another project: %q", got)
+	}
+	if got := a.Names("alpha", netip.MustParseAddr("198.18.1.23")); got != nil {
+		t.Errorf("another address: %q", got)
 	}
 }

@@ -50,6 +50,10 @@ projects:
       - sni: "*.example.org"
       - cidr: 10.9.0.0/16
         ports: [443]
+      - tcp: "*.git.example"
+        ports: [22]
+    deny:
+      - tcp: bad.git.example
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -301,4 +305,28 @@ func FuzzAnswer(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestResolverTCPNames: names a tcp rule allows are forwarded and their
+// addresses recorded for the project (what the data plane decides tcp
+// rules by); a name a tcp deny matches is NXDOMAIN, never sent.
+func TestResolverTCPNames(t *testing.T) {
+	up := &fakeUpstream{rrs: map[string][]string{
+		"ssh.git.example. A": {"ssh.git.example. 60 IN A 198.18.1.22"},
+	}}
+	r, ans := newTestResolver(t, up)
+	o := r.answer(context.Background(), alpha, query("ssh.git.example.", mdns.TypeA))
+	if o.resp.Rcode != mdns.RcodeSuccess || len(o.resp.Answer) != 1 {
+		t.Fatalf("ssh.git.example: %v", o.resp)
+	}
+	if got := ans.Names("alpha", netip.MustParseAddr("198.18.1.22")); !slices.Equal(got, []string{"ssh.git.example"}) {
+		t.Errorf("recorded %q; want ssh.git.example", got)
+	}
+	o = r.answer(context.Background(), alpha, query("bad.git.example.", mdns.TypeA))
+	if o.resp.Rcode != mdns.RcodeNameError || !strings.Contains(o.reason, "deny/tcp:bad.git.example") && !strings.Contains(o.reason, "tcp:bad.git.example") {
+		t.Errorf("bad.git.example: rcode %d, reason %q; want NXDOMAIN naming the deny rule", o.resp.Rcode, o.reason)
+	}
+	if slices.Contains(up.asked, "bad.git.example.") {
+		t.Error("a denied name was sent upstream")
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/dest"
@@ -281,6 +282,17 @@ func Listener(pol *policy.Policy, o Settings) M {
 		// for ports no rule names, one for TLS names no sni rule allows.
 		denyPort, denySNI := p.Name+"/deny", ""
 		chains = append(chains, denyChain(o, denyPort, p.Name, fmt.Sprintf("no rule of project %s allows port %%DOWNSTREAM_LOCAL_PORT%%", p.Name)))
+		// One refusal chain per sni deny rule, named after it, so its
+		// denials name the rule as the builtin plane's do.
+		ruleChains := map[string]bool{}
+		ruleChain := func(rule string) string {
+			name := p.Name + "/" + rule
+			if !ruleChains[name] {
+				ruleChains[name] = true
+				chains = append(chains, denyRuleChain(o, name, p.Name, rule, "denied by rule "+strings.TrimPrefix(rule, policy.DenyPrefix)))
+			}
+			return name
+		}
 		portMap := M{}
 		for _, v := range p.Ports() {
 			pt := v.Port
@@ -289,6 +301,15 @@ func Listener(pol *policy.Policy, o Settings) M {
 			if len(v.SNI) > 0 {
 				name := chainName(p.Name, "tls", pt)
 				sni := policy.Patterns(v.SNI)
+				// The server-name matcher takes the most specific domain
+				// (exact, then the longest "*." suffix, then "*"): the deny
+				// rules' patterns get their refusal, and the allow patterns
+				// a deny pattern covers are not in sni (policy.PortView), so
+				// a deny always wins, as on the builtin plane.
+				domains := []M{{"domains": sni, "on_match": action(name)}}
+				for _, g := range groupByRule(v.DenySNI) {
+					domains = append(domains, M{"domains": g.patterns, "on_match": action(ruleChain(g.rule))})
+				}
 				chains = append(chains, M{
 					"name": name,
 					"filters": []M{
@@ -296,7 +317,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
 							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
 							M{"dns_cache_config": dnsCache(o), "port_value": pt})},
-						tcpProxy(name+version(sni), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
+						tcpProxy(name+version(sni, policy.Patterns(v.DenySNI)), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
 					},
 				})
 				if denySNI == "" {
@@ -320,7 +341,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 							"matcher_tree": M{
 								"input": input("sni", "ServerNameInput"),
 								"custom_match": M{"name": "sni", "typed_config": typed("xds.type.matcher.v3.ServerNameMatcher", M{
-									"domain_matchers": []M{{"domains": sni, "on_match": action(name)}},
+									"domain_matchers": domains,
 								})},
 							},
 							"on_no_match": action(denySNI),
@@ -331,7 +352,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 			}
 			if len(v.HTTP) > 0 {
 				name := chainName(p.Name, "http", pt)
-				chains = append(chains, httpChain(o, p, name, pt, policy.Patterns(v.HTTP)))
+				chains = append(chains, httpChain(o, p, name, pt, policy.Patterns(v.HTTP), v.DenyHTTP))
 				httpMatch = action(name)
 			}
 			switch {
@@ -446,6 +467,36 @@ func listenerLog(o Settings) []M {
 	return log
 }
 
+// denyRuleChain is denyChain for the connections a deny rule refuses: its
+// log line names the rule.
+func denyRuleChain(o Settings, name, project, rule, reason string) M {
+	return M{"name": name, "filters": []M{tcpProxy("deny", ClusterDeny,
+		accessLog(o, M{"project": project, "verdict": "deny", "rule": rule, "reason": reason}))}}
+}
+
+// ruleGroup is the patterns of one deny rule.
+type ruleGroup struct {
+	rule     string
+	patterns []string
+}
+
+// groupByRule groups name patterns by the rule they come from, in the
+// order rules first appear.
+func groupByRule(ns []policy.NameRule) []ruleGroup {
+	var out []ruleGroup
+	at := map[string]int{}
+	for _, n := range ns {
+		i, ok := at[n.Rule]
+		if !ok {
+			i = len(out)
+			at[n.Rule] = i
+			out = append(out, ruleGroup{rule: n.Rule})
+		}
+		out[i].patterns = append(out[i].patterns, n.Pattern)
+	}
+	return out
+}
+
 // denyChain refuses every connection (the spec's reject cluster,
 // 127.0.0.1:1 where nothing listens: the upstream attempt fails at once and
 // the guest gets a reset) and logs the denial with project and reason.
@@ -509,7 +560,7 @@ func httpLogs(o Settings, project, chain string) []M {
 		// "direct_response" (the host) or
 		// "rbac_access_denied_matched_policy[...]" (a body).
 		log(and(allowed(false), status("EQ", 403)), "deny",
-			"no http rule of project "+project+" allows this host (or it is not a valid host name), or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"),
+			"no http rule of project "+project+" allows this host (or a deny rule refuses it, or it is not a valid host name), or a GET/HEAD/OPTIONS/TRACE carries a body (%RESPONSE_CODE_DETAILS%)"),
 		// Anything else refused before a rule allowed it: a body too
 		// large to check (413), a client gone before its request ended.
 		log(and(allowed(false), M{"or_filter": M{"filters": []M{status("LE", 399), status("GE", 404)}}}), "deny",
@@ -552,8 +603,12 @@ func inspectorDisabled(ports []uint16) M {
 }
 
 // httpChain is an HTTP connection manager whose route allows the project's
-// http names through the forward proxy and answers 403 to the rest.
-func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string) M {
+// http names through the forward proxy and answers 403 to the rest. The
+// deny rules' patterns (deny) are virtual hosts of their own answering
+// 403: Envoy picks the most specific domain (exact, then the longest
+// suffix wildcard, then "*") and names holds no pattern a deny pattern
+// covers (policy.PortView), so a deny always wins, as on the builtin plane.
+func httpChain(o Settings, p *policy.Project, name string, port uint16, names []string, deny []policy.NameRule) M {
 	body := fmt.Sprintf("vmegress: egress policy of project %s refused this request\n", p.Name)
 	invalidHost := fmt.Sprintf("vmegress: egress policy of project %s refused this request: the host is not a valid host name\n", p.Name)
 	allowed := M{"match": M{"prefix": "/"}, "route": M{"cluster": ClusterHTTP}}
@@ -606,6 +661,20 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 		M{"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
 			M{"dns_cache_config": dnsCache(o)})},
 		M{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})})
+	vhosts := []M{{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed, {"match": M{"prefix": "/"},
+		"typed_per_filter_config": noBuffer, "direct_response": M{"status": 403, "body": M{"inline_string": invalidHost}}}}}}
+	for _, g := range groupByRule(deny) {
+		refused := fmt.Sprintf("vmegress: egress policy of project %s refused this request: denied by rule %s\n", p.Name, strings.TrimPrefix(g.rule, policy.DenyPrefix))
+		vhosts = append(vhosts, M{"name": g.rule, "domains": g.patterns, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
+			"direct_response": M{"status": 403, "body": M{"inline_string": refused}}}}})
+	}
+	if !slices.Contains(names, config.AnyName) {
+		// Every other host: refused. (With http "*" allowed, the allowed
+		// virtual host is the catch-all; its last route refuses hosts that
+		// are not host names.)
+		vhosts = append(vhosts, M{"name": "denied", "domains": []string{"*"}, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
+			"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}})
+	}
 	return M{
 		"name": name,
 		"filters": []M{connLimit(name, p.MaxConnections), {
@@ -613,13 +682,8 @@ func httpChain(o Settings, p *policy.Project, name string, port uint16, names []
 			"typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", M{
 				"stat_prefix": name,
 				"route_config": M{
-					"name": name,
-					"virtual_hosts": []M{
-						{"name": "allowed", "domains": names, "routes": []M{bodiless, allowed, {"match": M{"prefix": "/"},
-							"typed_per_filter_config": noBuffer, "direct_response": M{"status": 403, "body": M{"inline_string": invalidHost}}}}},
-						{"name": "denied", "domains": []string{"*"}, "typed_per_filter_config": noBuffer, "routes": []M{{"match": M{"prefix": "/"},
-							"direct_response": M{"status": 403, "body": M{"inline_string": body}}}}},
-					},
+					"name":                      name,
+					"virtual_hosts":             vhosts,
 					"request_headers_to_remove": []string{upstreamHeader},
 				},
 				// A Host port equal to the connection's (original

@@ -240,7 +240,7 @@ func TestHTTPLogVerdicts(t *testing.T) {
 	if allow != 1 || dpe != 1 {
 		t.Errorf("%d allow logs and %d DPE logs; want one each", allow, dpe)
 	}
-	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"www.github.com"})))
+	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"www.github.com"}, nil)))
 	if strings.Count(js, `envoy.config.route.v3.FilterConfig"`) != 2 || !strings.Contains(js, `"disabled": true`) {
 		t.Errorf("the verdict filter is not off by default and on in the two allowed routes:\n%s", js)
 	}
@@ -358,7 +358,7 @@ func TestNamesCheckedFirst(t *testing.T) {
 		tls["on_no_match"].(M)["action"].(M)["name"] != "alpha/deny/sni" {
 		t.Errorf("sni matcher: %s", JSON(tls))
 	}
-	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"*.github.com"})))
+	js := string(JSON(httpChain(testOptions, mustPolicy(t, testConfig).Projects()[0], "alpha/http/80", 80, []string{"*.github.com"}, nil)))
 	if strings.Count(js, `":authority"`) != 2 || strings.Count(js, hostNameRegexJSON()) != 2 || !strings.Contains(js, "is not a valid host name") {
 		t.Errorf("the allowed routes do not check the Host:\n%s", js)
 	}
@@ -367,4 +367,57 @@ func TestNamesCheckedFirst(t *testing.T) {
 func hostNameRegexJSON() string {
 	b, _ := json.Marshal(hostNameRegex)
 	return string(b)
+}
+
+const denyConfig = `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: "*"
+      - http: "*"
+      - sni: api.blocked.example   # under a denied wildcard: must not win
+      - http: www.github.com
+    deny:
+      - sni: example.com
+      - http: example.com
+      - sni: "*.blocked.example"
+`
+
+// TestDenyRendered: sni deny rules are domains of the server-name matcher
+// whose action is a refusal chain naming the rule, http deny rules are 403
+// virtual hosts; allow patterns a deny pattern covers are not rendered (the
+// matcher picks the most specific domain, so they would beat the deny);
+// http "*" is the catch-all virtual host. Envoy validates the result.
+func TestDenyRendered(t *testing.T) {
+	pol := mustPolicy(t, denyConfig)
+	l := Listener(pol, testOptions)
+	js := string(JSON(l))
+	for _, want := range []string{`"alpha/deny/sni:example.com"`, `"alpha/deny/sni:*.blocked.example"`, `"rule": "deny/sni:example.com"`,
+		`"name": "deny/http:example.com"`, `denied by rule http:example.com`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("listener lacks %s", want)
+		}
+	}
+	if strings.Contains(js, "api.blocked.example") {
+		t.Error("the exact allow under a denied wildcard is rendered: it would beat the deny")
+	}
+	// The sni matcher's domains: allow "*", deny example.com and *.blocked.example.
+	re := regexp.MustCompile(`"domains": \[\s*([^\]]*)\]`)
+	var got []string
+	for _, m := range re.FindAllStringSubmatch(js, -1) {
+		got = append(got, strings.Join(strings.Fields(m[1]), " "))
+	}
+	want := []string{`"*"`, `"*.blocked.example"`, `"example.com"`, `"*", "www.github.com"`, `"example.com"`}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("domains %q; want %q (and no catch-all 403 next to http \"*\")", got, want)
+	}
+	if _, err := Resources(pol, testOptions); err != nil {
+		t.Fatal(err)
+	}
+	nettest.Privileged(t, "envoy")
+	path := filepath.Join(t.TempDir(), "deny.json")
+	os.WriteFile(path, JSON(Bootstrap(pol, testOptions)), 0o644)
+	if out, err := exec.Command("envoy", "--mode", "validate", "-c", path).CombinedOutput(); err != nil {
+		t.Errorf("envoy --mode validate: %v\n%s", err, out)
+	}
 }

@@ -3,6 +3,10 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"strings"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/dest"
 )
 
 // WouldDeny is the verdict of an audit project's connection that enforce
@@ -90,6 +94,13 @@ var unplaced = netip.MustParsePrefix("0.0.0.0/30")
 // Decide on the name learnt; then the project's mode. Out of scope: the
 // project's connection cap and the vetting of the address to dial (the
 // resolver's answers, the always-denied set), which come after the verdict.
+//
+// tcp rules depend on what the resolver handed the project at run time,
+// which Explain does not know: a query with a name is decided as if the
+// guest had resolved it and connects to an address of its answer ("allow
+// once resolved", said in Reason); a query with only an address is decided
+// as if the resolver had handed it out for nothing, and Reason says which
+// tcp rules would allow it had it been.
 func (p *Policy) Explain(q Query) Explanation {
 	view, src := p, q.Src
 	if q.Project != "" {
@@ -104,12 +115,28 @@ func (p *Policy) Explain(q Query) Explanation {
 			src = unplaced.Addr()
 		}
 	}
-	d, in := view.Connect(src, q.Dst)
+	var resolved Resolved
+	var names []string
+	if norm, err := config.NormalizeName(q.Name); q.Name != "" && err == nil && !strings.HasPrefix(norm, "*.") {
+		names = []string{norm}
+		resolved = func(string, netip.Addr) []string { return names }
+	}
+	d, in := view.ConnectWith(src, q.Dst, resolved)
+	if pr := view.ProjectFor(src); pr != nil {
+		if td, ok := pr.tcpDecision(q.Dst, names, false); ok && d.Verdict == Allow && td.Rule == d.Rule {
+			d.Reason = fmt.Sprintf("allow once resolved: the guest connects to an address the resolver handed it for %s (until the answer's TTL plus %s runs out); other addresses on port %d are not allowed by this rule", names[0], dest.Grace, q.Dst.Port())
+		}
+	}
 	ex := Explanation{Decision: d, Inspect: in}
 	if in != InspectNone {
 		ex.As = readAs(in, q.Bytes)
 		if ex.As != KindNone {
 			ex.Decision = view.Decide(Facts{Src: src, Dst: q.Dst, Kind: ex.As, Name: q.Name})
+		}
+	}
+	if pr := view.ProjectFor(src); pr != nil && ex.Verdict != Allow && q.Name == "" && q.Dst.Addr().IsValid() {
+		if rules := pr.TCPRules(q.Dst.Port()); len(rules) > 0 {
+			ex.Reason += fmt.Sprintf("; allowed if the resolver handed %s to the project for a name matching %s", q.Dst.Addr(), strings.Join(rules, " or "))
 		}
 	}
 	if pr := view.ProjectFor(src); pr != nil && pr.Audit && ex.Verdict != Allow {

@@ -5,9 +5,11 @@
 // stage: a deny rule that matches decides, whatever an allow rule says.
 //
 // A decision has two stages. Connect looks only at addresses: it settles
-// cidr rules (never inspected) and unknown ports at once, and otherwise says
-// what the data plane must read (a TLS ClientHello, an HTTP request head).
-// Decide then settles the name. Both are pure: no I/O, no clock.
+// cidr rules and tcp rules (never inspected) and unknown ports at once, and
+// otherwise says what the data plane must read (a TLS ClientHello, an HTTP
+// request head). Decide then settles the name. Both are pure: no I/O, no
+// clock; what the resolver handed out (for tcp rules) is given to
+// ConnectWith by the caller.
 package policy
 
 import (
@@ -93,12 +95,16 @@ type Project struct {
 	// Audit: allow everything, log what enforcement would refuse.
 	Audit     bool
 	sni, http nameMatcher
+	// tcp are the tcp rules: names on ports, allowed by address (the
+	// resolver's answers), never inspected.
+	tcp       nameMatcher
+	tcpPorts  map[uint16]bool
 	cidrs     []cidrRule
 	sniPorts  map[uint16]bool
 	httpPorts map[uint16]bool
 	// The deny rules; a rule with no ports applies on every port.
-	denySNI, denyHTTP nameMatcher
-	denyCIDRs         []cidrRule
+	denySNI, denyHTTP, denyTCP nameMatcher
+	denyCIDRs                  []cidrRule
 }
 
 type cidrRule struct {
@@ -132,6 +138,7 @@ func CompileProject(cp config.Project) (*Project, error) {
 		sni: newNameMatcher(), http: newNameMatcher(),
 		sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
 		denySNI: newNameMatcher(), denyHTTP: newNameMatcher(),
+		tcp: newNameMatcher(), denyTCP: newNameMatcher(), tcpPorts: map[uint16]bool{},
 	}
 	for _, r := range cp.Deny {
 		ports, rule := r.Ports, DenyPrefix+r.String() // no ports: every port
@@ -140,6 +147,8 @@ func CompileProject(cp config.Project) (*Project, error) {
 			pr.denySNI.add(r.Name, ports, rule)
 		case config.KindHTTP:
 			pr.denyHTTP.add(r.Name, ports, rule)
+		case config.KindTCP:
+			pr.denyTCP.add(r.Name, ports, rule)
 		case config.KindCIDR:
 			pr.denyCIDRs = append(pr.denyCIDRs, cidrRule{r.Prefix, ports, rule})
 		default:
@@ -158,6 +167,11 @@ func CompileProject(cp config.Project) (*Project, error) {
 			pr.http.add(r.Name, ports, r.String())
 			for _, pt := range ports {
 				pr.httpPorts[pt] = true
+			}
+		case config.KindTCP:
+			pr.tcp.add(r.Name, ports, r.String())
+			for _, pt := range ports {
+				pr.tcpPorts[pt] = true
 			}
 		case config.KindCIDR:
 			pr.cidrs = append(pr.cidrs, cidrRule{r.Prefix, ports, r.String()})
@@ -257,11 +271,28 @@ func (p *Policy) Projects() []*Project {
 	return out
 }
 
-// Connect is the address stage: it decides what it can from the source and
-// the original destination alone. When the returned Inspect is not
-// InspectNone, the Decision is provisional (a denial for the case that
-// nothing usable is read) and Decide settles it.
+// Resolved returns the names (normalised) the resolver handed addr to
+// project for, whose answers have not expired (TTL plus grace): the
+// record tcp rules are decided by (dest.Answers in the daemon).
+type Resolved func(project string, addr netip.Addr) []string
+
+// Connect is ConnectWith with nothing resolved: no tcp rule allows.
 func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect) {
+	return p.ConnectWith(src, dst, nil)
+}
+
+// ConnectWith is the address stage: it decides what it can from the source
+// and the original destination alone (and, for tcp rules, the names the
+// resolver handed the destination's address to the project for; resolved
+// may be nil). When the returned Inspect is not InspectNone, the Decision
+// is provisional (a denial for the case that nothing usable is read) and
+// Decide settles it.
+//
+// Deny rules come first: a cidr deny, then a tcp deny matching any name
+// the address was handed out for (the address cannot tell which of them
+// the guest meant, so the deny wins). Then a cidr allow, then a tcp allow
+// matching one of the names; then inspection for sni and http rules.
+func (p *Policy) ConnectWith(src netip.Addr, dst netip.AddrPort, resolved Resolved) (Decision, Inspect) {
 	pr := p.ProjectFor(src)
 	if pr == nil {
 		return Decision{Verdict: Deny, Reason: "source address is in no project"}, InspectNone
@@ -269,8 +300,18 @@ func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect)
 	if rule, ok := pr.CIDRDenies(dst.Addr(), dst.Port()); ok {
 		return Decision{Verdict: Deny, Project: pr.Name, Rule: rule, Reason: "denied by rule " + strings.TrimPrefix(rule, DenyPrefix)}, InspectNone
 	}
+	var names []string
+	if resolved != nil && pr.usesTCP(dst.Port()) {
+		names = resolved(pr.Name, dst.Addr().Unmap())
+	}
+	if d, ok := pr.tcpDecision(dst, names, true); ok {
+		return d, InspectNone
+	}
 	if rule, ok := pr.CIDRAllows(dst.Addr(), dst.Port()); ok {
 		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}, InspectNone
+	}
+	if d, ok := pr.tcpDecision(dst, names, false); ok {
+		return d, InspectNone
 	}
 	port := dst.Port()
 	d := Decision{Verdict: Deny, Project: pr.Name}
@@ -285,8 +326,58 @@ func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect)
 		d.Reason = "not an HTTP request"
 		return d, in
 	}
+	if pr.tcpPorts[port] {
+		d.Reason = fmt.Sprintf("no rule of project %s allows %s: the resolver handed this address to the project for no name a tcp rule allows on port %d", pr.Name, dst, port)
+		return d, InspectNone
+	}
 	d.Reason = fmt.Sprintf("no rule of project %s allows port %d", pr.Name, port)
 	return d, InspectNone
+}
+
+// usesTCP reports whether a tcp rule (allow or deny) may apply on port.
+func (pr *Project) usesTCP(port uint16) bool {
+	if pr.tcpPorts[port] {
+		return true
+	}
+	found := false
+	pr.denyTCP.each(func(_ string, r portRule) {
+		found = found || r.ports == nil || slices.Contains(r.ports, port)
+	})
+	return found
+}
+
+// tcpDecision decides dst by the tcp rules and the names its address was
+// handed out for: the deny rules (deny true) or the allow rules.
+func (pr *Project) tcpDecision(dst netip.AddrPort, names []string, deny bool) (Decision, bool) {
+	port := dst.Port()
+	for _, name := range names {
+		if deny {
+			if rule, ok := pr.denyTCP.match(name, port); ok {
+				return Decision{Verdict: Deny, Project: pr.Name, Rule: rule, Reason: fmt.Sprintf("denied by rule %s (the resolver handed %s to the project for %s)", strings.TrimPrefix(rule, DenyPrefix), dst.Addr(), name)}, true
+			}
+			continue
+		}
+		if port == config.SMTPPort {
+			break // never opened by a name rule (config refuses such rules too)
+		}
+		if rule, ok := pr.tcp.match(name, port); ok {
+			return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}, true
+		}
+	}
+	return Decision{}, false
+}
+
+// TCPRules returns the tcp allow rules that apply on port (as written),
+// sorted, for explanations.
+func (pr *Project) TCPRules(port uint16) []string {
+	var out []string
+	pr.tcp.each(func(_ string, r portRule) {
+		if slices.Contains(r.ports, port) && !slices.Contains(out, r.rule) {
+			out = append(out, r.rule)
+		}
+	})
+	slices.Sort(out)
+	return out
 }
 
 // Decide is the name stage for a connection whose Connect asked for inspection.
@@ -360,8 +451,8 @@ func ruleKind(k Kind) string {
 	return "sni"
 }
 
-// AllowsName reports whether some sni or http rule of the project allows
-// name (normalised) on some port that no deny rule of the same kind
+// AllowsName reports whether some sni, http or tcp rule of the project
+// allows name (normalised) on some port that no deny rule of the same kind
 // refuses it on: the resolver answers exactly these names.
 func (pr *Project) AllowsName(name string) bool {
 	return pr.Resolve(name).Verdict == Allow
@@ -374,7 +465,7 @@ func (pr *Project) AllowsName(name string) bool {
 // refused it when one did.
 func (pr *Project) Resolve(name string) Decision {
 	d := Decision{Verdict: Deny, Project: pr.Name, Reason: "no rule of project " + pr.Name + " allows the name"}
-	for _, k := range []struct{ allow, deny nameMatcher }{{pr.sni, pr.denySNI}, {pr.http, pr.denyHTTP}} {
+	for _, k := range []struct{ allow, deny nameMatcher }{{pr.sni, pr.denySNI}, {pr.http, pr.denyHTTP}, {pr.tcp, pr.denyTCP}} {
 		var rule, denied string
 		k.allow.candidates(name, func(rs []portRule) bool {
 			for _, r := range rs {

@@ -16,14 +16,14 @@ func TestGoodFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rs) != 8 {
+	if len(rs) != 10 {
 		t.Fatalf("%d results", len(rs))
 	}
 	if failed := Failed(rs); len(failed) > 0 {
 		t.Errorf("failed:\n%s", Failures(rs))
 	}
-	if rs[1].Rule != "deny/sni:*.evil.example" || rs[5].Rule != "preset:pypi/sni:files.pythonhosted.org" {
-		t.Errorf("rules: %q, %q", rs[1].Rule, rs[5].Rule)
+	if rs[1].Rule != "deny/sni:*.evil.example" || rs[5].Rule != "preset:pypi/sni:files.pythonhosted.org" || rs[8].Rule != "tcp:db.example ports 5433" {
+		t.Errorf("rules: %q, %q, %q", rs[1].Rule, rs[5].Rule, rs[8].Rule)
 	}
 }
 

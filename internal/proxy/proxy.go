@@ -138,7 +138,7 @@ func redecide(pol *policy.Policy, e *entry) policy.Decision {
 	if pr := pol.ProjectFor(e.src.Addr()); pr != nil && pr.Audit {
 		return policy.Decision{Verdict: policy.Allow, Project: pr.Name}
 	}
-	d, in := pol.Connect(e.src.Addr(), e.dst)
+	d, in := pol.ConnectWith(e.src.Addr(), e.dst, e.resolvedNames)
 	if in == policy.InspectNone || d.Verdict == policy.Allow {
 		return d
 	}
@@ -378,9 +378,29 @@ type entry struct {
 	d        policy.Decision
 	up, down int64
 	upstream string
+	// resolved are the names the resolver had handed the destination's
+	// address to the project for when the connection was decided (tcp
+	// rules); a policy change decides it again with these, not with what
+	// has expired since.
+	resolved []string
 	// established is set once splicing starts; revoked when a policy
 	// change closed the connection.
 	established, revoked atomic.Bool
+}
+
+// resolvedNames is a policy.Resolved giving the names recorded in e.
+func (e *entry) resolvedNames(string, netip.Addr) []string { return e.resolved }
+
+// resolvedFor is a policy.Resolved reading the resolver's record (what it
+// handed the project, unexpired) and keeping the names in e.
+func (p *Proxy) resolvedFor(e *entry) policy.Resolved {
+	return func(project string, a netip.Addr) []string {
+		if p.Answers == nil {
+			return nil
+		}
+		e.resolved = p.Answers.Names(project, a)
+		return e.resolved
+	}
 }
 
 func (p *Proxy) logEntry(e *entry) {
@@ -410,6 +430,10 @@ func (p *Proxy) logEntry(e *entry) {
 	}
 	if e.upstream != "" {
 		attrs = append(attrs, slog.String("upstream", e.upstream))
+	}
+	if len(e.resolved) > 0 {
+		// The names the resolver handed the destination out for (tcp rules).
+		attrs = append(attrs, slog.String("resolved", strings.Join(e.resolved, ",")))
 	}
 	p.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "connection", attrs...)
 }
@@ -453,7 +477,7 @@ const (
 // is what keeps memory per connection low.
 func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached bool) {
 	pol := p.policy.Load()
-	d, inspect := pol.Connect(e.src.Addr(), e.dst)
+	d, inspect := pol.ConnectWith(e.src.Addr(), e.dst, p.resolvedFor(e))
 	e.d = d
 	pr := pol.ProjectFor(e.src.Addr())
 	if pr == nil {
@@ -485,7 +509,7 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		// The hello may have taken seconds: decide by the policy of now.
 		reason := e.d.Reason
 		pol = p.policy.Load()
-		e.d, inspect = pol.Connect(e.src.Addr(), e.dst)
+		e.d, inspect = pol.ConnectWith(e.src.Addr(), e.dst, p.resolvedFor(e))
 		if facts.Kind == policy.KindNone && inspect != policy.InspectNone && reason != "" {
 			e.d.Reason = reason // what inspection found wrong
 		}
