@@ -91,7 +91,7 @@ func Parse(path string, data []byte) (*File, error) {
 		return nil, fmt.Errorf("%s: invalid YAML: %w", path, err)
 	}
 	if len(doc.Content) == 0 || doc.Content[0].Kind != yaml.MappingNode {
-		return nil, fmt.Errorf("%s:1:1: an expectation file is a mapping with expect: and config: or projects:", path)
+		return nil, fmt.Errorf("%s:1:1: an expectation file is a mapping with the keys expect, and config or projects", path)
 	}
 	root := doc.Content[0]
 	f := &File{Path: path}
