@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -213,6 +214,17 @@ func TestAPIRefusals(t *testing.T) {
 		"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--unix-socket", e.w.APISocket(), "-X", "DELETE", "http://vmegress/v1/projects/alpha")
 	if strings.TrimSpace(out) != "403" {
 		t.Errorf("an unprivileged caller on an open socket got %q; want 403", out)
+	}
+	// A member of the API group (the socket's group) may call, by its
+	// supplementary groups as the kernel recorded them (SO_PEERGROUPS).
+	var st syscall.Stat_t
+	if err := syscall.Stat(e.w.APISocket(), &st); err != nil {
+		t.Fatal(err)
+	}
+	out, _ = world.Output(ctx, "setpriv", "--reuid=65534", "--regid=65534", "--groups="+strconv.Itoa(int(st.Gid)),
+		"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--unix-socket", e.w.APISocket(), "http://vmegress/v1/status")
+	if strings.TrimSpace(out) != "200" {
+		t.Errorf("a member of the API group (gid %d) got %q; want 200", st.Gid, out)
 	}
 	if now := projects(); now != was {
 		t.Errorf("refused calls changed the projects:\n%s\n%s", was, now)

@@ -21,6 +21,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -57,7 +58,30 @@ type peerKey struct{}
 // peer is the caller's credentials.
 type peer struct {
 	uid, gid, pid int
-	ok            bool
+	// groups are the caller's supplementary groups as the kernel recorded
+	// them when it connected (SO_PEERGROUPS); nil when the kernel cannot say.
+	groups []uint32
+	ok     bool
+}
+
+// peerGroups reads SO_PEERGROUPS: the connecting process's supplementary
+// groups at connect time (Linux 4.13+), so no later process reusing its pid
+// can lend it other groups.
+func peerGroups(fd int) ([]uint32, error) {
+	buf := make([]uint32, 64)
+	for {
+		n := uint32(len(buf) * 4)
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+		if e == unix.ERANGE && int(n/4) > len(buf) {
+			buf = make([]uint32, n/4) // n is the size needed
+			continue
+		}
+		if e != 0 {
+			return nil, e
+		}
+		return buf[:n/4], nil
+	}
 }
 
 // ConnContext records the caller's credentials for the handlers (set it as
@@ -69,6 +93,12 @@ func ConnContext(ctx context.Context, c net.Conn) context.Context {
 			rc.Control(func(fd uintptr) {
 				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
 					p = peer{uid: int(cred.Uid), gid: int(cred.Gid), pid: int(cred.Pid), ok: true}
+					if gs, err := peerGroups(int(fd)); err == nil {
+						p.groups = gs
+						if p.groups == nil {
+							p.groups = []uint32{}
+						}
+					}
 				}
 			})
 		}
@@ -77,7 +107,7 @@ func ConnContext(ctx context.Context, c net.Conn) context.Context {
 }
 
 // permitted reports whether the caller is root or in the API group
-// (primary or supplementary, read from /proc/PID/status).
+// (primary, or supplementary as SO_PEERGROUPS recorded them at connect).
 func (s *Server) permitted(r *http.Request) bool {
 	p, _ := r.Context().Value(peerKey{}).(peer)
 	if !p.ok {
@@ -92,6 +122,10 @@ func (s *Server) permitted(r *http.Request) bool {
 	if p.gid == s.Group {
 		return true
 	}
+	if p.groups != nil {
+		return slices.Contains(p.groups, uint32(s.Group))
+	}
+	// A kernel without SO_PEERGROUPS: the process's groups now.
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(p.pid) + "/status")
 	if err != nil {
 		return false
