@@ -347,6 +347,14 @@ func TestRedteamPolicySwapMidRequest(t *testing.T) {
 		io.Copy(io.Discard, resp.Body)
 	}
 	swap(closed)
+	if onEnvoy() {
+		// Envoy acknowledges the new listener before its dispatcher has
+		// closed the replaced chain's connections (drain time 0, a few
+		// milliseconds later): a request sent inside that window is still
+		// served by the old policy (README, Envoy differences). Outside it,
+		// nothing is.
+		time.Sleep(250 * time.Millisecond)
+	}
 	io.WriteString(kc, "GET /2 HTTP/1.1\r\nHost: lenient.test\r\n\r\n")
 	rest, _ := io.ReadAll(br)
 	if n := lenientHits(); n != 1 || strings.Contains(string(rest), "you asked for") {
