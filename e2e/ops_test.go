@@ -260,7 +260,7 @@ func TestDriftRepair(t *testing.T) {
 		remove = []string{"iptables", "-t", "mangle", "-D", "PREROUTING", "-j", "VMEGRESS-PREROUTING"}
 	}
 	installed := e.hostState()
-	for _, argv := range [][]string{
+	for i, argv := range [][]string{
 		remove,
 		{"ip", "rule", "del", "pref", "9000"},
 	} {
@@ -276,7 +276,9 @@ func TestDriftRepair(t *testing.T) {
 		}) {
 			t.Errorf("after %v the daemon did not restore egress", argv)
 		}
-		if !strings.Contains(e.d.Stderr(), "restoring it") {
+		// The repair is logged once it is done: egress may be back a moment
+		// before the line is written.
+		if !waitFor(5*time.Second, func() bool { return strings.Count(e.d.Stderr(), "restoring it") > i }) {
 			t.Errorf("after %v no drift logged", argv)
 		}
 		// The repair is whole before the next removal: one repair each.
