@@ -109,11 +109,11 @@ filter. A reader that falls behind is sent a "lagged" event and dropped.`,
 // parsePolicyFile checks a policy file with the config file's rules and
 // returns it as a generic document (to send as JSON).
 func parsePolicyFile(file, name string, data []byte) (any, error) {
-	if _, err := configParsePolicy(file, name, data); err != nil {
+	if _, err := config.ParsePolicy(file, name, data); err != nil {
 		return nil, err
 	}
 	var doc any
-	if err := yamlUnmarshal(data, &doc); err != nil {
+	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return nil, usagef("%s: %v", file, err)
 	}
 	return doc, nil
@@ -123,8 +123,3 @@ func mustJSON(v any) []byte {
 	b, _ := json.Marshal(v)
 	return b
 }
-
-var (
-	configParsePolicy = config.ParsePolicy
-	yamlUnmarshal     = yaml.Unmarshal
-)

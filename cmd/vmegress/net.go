@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/netip"
 	"runtime/debug"
 	"text/tabwriter"
 	"time"
@@ -178,10 +177,7 @@ func checkSSHPort(port uint16, allowPrivileged bool) error {
 
 func describe(cfg *config.Config, p state.Project) client.Placement {
 	ups, _ := daemon.Upstreams(cfg, "")
-	in := placement.Describe(p, placement.Nameserver(p, ups))
-	return client.Placement{Project: in.Project, TAP: in.TAP, HostIP: in.HostIP, GuestIP: in.GuestIP, Netmask: in.Netmask,
-		Subnet: in.Subnet, MAC: in.MAC, Egress: in.Egress, SSHPort: in.SSHPort, Nameserver: in.Nameserver,
-		KernelIP: in.KernelIP, Firecraker: in.Firecraker}
+	return placement.Describe(p, placement.Nameserver(p, ups))
 }
 
 func optID(v int) *uint32 {
@@ -309,5 +305,3 @@ func (a *app) printNet(infos []client.Placement, asJSON, detail bool) error {
 	}
 	return tw.Flush()
 }
-
-var _ = netip.Prefix{}

@@ -220,10 +220,7 @@ func (s *Server) describe(p state.Project) client.Placement {
 	if s.Nameserver != nil {
 		ns = s.Nameserver(p)
 	}
-	in := placement.Describe(p, ns)
-	return client.Placement{Project: in.Project, TAP: in.TAP, HostIP: in.HostIP, GuestIP: in.GuestIP, Netmask: in.Netmask,
-		Subnet: in.Subnet, MAC: in.MAC, Egress: in.Egress, SSHPort: in.SSHPort, Nameserver: in.Nameserver,
-		KernelIP: in.KernelIP, Firecraker: in.Firecraker}
+	return placement.Describe(p, ns)
 }
 
 // RequestFromSpec turns an API body into a placement request.

@@ -1,7 +1,6 @@
 package config
 
 import (
-	"fmt"
 	"strconv"
 	"strings"
 
@@ -138,5 +137,3 @@ func FirstField(err error) string {
 	}
 	return ""
 }
-
-var _ = fmt.Sprint

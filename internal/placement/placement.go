@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/vmegress/vmegress/client"
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/state"
@@ -162,28 +163,12 @@ func HostOverlap(host []HostPrefix, sub netip.Prefix) (HostPrefix, bool) {
 	return HostPrefix{}, false
 }
 
-// Info is what `net up` and the API print for a placed project.
-type Info struct {
-	Project    string          `json:"project"`
-	TAP        string          `json:"tap"`
-	HostIP     string          `json:"host_ip"`
-	GuestIP    string          `json:"guest_ip"`
-	Netmask    string          `json:"netmask"`
-	Subnet     string          `json:"subnet"`
-	MAC        string          `json:"mac"`
-	Egress     string          `json:"egress"`
-	SSHPort    uint16          `json:"ssh_port,omitempty"`
-	Nameserver string          `json:"nameserver"`
-	KernelIP   string          `json:"kernel_ip_arg"`
-	Firecraker json.RawMessage `json:"firecracker_network_interface"`
-}
-
 // Describe is the guest's view of p: addresses, the kernel ip= argument and
 // the body of Firecracker's PUT /network-interfaces/eth0.
-func Describe(p state.Project, nameserver string) Info {
+func Describe(p state.Project, nameserver string) client.Placement {
 	mask := net.IP(net.CIDRMask(30, 32)).String()
 	fc, _ := json.Marshal(map[string]string{"iface_id": "eth0", "host_dev_name": p.TAP, "guest_mac": p.MAC})
-	return Info{
+	return client.Placement{
 		Project: p.Name, TAP: p.TAP, HostIP: p.HostIP().String(), GuestIP: p.GuestIP().String(), Netmask: mask,
 		Subnet: p.Subnet.String(), MAC: p.MAC, Egress: p.Egress, SSHPort: p.SSHPort, Nameserver: nameserver,
 		// ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>
