@@ -1,0 +1,131 @@
+package policy
+
+import (
+	"net/netip"
+	"slices"
+
+	"github.com/vmegress/vmegress/internal/config"
+)
+
+// Kernel is the part of one project's decision that the host's ruleset
+// carries out at a connection's first packet, with no data plane: what
+// needs no inspection. It is derived from the compiled project, so the
+// kernel and ConnectWith cannot disagree:
+//
+//   - Deny: a cidr deny rule refuses the destination (ConnectWith's first
+//     step): the kernel answers with a reset.
+//   - Forward: a cidr allow rule allows it and no tcp deny rule may apply on
+//     the port (a tcp deny is decided by the resolver's answers, which the
+//     data plane holds): the kernel forwards it itself.
+//   - Proxied: the ports some name rule (sni, http, tcp) may allow on, or
+//     where a tcp deny must be weighed against a cidr allow: the data plane
+//     decides.
+//   - anything else: no rule of any kind can allow it, and the kernel
+//     answers the SYN with a reset.
+//
+// An audit project (Audit) sends everything to the data plane, which logs
+// what enforcement would refuse; its other fields are empty.
+type Kernel struct {
+	Audit   bool
+	Deny    []KernelFlow
+	Forward []KernelFlow
+	Proxied []uint16
+}
+
+// KernelFlow is a destination range on some ports.
+type KernelFlow struct {
+	Prefix netip.Prefix
+	// Ports; nil: every port (deny rules only).
+	Ports []uint16
+	// Rule is the rule as written (deny rules prefixed DenyPrefix).
+	Rule string
+}
+
+// Kernel returns what the ruleset does for the project's guest. IPv6 ranges
+// are left out: guests' IPv6 never leaves the host.
+func (pr *Project) Kernel() Kernel {
+	if pr.Audit {
+		return Kernel{Audit: true}
+	}
+	var k Kernel
+	for _, c := range pr.denyCIDRs {
+		if c.prefix.Addr().Is4() {
+			k.Deny = append(k.Deny, KernelFlow{c.prefix, c.ports, c.rule})
+		}
+	}
+	proxied := map[uint16]bool{}
+	for p := range pr.sniPorts {
+		proxied[p] = true
+	}
+	for p := range pr.httpPorts {
+		proxied[p] = true
+	}
+	for p := range pr.tcpPorts {
+		proxied[p] = true
+	}
+	tcpDenyAll, tcpDeny := false, map[uint16]bool{}
+	pr.denyTCP.each(func(_ string, r portRule) {
+		if r.ports == nil {
+			tcpDenyAll = true
+		}
+		for _, p := range r.ports {
+			tcpDeny[p] = true
+		}
+	})
+	for _, c := range pr.cidrs {
+		if !c.prefix.Addr().Is4() {
+			continue
+		}
+		var fwd []uint16
+		for _, p := range c.ports {
+			if tcpDenyAll || tcpDeny[p] {
+				proxied[p] = true // the data plane weighs the tcp deny
+				continue
+			}
+			fwd = append(fwd, p)
+		}
+		if len(fwd) > 0 {
+			k.Forward = append(k.Forward, KernelFlow{c.prefix, fwd, c.rule})
+		}
+	}
+	delete(proxied, 0)
+	k.Proxied = make([]uint16, 0, len(proxied))
+	for p := range proxied {
+		k.Proxied = append(k.Proxied, p)
+	}
+	slices.Sort(k.Proxied)
+	return k
+}
+
+// KernelOf compiles one config project and returns its Kernel.
+func KernelOf(cp config.Project) (Kernel, error) {
+	pr, err := CompileProject(cp)
+	if err != nil {
+		return Kernel{}, err
+	}
+	return pr.Kernel(), nil
+}
+
+// Decide decides dst for the project's guest the way the ruleset built from Kernel does:
+// Deny, Allow (forwarded by the kernel), or "" with proxied true (the data
+// plane decides) or false (refused at the SYN). For tests and explain.
+func (k Kernel) Decide(dst netip.AddrPort) (v Verdict, rule string, proxied bool) {
+	if k.Audit {
+		return "", "", true
+	}
+	a, port := dst.Addr().Unmap(), dst.Port()
+	in := func(f KernelFlow) bool {
+		return f.Prefix.Contains(a) && (f.Ports == nil || slices.Contains(f.Ports, port))
+	}
+	for _, f := range k.Deny {
+		if in(f) {
+			return Deny, f.Rule, false
+		}
+	}
+	for _, f := range k.Forward {
+		if in(f) {
+			return Allow, f.Rule, false
+		}
+	}
+	return "", "", slices.Contains(k.Proxied, port)
+}
