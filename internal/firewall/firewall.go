@@ -15,6 +15,7 @@ import (
 	"sort"
 
 	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/state"
 )
 
@@ -42,9 +43,13 @@ type State struct {
 	// SSH forwards a host port to a guest's port 22 (inbound only; replies
 	// only for those flows).
 	SSH []SSHForward
-	// Uplink, when set, is the only interface direct-NAT egress leaves by
-	// (the spec's LAN_IF); empty: any interface that is not a guest's.
+	// Uplink, when set, is the only interface direct-NAT egress and the
+	// flows the kernel forwards leave by (the spec's LAN_IF); empty: any
+	// interface that is not a guest's.
 	Uplink string
+	// Guests are the placed projects' guests (proxied egress) with the part
+	// of their policy the ruleset carries out, sorted by address.
+	Guests []Guest
 }
 
 // SSHForward is one inbound SSH DNAT.
@@ -68,6 +73,34 @@ func Desired(cfg *config.Config, st *state.State) State {
 		UpstreamMark:    cfg.UpstreamMark,
 		Uplink:          cfg.Uplink,
 	}
+	// Every placed project's guest (the config's merged view names each
+	// placed project with its subnet) gets its kernel part.
+	var taps map[string]string
+	if st != nil {
+		taps = make(map[string]string, len(st.Projects))
+		for _, p := range st.Projects {
+			taps[p.Name] = p.TAP
+		}
+	}
+	for i := range cfg.Projects {
+		cp := &cfg.Projects[i]
+		if !cp.Subnet.IsValid() {
+			continue
+		}
+		if st != nil {
+			if p, ok := st.Projects[cp.Name]; ok && p.Egress == state.EgressNAT {
+				continue
+			}
+		}
+		k, err := policy.KernelOf(*cp)
+		if err != nil {
+			// The engine compiles every project before it gets here; should
+			// one not compile, its guest gets nothing but resets.
+			k = policy.Kernel{}
+		}
+		s.Guests = append(s.Guests, Guest{Addr: cp.Subnet.Masked().Addr().Next().Next(), TAP: taps[cp.Name], Kernel: k})
+	}
+	sort.Slice(s.Guests, func(i, j int) bool { return s.Guests[i].Addr.Less(s.Guests[j].Addr) })
 	if st == nil {
 		return s
 	}
@@ -94,8 +127,14 @@ func Desired(cfg *config.Config, st *state.State) State {
 
 // String renders s for logs and comparisons.
 func (s State) String() string {
-	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x nat=%v ssh=%v uplink=%q",
-		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.NATIfaces, s.SSH, s.Uplink)
+	return s.Global() + fmt.Sprintf(" nat=%v ssh=%v guests=%v", s.NATIfaces, s.SSH, s.Guests)
+}
+
+// Global renders the parts of s that are not per project: when they are
+// equal, two states differ only by elements (UpdateProjects).
+func (s State) Global() string {
+	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x uplink=%q",
+		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.Uplink)
 }
 
 // Backend applies a desired State to the host.

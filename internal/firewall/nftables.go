@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"regexp"
 	"runtime"
+	"slices"
+	"strings"
 
 	"github.com/vishvananda/netns"
 	"sigs.k8s.io/knftables"
@@ -53,7 +55,34 @@ func (b *NFTables) Snapshot(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("listing nftables table %s: %w", TableName, err)
 	}
-	return counterRE.ReplaceAllString(string(out), "counter"), nil
+	return counterRE.ReplaceAllString(withoutVolatile(string(out)), "counter"), nil
+}
+
+// withoutVolatile drops the elements of the volatileSets from a listing.
+func withoutVolatile(listing string) string {
+	var b strings.Builder
+	inVolatile, inElems := false, false
+	for _, line := range strings.SplitAfter(listing, "\n") {
+		t := strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(t, "set "):
+			name, _, _ := strings.Cut(strings.TrimPrefix(t, "set "), " ")
+			inVolatile = slices.Contains(volatileSets, name)
+		case inVolatile && strings.HasPrefix(t, "elements = {"):
+			inElems = true
+		}
+		if inElems {
+			if strings.HasSuffix(t, "}") {
+				inElems = false
+			}
+			continue
+		}
+		if t == "}" {
+			inVolatile = false
+		}
+		b.WriteString(line)
+	}
+	return b.String()
 }
 
 // Counters returns the packet count of every counted rule, keyed by
@@ -119,37 +148,36 @@ func (b *NFTables) Apply(ctx context.Context, s State) error {
 }
 
 // UpdateProjects changes only the per-project elements (NAT interfaces,
-// SSH forwards) from old to s, in one transaction, without touching rules.
+// SSH forwards, the guests' kernel sets) from old to s, in one transaction,
+// without touching rules. Elements that go are deleted before those that
+// come are added: an interval that grows over another is accepted.
 func (b *NFTables) UpdateProjects(ctx context.Context, old, s State) error {
 	tx := b.nft.NewTransaction()
-	oldNAT, newNAT := map[string]bool{}, map[string]bool{}
-	for _, i := range old.NATIfaces {
-		oldNAT[i] = true
+	type key struct{ set, key, value string }
+	index := func(st State) (map[key]*knftables.Element, []key) {
+		m := map[key]*knftables.Element{}
+		var order []key
+		for _, e := range projectElements(st) {
+			k := key{e.Set + e.Map, strings.Join(e.Key, " . "), strings.Join(e.Value, " . ")}
+			if _, dup := m[k]; !dup {
+				order = append(order, k)
+			}
+			m[k] = e
+		}
+		return m, order
 	}
-	for _, i := range s.NATIfaces {
-		newNAT[i] = true
-		if !oldNAT[i] {
-			tx.Add(&knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", i)}})
+	from, fromOrder := index(old)
+	to, toOrder := index(s)
+	for _, k := range fromOrder {
+		if _, keep := to[k]; !keep {
+			e := *from[k]
+			e.Value = nil // a map element is deleted by its key
+			tx.Delete(&e)
 		}
 	}
-	for i := range oldNAT {
-		if !newNAT[i] {
-			tx.Delete(&knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", i)}})
-		}
-	}
-	oldSSH, newSSH := map[SSHForward]bool{}, map[SSHForward]bool{}
-	for _, f := range old.SSH {
-		oldSSH[f] = true
-	}
-	for _, f := range s.SSH {
-		newSSH[f] = true
-		if !oldSSH[f] {
-			tx.Add(&knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}, Value: []string{f.GuestIP.String(), "22"}})
-		}
-	}
-	for f := range oldSSH {
-		if !newSSH[f] {
-			tx.Delete(&knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}})
+	for _, k := range toOrder {
+		if _, had := from[k]; !had {
+			tx.Add(to[k])
 		}
 	}
 	if tx.NumOperations() == 0 {
@@ -159,6 +187,37 @@ func (b *NFTables) UpdateProjects(ctx context.Context, old, s State) error {
 		return fmt.Errorf("updating project elements of table %s: %w", TableName, err)
 	}
 	return nil
+}
+
+// projectElements are the per-project elements of s, in a stable order.
+func projectElements(s State) []*knftables.Element {
+	var out []*knftables.Element
+	for _, ifc := range s.NATIfaces {
+		out = append(out, &knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", ifc)}})
+	}
+	for _, f := range s.SSH {
+		out = append(out, &knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}, Value: []string{f.GuestIP.String(), "22"}})
+	}
+	for _, g := range s.Guests {
+		e, a := elemsOf(g), g.Addr.String()
+		if e.audit {
+			out = append(out, &knftables.Element{Set: setKAudit, Key: []string{a}})
+			continue
+		}
+		for _, p := range e.denyAll {
+			out = append(out, &knftables.Element{Set: setKDenyAll, Key: []string{a, p.String()}})
+		}
+		for _, f := range e.deny {
+			out = append(out, &knftables.Element{Set: setKDeny, Key: []string{a, f.Prefix.String(), fmt.Sprint(f.Port)}})
+		}
+		for _, f := range e.fwd {
+			out = append(out, &knftables.Element{Set: setKFwd, Key: []string{a, f.Prefix.String(), fmt.Sprint(f.Port)}})
+		}
+		for _, p := range e.proxy {
+			out = append(out, &knftables.Element{Set: setKProxy, Key: []string{a, fmt.Sprint(p)}})
+		}
+	}
+	return out
 }
 
 // Cleanup deletes the vmegress table if it exists.
@@ -195,7 +254,21 @@ const (
 	chainInput     = "input"
 	chainForward   = "forward"
 	chainOutput    = "output"
+	// The kernel part of each guest's policy (policy.Kernel), elements keyed
+	// by the guest's address.
+	setKAudit   = "k_audit"    // audit guests: everything to the data plane
+	setKDenyAll = "k_deny_all" // guest . range: cidr deny on every port
+	setKDeny    = "k_deny"     // guest . range . port: cidr deny
+	setKFwd     = "k_forward"  // guest . range . port: cidr allow, forwarded by the kernel
+	setKProxy   = "k_proxied"  // guest . port: the data plane decides
+	// setSYNRefused counts, per guest, the connections refused at the SYN
+	// (no rule for the port); elements come and go with traffic.
+	setSYNRefused = "syn_refused"
 )
+
+// volatileSets change with traffic, not with the desired state: Snapshot
+// leaves their elements out.
+var volatileSets = []string{setSYNRefused}
 
 func ptr[T any](v T) *T { return &v }
 
@@ -216,12 +289,18 @@ func Render(tx *knftables.Transaction, s State) {
 	// Per-project membership lives in a set and a map, changed element by
 	// element: the rules do not grow with the number of projects.
 	tx.Add(&knftables.Set{Name: setNATIfaces, Type: "ifname", Comment: ptr("guest interfaces with direct NAT egress (unfiltered)")})
-	for _, ifc := range s.NATIfaces {
-		tx.Add(&knftables.Element{Set: setNATIfaces, Key: []string{fmt.Sprintf("%q", ifc)}})
-	}
 	tx.Add(&knftables.Map{Name: mapSSH, Type: "inet_service : ipv4_addr . inet_service", Comment: ptr("inbound SSH: host port to guest address and port 22")})
-	for _, f := range s.SSH {
-		tx.Add(&knftables.Element{Map: mapSSH, Key: []string{fmt.Sprint(f.HostPort)}, Value: []string{f.GuestIP.String(), "22"}})
+	interval := []knftables.SetFlag{knftables.IntervalFlag}
+	tx.Add(&knftables.Set{Name: setKAudit, Type: "ipv4_addr", Comment: ptr("audit guests: all TCP to the data plane")})
+	tx.Add(&knftables.Set{Name: setKDenyAll, Type: "ipv4_addr . ipv4_addr", Flags: interval, Comment: ptr("guest . range refused on every port (cidr deny)")})
+	tx.Add(&knftables.Set{Name: setKDeny, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: interval, Comment: ptr("guest . range . port refused (cidr deny)")})
+	tx.Add(&knftables.Set{Name: setKFwd, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: interval, Comment: ptr("guest . range . port forwarded by the kernel (cidr allow)")})
+	tx.Add(&knftables.Set{Name: setKProxy, Type: "ipv4_addr . inet_service", Comment: ptr("guest . port the data plane decides (name rules)")})
+	tx.Add(&knftables.Set{Name: setSYNRefused, Type: "ipv4_addr", Flags: []knftables.SetFlag{knftables.DynamicFlag},
+		// Counter per element: how many connections of each guest were refused at the SYN.
+		Comment: ptr("guests with connections refused at the SYN (no rule for the port), counted")})
+	for _, e := range projectElements(s) {
+		tx.Add(e)
 	}
 
 	rule := func(chain, r, comment string) {
@@ -247,8 +326,24 @@ func Render(tx *knftables.Transaction, s State) {
 	rule(chainPre, "iifname @"+setNATIfaces+" accept", "direct NAT egress: not intercepted")
 	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
 	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
-	rule(chainPre, fmt.Sprintf("meta l4proto tcp tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark),
-		"guest TCP goes to the data plane, marked for local delivery")
+	tproxy := fmt.Sprintf("tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark)
+	ctK := fmt.Sprintf("ct mark and %#x == %#x", KernelCTMark, KernelCTMark)
+	rule(chainPre, ctK+" accept", "a flow the kernel forwards (cidr rule): no data plane")
+	rule(chainPre, "meta l4proto tcp ip saddr @"+setKAudit+" "+tproxy, "audit project: all TCP to the data plane, which logs what enforcement would refuse")
+	// A connection's first packet is decided here, by the guest's elements;
+	// the packets after it follow their flow (kernel forwarded, or a data
+	// plane socket), so a change of elements leaves open flows to
+	// on_policy_change (conntrack entries are deleted to cut them).
+	newTCP := "ct state new meta l4proto tcp "
+	rule(chainPre, newTCP+"ip saddr . ip daddr @"+setKDenyAll+" counter reject with tcp reset", "cidr deny rule (every port): refused")
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKDeny+" counter reject with tcp reset", "cidr deny rule: refused")
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+fmt.Sprintf(" ct mark set ct mark or %#x counter accept", KernelCTMark),
+		"cidr allow rule: forwarded by the kernel, no data plane")
+	rule(chainPre, newTCP+"ip saddr . tcp dport @"+setKProxy+" "+tproxy, "a port with name rules: to the data plane, marked for local delivery")
+	// Two rules, not one: should the set be full, the reset still comes.
+	rule(chainPre, newTCP+"update @"+setSYNRefused+" { ip saddr counter }", "count the refusal per guest")
+	rule(chainPre, newTCP+"counter reject with tcp reset", "no rule of the guest's project for this port: refused at the SYN")
+	rule(chainPre, "meta l4proto tcp "+tproxy, "the rest of a proxied flow: to the data plane's socket")
 	// nft's tproxy falls through to the next rule when no socket listens on
 	// the port; without this drop a dead proxy would mean open egress.
 	rule(chainPre, "counter drop", "fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)")
@@ -277,6 +372,7 @@ func Render(tx *knftables.Transaction, s State) {
 		out = fmt.Sprintf("oifname %q", s.Uplink)
 	}
 	rule(chainNATPost, "iifname @"+setNATIfaces+" "+out+" masquerade", "direct NAT egress (spec: MASQUERADE)")
+	rule(chainNATPost, fmt.Sprintf("iifname @%s ct mark and %#x == %#x %s masquerade", setGuestIfaces, KernelCTMark, KernelCTMark, out), "flows the kernel forwards leave with the host's address")
 
 	// input: guests reach host sockets only through the TPROXY mark or the
 	// DNS redirect.
@@ -303,7 +399,9 @@ func Render(tx *knftables.Transaction, s State) {
 		replyIn = fmt.Sprintf("iifname %q ", s.Uplink)
 	}
 	rule(chainForward, replyIn+"oifname @"+setNATIfaces+" ct state established,related accept", "replies to direct NAT egress")
-	rule(chainForward, fromGuest+" counter drop", "no forwarding from guests: egress only via the proxy")
+	rule(chainForward, fmt.Sprintf("%s ct mark and %#x == %#x ct direction original %s accept", fromGuest, KernelCTMark, KernelCTMark, out), "a flow the kernel forwards (cidr rule)")
+	rule(chainForward, fmt.Sprintf("%soifname @%s ct mark and %#x == %#x ct direction reply accept", replyIn, setGuestIfaces, KernelCTMark, KernelCTMark), "replies of flows the kernel forwards")
+	rule(chainForward, fromGuest+" counter drop", "no forwarding from guests: egress only via the proxy or a cidr rule's flows")
 	rule(chainForward, "oifname @"+setGuestIfaces+" counter drop", "no forwarding to guests")
 	rule(chainForward, fmt.Sprintf("ip saddr %s counter drop", s.VMCIDR), "guest-range source on another interface")
 
