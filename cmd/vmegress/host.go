@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/vmegress/vmegress/internal/ctflow"
 	"io"
 	"log/slog"
 	"net"
@@ -70,6 +71,7 @@ func (a *app) hostInterception(kind string) (engine.Interception, *netlink.Handl
 			return names, nil
 		},
 		Forwarding: func() (map[string]string, error) { return hostnet.LinkForwarding(h) },
+		AddrLinks:  func() (map[netip.Addr]string, error) { return hostnet.AddrLinks(h) },
 	}
 	return engine.Interception{Firewall: fw, Stale: stale, Netlink: h, Guard: guard}, h, nil
 }
@@ -163,6 +165,13 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				StateDir:     a.stateDir,
 				AccessWriter: &events.LineWriter{W: access, Hub: hub},
 			}
+			// Flows the kernel forwards (cidr rules) are logged from conntrack.
+			flows, err := ctflow.Open("")
+			if err != nil {
+				return err
+			}
+			defer flows.Close()
+			d.Flows = flows
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, logFile)

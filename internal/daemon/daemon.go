@@ -7,6 +7,8 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"github.com/vmegress/vmegress/internal/ctflow"
+	"github.com/vmegress/vmegress/internal/policy"
 	"io"
 	"log/slog"
 	"net"
@@ -77,6 +79,9 @@ type Daemon struct {
 	StateDir string
 	// AccessWriter receives Envoy's JSON access-log lines as they are.
 	AccessWriter io.Writer
+	// Flows follows the flows the kernel forwards for cidr rules (logging
+	// them when they end, cutting them on a policy change); nil: neither.
+	Flows Flows
 
 	mu        sync.Mutex // guards the fields below
 	started   time.Time
@@ -89,6 +94,12 @@ type Daemon struct {
 	resolver *vdns.Resolver
 	xds      *envoy.Server
 	envoyOpt envoy.Settings
+}
+
+// Flows is ctflow.Tracker's interface.
+type Flows interface {
+	Watch(ctx context.Context, ended func(ctflow.Flow)) error
+	Revoke(keep func(ctflow.Flow) bool) (int, error)
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
@@ -204,6 +215,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	driftCtx, stopDrift := context.WithCancel(ctx)
 	driftDone := make(chan struct{})
 	go func() { defer close(driftDone); d.watchDrift(driftCtx) }()
+	if d.Flows != nil {
+		go func() {
+			if err := d.Flows.Watch(driftCtx, d.kernelFlowEnded); err != nil {
+				d.Log.Error("following kernel-forwarded flows stopped: they are no longer logged", "err", err.Error())
+			}
+		}()
+	}
 
 	err = serve(ctx)
 	stopDrift()
@@ -325,6 +343,20 @@ func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
 			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
 		}
 	}
+	if d.Flows != nil && ch.Kind != engine.ChangeOpen && s.Config.OnPolicyChange != "keep" {
+		n, err := d.Flows.Revoke(func(f ctflow.Flow) bool {
+			pr := s.Policy.ProjectFor(f.Src.Addr())
+			if pr == nil {
+				return false
+			}
+			v, _, _ := pr.Kernel().Decide(f.Dst)
+			return v == policy.Allow
+		})
+		if err != nil {
+			d.Log.Error("cutting kernel-forwarded flows the new policy no longer allows", "err", err.Error())
+		}
+		closed += n
+	}
 	if ch.Kind != engine.ChangeOpen {
 		d.Events.Publish(events.Event{"type": "change", "change": string(ch.Kind), "project": ch.Project,
 			"projects_changed": len(ch.Projects), "generation": s.Generation})
@@ -414,4 +446,34 @@ func (d *Daemon) serveDNS(ctx context.Context, addr string, r *vdns.Resolver) (f
 		return nil, fmt.Errorf("starting the resolver on tcp %s: %w", addr, err)
 	}
 	return r.Serve(pc, tl), nil
+}
+
+// kernelFlowEnded logs a flow the kernel forwarded, as the data plane logs
+// its connections (path "kernel"), and counts it.
+func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
+	project, rule := "", ""
+	if pr := d.Engine.Snapshot().Policy.ProjectFor(f.Src.Addr()); pr != nil {
+		project = pr.Name
+		rule, _ = pr.CIDRAllows(f.Dst.Addr(), f.Dst.Port())
+	}
+	d.metrics.Connection(project, string(policy.Allow))
+	d.metrics.Bytes(project, int64(f.Up), int64(f.Down))
+	if d.AccessLog == nil {
+		return
+	}
+	dur := 0.0
+	if !f.Start.IsZero() && f.Stop.After(f.Start) {
+		dur = float64(f.Stop.Sub(f.Start).Microseconds()) / 1000
+	}
+	d.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "connection",
+		slog.String("project", project),
+		slog.String("src", f.Src.String()),
+		slog.String("dst", f.Dst.String()),
+		slog.String("verdict", string(policy.Allow)),
+		slog.String("rule", rule),
+		slog.String("path", "kernel"),
+		slog.Int64("bytes_up", int64(f.Up)),
+		slog.Int64("bytes_down", int64(f.Down)),
+		slog.Float64("duration_ms", dur),
+	)
 }

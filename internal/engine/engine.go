@@ -311,7 +311,7 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 	if existed {
 		old = &before
 	}
-	restore, err := e.applyProject(ctx, eff, next, old, &p)
+	restore, err := e.applyProject(ctx, cur.Config, eff, next, old, &p)
 	if err != nil {
 		rollback()
 		return state.Project{}, false, err
@@ -339,11 +339,12 @@ func samePlacement(a, b state.Project) bool {
 		a.Egress == b.Egress && eq(a.Owner, b.Owner) && eq(a.Group, b.Group)
 }
 
-// applyProject brings the ruleset from project old to new (either nil:
-// absent) with all the projects being st: only the changed elements when
-// interception is installed, the whole ruleset otherwise (a TAP never comes
-// up unfiltered). It returns how to undo it.
-func (e *Engine) applyProject(ctx context.Context, eff *config.Config, st *state.State, old, new *state.Project) (undo func(), err error) {
+// applyProject brings the ruleset from project old (placed, with its policy
+// in oldEff) to new (with its policy in eff), either nil: absent, with all
+// the projects being st: only the changed elements when interception is
+// installed, the whole ruleset otherwise (a TAP never comes up unfiltered).
+// It returns how to undo it.
+func (e *Engine) applyProject(ctx context.Context, oldEff, eff *config.Config, st *state.State, old, new *state.Project) (undo func(), err error) {
 	fw := e.Interception.Firewall
 	if fw == nil {
 		return func() {}, nil
@@ -360,16 +361,69 @@ func (e *Engine) applyProject(ctx context.Context, eff *config.Config, st *state
 			return func() {}, nil // the ruleset stays: removing it would open nothing, it only filters
 		}
 	}
-	one := func(p *state.Project) firewall.State {
-		s := &state.State{Projects: map[string]state.Project{}}
-		if p != nil {
-			s.Projects[p.Name] = *p
-		}
-		return firewall.Desired(eff, s)
-	}
-	from, to := one(old), one(new)
+	from, to := projectPart(oldEff, old), projectPart(eff, new)
 	if from.String() == to.String() {
-		return func() {}, nil // a proxied project has no elements of its own
+		return func() {}, nil
+	}
+	if err := fw.UpdateProjects(ctx, from, to); err != nil {
+		return nil, err
+	}
+	if err := e.Interception.guard(eff, st); err != nil {
+		return nil, err
+	}
+	e.refreshApplied(ctx)
+	return func() {
+		if err := fw.UpdateProjects(ctx, to, from); err != nil {
+			e.log().Error("rolling back the ruleset's project elements", "err", err.Error())
+		}
+		e.refreshApplied(ctx)
+	}, nil
+}
+
+// projectPart is the desired state of the placed project p alone (nil:
+// nothing), its kernel part from its policy in eff.
+func projectPart(eff *config.Config, p *state.Project) firewall.State {
+	c := *eff
+	c.Projects = nil
+	s := &state.State{Projects: map[string]state.Project{}}
+	if p != nil {
+		s.Projects[p.Name] = *p
+		if cp := eff.Project(p.Name); cp != nil {
+			q := *cp
+			q.Subnet = p.Subnet
+			c.Projects = []config.Project{q}
+		}
+	}
+	return firewall.Desired(&c, s)
+}
+
+// applyPolicy brings the ruleset's elements of the projects named from
+// their policies in oldEff to those in eff (the placements being st's, or
+// the config's subnets). It returns how to undo it.
+func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st *state.State, names []string) (undo func(), err error) {
+	fw := e.Interception.Firewall
+	if fw == nil || !e.installed {
+		return func() {}, nil
+	}
+	part := func(c *config.Config) firewall.State {
+		out := *c
+		out.Projects = nil
+		for _, n := range names {
+			if cp := c.Project(n); cp != nil {
+				out.Projects = append(out.Projects, *cp)
+			}
+		}
+		sub := &state.State{Projects: map[string]state.Project{}}
+		for _, n := range names {
+			if p, ok := placed(st, n); ok {
+				sub.Projects[n] = p
+			}
+		}
+		return firewall.Desired(&out, sub)
+	}
+	from, to := part(oldEff), part(eff)
+	if from.String() == to.String() {
+		return func() {}, nil
 	}
 	if err := fw.UpdateProjects(ctx, from, to); err != nil {
 		return nil, err
@@ -438,7 +492,7 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 	if err != nil {
 		return p, true, err
 	}
-	restore, err := e.applyProject(ctx, eff, next, &p, nil)
+	restore, err := e.applyProject(ctx, cur.Config, eff, next, &p, nil)
 	if err != nil {
 		return p, true, err
 	}
@@ -488,11 +542,23 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	if err != nil {
 		return nil, err
 	}
-	if firewall.Desired(eff, cur.State).String() != firewall.Desired(cur.Config, cur.State).String() {
-		if e.installed {
+	if e.installed {
+		// Only the per-project elements changed: element by element;
+		// anything else: the whole ruleset, atomically.
+		from, to := firewall.Desired(cur.Config, cur.State), firewall.Desired(eff, cur.State)
+		switch {
+		case from.Global() != to.Global():
 			if err := e.install(ctx, eff, cur.State); err != nil {
 				return nil, err
 			}
+		case from.String() != to.String():
+			if err := e.Interception.Firewall.UpdateProjects(ctx, from, to); err != nil {
+				return nil, err
+			}
+			if err := e.Interception.guard(eff, cur.State); err != nil {
+				return nil, err
+			}
+			e.refreshApplied(ctx)
 		}
 	}
 	e.snap = &Snapshot{File: file, Config: eff, State: cur.State, Policies: cur.Policies, Policy: pol, Generation: cur.Generation + 1}
@@ -726,7 +792,12 @@ func (e *Engine) SetPolicy(ctx context.Context, p config.Project) (generation ui
 	if err != nil {
 		return 0, err
 	}
+	undo, err := e.applyPolicy(ctx, cur.Config, eff, cur.State, []string{p.Name})
+	if err != nil {
+		return 0, err
+	}
 	if err := e.savePolicy(p); err != nil {
+		undo()
 		return 0, err
 	}
 	e.snap = &Snapshot{File: cur.File, Config: eff, State: cur.State, Policies: policies, Policy: compiled, Generation: cur.Generation + 1}

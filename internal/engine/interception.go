@@ -31,13 +31,26 @@ func (in Interception) guard(cfg *config.Config, st *state.State) error {
 		return nil
 	}
 	in.Guard.Patterns = cfg.GuestInterfaces
-	// NAT egress and inbound SSH need the kernel to route what the TAP sends.
-	in.Guard.Exclude = nil
+	// NAT egress and inbound SSH need the kernel to route what the TAP
+	// sends, and so do the flows the ruleset forwards for cidr rules.
+	in.Guard.Exclude, in.Guard.ExcludeAddrs = nil, nil
 	if st != nil {
 		for _, p := range st.Projects {
 			if p.Egress == state.EgressNAT || p.SSHPort != 0 {
 				in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
 			}
+		}
+	}
+	for i := range cfg.Projects {
+		cp := &cfg.Projects[i]
+		if !cp.Subnet.IsValid() || !kernelForwards(cp) {
+			continue
+		}
+		if p, ok := placed(st, cp.Name); ok {
+			in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
+		} else {
+			// An interface someone else made: the one holding the host address.
+			in.Guard.ExcludeAddrs = append(in.Guard.ExcludeAddrs, cp.Subnet.Masked().Addr().Next())
 		}
 	}
 	if _, err := in.Guard.Apply(); err != nil {
@@ -87,4 +100,27 @@ func (in Interception) Remove(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// kernelForwards reports whether the ruleset may forward some of the
+// project's flows itself (an IPv4 cidr allow rule, not in audit mode): its
+// guest interface then needs forwarding on. The ruleset decides which flows.
+func kernelForwards(cp *config.Project) bool {
+	if cp.Mode == "audit" {
+		return false
+	}
+	for _, r := range cp.Allow {
+		if r.Kind == config.KindCIDR && r.Prefix.Addr().Is4() {
+			return true
+		}
+	}
+	return false
+}
+
+func placed(st *state.State, name string) (state.Project, bool) {
+	if st == nil {
+		return state.Project{}, false
+	}
+	p, ok := st.Projects[name]
+	return p, ok
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -23,6 +24,13 @@ type ForwardingGuard struct {
 	// Exclude are matching interfaces that need forwarding (NAT egress,
 	// inbound SSH replies): Apply turns it on for them.
 	Exclude []string
+	// ExcludeAddrs: the interfaces holding one of these addresses are
+	// excluded too (guests whose interface vmegress did not make: the host
+	// address of a config subnet). Looked up with AddrLinks.
+	ExcludeAddrs []netip.Addr
+	// AddrLinks returns the interface of every local IPv4 address (needed
+	// only when ExcludeAddrs is set).
+	AddrLinks func() (map[netip.Addr]string, error)
 	// StateFile records the original values (crash-safe: written before change).
 	StateFile string
 	// ProcSys is the root of the sysctl tree (zero: /proc/sys).
@@ -109,6 +117,17 @@ func (g ForwardingGuard) Apply() ([]string, error) {
 	exclude := make(map[string]bool, len(g.Exclude))
 	for _, e := range g.Exclude {
 		exclude[e] = true
+	}
+	if len(g.ExcludeAddrs) > 0 && g.AddrLinks != nil {
+		byAddr, err := g.AddrLinks()
+		if err != nil {
+			return nil, fmt.Errorf("listing interface addresses: %w", err)
+		}
+		for _, a := range g.ExcludeAddrs {
+			if l, ok := byAddr[a]; ok {
+				exclude[l] = true
+			}
+		}
 	}
 	saved, err := g.load()
 	if err != nil {

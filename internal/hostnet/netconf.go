@@ -3,6 +3,8 @@ package hostnet
 import (
 	"encoding/binary"
 	"fmt"
+	"net/netip"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -70,6 +72,24 @@ func LinkForwarding(h *netlink.Handle) (map[string]string, error) {
 		}
 		if name, ok := names[index]; ok && hasI && has {
 			out[name] = fmt.Sprint(fwd)
+		}
+	}
+	return out, nil
+}
+
+// AddrLinks returns the interface name of every IPv4 address of the host,
+// from one address dump (the name from the address's label).
+func AddrLinks(h *netlink.Handle) (map[netip.Addr]string, error) {
+	addrs, err := h.AddrList(nil, unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses: %w", err)
+	}
+	out := make(map[netip.Addr]string, len(addrs))
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP.To4())
+		name, _, _ := strings.Cut(a.Label, ":")
+		if ok && name != "" {
+			out[ip] = name
 		}
 	}
 	return out, nil

@@ -1,0 +1,135 @@
+// Package ctflow follows the flows the kernel forwards itself (a cidr rule
+// allowed them, so no data plane sees their bytes) through their conntrack
+// entries, which carry firewall.KernelCTMark: it reports each flow when it
+// ends (addresses, bytes each way, start and end), for the access log and
+// the metrics, and cuts the flows a new policy no longer allows by deleting
+// their entries (the next packet is then decided afresh by the ruleset).
+package ctflow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/ti-mo/conntrack"
+	"github.com/ti-mo/netfilter"
+
+	"github.com/vmegress/vmegress/internal/firewall"
+)
+
+// Flow is one ended (or, for Revoke, open) kernel-forwarded flow.
+type Flow struct {
+	// Src is the guest's side, Dst the destination it connected to.
+	Src, Dst netip.AddrPort
+	// Up and Down are the bytes (IP) the guest sent and received.
+	Up, Down    uint64
+	Start, Stop time.Time
+}
+
+// Tracker watches and deletes kernel-forwarded flows over two conntrack
+// netlink sockets of the current network namespace.
+type Tracker struct {
+	events, ops *conntrack.Conn
+	procSys     string
+}
+
+// Open dials conntrack. procSys is the root of the sysctl tree (zero:
+// /proc/sys), where Watch turns the flows' byte counters on.
+func Open(procSys string) (*Tracker, error) {
+	if procSys == "" {
+		procSys = "/proc/sys"
+	}
+	ev, err := conntrack.Dial(nil)
+	if err != nil {
+		return nil, fmt.Errorf("opening a conntrack socket: %w", err)
+	}
+	ops, err := conntrack.Dial(nil)
+	if err != nil {
+		ev.Close()
+		return nil, fmt.Errorf("opening a conntrack socket: %w", err)
+	}
+	return &Tracker{events: ev, ops: ops, procSys: procSys}, nil
+}
+
+// Close closes the sockets (Watch returns).
+func (t *Tracker) Close() error {
+	return errors.Join(t.events.Close(), t.ops.Close())
+}
+
+func kernelForwarded(f *conntrack.Flow) bool {
+	return f != nil && f.Mark&firewall.KernelCTMark != 0 && f.TupleOrig.Proto.Protocol == 6 // TCP
+}
+
+func flowOf(f *conntrack.Flow) Flow {
+	return Flow{
+		Src:   netip.AddrPortFrom(f.TupleOrig.IP.SourceAddress.Unmap(), f.TupleOrig.Proto.SourcePort),
+		Dst:   netip.AddrPortFrom(f.TupleOrig.IP.DestinationAddress.Unmap(), f.TupleOrig.Proto.DestinationPort),
+		Up:    f.CountersOrig.Bytes,
+		Down:  f.CountersReply.Bytes,
+		Start: f.Timestamp.Start,
+		Stop:  f.Timestamp.Stop,
+	}
+}
+
+// Watch calls ended for every kernel-forwarded flow whose conntrack entry
+// goes (the flow closed or timed out, or was revoked), until ctx ends or
+// the socket fails.
+//
+// It first turns on the per-flow byte counters and timestamps
+// (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
+// there once the ruleset, which uses conntrack, is installed).
+func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
+	for _, k := range []string{"nf_conntrack_acct", "nf_conntrack_timestamp"} {
+		p := filepath.Join(t.procSys, "net/netfilter", k)
+		if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("turning on %s (is nf_conntrack loaded?): %w", k, err)
+		}
+	}
+	evs := make(chan conntrack.Event, 1024)
+	errc, err := t.events.Listen(evs, 1, []netfilter.NetlinkGroup{netfilter.GroupCTDestroy})
+	if err != nil {
+		return fmt.Errorf("listening for conntrack events: %w", err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			if err != nil && ctx.Err() == nil {
+				return fmt.Errorf("reading conntrack events: %w", err)
+			}
+			return nil
+		case ev := <-evs:
+			if ev.Type == conntrack.EventDestroy && kernelForwarded(ev.Flow) {
+				ended(flowOf(ev.Flow))
+			}
+		}
+	}
+}
+
+// Revoke deletes the entries of the open kernel-forwarded flows for which
+// keep is false, and returns how many it deleted.
+func (t *Tracker) Revoke(keep func(Flow) bool) (int, error) {
+	flows, err := t.ops.DumpFilter(conntrack.NewFilter().Mark(firewall.KernelCTMark).MarkMask(firewall.KernelCTMark), nil)
+	if err != nil {
+		return 0, fmt.Errorf("listing kernel-forwarded flows: %w", err)
+	}
+	n := 0
+	var errs []error
+	for i := range flows {
+		f := &flows[i]
+		if !kernelForwarded(f) || keep(flowOf(f)) {
+			continue
+		}
+		if err := t.ops.Delete(*f); err != nil {
+			errs = append(errs, fmt.Errorf("deleting the conntrack entry of %s -> %s: %w", flowOf(f).Src, flowOf(f).Dst, err))
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
