@@ -75,9 +75,17 @@ func flowOf(f *conntrack.Flow) Flow {
 	}
 }
 
-// Watch calls ended for every kernel-forwarded flow whose conntrack entry
-// goes (the flow closed or timed out, or was revoked), until ctx ends or
-// the socket fails.
+// TCP states of conntrack (enum tcp_conntrack) in which a flow is over:
+// both sides closed (its entry lingers for minutes before it goes) or reset.
+const (
+	tcpTimeWait = 7
+	tcpClose    = 8
+)
+
+// Watch calls ended once for every kernel-forwarded flow that is over: when
+// its entry enters TIME_WAIT or CLOSE (the flow closed or was reset; the
+// entry itself lingers for minutes), else when the entry goes (timed out,
+// or revoked). It runs until ctx ends or the socket fails.
 //
 // It first turns on the per-flow byte counters and timestamps
 // (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
@@ -90,10 +98,11 @@ func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
 		}
 	}
 	evs := make(chan conntrack.Event, 1024)
-	errc, err := t.events.Listen(evs, 1, []netfilter.NetlinkGroup{netfilter.GroupCTDestroy})
+	errc, err := t.events.Listen(evs, 1, []netfilter.NetlinkGroup{netfilter.GroupCTUpdate, netfilter.GroupCTDestroy})
 	if err != nil {
 		return fmt.Errorf("listening for conntrack events: %w", err)
 	}
+	reported := map[uint32]bool{} // flows over whose entries linger
 	for {
 		select {
 		case <-ctx.Done():
@@ -104,7 +113,31 @@ func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
 			}
 			return nil
 		case ev := <-evs:
-			if ev.Type == conntrack.EventDestroy && kernelForwarded(ev.Flow) {
+			if !kernelForwarded(ev.Flow) {
+				continue
+			}
+			id := ev.Flow.ID
+			switch ev.Type {
+			case conntrack.EventUpdate:
+				if tcp := ev.Flow.ProtoInfo.TCP; tcp == nil || (tcp.State != tcpTimeWait && tcp.State != tcpClose) || reported[id] {
+					continue
+				}
+				reported[id] = true
+				// Update events carry no byte counters: read the entry.
+				f := *ev.Flow
+				if cur, err := t.ops.Get(f); err == nil {
+					f = cur
+				}
+				fl := flowOf(&f)
+				if fl.Stop.IsZero() {
+					fl.Stop = time.Now()
+				}
+				ended(fl)
+			case conntrack.EventDestroy:
+				if reported[id] {
+					delete(reported, id)
+					continue
+				}
 				ended(flowOf(ev.Flow))
 			}
 		}

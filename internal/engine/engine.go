@@ -365,8 +365,8 @@ func (e *Engine) applyProject(ctx context.Context, oldEff, eff *config.Config, s
 	if from.String() == to.String() {
 		return func() {}, nil
 	}
-	if err := fw.UpdateProjects(ctx, from, to); err != nil {
-		return nil, err
+	if full, err := e.updateElements(ctx, from, to, eff, st); err != nil || full != nil {
+		return full, err
 	}
 	if err := e.Interception.guard(eff, st); err != nil {
 		return nil, err
@@ -425,8 +425,8 @@ func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st
 	if from.String() == to.String() {
 		return func() {}, nil
 	}
-	if err := fw.UpdateProjects(ctx, from, to); err != nil {
-		return nil, err
+	if full, err := e.updateElements(ctx, from, to, eff, st); err != nil || full != nil {
+		return full, err
 	}
 	if err := e.Interception.guard(eff, st); err != nil {
 		return nil, err
@@ -437,6 +437,26 @@ func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st
 			e.log().Error("rolling back the ruleset's project elements", "err", err.Error())
 		}
 		e.refreshApplied(ctx)
+	}, nil
+}
+
+// updateElements moves the ruleset's elements from from to to. When the
+// change needs new rules (a max_connections value no guest had), it
+// installs the whole ruleset for eff and st instead and returns how to undo
+// that (full non-nil).
+func (e *Engine) updateElements(ctx context.Context, from, to firewall.State, eff *config.Config, st *state.State) (full func(), err error) {
+	err = e.Interception.Firewall.UpdateProjects(ctx, from, to)
+	if !errors.Is(err, firewall.ErrNewLimit) {
+		return nil, err
+	}
+	prev := e.snap
+	if err := e.install(ctx, eff, st); err != nil {
+		return nil, err
+	}
+	return func() {
+		if err := e.install(ctx, prev.Config, prev.State); err != nil {
+			e.log().Error("rolling back the ruleset", "err", err.Error())
+		}
 	}, nil
 }
 
@@ -552,7 +572,7 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 				return nil, err
 			}
 		case from.String() != to.String():
-			if err := e.Interception.Firewall.UpdateProjects(ctx, from, to); err != nil {
+			if _, err := e.updateElements(ctx, from, to, eff, cur.State); err != nil {
 				return nil, err
 			}
 			if err := e.Interception.guard(eff, cur.State); err != nil {

@@ -133,8 +133,8 @@ func (s State) String() string {
 // Global renders the parts of s that are not per project: when they are
 // equal, two states differ only by elements (UpdateProjects).
 func (s State) Global() string {
-	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x uplink=%q",
-		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.Uplink)
+	return fmt.Sprintf("vm_cidr=%s guest_interfaces=%v tproxy_port=%d dns_port=%d mark=%#x upstream_mark=%#x uplink=%q limits=%v",
+		s.VMCIDR, s.GuestInterfaces, s.TProxyPort, s.DNSPort, s.Mark, s.UpstreamMark, s.Uplink, s.Limits())
 }
 
 // Backend applies a desired State to the host.

@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -124,3 +125,21 @@ func (g Guest) String() string {
 // Forwards reports whether the kernel forwards some of the guest's flows
 // itself: its interface then needs IPv4 forwarding on.
 func (g Guest) Forwards() bool { return !g.Kernel.Audit && len(g.Kernel.Forward) > 0 }
+
+// Limits are the distinct max_connections of the guests the ruleset caps
+// (not audit), sorted: one rule and two sets each, so a value no guest had
+// before changes the rules (ErrNewLimit), not only elements.
+func (s State) Limits() []int {
+	var out []int
+	for _, g := range s.Guests {
+		if n := g.Kernel.MaxConnections; n > 0 && !g.Kernel.Audit && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// ErrNewLimit: UpdateProjects was asked for a max_connections no rule of
+// the installed ruleset counts; the whole ruleset must be applied.
+var ErrNewLimit = errors.New("a max_connections value the installed ruleset has no rule for")

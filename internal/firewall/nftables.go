@@ -21,6 +21,10 @@ const TableName = "vmegress"
 // a single transaction on every Apply.
 type NFTables struct {
 	nft knftables.Interface
+	// limits are the max_connections values the installed ruleset counts
+	// (set by Apply; nil: unknown, UpdateProjects adds no limit elements
+	// without a rule for them).
+	limits []int
 	// Exec runs the nft binary for listings knftables does not offer (zero:
 	// os/exec with LC_ALL=C).
 	Exec func(ctx context.Context, argv ...string) ([]byte, error)
@@ -67,7 +71,7 @@ func withoutVolatile(listing string) string {
 		switch {
 		case strings.HasPrefix(t, "set "):
 			name, _, _ := strings.Cut(strings.TrimPrefix(t, "set "), " ")
-			inVolatile = slices.Contains(volatileSets, name)
+			inVolatile = volatile(name)
 		case inVolatile && strings.HasPrefix(t, "elements = {"):
 			inElems = true
 		}
@@ -144,6 +148,7 @@ func (b *NFTables) Apply(ctx context.Context, s State) error {
 	if err := b.nft.Run(ctx, tx); err != nil {
 		return fmt.Errorf("applying nftables table %s: %w", TableName, err)
 	}
+	b.limits = s.Limits()
 	return nil
 }
 
@@ -152,6 +157,11 @@ func (b *NFTables) Apply(ctx context.Context, s State) error {
 // without touching rules. Elements that go are deleted before those that
 // come are added: an interval that grows over another is accepted.
 func (b *NFTables) UpdateProjects(ctx context.Context, old, s State) error {
+	for _, n := range s.Limits() {
+		if !slices.Contains(b.limits, n) {
+			return ErrNewLimit
+		}
+	}
 	tx := b.nft.NewTransaction()
 	type key struct{ set, key, value string }
 	index := func(st State) (map[key]*knftables.Element, []key) {
@@ -216,9 +226,16 @@ func projectElements(s State) []*knftables.Element {
 		for _, p := range e.proxy {
 			out = append(out, &knftables.Element{Set: setKProxy, Key: []string{a, fmt.Sprint(p)}})
 		}
+		if n := g.Kernel.MaxConnections; n > 0 {
+			out = append(out, &knftables.Element{Set: limitSet(n), Key: []string{a}})
+		}
 	}
 	return out
 }
+
+// limitSet holds the guests capped at n connections; countSet counts them.
+func limitSet(n int) string { return fmt.Sprintf("k_limit_%d", n) }
+func countSet(n int) string { return fmt.Sprintf("k_count_%d", n) }
 
 // Cleanup deletes the vmegress table if it exists.
 func (b *NFTables) Cleanup(ctx context.Context) error {
@@ -270,6 +287,11 @@ const (
 // leaves their elements out.
 var volatileSets = []string{setSYNRefused}
 
+// volatile reports whether a set's elements change with traffic.
+func volatile(name string) bool {
+	return slices.Contains(volatileSets, name) || strings.HasPrefix(name, "k_count_")
+}
+
 func ptr[T any](v T) *T { return &v }
 
 // Render adds the whole desired table for s to tx. The ruleset does not grow
@@ -299,6 +321,11 @@ func Render(tx *knftables.Transaction, s State) {
 	tx.Add(&knftables.Set{Name: setSYNRefused, Type: "ipv4_addr", Flags: []knftables.SetFlag{knftables.DynamicFlag},
 		// Counter per element: how many connections of each guest were refused at the SYN.
 		Comment: ptr("guests with connections refused at the SYN (no rule for the port), counted")})
+	for _, n := range s.Limits() {
+		tx.Add(&knftables.Set{Name: limitSet(n), Type: "ipv4_addr", Comment: ptr(fmt.Sprintf("guests whose projects have max_connections %d", n))})
+		tx.Add(&knftables.Set{Name: countSet(n), Type: "ipv4_addr", Flags: []knftables.SetFlag{knftables.DynamicFlag},
+			Comment: ptr(fmt.Sprintf("open connections of the guests of %s", limitSet(n)))})
+	}
 	for _, e := range projectElements(s) {
 		tx.Add(e)
 	}
@@ -337,6 +364,10 @@ func Render(tx *knftables.Transaction, s State) {
 	newTCP := "ct state new meta l4proto tcp "
 	rule(chainPre, newTCP+"ip saddr . ip daddr @"+setKDenyAll+" counter reject with tcp reset", "cidr deny rule (every port): refused")
 	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKDeny+" counter reject with tcp reset", "cidr deny rule: refused")
+	for _, n := range s.Limits() {
+		rule(chainPre, fmt.Sprintf("%sip saddr @%s update @%s { ip saddr ct count over %d } counter reject with tcp reset", newTCP, limitSet(n), countSet(n), n),
+			"max_connections: over the project's cap, refused")
+	}
 	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+fmt.Sprintf(" ct mark set ct mark or %#x counter accept", KernelCTMark),
 		"cidr allow rule: forwarded by the kernel, no data plane")
 	rule(chainPre, newTCP+"ip saddr . tcp dport @"+setKProxy+" "+tproxy, "a port with name rules: to the data plane, marked for local delivery")

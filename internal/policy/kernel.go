@@ -24,9 +24,13 @@ import (
 //     answers the SYN with a reset.
 //
 // An audit project (Audit) sends everything to the data plane, which logs
-// what enforcement would refuse; its other fields are empty.
+// what enforcement would refuse; its other fields are empty. A project with
+// max_connections (MaxConnections) has its new connections counted by the
+// ruleset too (conntrack count per guest), so the flows the kernel
+// forwards are capped like the proxied ones.
 type Kernel struct {
-	Audit   bool
+	Audit          bool
+	MaxConnections int
 	Deny    []KernelFlow
 	Forward []KernelFlow
 	Proxied []uint16
@@ -47,7 +51,7 @@ func (pr *Project) Kernel() Kernel {
 	if pr.Audit {
 		return Kernel{Audit: true}
 	}
-	var k Kernel
+	k := Kernel{MaxConnections: pr.MaxConnections}
 	for _, c := range pr.denyCIDRs {
 		if c.prefix.Addr().Is4() {
 			k.Deny = append(k.Deny, KernelFlow{c.prefix, c.ports, c.rule})
