@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -277,8 +278,8 @@ func TestConnectionCap(t *testing.T) {
 	err := world.InNS(e.g.NS, func() error {
 		for i := 0; i < 4; i++ {
 			c, err := net.DialTimeout("tcp4", world.BannerIP.String()+":22", 5*time.Second)
-			if i == 3 && err != nil && strings.Contains(err.Error(), "reset") {
-				break // reset as soon as it connected: the cap held
+			if i == 3 && err != nil && (strings.Contains(err.Error(), "reset") || strings.Contains(err.Error(), "refused")) {
+				break // reset at the SYN (the ruleset counts) or as soon as it connected: the cap held
 			}
 			if err != nil {
 				return err
@@ -298,7 +299,14 @@ func TestConnectionCap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !onEnvoy() { // Envoy's connection_limit closes without a log line
+	switch {
+	case kernelPath():
+		// The ruleset counted and refused it at the SYN: its counter says so.
+		out, _ := world.Output(e.ctx, world.NS(e.w.Host, "nft", "list", "chain", "inet", "vmegress", "prerouting")...)
+		if !regexp.MustCompile(`k_count_3 .* counter packets [1-9]`).MatchString(out) {
+			t.Errorf("the cap's rule counted no refusal:\n%s", out)
+		}
+	case !onEnvoy(): // Envoy's connection_limit closes without a log line
 		e.accessLine("project", "alpha", "reason", "project connection limit (3) reached")
 	}
 	beta := e.w.Guest("beta")

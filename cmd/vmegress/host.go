@@ -171,6 +171,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				return err
 			}
 			defer flows.Close()
+			flows.OnError = func(err error) { a.log.Warn("following kernel-forwarded flows", "err", err.Error()) }
 			d.Flows = flows
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()

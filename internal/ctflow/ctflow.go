@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/ti-mo/conntrack"
@@ -28,6 +29,8 @@ type Flow struct {
 	// Up and Down are the bytes (IP) the guest sent and received.
 	Up, Down    uint64
 	Start, Stop time.Time
+	// Revoked: Revoke cut it (a new policy no longer allows it).
+	Revoked bool
 }
 
 // Tracker watches and deletes kernel-forwarded flows over two conntrack
@@ -35,6 +38,12 @@ type Flow struct {
 type Tracker struct {
 	events, ops *conntrack.Conn
 	procSys     string
+
+	// OnError hears of errors that do not stop Watch (may be nil).
+	OnError func(error)
+
+	mu      sync.Mutex
+	revoked map[uint32]bool // entries Revoke deleted, until their event
 }
 
 // Open dials conntrack. procSys is the root of the sysctl tree (zero:
@@ -82,10 +91,11 @@ const (
 	tcpClose    = 8
 )
 
-// Watch calls ended once for every kernel-forwarded flow that is over: when
-// its entry enters TIME_WAIT or CLOSE (the flow closed or was reset; the
-// entry itself lingers for minutes), else when the entry goes (timed out,
-// or revoked). It runs until ctx ends or the socket fails.
+// Watch calls ended once for every kernel-forwarded flow that is over, when
+// its entry goes: at once when it enters TIME_WAIT or CLOSE (the flow closed
+// or was reset; Watch deletes the entry, which would linger for minutes),
+// else when it times out or is revoked. It runs until ctx ends or the
+// socket fails.
 //
 // It first turns on the per-flow byte counters and timestamps
 // (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
@@ -102,7 +112,6 @@ func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
 	if err != nil {
 		return fmt.Errorf("listening for conntrack events: %w", err)
 	}
-	reported := map[uint32]bool{} // flows over whose entries linger
 	for {
 		select {
 		case <-ctx.Done():
@@ -116,29 +125,26 @@ func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
 			if !kernelForwarded(ev.Flow) {
 				continue
 			}
-			id := ev.Flow.ID
 			switch ev.Type {
 			case conntrack.EventUpdate:
-				if tcp := ev.Flow.ProtoInfo.TCP; tcp == nil || (tcp.State != tcpTimeWait && tcp.State != tcpClose) || reported[id] {
+				if tcp := ev.Flow.ProtoInfo.TCP; tcp == nil || (tcp.State != tcpTimeWait && tcp.State != tcpClose) {
 					continue
 				}
-				reported[id] = true
-				// Update events carry no byte counters: read the entry.
-				f := *ev.Flow
-				if cur, err := t.ops.Get(f); err == nil {
-					f = cur
+				// Over, but the entry would linger for minutes; update
+				// events carry no byte counters. Deleting it brings the
+				// destroy event, with the counters, now. (A late packet
+				// of the flow is decided afresh by the ruleset.)
+				if err := t.ops.Delete(conntrack.Flow{TupleOrig: ev.Flow.TupleOrig, Zone: ev.Flow.Zone}); err != nil && t.OnError != nil {
+					t.OnError(fmt.Errorf("deleting the entry of an ended flow: %w", err))
 				}
-				fl := flowOf(&f)
-				if fl.Stop.IsZero() {
-					fl.Stop = time.Now()
-				}
-				ended(fl)
 			case conntrack.EventDestroy:
-				if reported[id] {
-					delete(reported, id)
-					continue
-				}
-				ended(flowOf(ev.Flow))
+				t.mu.Lock()
+				revoked := t.revoked[ev.Flow.ID]
+				delete(t.revoked, ev.Flow.ID)
+				t.mu.Unlock()
+				fl := flowOf(ev.Flow)
+				fl.Revoked = revoked
+				ended(fl)
 			}
 		}
 	}
@@ -158,6 +164,12 @@ func (t *Tracker) Revoke(keep func(Flow) bool) (int, error) {
 		if !kernelForwarded(f) || keep(flowOf(f)) {
 			continue
 		}
+		t.mu.Lock()
+		if t.revoked == nil {
+			t.revoked = map[uint32]bool{}
+		}
+		t.revoked[f.ID] = true
+		t.mu.Unlock()
 		if err := t.ops.Delete(*f); err != nil {
 			errs = append(errs, fmt.Errorf("deleting the conntrack entry of %s -> %s: %w", flowOf(f).Src, flowOf(f).Dst, err))
 			continue

@@ -451,12 +451,15 @@ func (d *Daemon) serveDNS(ctx context.Context, addr string, r *vdns.Resolver) (f
 // kernelFlowEnded logs a flow the kernel forwarded, as the data plane logs
 // its connections (path "kernel"), and counts it.
 func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
-	project, rule := "", ""
+	project, rule, verdict, reason := "", "", string(policy.Allow), ""
 	if pr := d.Engine.Snapshot().Policy.ProjectFor(f.Src.Addr()); pr != nil {
 		project = pr.Name
 		rule, _ = pr.CIDRAllows(f.Dst.Addr(), f.Dst.Port())
 	}
-	d.metrics.Connection(project, string(policy.Allow))
+	if f.Revoked {
+		verdict, reason = "revoked", "closed: the new policy no longer allows it"
+	}
+	d.metrics.Connection(project, verdict)
 	d.metrics.Bytes(project, int64(f.Up), int64(f.Down))
 	if d.AccessLog == nil {
 		return
@@ -469,8 +472,9 @@ func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
 		slog.String("project", project),
 		slog.String("src", f.Src.String()),
 		slog.String("dst", f.Dst.String()),
-		slog.String("verdict", string(policy.Allow)),
+		slog.String("verdict", verdict),
 		slog.String("rule", rule),
+		slog.String("reason", reason),
 		slog.String("path", "kernel"),
 		slog.Int64("bytes_up", int64(f.Up)),
 		slog.Int64("bytes_down", int64(f.Down)),

@@ -1,0 +1,135 @@
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// kernelPath reports whether the suite's firewall backend carries out cidr
+// rules and port refusals itself (nftables; the iptables backend still
+// hands every TCP connection to the data plane).
+func kernelPath() bool { return !onIPTables() }
+
+// hostSockets lists the host namespace's TCP sockets with port in their
+// local or remote address (ss): the data plane's, Envoy's or the proxy's.
+func (e *env) hostSockets(port int) string {
+	out, _ := world.Output(e.ctx, world.NS(e.w.Host, "ss", "-Htan", fmt.Sprintf("( sport = :%d or dport = :%d )", port, port))...)
+	return strings.TrimSpace(out)
+}
+
+// TestKernelPath: a cidr rule's flow is forwarded by the kernel, with no
+// socket of the daemon or Envoy for it, logged with its bytes when it
+// ends, cut by a policy change that removes the rule; a port with no rule
+// is refused at the SYN ("connection refused") without the data plane
+// seeing it; with the daemon killed, the kernel still forwards what the
+// sets allow and nothing else starts.
+func TestKernelPath(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	banner, br := e.bannerConn()
+	if !alive(banner, br) {
+		t.Fatal("the banner connection does not echo")
+	}
+	if kernelPath() {
+		if s := e.hostSockets(22); s != "" {
+			t.Errorf("a host socket carries the cidr rule's flow (it should be the kernel's alone):\n%s", s)
+		}
+	}
+	banner.Close()
+	if kernelPath() {
+		m := e.accessLine("dst", world.BannerIP.String()+":22", "verdict", "allow", "path", "kernel")
+		if m["rule"] != "cidr:198.18.1.22/32 ports 22" || m["project"] != "alpha" {
+			t.Errorf("kernel flow logged as %v", m)
+		}
+		if up, _ := m["bytes_up"].(float64); up <= 0 {
+			t.Errorf("kernel flow logged without the bytes it sent: %v", m)
+		}
+		if down, _ := m["bytes_down"].(float64); down <= float64(len(world.Banner)) {
+			t.Errorf("kernel flow logged without the bytes it received: %v", m)
+		}
+	}
+
+	// A port no rule names: refused at the SYN, never seen by the data plane.
+	var dialErr error
+	world.InNS(e.g.NS, func() error {
+		c, err := net.DialTimeout("tcp4", world.BannerIP.String()+":23", 5*time.Second)
+		if err == nil {
+			// The old path: accepted by the data plane, then closed.
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			_, err = c.Read(make([]byte, 1))
+			c.Close()
+		}
+		dialErr = err
+		return nil
+	})
+	switch {
+	case dialErr == nil:
+		t.Error("a connection to a port with no rule got data")
+	case kernelPath() && !errors.Is(dialErr, syscall.ECONNREFUSED):
+		t.Errorf("a connection to a port with no rule failed with %v; want connection refused (reset at the SYN)", dialErr)
+	}
+	if kernelPath() {
+		time.Sleep(300 * time.Millisecond)
+		for _, m := range e.d.AccessLog() {
+			if m["dst"] == world.BannerIP.String()+":23" {
+				t.Errorf("the data plane saw the refused connection: %v", m)
+			}
+		}
+		if out, _ := world.Output(e.ctx, world.NS(e.w.Host, "nft", "list", "set", "inet", "vmegress", "syn_refused")...); !strings.Contains(out, e.g.GuestIP.String()+" counter packets") {
+			t.Errorf("the refusal is not counted for the guest:\n%s", out)
+		}
+	}
+
+	// A policy change that removes the rule cuts the open flow.
+	banner, br = e.bannerConn()
+	revoked := strings.Replace(baseConfig, "      - cidr: 198.18.1.22/32  # a server-first banner service\n        ports: [22]\n", "", 1)
+	if err := e.writeConfig(revoked); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool { return strings.Count(e.d.Stderr(), `"policy reloaded"`) >= 1 }) {
+		t.Fatalf("no reload after the config file changed:\n%s", e.d.Stderr())
+	}
+	if !waitFor(5*time.Second, func() bool { return !alive(banner, br) }) {
+		t.Error("the kernel-forwarded flow the new policy refuses is still open")
+	}
+	banner.Close()
+	if kernelPath() {
+		e.accessLine("dst", world.BannerIP.String()+":22", "verdict", "revoked", "path", "kernel")
+	}
+	// Back again, for the daemon-killed part.
+	if err := e.writeConfig(baseConfig); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool { return strings.Count(e.d.Stderr(), `"policy reloaded"`) >= 2 }) {
+		t.Fatalf("no second reload:\n%s", e.d.Stderr())
+	}
+	if !kernelPath() {
+		return
+	}
+	e.d.Kill()
+	// The kernel forwards what the sets allow; nothing else starts.
+	c, r := e.bannerConn()
+	if !alive(c, r) {
+		t.Error("with the daemon killed, a flow the sets allow does not pass")
+	}
+	c.Close()
+	if out, err := e.curl("https://github.com/"); err == nil {
+		t.Errorf("with the daemon killed, HTTPS got through: %q", out)
+	}
+	world.InNS(e.g.NS, func() error {
+		c, err := net.DialTimeout("tcp4", world.BannerIP.String()+":23", 5*time.Second)
+		if err == nil {
+			c.Close()
+			t.Error("with the daemon killed, a port with no rule accepted a connection")
+		}
+		return nil
+	})
+	e.noLeaks()
+}
