@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -144,6 +145,25 @@ scrape_configs:
 			if !strings.Contains(got, w) {
 				t.Errorf("panel %q: no %s in %s", title, w, got)
 			}
+		}
+	}
+
+	// Every metric the alert rules name is one the daemon exports (a rule
+	// on a renamed metric would evaluate cleanly, to nothing, forever).
+	alertRules, err := os.ReadFile(rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, n := range regexp.MustCompile(`\bvmegress_[a-z_]+\b`).FindAllString(string(alertRules), -1) {
+		names[n] = true
+	}
+	if len(names) < 4 {
+		t.Errorf("the alert rules name only %v", names)
+	}
+	for n := range names {
+		if res, err := e.promQuery(n); err != nil || len(res) == 0 {
+			t.Errorf("the alert rules use %s, which the daemon does not export (%v)", n, err)
 		}
 	}
 
