@@ -192,6 +192,10 @@ func TestAdminEndpoint(t *testing.T) {
 	e.curlAt("https://example.com", world.ExampleIP.String())
 	e.guest("dig", "example.com")
 	e.accessLine("sni", "example.com")
+	// One connection held open (the cidr rule's banner service): counted
+	// as open while it is, on either plane (Envoy's chain gauges).
+	banner, _ := e.bannerConn()
+	defer banner.Close()
 	for url, want := range map[string]string{
 		"http://127.0.0.1:9901/healthz": "ok",
 		"http://127.0.0.1:9901/readyz":  "ready",
@@ -209,13 +213,13 @@ func TestAdminEndpoint(t *testing.T) {
 		`vmegress_dns_queries_total{project="alpha",verdict="deny"} 1`,
 		`vmegress_dataplane_up 1`,
 		`vmegress_firewall_packets_total{rule="prerouting: fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)"}`,
-	}
-	if !onEnvoy() { // per-connection metrics come from the builtin plane (README)
-		wants = append(wants,
-			`vmegress_proxy_connections_total{project="alpha",verdict="allow"} 1`,
-			`vmegress_proxy_connections_total{project="alpha",verdict="deny"} 1`,
-			`vmegress_proxy_bytes_total{direction="up",project="alpha"}`,
-			`vmegress_proxy_active_connections{project="alpha"} 0`)
+		// Per-connection metrics: the builtin proxy counts them, Envoy's
+		// access-log lines feed the same series.
+		`vmegress_proxy_connections_total{project="alpha",verdict="allow"} 1`,
+		`vmegress_proxy_connections_total{project="alpha",verdict="deny"} 1`,
+		`vmegress_proxy_bytes_total{direction="up",project="alpha"}`,
+		`vmegress_proxy_denied_destinations_total{destination="example.com:443",project="alpha",verdict="deny"} 1`,
+		`vmegress_proxy_active_connections{project="alpha"} 1`,
 	}
 	for _, want := range wants {
 		if !strings.Contains(metrics, want) {
@@ -231,7 +235,7 @@ func TestAdminEndpoint(t *testing.T) {
 	}
 	out, err := e.vmegress("--config", e.cfg, "status", "--json")
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || !st.Ready || len(st.Projects) != 1 ||
-		(!onEnvoy() && (st.Projects[0].Connections["allow"] != 1 || st.Projects[0].Connections["deny"] != 1)) {
+		st.Projects[0].Connections["allow"] != 1 || st.Projects[0].Connections["deny"] != 1 {
 		t.Errorf("status --json: %v\n%s", err, out)
 	}
 	out, err = e.vmegress("--config", e.cfg, "status")
@@ -239,7 +243,7 @@ func TestAdminEndpoint(t *testing.T) {
 	if onIPTables() {
 		wantFirewall = "firewall iptables chains VMEGRESS-*"
 	}
-	if err != nil || !strings.Contains(out, "alpha") || (!onEnvoy() && !strings.Contains(out, "allow=1 deny=1")) || !strings.Contains(out, wantFirewall) {
+	if err != nil || !strings.Contains(out, "alpha") || !strings.Contains(out, "allow=1 deny=1") || !strings.Contains(out, wantFirewall) {
 		t.Errorf("status: %v\n%s", err, out)
 	}
 	for _, ip := range []string{e.g.HostIP.String(), world.HostUplinkIP.String()} {

@@ -4,7 +4,7 @@
 # the .deb and .rpm with `go run ./packaging/build`, then, in a throwaway
 # network namespace (so `vmegress up/down` and the daemon touch nothing of the
 # machine's own network):
-#   - installs the .deb with dpkg, checks every file, the group, the
+#   - installs the .deb with apt-get install ./FILE (as README says), checks every file, the group, the
 #     directories, `vmegress version`, `policy check` of the default config,
 #     `systemd-analyze verify` of the installed unit, the man pages and
 #     completions (live project names included), runs the installed daemon
@@ -150,7 +150,13 @@ check_files() { # ROOT ZSHDIR
 }
 
 # ---- .deb: install
-out=$(dpkg -i "$deb1" 2>&1) || fail "dpkg -i: $out"
+# The README's command: apt install ./FILE (apt resolves the dependencies from
+# what is installed: no network here). DPkg::Path: apt runs dpkg with its own
+# PATH, which would hide the fake systemctl.
+apt_install() {
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -o DPkg::Path="$PATH" "$@"
+}
+out=$(apt_install "$deb1" 2>&1) || fail "apt-get install: $out"
 echo "$out" | grep -q "systemctl enable --now vmegress" || fail "install did not say how to enable it: $out"
 check_files "" /usr/share/zsh/vendor-completions
 [ "$(dpkg-query -W -f '${Conffiles}' vmegress | awk '{print $1}' | sort | tr '\n' ' ')" = "/etc/logrotate.d/vmegress /etc/vmegress/config.yaml " ] ||
@@ -208,7 +214,8 @@ nft list table inet vmegress >/dev/null || fail "interception did not stay after
 # ---- .deb: upgrade with a changed config
 echo "# changed by the admin" >>/etc/vmegress/config.yaml
 : >"$log"
-out=$(dpkg -i --force-confdef --force-confold "$deb2" 2>&1) || fail "dpkg -i (upgrade): $out"
+out=$(apt_install -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$deb2" 2>&1) ||
+	fail "apt-get install (upgrade): $out"
 grep -q "changed by the admin" /etc/vmegress/config.yaml || fail "the upgrade replaced the changed config"
 grep -q "changed in 1.0.1" /etc/vmegress/config.yaml && fail "the upgrade merged the new default into the changed config"
 grep -q "changed in 1.0.1" /etc/vmegress/config.yaml.dpkg-dist || fail "the new default config was not left as .dpkg-dist"

@@ -39,7 +39,7 @@ removes everything, also on Ctrl-C. Needs root, iproute2, nftables and curl.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if os.Geteuid() != 0 {
-				return usagef("demo needs root: it creates network namespaces (try: sudo vmegress demo)")
+				return usagef("demo needs root: it creates network namespaces (run it as root)")
 			}
 			self, err := os.Executable()
 			if err != nil {

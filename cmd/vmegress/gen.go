@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/cobra/doc"
 
+	"github.com/vmegress/vmegress/client"
 	"github.com/vmegress/vmegress/internal/state"
 )
 
@@ -30,16 +32,29 @@ func (a *app) addGen(root *cobra.Command) {
 		}
 		c.ValidArgsFunction = a.completeProject
 	}
+	if c, _, err := root.Find([]string{"events"}); err == nil && c.Name() == "events" && c.Flags().Lookup("project") != nil {
+		c.RegisterFlagCompletionFunc("project", func(cmd *cobra.Command, _ []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+			return a.completeProject(cmd, nil, toComplete)
+		})
+	}
 }
+
+// completionAPITimeout bounds the question to the daemon while completing:
+// a shell waiting on a stuck daemon is worse than a partial list.
+const completionAPITimeout = time.Second
 
 // completeProject completes a command's first argument with project names;
 // later arguments complete as files (policy set's FILE).
-func (a *app) completeProject(_ *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+func (a *app) completeProject(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
 	if len(args) > 0 {
 		return nil, cobra.ShellCompDirectiveDefault
 	}
+	ctx := context.Background()
+	if cmd != nil && cmd.Context() != nil {
+		ctx = cmd.Context()
+	}
 	var out []string
-	for _, n := range a.projectNames() {
+	for _, n := range a.projectNames(ctx) {
 		if strings.HasPrefix(n, toComplete) {
 			out = append(out, n)
 		}
@@ -47,14 +62,23 @@ func (a *app) completeProject(_ *cobra.Command, args []string, toComplete string
 	return out, cobra.ShellCompDirectiveNoFileComp
 }
 
-// projectNames lists the projects known without the daemon: those of the
-// config file, those placed by `net up` and those whose policy the API set
-// (both in the state directory). What cannot be read (no config, a state
-// directory only root may read) adds nothing.
-func (a *app) projectNames() []string {
+// projectNames lists the projects: those the running daemon has (asked over
+// its API, which members of api_group may call), those of the config file,
+// those placed by `net up` and those whose policy the API set (both in the
+// state directory, for when no daemon runs). What cannot be read (no
+// daemon, no config, a state directory only root may read) adds nothing.
+func (a *app) projectNames(ctx context.Context) []string {
 	seen := map[string]bool{}
-	if cfg, err := a.loadConfig(); err == nil {
+	cfg, err := a.loadConfig()
+	if err == nil {
 		for _, p := range cfg.Projects {
+			seen[p.Name] = true
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, completionAPITimeout)
+	defer cancel()
+	if ps, err := client.New(a.apiSocketFor(cfg)).Projects(ctx); err == nil {
+		for _, p := range ps {
 			seen[p.Name] = true
 		}
 	}

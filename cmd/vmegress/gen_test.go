@@ -1,6 +1,8 @@
 package main
 
 import (
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,7 +16,7 @@ import (
 func TestCompleteProjects(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "config.yaml")
-	os.WriteFile(cfg, []byte("projects:\n  alpha:\n    allow:\n      - sni: github.com\n  beta: {}\n"), 0o644)
+	os.WriteFile(cfg, []byte("api_socket: "+filepath.Join(dir, "no-daemon.sock")+"\nprojects:\n  alpha:\n    allow:\n      - sni: github.com\n  beta: {}\n"), 0o644)
 	stateDir := filepath.Join(dir, "state")
 	os.MkdirAll(filepath.Join(stateDir, "policies"), 0o700)
 	os.WriteFile(filepath.Join(stateDir, "policies", "api-one.json"), []byte(`{}`), 0o600)
@@ -28,6 +30,49 @@ func TestCompleteProjects(t *testing.T) {
 		{[]string{"policy", "set", "b"}, []string{"beta", ":4"}},
 		// The second argument of set is a file: the shell's default.
 		{[]string{"policy", "set", "alpha", ""}, []string{":0"}},
+	} {
+		code, out, errOut := runCLI(t, env, append([]string{"__complete"}, tc.args...)...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d: %s", tc.args, code, errOut)
+		}
+		got := strings.Split(strings.TrimSpace(out), "\n")
+		if diff := cmp.Diff(tc.want, got); diff != "" {
+			t.Errorf("completing %q (-want +got):\n%s", tc.args, diff)
+		}
+	}
+}
+
+// TestCompleteLiveProjects: with a daemon running, project arguments (and
+// events --project) also complete with the projects its API lists: those
+// placed through the API, which a member of api_group (who cannot read the
+// state directory) only learns there.
+func TestCompleteLiveProjects(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "api.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/projects" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`[{"name":"live-one","source":"api"},{"name":"alpha","source":"file"}]`))
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	cfg := filepath.Join(dir, "config.yaml")
+	os.WriteFile(cfg, []byte("api_socket: "+sock+"\nprojects:\n  alpha: {}\n"), 0o644)
+	env := map[string]string{"VMEGRESS_CONFIG": cfg, "VMEGRESS_STATE_DIR": filepath.Join(dir, "unreadable")}
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"net", "down", ""}, []string{"alpha", "live-one", ":4"}},
+		{[]string{"policy", "explain", "l"}, []string{"live-one", ":4"}},
+		{[]string{"events", "--project", ""}, []string{"alpha", "live-one", ":4"}},
 	} {
 		code, out, errOut := runCLI(t, env, append([]string{"__complete"}, tc.args...)...)
 		if code != 0 {

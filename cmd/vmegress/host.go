@@ -163,7 +163,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				Notify:       func(state string) { sdnotify.SdNotify(false, state) },
 				Version:      version,
 				StateDir:     a.stateDir,
-				AccessWriter: &events.LineWriter{W: access, Hub: hub},
+				AccessWriter: access,
 			}
 			// Flows the kernel forwards (cidr rules) are logged from conntrack.
 			flows, err := ctflow.Open("")

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -55,10 +56,8 @@ func (d *Daemon) Status(ctx context.Context) Status {
 // countsByProject reads the connection and query counters back from the registry.
 func (d *Daemon) countsByProject() (conns, dns map[string]map[string]uint64) {
 	conns, dns = map[string]map[string]uint64{}, map[string]map[string]uint64{}
-	families, err := d.Registry.Gather()
-	if err != nil {
-		return conns, dns
-	}
+	// What could be gathered, even when some collector failed.
+	families, _ := d.Registry.Gather()
 	for _, f := range families {
 		var into map[string]map[string]uint64
 		switch f.GetName() {
@@ -91,7 +90,13 @@ func (d *Daemon) countsByProject() (conns, dns map[string]map[string]uint64) {
 // serveAdmin serves /metrics, /healthz, /readyz and /status on addr.
 func (d *Daemon) serveAdmin(ctx context.Context, addr string) (func(), error) {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(d.Registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.Registry, promhttp.HandlerOpts{
+		// A collector that cannot read (the ruleset's counters, Envoy's
+		// open connections while it restarts) must not hide the others:
+		// vmegress_dataplane_up == 0 is what the alert needs then.
+		ErrorHandling: promhttp.ContinueOnError,
+		ErrorLog:      slog.NewLogLogger(d.Log.Handler(), slog.LevelWarn),
+	}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		st := d.Status(r.Context())

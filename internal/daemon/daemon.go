@@ -77,7 +77,8 @@ type Daemon struct {
 	Version string
 	// StateDir holds runtime files (Envoy's bootstrap and xDS socket).
 	StateDir string
-	// AccessWriter receives Envoy's JSON access-log lines as they are.
+	// AccessWriter receives Envoy's JSON access-log lines as they are (the
+	// daemon publishes them to Events and counts them in its metrics).
 	AccessWriter io.Writer
 	// Flows follows the flows the kernel forwards for cidr rules (logging
 	// them when they end, cutting them on a policy change); nil: neither.
@@ -258,6 +259,10 @@ func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string
 	return func(ctx context.Context) error { return px.Serve(ctx, ln) }, nil
 }
 
+// envoyStatsTimeout bounds a scrape's question to Envoy's admin (a
+// scrape's default timeout is 10s; a stuck Envoy must not use it all).
+const envoyStatsTimeout = 2 * time.Second
+
 // startEnvoy serves the policy over xDS and runs a supervised Envoy that
 // takes it; it returns once Envoy has the listener, and the returned func
 // keeps Envoy running until ctx ends.
@@ -300,9 +305,18 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 	if access == nil {
 		access = io.Discard
 	}
+	// Envoy's access-log lines feed the event stream and the same metrics
+	// the builtin proxy feeds (parsed once, here).
+	access = &events.LineWriter{W: access, Hub: d.Events, Observe: func(e events.Event) { d.metrics.AccessLine(e) }}
 	sup := &envoy.Supervisor{Binary: bin, Bootstrap: boot, AdminSocket: d.envoyOpt.AdminSocket, Access: access,
 		KeepOnChange: cfg.OnPolicyChange == "keep",
 		Log:          d.Log.With("component", "envoy"), OnState: func(up bool) { d.metrics.DataplaneUp(up) }}
+	// Open connections are Envoy's to count: read at scrape time.
+	d.metrics.SetActiveFunc(func() (map[string]float64, error) {
+		ctx, cancel := context.WithTimeout(ctx, envoyStatsTimeout)
+		defer cancel()
+		return sup.ActiveConnections(ctx)
+	})
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); sup.Run(runCtx) }()

@@ -8,8 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -132,22 +130,8 @@ func (s *Supervisor) once(ctx context.Context) error {
 // Ready reports whether Envoy is live and has the egress listener, asking
 // its admin over the unix socket.
 func (s *Supervisor) Ready(ctx context.Context) bool {
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", s.AdminSocket)
-		},
-	}}
-	defer client.CloseIdleConnections()
 	get := func(path string) string {
-		// The host part is ignored: every request goes to the socket.
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://envoy-admin"+path, nil)
-		resp, err := client.Do(req)
-		if err != nil {
-			return ""
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		b, _ := s.adminGet(ctx, path)
 		return string(b)
 	}
 	return strings.TrimSpace(get("/ready")) == "LIVE" && strings.Contains(get("/listeners"), ListenerName)

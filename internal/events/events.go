@@ -170,6 +170,9 @@ func (h Handler) WithGroup(name string) slog.Handler {
 type LineWriter struct {
 	W   io.Writer
 	Hub *Hub
+	// Observe, when set, is given every line's event (before it is
+	// published; it must not keep or change it): the Envoy plane's metrics.
+	Observe func(Event)
 
 	mu  sync.Mutex
 	buf []byte
@@ -178,7 +181,7 @@ type LineWriter struct {
 // Write implements io.Writer.
 func (lw *LineWriter) Write(p []byte) (int, error) {
 	n, err := lw.W.Write(p)
-	if !lw.Hub.Active() {
+	if !lw.Hub.Active() && lw.Observe == nil {
 		return n, err
 	}
 	lw.mu.Lock()
@@ -195,6 +198,9 @@ func (lw *LineWriter) Write(p []byte) (int, error) {
 			if m, ok := e["msg"].(string); ok {
 				e["type"] = m
 				delete(e, "msg")
+			}
+			if lw.Observe != nil {
+				lw.Observe(e)
 			}
 			lw.Hub.Publish(e)
 		}

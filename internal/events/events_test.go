@@ -61,3 +61,19 @@ func TestHandlerPublishesAccessLog(t *testing.T) {
 		t.Errorf("envoy line event %v", e)
 	}
 }
+
+// TestLineWriterObserves: every complete line reaches Observe (the Envoy
+// plane's metrics), with or without subscribers, and W gets the bytes.
+func TestLineWriterObserves(t *testing.T) {
+	var got []Event
+	var out bytes.Buffer
+	lw := &LineWriter{W: &out, Hub: &Hub{}, Observe: func(e Event) { got = append(got, e) }}
+	lw.Write([]byte(`{"msg":"connection","project":"a","verdict":"deny"}` + "\n" + `{"msg":"conn`))
+	lw.Write([]byte(`ection","project":"b","verdict":"allow"}` + "\nnot json\n"))
+	if len(got) != 2 || got[0]["type"] != "connection" || got[0]["project"] != "a" || got[1]["project"] != "b" {
+		t.Errorf("observed %v", got)
+	}
+	if !strings.Contains(out.String(), "not json") {
+		t.Errorf("W got %q", out.String())
+	}
+}

@@ -409,6 +409,7 @@ func (p *Proxy) logEntry(e *entry) {
 		e.d.Verdict = "revoked"
 	}
 	p.Metrics.Connection(e.d.Project, string(e.d.Verdict))
+	p.Metrics.Denied(e.d.Project, string(e.d.Verdict), e.name, e.dst.Port())
 	if e.up > 0 || e.down > 0 {
 		p.Metrics.Bytes(e.d.Project, e.up, e.down)
 	}
