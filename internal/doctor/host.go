@@ -110,7 +110,7 @@ func (hc Host) Checks() []Check {
 			}
 			if have != want {
 				return Fail("restart the daemon or run vmegress up (a running daemon restores it within a second)",
-					"%s differs from what the config asks for", in.Firewall.Describe())
+					"%s differs from what the config asks for (%s)", in.Firewall.Describe(), firstDiff(have, want))
 			}
 			return Pass("%s installed and equal to the desired ruleset", in.Firewall.Describe())
 		}},
@@ -118,7 +118,7 @@ func (hc Host) Checks() []Check {
 			if ierr != nil {
 				return Fail("fix the firewall tools check first", "cannot read routing")
 			}
-			pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
+			pr := engine.Routing(cfg)
 			ok, err := pr.Installed(h)
 			if err != nil {
 				return Fail("run as root", "%v", err)
@@ -164,6 +164,22 @@ func (hc Host) Checks() []Check {
 			if err != nil {
 				return Fail("run as root", "%v", err)
 			}
+			// The interfaces that need forwarding (NAT egress, SSH, cidr
+			// rules' kernel flows): the routing lock guards them.
+			need := map[string]bool{}
+			if st, err := hc.Store.Load(); err == nil {
+				if eff, err := engine.Effective(cfg, st); err == nil {
+					taps, addrs := engine.Forwarding(eff, st)
+					for _, t := range taps {
+						need[t] = true
+					}
+					if byAddr, err := hostnet.AddrLinks(h); err == nil {
+						for _, a := range addrs {
+							need[byAddr[a]] = true
+						}
+					}
+				}
+			}
 			var up, down, forwarding []string
 			for _, l := range links {
 				name := l.Attrs().Name
@@ -175,7 +191,7 @@ func (hc Host) Checks() []Check {
 				} else {
 					up = append(up, name)
 				}
-				if b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + name + "/forwarding"); err == nil && strings.TrimSpace(string(b)) != "0" {
+				if b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + name + "/forwarding"); err == nil && strings.TrimSpace(string(b)) != "0" && !need[name] {
 					forwarding = append(forwarding, name)
 				}
 			}
@@ -185,7 +201,7 @@ func (hc Host) Checks() []Check {
 			case len(forwarding) > 0:
 				return Fail("start the daemon: it turns forwarding off on guest interfaces", "forwarding on for guest interfaces: %s", strings.Join(forwarding, " "))
 			}
-			return Pass("%d guest interfaces match %v, all up, forwarding off", len(up), cfg.GuestInterfaces)
+			return Pass("%d guest interfaces match %v, all up, forwarding off but where the routing lock guards it (%d)", len(up), cfg.GuestInterfaces, len(need))
 		}},
 		{Name: "vm_cidr and host routes", Run: func(context.Context) Result {
 			if ierr != nil {
@@ -251,4 +267,27 @@ func (hc Host) Checks() []Check {
 			return Pass("vetted: names are dialled only at addresses vmegress resolved")
 		}},
 	}
+}
+
+// firstDiff names the first line where the installed ruleset (have) and
+// the desired one (want) part.
+func firstDiff(have, want string) string {
+	h, w := strings.Split(have, "\n"), strings.Split(want, "\n")
+	for i := 0; i < len(h) || i < len(w); i++ {
+		var hl, wl string
+		if i < len(h) {
+			hl = strings.TrimSpace(h[i])
+		}
+		if i < len(w) {
+			wl = strings.TrimSpace(w[i])
+		}
+		if hl != wl {
+			ctx := ""
+			for j := max(0, i-3); j < i && j < len(w); j++ {
+				ctx += strings.TrimSpace(w[j]) + " / "
+			}
+			return fmt.Sprintf("line %d, after %q: installed %q, desired %q", i+1, ctx, hl, wl)
+		}
+	}
+	return "equal"
 }

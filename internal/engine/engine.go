@@ -658,7 +658,7 @@ func (e *Engine) RepairDrift(ctx context.Context) (what string, err error) {
 	if err != nil {
 		return "", err
 	}
-	pr := hostnet.PolicyRouting{Mark: cur.Config.Mark, Table: cur.Config.RouteTable}
+	pr := Routing(cur.Config)
 	routed, err := pr.Installed(e.Interception.Netlink)
 	if err != nil {
 		return "", err

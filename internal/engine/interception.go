@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"net/netip"
 	"context"
 	"errors"
 	"fmt"
@@ -33,26 +34,7 @@ func (in Interception) guard(cfg *config.Config, st *state.State) error {
 	in.Guard.Patterns = cfg.GuestInterfaces
 	// NAT egress and inbound SSH need the kernel to route what the TAP
 	// sends, and so do the flows the ruleset forwards for cidr rules.
-	in.Guard.Exclude, in.Guard.ExcludeAddrs = nil, nil
-	if st != nil {
-		for _, p := range st.Projects {
-			if p.Egress == state.EgressNAT || p.SSHPort != 0 {
-				in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
-			}
-		}
-	}
-	for i := range cfg.Projects {
-		cp := &cfg.Projects[i]
-		if !cp.Subnet.IsValid() || !kernelForwards(cp) {
-			continue
-		}
-		if p, ok := placed(st, cp.Name); ok {
-			in.Guard.Exclude = append(in.Guard.Exclude, p.TAP)
-		} else {
-			// An interface someone else made: the one holding the host address.
-			in.Guard.ExcludeAddrs = append(in.Guard.ExcludeAddrs, cp.Subnet.Masked().Addr().Next())
-		}
-	}
+	in.Guard.Exclude, in.Guard.ExcludeAddrs = Forwarding(cfg, st)
 	if _, err := in.Guard.Apply(); err != nil {
 		return fmt.Errorf("turning forwarding off on guest interfaces: %w", err)
 	}
@@ -75,7 +57,7 @@ func (in Interception) Install(ctx context.Context, cfg *config.Config, st *stat
 	if err := in.guard(cfg, st); err != nil {
 		return err
 	}
-	pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
+	pr := Routing(cfg)
 	if err := pr.Ensure(in.Netlink); err != nil {
 		return fmt.Errorf("installing policy routing: %w", err)
 	}
@@ -102,6 +84,33 @@ func (in Interception) Remove(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// Forwarding returns the guest interfaces that need IPv4 forwarding on:
+// by name (vmegress's TAPs) and by the host address they hold (interfaces
+// made by someone else for a config subnet). NAT egress, inbound SSH and
+// the flows the ruleset forwards for cidr rules need it; the routing lock
+// and the ruleset decide what is forwarded.
+func Forwarding(cfg *config.Config, st *state.State) (taps []string, hostAddrs []netip.Addr) {
+	if st != nil {
+		for _, p := range st.Projects {
+			if p.Egress == state.EgressNAT || p.SSHPort != 0 {
+				taps = append(taps, p.TAP)
+			}
+		}
+	}
+	for i := range cfg.Projects {
+		cp := &cfg.Projects[i]
+		if !cp.Subnet.IsValid() || !kernelForwards(cp) {
+			continue
+		}
+		if p, ok := placed(st, cp.Name); ok {
+			taps = append(taps, p.TAP)
+		} else {
+			hostAddrs = append(hostAddrs, cp.Subnet.Masked().Addr().Next())
+		}
+	}
+	return taps, hostAddrs
+}
+
 // kernelForwards reports whether the ruleset may forward some of the
 // project's flows itself (an IPv4 cidr allow rule, not in audit mode): its
 // guest interface then needs forwarding on. The ruleset decides which flows.
@@ -123,4 +132,11 @@ func placed(st *state.State, name string) (state.Project, bool) {
 	}
 	p, ok := st.Projects[name]
 	return p, ok
+}
+
+// Routing is the policy routing for cfg: TPROXY's local delivery and the
+// routing lock over the guest range (only packets the ruleset marked
+// firewall.KernelMark are routed on from a guest address).
+func Routing(cfg *config.Config) hostnet.PolicyRouting {
+	return hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable, Lock: cfg.VMCIDR, LockMark: firewall.KernelMark}
 }

@@ -18,6 +18,14 @@ import (
 // Conntrack events with it are how such flows are logged and revoked.
 const KernelCTMark uint32 = 0x00400000
 
+// KernelMark is the packet mark bit the ruleset sets on every guest packet
+// it lets the kernel forward (the flows of KernelCTMark, direct NAT egress,
+// inbound SSH replies): the routing lock routes nothing else from a guest
+// address (hostnet.PolicyRouting), so should the ruleset vanish, guests get
+// nothing past the host even where forwarding is on. Only this bit is set
+// or tested. It must not overlap the config's mark and upstream_mark.
+const KernelMark uint32 = 0x00400000
+
 // Guest is one placed project's guest and the part of its policy the
 // ruleset carries out (policy.Kernel).
 type Guest struct {

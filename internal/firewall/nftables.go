@@ -349,13 +349,14 @@ func Render(tx *knftables.Transaction, s State) {
 	// guest cannot take another's (or the host's) address and policy.
 	rule(chainPre, "fib saddr . iif oif missing counter drop", "anti-spoofing: source address does not belong behind this interface")
 	rule(chainPre, "fib saddr type local counter drop", "anti-spoofing: source is one of the host's own addresses")
-	rule(chainPre, "ct direction reply ct status dnat accept", "replies of inbound SSH to the guest")
-	rule(chainPre, "iifname @"+setNATIfaces+" accept", "direct NAT egress: not intercepted")
+	lockMark := fmt.Sprintf("meta mark set meta mark or %#x", KernelMark)
+	rule(chainPre, "ct direction reply ct status dnat "+lockMark+" accept", "replies of inbound SSH to the guest (marked: the routing lock routes them)")
+	rule(chainPre, "iifname @"+setNATIfaces+" "+lockMark+" accept", "direct NAT egress: not intercepted (marked: the routing lock routes it)")
 	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
 	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
 	tproxy := fmt.Sprintf("tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark)
 	ctK := fmt.Sprintf("ct mark and %#x == %#x", KernelCTMark, KernelCTMark)
-	rule(chainPre, ctK+" accept", "a flow the kernel forwards (cidr rule): no data plane")
+	rule(chainPre, ctK+" "+lockMark+" accept", "a flow the kernel forwards (cidr rule): no data plane")
 	rule(chainPre, "meta l4proto tcp ip saddr @"+setKAudit+" "+tproxy, "audit project: all TCP to the data plane, which logs what enforcement would refuse")
 	// A connection's first packet is decided here, by the guest's elements;
 	// the packets after it follow their flow (kernel forwarded, or a data
@@ -368,7 +369,7 @@ func Render(tx *knftables.Transaction, s State) {
 		rule(chainPre, fmt.Sprintf("%sip saddr @%s update @%s { ip saddr ct count over %d } counter reject with tcp reset", newTCP, limitSet(n), countSet(n), n),
 			"max_connections: over the project's cap, refused")
 	}
-	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+fmt.Sprintf(" ct mark set ct mark or %#x counter accept", KernelCTMark),
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
 		"cidr allow rule: forwarded by the kernel, no data plane")
 	rule(chainPre, newTCP+"ip saddr . tcp dport @"+setKProxy+" "+tproxy, "a port with name rules: to the data plane, marked for local delivery")
 	// Two rules, not one: should the set be full, the reset still comes.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -33,9 +34,70 @@ type Netlink interface {
 
 // PolicyRouting is `ip rule add fwmark MARK lookup TABLE` plus
 // `ip route add local 0.0.0.0/0 dev lo table TABLE` (spec 6.3, 6.4).
+//
+// With Lock set it adds the routing lock, a layer under the ruleset: a
+// packet from a guest address (Lock) that the kernel would forward is
+// routed only if the ruleset marked it LockMark (a flow it forwards: cidr
+// rules, direct NAT egress, inbound SSH replies); any other is blackholed.
+// Should the ruleset vanish, nothing from a guest is routed on:
+//
+//	9001: from all fwmark LockMark/LockMark lookup main
+//	9002: from Lock iif lo lookup main   (the host's own packets)
+//	9003: from Lock blackhole
+//
+// Local destinations are settled by rule 0 (table local) before any of
+// these, so the data plane and the resolver are unaffected.
 type PolicyRouting struct {
-	Mark  uint32
-	Table uint32
+	Mark     uint32
+	Table    uint32
+	Lock     netip.Prefix
+	LockMark uint32
+}
+
+// rules are the rules r wants, the fwmark rule first.
+func (r PolicyRouting) rules() []*netlink.Rule {
+	out := []*netlink.Rule{r.rule()}
+	if !r.Lock.IsValid() {
+		return out
+	}
+	src := &net.IPNet{IP: r.Lock.Masked().Addr().AsSlice(), Mask: net.CIDRMask(r.Lock.Bits(), 32)}
+	marked := netlink.NewRule()
+	marked.Family, marked.Mark, marked.Table, marked.Priority, marked.Protocol = unix.AF_INET, r.LockMark, unix.RT_TABLE_MAIN, RulePriority+1, RouteProtocol
+	mask := r.LockMark
+	marked.Mask = &mask
+	host := netlink.NewRule()
+	host.Family, host.Src, host.IifName, host.Table, host.Priority, host.Protocol = unix.AF_INET, src, "lo", unix.RT_TABLE_MAIN, RulePriority+2, RouteProtocol
+	hole := netlink.NewRule()
+	hole.Family, hole.Src, hole.Priority, hole.Protocol, hole.Type = unix.AF_INET, src, RulePriority+3, RouteProtocol, unix.FR_ACT_BLACKHOLE
+	hole.Table = -1
+	return append(out, marked, host, hole)
+}
+
+// sameRule compares the fields vmegress sets.
+func sameRule(a, b *netlink.Rule) bool {
+	mask := func(m *uint32) uint32 {
+		if m == nil {
+			return 0xffffffff
+		}
+		return *m
+	}
+	src := func(n *net.IPNet) string {
+		if n == nil {
+			return ""
+		}
+		return n.String()
+	}
+	// What the rule does: a lookup in its table, or blackhole (netlink's
+	// listing does not report the action; a rule with no table is ours
+	// only as the blackhole).
+	action := func(x *netlink.Rule) string {
+		if x.Type == unix.FR_ACT_BLACKHOLE || (x.Type == 0 && x.Table == 0) {
+			return "blackhole"
+		}
+		return fmt.Sprint("lookup ", x.Table)
+	}
+	return a.Priority == b.Priority && a.Mark == b.Mark && (a.Mark == 0 || mask(a.Mask) == mask(b.Mask)) &&
+		src(a.Src) == src(b.Src) && a.IifName == b.IifName && action(a) == action(b)
 }
 
 func (r PolicyRouting) rule() *netlink.Rule {
@@ -86,26 +148,37 @@ func (r PolicyRouting) ours(nl Netlink) ([]netlink.Rule, error) {
 // Ensure installs the rule and route if missing and removes stale vmegress
 // rules (another mark or table). Running it twice changes nothing.
 func (r PolicyRouting) Ensure(nl Netlink) error {
-	want := r.rule()
+	wants := r.rules()
 	have, err := r.ours(nl)
 	if err != nil {
 		return err
 	}
-	found := false
+	found := make([]bool, len(wants))
 	var errs []error
 	for _, x := range have {
-		if x.Mark == want.Mark && x.Table == want.Table && x.Priority == want.Priority && x.Mask != nil && *x.Mask == *want.Mask {
-			found = true
+		x := x
+		keep := false
+		for i, w := range wants {
+			if !found[i] && sameRule(&x, w) {
+				found[i], keep = true, true
+				break
+			}
+		}
+		if keep {
 			continue
 		}
-		x := x
 		if err := nl.RuleDel(&x); err != nil {
 			errs = append(errs, fmt.Errorf("removing stale rule %s: %w", x, err))
 		}
 	}
-	if !found {
-		if err := nl.RuleAdd(want); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("adding rule fwmark %#x lookup %d: %w", r.Mark, r.Table, err)
+	// The blackhole goes in last: the rules that route marked and host
+	// packets are in place before it.
+	for i, w := range wants {
+		if found[i] {
+			continue
+		}
+		if err := nl.RuleAdd(w); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding policy routing rule %s: %w", w, err)
 		}
 	}
 	rt, err := r.route(nl)
@@ -157,11 +230,16 @@ func (r PolicyRouting) Installed(nl Netlink) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	ruleOK := false
-	for _, x := range have {
-		if x.Mark == r.Mark && x.Table == int(r.Table) {
-			ruleOK = true
+	ruleOK := true
+	for _, w := range r.rules() {
+		present := false
+		for _, x := range have {
+			x := x
+			if sameRule(&x, w) {
+				present = true
+			}
 		}
+		ruleOK = ruleOK && present
 	}
 	routes, err := nl.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: int(r.Table)}, netlink.RT_FILTER_TABLE)
 	if err != nil {

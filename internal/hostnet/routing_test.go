@@ -1,6 +1,7 @@
 package hostnet
 
 import (
+	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
@@ -90,5 +91,52 @@ func TestPolicyRouting(t *testing.T) {
 	exec.Command("ip", "netns", "exec", ns, "ip", "rule", "del", "pref", "9100").Run()
 	if s := show(t, ns); s != before {
 		t.Errorf("not back to the start:\n%s\nvs\n%s", before, s)
+	}
+}
+
+// TestRoutingLock: with Lock, packets from the guest range are routed on
+// only when marked; the host's own and local delivery are unaffected.
+func TestRoutingLock(t *testing.T) {
+	nettest.Privileged(t)
+	ns := nettest.NewNS(t)
+	h, err := netns.GetFromName(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	pr := PolicyRouting{Mark: 0x1, Table: 100, Lock: netip.MustParsePrefix("172.31.0.0/16"), LockMark: 0x400000}
+	if err := pr.Ensure(nl); err != nil {
+		t.Fatal(err)
+	}
+	first := show(t, ns)
+	for _, want := range []string{
+		"9001:\tfrom all fwmark 0x400000/0x400000 lookup main proto 118",
+		"9002:\tfrom 172.31.0.0/16 iif lo lookup main proto 118",
+		"9003:\tfrom 172.31.0.0/16 blackhole proto 118",
+	} {
+		if !strings.Contains(first, want) {
+			t.Errorf("after Ensure, no %q in:\n%s", want, first)
+		}
+	}
+	if ok, err := pr.Installed(nl); !ok || err != nil {
+		t.Errorf("Installed after Ensure = %v, %v\n%s", ok, err, first)
+	}
+	if err := pr.Ensure(nl); err != nil {
+		t.Fatal(err)
+	}
+	if again := show(t, ns); again != first {
+		t.Errorf("second Ensure changed routing:\n%s\nvs\n%s", first, again)
+	}
+	// Taking the blackhole out is drift.
+	if out, err := exec.Command("ip", "netns", "exec", ns, "ip", "rule", "del", "pref", "9003").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if ok, _ := pr.Installed(nl); ok {
+		t.Error("Installed without the blackhole rule")
 	}
 }
