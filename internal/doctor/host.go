@@ -100,7 +100,15 @@ func (hc Host) Checks() []Check {
 			if err != nil {
 				return Fail("check the state directory", "reading placed projects: %v", err)
 			}
-			eff, err := engine.Effective(cfg, st)
+			var bad []string
+			policies, err := engine.LoadPolicies(hc.Store, func(name string, err error) { bad = append(bad, name+": "+err.Error()) })
+			if err != nil {
+				return Fail("check the state directory", "reading the API's policies: %v", err)
+			}
+			if len(bad) > 0 {
+				return Fail("set those projects' policies again through the API", "policies that do not parse (their projects allow nothing): %s", strings.Join(bad, "; "))
+			}
+			eff, err := engine.EffectiveWith(cfg, st, policies)
 			if err != nil {
 				return Fail("fix the config or the placed projects", "%v", err)
 			}
@@ -168,7 +176,8 @@ func (hc Host) Checks() []Check {
 			// rules' kernel flows): the routing lock guards them.
 			need := map[string]bool{}
 			if st, err := hc.Store.Load(); err == nil {
-				if eff, err := engine.Effective(cfg, st); err == nil {
+				policies, _ := engine.LoadPolicies(hc.Store, nil)
+				if eff, err := engine.EffectiveWith(cfg, st, policies); err == nil {
 					taps, addrs := engine.Forwarding(eff, st)
 					for _, t := range taps {
 						need[t] = true

@@ -760,20 +760,9 @@ func (e *Engine) restorePolicy(name string, old config.Project, had bool) {
 // (a file edited by hand) is left out with an error logged: its project
 // then allows nothing, never more than it did.
 func (e *Engine) loadPolicies() (map[string]config.Project, error) {
-	raw, err := e.Store.LoadPolicies()
-	if err != nil {
-		return nil, err
-	}
-	out := make(map[string]config.Project, len(raw))
-	for name, b := range raw {
-		p, err := config.ParsePolicy(e.Store.PolicyPath(name), name, b)
-		if err != nil {
-			e.log().Error("an API project's policy does not parse; the project allows nothing until its policy is set again", "project", name, "err", err.Error())
-			continue
-		}
-		out[name] = p
-	}
-	return out, nil
+	return LoadPolicies(e.Store, func(name string, err error) {
+		e.log().Error("an API project's policy does not parse; the project allows nothing until its policy is set again", "project", name, "err", err.Error())
+	})
 }
 
 // SetPolicy replaces the policy of a project the API owns: persisted, then
@@ -862,4 +851,26 @@ func (e *Engine) dropPolicy(ctx context.Context, name string) error {
 	e.snap = &Snapshot{File: cur.File, Config: eff, State: cur.State, Policies: policies, Policy: pol, Generation: cur.Generation + 1}
 	e.publish(e.snap, Change{Kind: ChangeRemoved, Project: name, Projects: []string{name}})
 	return nil
+}
+
+// LoadPolicies reads the API projects' policies from store, as the engine
+// does at start; one that does not parse is left out and reported to bad
+// (may be nil).
+func LoadPolicies(store state.Store, bad func(name string, err error)) (map[string]config.Project, error) {
+	raw, err := store.LoadPolicies()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]config.Project, len(raw))
+	for name, b := range raw {
+		p, err := config.ParsePolicy(store.PolicyPath(name), name, b)
+		if err != nil {
+			if bad != nil {
+				bad(name, err)
+			}
+			continue
+		}
+		out[name] = p
+	}
+	return out, nil
 }
