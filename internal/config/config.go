@@ -77,8 +77,8 @@ type Config struct {
 	// UpstreamCAFile is a PEM bundle trusted for terminated (https rule)
 	// upstream connections besides the host's roots; "" for none.
 	UpstreamCAFile string
-	EnvoyBinary  string
-	DNSUpstreams []netip.AddrPort
+	EnvoyBinary    string
+	DNSUpstreams   []netip.AddrPort
 	// DNSRateLimit is each project's sustained queries per second (burst: twice).
 	DNSRateLimit int
 	// Projects in file order.

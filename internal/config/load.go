@@ -544,9 +544,9 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 		}
 	}
 	p.mapping(n, list+" entry", map[string]func(*yaml.Node){
-		"sni":  setKind(KindSNI),
-		"http": setKind(KindHTTP),
-		"cidr": setKind(KindCIDR),
+		"sni":   setKind(KindSNI),
+		"http":  setKind(KindHTTP),
+		"cidr":  setKind(KindCIDR),
 		"tcp":   setKind(KindTCP),
 		"https": setKind(KindHTTPS),
 		"methods": func(v *yaml.Node) {
