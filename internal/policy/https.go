@@ -159,26 +159,29 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 		return d
 	}
 	pathOK, pathWhy := checkPath(q.Path, q.EscapedPath)
+	// why is the reason of the rule for the name that came closest: one
+	// whose method matched (and the path did not) says more than one whose
+	// method did not.
 	var why string
+	closest := 0
+	miss := func(level int, reason string) {
+		if level > closest {
+			closest, why = level, reason
+		}
+	}
 	for _, r := range rules {
 		if !slices.Contains(r.ports, q.Port) || !nameMatches(r.pattern, norm) {
 			continue
 		}
 		switch {
 		case len(r.methods) > 0 && !slices.Contains(r.methods, q.Method):
-			if why == "" {
-				why = fmt.Sprintf("method %s not allowed for %s", q.Method, norm)
-			}
+			miss(1, fmt.Sprintf("method %s not allowed for %s", q.Method, norm))
 			continue
 		case len(r.paths) > 0 && !pathOK:
-			if why == "" {
-				why = fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy)
-			}
+			miss(2, fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy))
 			continue
 		case len(r.paths) > 0 && !slices.ContainsFunc(r.paths, func(p string) bool { return pathMatches(p, q.Path) }):
-			if why == "" {
-				why = fmt.Sprintf("path %s not allowed for %s", q.Path, norm)
-			}
+			miss(2, fmt.Sprintf("path %s not allowed for %s", q.Path, norm))
 			continue
 		}
 		return RequestDecision{Decision: Decision{Verdict: Allow, Project: pr.Name, Rule: r.rule}, Inject: r.inject}
