@@ -77,6 +77,9 @@ type Daemon struct {
 	StateDir string
 	// AccessWriter receives Envoy's JSON access-log lines as they are.
 	AccessWriter io.Writer
+	// Termination is the builtin plane's TLS termination (https rules);
+	// nil: connections that need it are refused.
+	Termination *proxy.Termination
 
 	mu        sync.Mutex // guards the fields below
 	started   time.Time
@@ -231,6 +234,7 @@ func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string
 		Log:         d.Log,
 		AccessLog:   d.AccessLog,
 		Metrics:     d.metrics,
+		Termination: d.Termination,
 	}
 	px.SetPolicy(d.Engine.Snapshot().Policy, false)
 	d.mu.Lock()

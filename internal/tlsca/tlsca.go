@@ -254,3 +254,37 @@ func (ca *CA) issue(name string, now time.Time) (*tls.Certificate, error) {
 	}
 	return &tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key, Leaf: leaf}, nil
 }
+
+// Lazy loads (or creates) the CA in dir on the first leaf asked for, so a
+// host whose rules never terminate TLS never gets a CA key; a failed load
+// is tried again on the next call.
+type Lazy struct {
+	Dir  string
+	Opts Options
+
+	mu sync.Mutex
+	ca *CA
+}
+
+// CA returns the loaded CA, loading it first if needed.
+func (l *Lazy) CA() (*CA, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ca == nil {
+		ca, err := Load(l.Dir, l.Opts)
+		if err != nil {
+			return nil, err
+		}
+		l.ca = ca
+	}
+	return l.ca, nil
+}
+
+// Leaf is CA.Leaf of the loaded CA.
+func (l *Lazy) Leaf(name string) (*tls.Certificate, error) {
+	ca, err := l.CA()
+	if err != nil {
+		return nil, err
+	}
+	return ca.Leaf(name)
+}
