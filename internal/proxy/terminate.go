@@ -170,25 +170,13 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 		TLSHandshakeTimeout: DefaultDialTimeout,
 	}
 	if tlsMode {
+		// The Transport does TLS over the dialled connection, offering h2
+		// by ALPN except for requests that need HTTP/1.1 (WebSocket).
 		tr.ForceAttemptHTTP2 = true
-		tr.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-			raw, err := dial(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			tc := tls.Client(raw, &tls.Config{
-				ServerName: name,
-				RootCAs:    t.UpstreamRoots, // never InsecureSkipVerify
-				MinVersion: tls.VersionTLS12,
-				NextProtos: []string{"h2", "http/1.1"},
-			})
-			hctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
-			defer cancel()
-			if err := tc.HandshakeContext(hctx); err != nil {
-				raw.Close()
-				return nil, fmt.Errorf("TLS with upstream %s (%s): %w", name, target, err)
-			}
-			return tc, nil
+		tr.TLSClientConfig = &tls.Config{
+			ServerName: name,
+			RootCAs:    t.UpstreamRoots, // never InsecureSkipVerify
+			MinVersion: tls.VersionTLS12,
 		}
 	}
 	return tr

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -270,7 +271,7 @@ func TestRequestRulesPlainHTTP(t *testing.T) {
 	}
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
-		seen = append(seen, r.Method+" "+r.URL.Path)
+		seen = append(seen, r.Method+" "+r.URL.Path+r.Header.Get("Upgrade"))
 		mu.Unlock()
 		io.WriteString(w, "ok\n")
 	})}
@@ -299,9 +300,89 @@ func TestRequestRulesPlainHTTP(t *testing.T) {
 	if st, _ := do(t, c, "GET", "http://deb.debian.org/other"); st != http.StatusForbidden {
 		t.Errorf("GET /other: %d", st)
 	}
+	// An upgrade to h2c is not passed on: its streams would go unchecked.
+	do(t, c, "GET", "http://deb.debian.org/debian/h2c", "Connection", "Upgrade, HTTP2-Settings", "Upgrade", "h2c", "HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA")
 	mu.Lock()
 	defer mu.Unlock()
-	if len(seen) != 1 || seen[0] != "GET /debian/dists" {
+	if len(seen) != 2 || seen[0] != "GET /debian/dists" || seen[1] != "GET /debian/h2c" {
 		t.Errorf("the origin saw %q; want only the allowed request", seen)
+	}
+}
+
+// TestTerminateWebSocket: an allowed upgrade request is answered by the
+// origin's 101 and the bytes then flow both ways; a refused one never
+// reaches it.
+func TestTerminateWebSocket(t *testing.T) {
+	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
+	originCA, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
+	leaf, _ := originCA.Leaf("api.example.com")
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var upgrades sync.Map
+	origin := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			upgrades.Store(r.URL.Path, r.Header.Get("Authorization"))
+			c, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+			line, _ := brw.ReadString('\n')
+			io.WriteString(c, "echo "+line)
+		}),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*leaf}},
+		ErrorLog:  log.New(io.Discard, "", 0),
+	}
+	go origin.ServeTLS(ln, "", "")
+	t.Cleanup(func() { origin.Close() })
+	pl, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(originCA.Certificate())
+	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf, UpstreamRoots: roots,
+		Secret: func(string) (string, error) { return secretValue, nil }}}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - https: api.example.com\n        ports: [%d]\n        paths: [/ws]\n        inject: {Authorization: \"${secret:k}\"}\n", pl.Addr().(*net.TCPAddr).Port)), false)
+	startProxy(t, p, pl, ln.Addr().String())
+	guestRoots := x509.NewCertPool()
+	guestRoots.AddCert(ca.Certificate())
+	ws := func(path string) string {
+		c, err := tls.Dial("tcp4", pl.Addr().String(), &tls.Config{ServerName: "api.example.com", RootCAs: guestRoots, NextProtos: []string{"http/1.1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: api.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", path)
+		// As WebSocket clients do, the first frame waits for the 101
+		// (net/http's reverse proxy drops bytes sent before it).
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		head := resp.Status
+		if resp.StatusCode != http.StatusSwitchingProtocols {
+			return head
+		}
+		io.WriteString(c, "hello\n")
+		rest, _ := io.ReadAll(br)
+		return head + "|" + string(rest)
+	}
+	if got := ws("/ws"); got != "101 Switching Protocols|echo hello\n" {
+		t.Errorf("allowed upgrade: %q", got)
+	}
+	if v, _ := upgrades.Load("/ws"); v != secretValue {
+		t.Errorf("the upgrade request carried Authorization %q; want the injected one", v)
+	}
+	if got := ws("/other"); got != "403 Forbidden" {
+		t.Errorf("refused upgrade: %q", got)
+	}
+	if _, ok := upgrades.Load("/other"); ok {
+		t.Error("the refused upgrade reached the origin")
 	}
 }
