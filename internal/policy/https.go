@@ -214,8 +214,9 @@ func pathMatches(pattern, path string) bool {
 
 // checkPath refuses paths that a server could resolve to another path
 // than the one matched: "." and ".." segments (also as "..;param"),
-// backslashes, control bytes, and escaped slashes or backslashes (a
-// server that decodes them after routing would see other segments).
+// backslashes, control bytes, escaped slashes or backslashes, and escapes
+// escaped twice (a server that decodes them after routing would see other
+// segments).
 func checkPath(path, escaped string) (bool, string) {
 	if !strings.HasPrefix(path, "/") {
 		return false, "not an absolute path"
@@ -224,6 +225,11 @@ func checkPath(path, escaped string) (bool, string) {
 		if c := path[i]; c < 0x20 || c == 0x7f || c == '\\' {
 			return false, "it holds a backslash or control byte"
 		}
+	}
+	if strings.Contains(path, "%") {
+		// Escaped twice (%252e): a server that decodes again would see
+		// other segments.
+		return false, "it holds an escape escaped twice"
 	}
 	lower := strings.ToLower(escaped)
 	if strings.Contains(lower, "%2f") || strings.Contains(lower, "%5c") {

@@ -1,7 +1,10 @@
 package policy
 
 import (
+	"net"
 	"net/netip"
+	"net/url"
+	"path"
 	"strings"
 	"testing"
 
@@ -95,6 +98,7 @@ func TestDecideRequest(t *testing.T) {
 		{req("api.example.com", "GET", "/v1/..;/admin"), false, false, ". or .. segment"},
 		{req("api.example.com", "GET", "/v1/a/b|/v1/a%2Fb"), false, false, "escaped /"},
 		{req("api.example.com", "GET", `/v1/a\b`), false, false, "backslash"},
+		{req("api.example.com", "GET", "/v1/%2e%2e/admin|/v1/%252e%252e/admin"), false, false, "escaped twice"},
 		{req("other.example.com", "GET", "/v1/models"), false, false, "request for host other.example.com on a connection to api.example.com"},
 		{req("api.example.com:8443", "GET", "/v1/models"), false, false, "port 8443"},
 		{req("api.example.com", "get", "/v1/models"), false, false, "method get not allowed"},
@@ -121,4 +125,40 @@ func TestDecideRequest(t *testing.T) {
 	if d := pr.DecideRequest(h); d.Verdict != Allow {
 		t.Errorf("http HEAD: %+v", d)
 	}
+}
+
+// FuzzDecideRequest: a request a rule with paths allows is one whose path,
+// however a server normalises it (dot segments resolved, escapes decoded),
+// stays under an allowed path; and a request for another host is never
+// allowed.
+func FuzzDecideRequest(f *testing.F) {
+	for _, s := range []string{"/v1/models", "/v1/../admin", "/v1/%2e%2e/admin", "/v1/a%2fb", "/v1/..;/x", "/v1//x", `/v1\..\x`, "/health"} {
+		f.Add("api.example.com", "GET", s)
+	}
+	f.Add("API.example.com:443", "GET", "/v1/x")
+	f.Add("evil.com", "GET", "/v1/x")
+	pr := mustCompile(f, httpsPolicy).Project("a")
+	f.Fuzz(func(t *testing.T, host, method, escaped string) {
+		u, err := url.Parse(escaped)
+		if err != nil || u.Path == "" {
+			return
+		}
+		d := pr.DecideRequest(Request{Kind: KindTLS, Name: "api.example.com", Port: 443, Host: host, Method: method, Path: u.Path, EscapedPath: u.EscapedPath()})
+		if d.Verdict != Allow {
+			return
+		}
+		h, _, err := net.SplitHostPort(host)
+		if err != nil {
+			h = host
+		}
+		if !strings.EqualFold(strings.TrimSuffix(h, "."), "api.example.com") {
+			t.Fatalf("host %q allowed on a connection to api.example.com", host)
+		}
+		decoded, _ := url.PathUnescape(u.EscapedPath())
+		decoded, _ = url.PathUnescape(decoded) // a server that decodes twice
+		clean := path.Clean(strings.ReplaceAll(decoded, `\`, "/"))
+		if !strings.HasPrefix(clean+"/", "/v1/") && clean != "/health" && clean != "/v1/chat" {
+			t.Fatalf("%s %q (%q) allowed; a server may read it as %q", method, escaped, u.Path, clean)
+		}
+	})
 }
