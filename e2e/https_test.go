@@ -131,6 +131,13 @@ projects:
 		}
 		return
 	}
+	// A secret file others can read fails the start, naming the file and
+	// not the value.
+	os.Chmod(secretFile, 0o644)
+	if _, err := e.w.StartDaemon(e.ctx, binary, e.cfg); err == nil || !strings.Contains(err.Error(), "permissions 0644") || strings.Contains(err.Error(), httpsSecret) {
+		t.Errorf("start with a world-readable secret: %v; want it refused, naming the permissions", err)
+	}
+	os.Chmod(secretFile, 0o600)
 	e.start()
 	// The API's event stream, followed for the whole test.
 	evCtx, stopEvents := context.WithCancel(e.ctx)
