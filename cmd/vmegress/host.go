@@ -143,6 +143,10 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				defer logFile.Close()
 				access = logFile
 			}
+			term, err := a.termination(cfg, os.Getenv("CREDENTIALS_DIRECTORY"))
+			if err != nil {
+				return err
+			}
 			hub := &events.Hub{}        // the API's /v1/events stream
 			cfgCache := &config.Cache{} // reloads parse the file again only when it changed
 			d := &daemon.Daemon{
@@ -164,6 +168,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				Version:      version,
 				StateDir:     a.stateDir,
 				AccessWriter: access,
+				Termination:  term,
 			}
 			// Flows the kernel forwards (cidr rules) are logged from conntrack.
 			flows, err := ctflow.Open("")

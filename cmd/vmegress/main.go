@@ -111,7 +111,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("VMEGRESS_STATE_DIR", config.DefaultStateDir), "state directory (env VMEGRESS_STATE_DIR)")
 	root.PersistentFlags().StringVar(&a.apiSocket, "api-socket", os.Getenv("VMEGRESS_API_SOCKET"), "the daemon's API socket (env VMEGRESS_API_SOCKET; default: the config's api_socket, "+config.DefaultAPISocket+")")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd(), a.doctorCmd(), a.netCmd(), a.envoyCmd(), a.eventsCmd())
+	root.AddCommand(a.versionCmd(), a.runCmd(), a.upCmd(), a.downCmd(), a.policyCmd(), a.demoCmd(), a.statusCmd(), a.doctorCmd(), a.netCmd(), a.envoyCmd(), a.eventsCmd(), a.caCmd())
 	a.addGen(root) // hidden `gen` (man pages, completions) and project-name completion
 	// Unknown subcommands and bad arguments are usage errors.
 	for _, c := range root.Commands() {

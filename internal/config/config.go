@@ -70,9 +70,15 @@ type Config struct {
 	APISocket string
 	APIGroup  string
 	// AccessLog is a file for the access log ("": stdout).
-	AccessLog    string
-	EnvoyBinary  string
-	DNSUpstreams []netip.AddrPort
+	AccessLog string
+	// SecretsDir holds the files `${secret:NAME}` reads (after
+	// $CREDENTIALS_DIRECTORY); "" for none.
+	SecretsDir string
+	// UpstreamCAFile is a PEM bundle trusted for terminated (https rule)
+	// upstream connections besides the host's roots; "" for none.
+	UpstreamCAFile string
+	EnvoyBinary    string
+	DNSUpstreams   []netip.AddrPort
 	// DNSRateLimit is each project's sustained queries per second (burst: twice).
 	DNSRateLimit int
 	// Projects in file order.
@@ -105,7 +111,19 @@ const (
 	// allowed to an address the resolver handed the project for a name the
 	// rule matches.
 	KindTCP RuleKind = "tcp"
+	// KindHTTPS terminates TLS: the proxy answers the guest with a
+	// certificate of vmegress's CA, checks every request against the rule's
+	// methods and paths, adds its inject headers, and forwards it over TLS
+	// verified against the host's roots (and upstream_ca_file).
+	KindHTTPS RuleKind = "https"
 )
+
+// Header is one header an https or http rule sets on every request it
+// allows; Value is a template that may reference ${secret:NAME} (never the
+// secret's value itself).
+type Header struct {
+	Name, Value string
+}
 
 // AnyName is the sni or http pattern that matches every name.
 const AnyName = "*"
@@ -126,7 +144,20 @@ type Rule struct {
 	// Preset names the preset the rule came from ("" for a rule written
 	// in the config itself).
 	Preset string
+	// Methods (upper case) and Paths (exact, or a prefix ending in "*")
+	// restrict the requests an https or http rule allows (empty: any).
+	Methods []string
+	Paths   []string
+	// Inject are the headers set on the requests the rule allows, sorted
+	// by name; each replaces a header of the same name the guest sent.
+	Inject []Header
 	Pos    Position
+}
+
+// RequestRules reports whether the rule looks at requests (methods, paths
+// or inject): an http rule with any, and every https rule.
+func (r Rule) RequestRules() bool {
+	return r.Kind == KindHTTPS || len(r.Methods) > 0 || len(r.Paths) > 0 || len(r.Inject) > 0
 }
 
 // EffectivePorts returns the ports the rule applies to, defaults applied.
@@ -135,7 +166,7 @@ func (r Rule) EffectivePorts() []uint16 {
 		return r.Ports
 	}
 	switch r.Kind {
-	case KindSNI:
+	case KindSNI, KindHTTPS:
 		return []uint16{443}
 	case KindHTTP:
 		return []uint16{80}
@@ -165,6 +196,20 @@ func (r Rule) String() string {
 			}
 			b.WriteString(itoa(int(p)))
 		}
+	}
+	if len(r.Methods) > 0 {
+		b.WriteString(" methods " + strings.Join(r.Methods, ","))
+	}
+	if len(r.Paths) > 0 {
+		b.WriteString(" paths " + strings.Join(r.Paths, ","))
+	}
+	if len(r.Inject) > 0 {
+		// Header names only: values are templates, but short lines read better.
+		names := make([]string, len(r.Inject))
+		for i, h := range r.Inject {
+			names[i] = h.Name
+		}
+		b.WriteString(" inject " + strings.Join(names, ","))
 	}
 	return b.String()
 }
@@ -203,7 +248,8 @@ func (c *Config) Project(name string) *Project {
 
 // Same reports whether two rules are the same rule (positions aside).
 func (r Rule) Same(o Rule) bool {
-	return r.Kind == o.Kind && r.Name == o.Name && r.Prefix == o.Prefix && r.Preset == o.Preset && slices.Equal(r.Ports, o.Ports)
+	return r.Kind == o.Kind && r.Name == o.Name && r.Prefix == o.Prefix && r.Preset == o.Preset && slices.Equal(r.Ports, o.Ports) &&
+		slices.Equal(r.Methods, o.Methods) && slices.Equal(r.Paths, o.Paths) && slices.Equal(r.Inject, o.Inject)
 }
 
 // SameRules reports whether a and b list the same rules in the same order.
@@ -230,6 +276,11 @@ func (c *Config) Warnings() []string {
 		if p.AllowsAnyName() {
 			out = append(out, fmt.Sprintf("project %q allows any name (sni or http \"*\"): its resolver forwards every name upstream, so a guest can send data out in DNS queries (DNS exfiltration); list names instead, or accept it", p.Name))
 		}
+		for _, r := range p.Allow {
+			if r.Kind == KindHTTP && len(r.Inject) > 0 {
+				out = append(out, fmt.Sprintf("project %q: rule %s (line %d) injects headers into plain HTTP: they cross the network unencrypted; use an https rule", p.Name, r, r.Pos.Line))
+			}
+		}
 	}
 	return out
 }
@@ -247,6 +298,26 @@ type EnvoyIssue struct {
 // what the resolver answered the project, which Envoy's listeners do not see.
 const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know"
 
+// envoyL7Why is why https rules and http request rules are builtin-only
+// for now (README, "Current limits").
+const envoyL7Why = "TLS termination and request rules (methods, paths, inject) are not yet rendered for Envoy"
+
+// SecretNames lists the secrets the project's inject headers reference,
+// each once, in rule order.
+func (p Project) SecretNames() []string {
+	var out []string
+	for _, r := range p.Allow {
+		for _, h := range r.Inject {
+			for _, n := range secretRefs(h.Value) {
+				if !slices.Contains(out, n) {
+					out = append(out, n)
+				}
+			}
+		}
+	}
+	return out
+}
+
 // EnvoyIssues lists what in p dataplane envoy refuses, each naming the
 // rule, so the planes never differ silently: audit mode, tcp rules and
 // cidr deny rules. (sni and http deny rules are rendered: deny actions in
@@ -259,6 +330,8 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 	for i := range p.Allow {
 		if r := &p.Allow[i]; r.Kind == KindTCP {
 			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)})
+		} else if r.RequestRules() {
+			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyL7Why)})
 		}
 	}
 	for i := range p.Deny {

@@ -130,7 +130,7 @@ func TestParseErrors(t *testing.T) {
 		{"two kinds", "projects:\n  a:\n    allow:\n      - {sni: a.com, http: a.com}\n",
 			[]string{`c.yaml:4:28: allow entry has both sni and http; use one rule kind per entry`}},
 		{"no kind", "projects:\n  a:\n    allow:\n      - ports: [443]\n",
-			[]string{`c.yaml:4:9: allow entry needs one of sni, http, tcp, cidr or preset`}},
+			[]string{`c.yaml:4:9: allow entry needs one of sni, http, https, tcp, cidr or preset`}},
 		{"deny no kind", "projects:\n  a:\n    deny:\n      - ports: [443]\n",
 			[]string{`c.yaml:4:9: deny entry needs one of sni, http, tcp, cidr or preset`}},
 		{"unknown preset", "projects:\n  a:\n    allow:\n      - preset: pipy\n",
@@ -206,6 +206,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("projects:\n  a: [\n"))
 	f.Add([]byte("projects:\n  a:\n    allow:\n      - tcp: \"*.a.com\"\n        ports: [22]\n    deny:\n      - tcp: b.a.com\n"))
 	f.Add([]byte("mark: 0x1\nroute_table: 100\n"))
+	f.Add([]byte("secrets_dir: /s\nupstream_ca_file: /c.pem\nprojects:\n  a:\n    allow:\n      - https: \"*.a.com\"\n        methods: [GET]\n        paths: [\"/v1/*\", /x]\n        inject: {Authorization: \"Bearer ${secret:k}\"}\n      - http: b.com\n        paths: [/]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse("f.yaml", data)
 		if err != nil {
@@ -225,6 +226,19 @@ func FuzzParse(f *testing.F) {
 			for _, r := range p.Allow {
 				if n, err := NormalizeName(r.Name); err != nil || n != r.Name {
 					t.Fatalf("rule name %q is not normalised (%q, %v)", r.Name, n, err)
+				}
+				if r.RequestRules() && r.Kind != KindHTTPS && r.Kind != KindHTTP {
+					t.Fatalf("request rules on a %s rule", r.Kind)
+				}
+				for _, pt := range r.Paths {
+					if ValidPath(pt) != nil {
+						t.Fatalf("path %q accepted", pt)
+					}
+				}
+				for _, h := range r.Inject {
+					if strings.ContainsAny(h.Name+h.Value, "\r\n\x00") {
+						t.Fatalf("inject %q: %q accepted", h.Name, h.Value)
+					}
 				}
 			}
 		}

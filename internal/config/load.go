@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"net/textproto"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -12,6 +13,8 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/vmegress/vmegress/internal/secrets"
 )
 
 // Issue is one thing wrong with a config file, at a position.
@@ -293,6 +296,24 @@ func (p *parser) top(n *yaml.Node) {
 			}
 		},
 		"api_group": p.str("api_group", &c.APIGroup),
+		"secrets_dir": func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "secrets_dir"); ok {
+				if !filepath.IsAbs(s) {
+					p.errf(v, "secrets_dir: %q must be an absolute path", s)
+					return
+				}
+				c.SecretsDir = filepath.Clean(s)
+			}
+		},
+		"upstream_ca_file": func(v *yaml.Node) {
+			if s, ok := p.scalar(v, "upstream_ca_file"); ok {
+				if !filepath.IsAbs(s) {
+					p.errf(v, "upstream_ca_file: %q must be an absolute path", s)
+					return
+				}
+				c.UpstreamCAFile = filepath.Clean(s)
+			}
+		},
 		"envoy": func(v *yaml.Node) {
 			p.mapping(v, "envoy", map[string]func(*yaml.Node){
 				"binary": p.str("envoy.binary", &c.EnvoyBinary),
@@ -472,6 +493,7 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 	}
 	before := len(p.issues)
 	var kindNode *yaml.Node
+	var reqNode *yaml.Node // the first of methods, paths, inject
 	setKind := func(kind RuleKind) func(*yaml.Node) {
 		return func(v *yaml.Node) {
 			if kindNode != nil {
@@ -484,9 +506,13 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 				return
 			}
 			switch kind {
-			case KindSNI, KindHTTP, KindTCP:
+			case KindSNI, KindHTTP, KindTCP, KindHTTPS:
 				if s == AnyName && kind == KindTCP {
 					p.errf(v, "tcp: %q is not allowed: a tcp rule names a name or a *. wildcard (use a cidr rule for addresses)", s)
+					return
+				}
+				if s == AnyName && kind == KindHTTPS {
+					p.errf(v, "https: %q is not allowed: a terminating rule names a name or a *. wildcard", s)
 					return
 				}
 				if s == AnyName {
@@ -518,10 +544,23 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 		}
 	}
 	p.mapping(n, list+" entry", map[string]func(*yaml.Node){
-		"sni":  setKind(KindSNI),
-		"http": setKind(KindHTTP),
-		"cidr": setKind(KindCIDR),
-		"tcp":  setKind(KindTCP),
+		"sni":   setKind(KindSNI),
+		"http":  setKind(KindHTTP),
+		"cidr":  setKind(KindCIDR),
+		"tcp":   setKind(KindTCP),
+		"https": setKind(KindHTTPS),
+		"methods": func(v *yaml.Node) {
+			reqNode = firstNode(reqNode, v)
+			r.Methods = p.methods(v)
+		},
+		"paths": func(v *yaml.Node) {
+			reqNode = firstNode(reqNode, v)
+			r.Paths = p.paths(v)
+		},
+		"inject": func(v *yaml.Node) {
+			reqNode = firstNode(reqNode, v)
+			r.Inject = p.inject(v)
+		},
 		"ports": func(v *yaml.Node) {
 			p.list(v, "ports", func(e *yaml.Node) {
 				if pt, ok := p.portValue(e, "ports"); ok {
@@ -538,7 +577,20 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 	}
 	switch {
 	case kindNode == nil:
-		p.errf(n, "%s entry needs one of sni, http, tcp, cidr or preset", list)
+		kinds := "sni, http, https, tcp, cidr or preset"
+		if list == listDeny {
+			kinds = "sni, http, tcp, cidr or preset"
+		}
+		p.errf(n, "%s entry needs one of %s", list, kinds)
+		return r, false
+	case reqNode != nil && r.Kind != KindHTTP && r.Kind != KindHTTPS:
+		p.errf(reqNode, "rule %s: methods, paths and inject are only for https and http rules (a %s rule does not read requests)", r, r.Kind)
+		return r, false
+	case list == listDeny && r.Kind == KindHTTPS:
+		p.errf(kindNode, "deny rule https: %s: https is an allow rule kind; deny the name with an sni rule", r.Name)
+		return r, false
+	case list == listDeny && reqNode != nil:
+		p.errf(reqNode, "deny rule %s: methods, paths and inject are only for allow rules (an allow rule's methods and paths already refuse every other request)", r)
 		return r, false
 	case list == listDeny:
 		return r, true // no ports: every port; any port may be denied
@@ -555,6 +607,143 @@ func (p *parser) rule(n *yaml.Node, list string) (Rule, bool) {
 		return r, false
 	}
 	return r, true
+}
+
+func firstNode(have, n *yaml.Node) *yaml.Node {
+	if have != nil {
+		return have
+	}
+	return n
+}
+
+// methodRE is an HTTP method as rules name it: upper-case letters.
+var methodRE = regexp.MustCompile(`^[A-Z]{1,20}$`)
+
+// methods parses a rule's methods: upper-case HTTP methods, never CONNECT.
+func (p *parser) methods(v *yaml.Node) []string {
+	var out []string
+	p.list(v, "methods", func(e *yaml.Node) {
+		s, ok := p.scalar(e, "methods entry")
+		if !ok {
+			return
+		}
+		m := strings.ToUpper(s)
+		switch {
+		case !methodRE.MatchString(m):
+			p.errf(e, "methods: %q is not an HTTP method such as GET or POST", s)
+		case m == "CONNECT":
+			p.errf(e, "methods: CONNECT is never forwarded to an origin server")
+		case !slices.Contains(out, m):
+			out = append(out, m)
+		}
+	})
+	if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+		p.errf(v, "methods must list at least one method (leave it out to allow any)")
+	}
+	return out
+}
+
+// paths parses a rule's paths; see ValidPath.
+func (p *parser) paths(v *yaml.Node) []string {
+	var out []string
+	p.list(v, "paths", func(e *yaml.Node) {
+		s, ok := p.scalar(e, "paths entry")
+		if !ok {
+			return
+		}
+		if err := ValidPath(s); err != nil {
+			p.errf(e, "paths: %v", err)
+			return
+		}
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	})
+	if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+		p.errf(v, "paths must list at least one path (leave it out to allow any)")
+	}
+	return out
+}
+
+// ValidPath checks a rule's path pattern: it starts with "/", is an exact
+// path or a prefix ending in "*" (the only '*'), and has no query,
+// fragment, percent-escape, backslash, space, control byte or "." / ".."
+// segment: a pattern names decoded, normalised paths, the only ones a
+// request's path is matched as.
+func ValidPath(s string) error {
+	if !strings.HasPrefix(s, "/") {
+		return fmt.Errorf("%q must start with /", s)
+	}
+	body := strings.TrimSuffix(s, "*")
+	if strings.Contains(body, "*") {
+		return fmt.Errorf("%q: * is only allowed at the end (a prefix such as /v1/*)", s)
+	}
+	for i := 0; i < len(body); i++ {
+		if c := body[i]; c <= ' ' || c >= 0x7f || strings.IndexByte(`?#%\`, c) >= 0 {
+			return fmt.Errorf("%q: byte %q is not allowed in a path pattern (no query, fragment, escapes, backslash or spaces)", s, c)
+		}
+	}
+	for _, seg := range strings.Split(body, "/") {
+		if seg == "." || seg == ".." {
+			return fmt.Errorf("%q has a %q segment", s, seg)
+		}
+	}
+	return nil
+}
+
+// headerNameRE is an HTTP field name (RFC 9110 5.1 token).
+var headerNameRE = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+
+// framingHeaders are never set by inject: they frame or route the request
+// or the connection, which vmegress does.
+var framingHeaders = []string{"Host", "Content-Length", "Transfer-Encoding", "Connection", "Upgrade", "Te", "Trailer", "Keep-Alive", "Proxy-Connection"}
+
+// inject parses a rule's inject mapping, sorted by header name.
+func (p *parser) inject(v *yaml.Node) []Header {
+	if v.Kind != yaml.MappingNode {
+		p.errf(v, "inject must be a mapping of header name to value")
+		return nil
+	}
+	var out []Header
+	for i := 0; i+1 < len(v.Content); i += 2 {
+		k, val := v.Content[i], v.Content[i+1]
+		if !headerNameRE.MatchString(k.Value) {
+			p.errf(k, "inject: %q is not a header name", k.Value)
+			continue
+		}
+		name := textproto.CanonicalMIMEHeaderKey(k.Value)
+		if slices.Contains(framingHeaders, name) {
+			p.errf(k, "inject: header %s is never set by a rule (it frames or routes the request)", name)
+			continue
+		}
+		if slices.ContainsFunc(out, func(h Header) bool { return h.Name == name }) {
+			p.errf(k, "inject: header %s is set twice", name)
+			continue
+		}
+		s, ok := p.scalar(val, "inject value")
+		if !ok {
+			continue
+		}
+		if _, err := secrets.Parse(s); err != nil {
+			p.errf(val, "inject %s: %v", name, err)
+			continue
+		}
+		out = append(out, Header{Name: name, Value: s})
+	}
+	if len(v.Content) == 0 {
+		p.errf(v, "inject must set at least one header")
+	}
+	slices.SortFunc(out, func(a, b Header) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// secretRefs returns the secret names a valid inject value references.
+func secretRefs(value string) []string {
+	t, err := secrets.Parse(value)
+	if err != nil {
+		return nil
+	}
+	return t.Names()
 }
 
 func (p *parser) prefix(n *yaml.Node, key string) (netip.Prefix, bool) {

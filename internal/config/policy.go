@@ -125,6 +125,19 @@ func ruleDocuments(rules []Rule) []map[string]any {
 		if len(r.Ports) > 0 {
 			m["ports"] = r.Ports
 		}
+		if len(r.Methods) > 0 {
+			m["methods"] = r.Methods
+		}
+		if len(r.Paths) > 0 {
+			m["paths"] = r.Paths
+		}
+		if len(r.Inject) > 0 {
+			inj := map[string]string{}
+			for _, h := range r.Inject {
+				inj[h.Name] = h.Value
+			}
+			m["inject"] = inj
+		}
 		out = append(out, m)
 	}
 	return out

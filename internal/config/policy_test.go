@@ -44,6 +44,7 @@ func FuzzParsePolicy(f *testing.F) {
 		`{"allow":[{"sni":"a.com"}]}`,
 		`{"mode":"audit","max_connections":3,"allow":[{"cidr":"10.0.0.0/8","ports":[22]},{"http":"*.b.org","ports":[80,8080]}]}`,
 		"allow:\n  - sni: x.y\n",
+		`{"allow":[{"https":"a.com","methods":["GET"],"paths":["/v1/*"],"inject":{"X-Key":"${secret:k}"}}]}`,
 		`{"allow":[{"sni":"a.com","http":"b"}]}`, `[]`, `{"subnet":"1.2.3.4/30"}`, "",
 	} {
 		f.Add([]byte(s))

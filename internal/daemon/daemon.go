@@ -83,6 +83,9 @@ type Daemon struct {
 	// Flows follows the flows the kernel forwards for cidr rules (logging
 	// them when they end, cutting them on a policy change); nil: neither.
 	Flows Flows
+	// Termination is the builtin plane's TLS termination (https rules);
+	// nil: connections that need it are refused.
+	Termination *proxy.Termination
 
 	mu        sync.Mutex // guards the fields below
 	started   time.Time
@@ -250,6 +253,7 @@ func (d *Daemon) startProxy(ctx context.Context, cfg *config.Config, addr string
 		Log:         d.Log,
 		AccessLog:   d.AccessLog,
 		Metrics:     d.metrics,
+		Termination: d.Termination,
 	}
 	px.SetPolicy(d.Engine.Snapshot().Policy, false)
 	d.mu.Lock()

@@ -105,6 +105,8 @@ type Project struct {
 	// The deny rules; a rule with no ports applies on every port.
 	denySNI, denyHTTP, denyTCP nameMatcher
 	denyCIDRs                  []cidrRule
+	// req are the https rules and the request rules of http rules (https.go).
+	req requestRules
 }
 
 type cidrRule struct {
@@ -139,6 +141,7 @@ func CompileProject(cp config.Project) (*Project, error) {
 		sniPorts: map[uint16]bool{}, httpPorts: map[uint16]bool{},
 		denySNI: newNameMatcher(), denyHTTP: newNameMatcher(),
 		tcp: newNameMatcher(), denyTCP: newNameMatcher(), tcpPorts: map[uint16]bool{},
+		req: newRequestRules(),
 	}
 	for _, r := range cp.Deny {
 		ports, rule := r.Ports, DenyPrefix+r.String() // no ports: every port
@@ -165,8 +168,14 @@ func CompileProject(cp config.Project) (*Project, error) {
 			}
 		case config.KindHTTP:
 			pr.http.add(r.Name, ports, r.String())
+			pr.req.add(r)
 			for _, pt := range ports {
 				pr.httpPorts[pt] = true
+			}
+		case config.KindHTTPS:
+			pr.req.add(r) // read as TLS, decided by https.go
+			for _, pt := range ports {
+				pr.sniPorts[pt] = true
 			}
 		case config.KindTCP:
 			pr.tcp.add(r.Name, ports, r.String())
@@ -437,6 +446,11 @@ func (pr *Project) DecideName(kind Kind, name string, port uint16) Decision {
 		d.Rule, d.Reason = rule, "denied by rule "+strings.TrimPrefix(rule, DenyPrefix)
 		return d
 	}
+	if kind == KindTLS {
+		if d, ok := pr.terminates(norm, port); ok {
+			return d // an https rule takes the name over from sni rules
+		}
+	}
 	if rule, ok := m.match(norm, port); ok {
 		return Decision{Verdict: Allow, Project: pr.Name, Rule: rule}
 	}
@@ -465,7 +479,7 @@ func (pr *Project) AllowsName(name string) bool {
 // refused it when one did.
 func (pr *Project) Resolve(name string) Decision {
 	d := Decision{Verdict: Deny, Project: pr.Name, Reason: "no rule of project " + pr.Name + " allows the name"}
-	for _, k := range []struct{ allow, deny nameMatcher }{{pr.sni, pr.denySNI}, {pr.http, pr.denyHTTP}, {pr.tcp, pr.denyTCP}} {
+	for _, k := range []struct{ allow, deny nameMatcher }{{pr.sni, pr.denySNI}, {pr.req.https, pr.denySNI}, {pr.http, pr.denyHTTP}, {pr.tcp, pr.denyTCP}} {
 		var rule, denied string
 		k.allow.candidates(name, func(rs []portRule) bool {
 			for _, r := range rs {

@@ -87,6 +87,10 @@ type Proxy struct {
 	// OpenSpare opens the descriptor kept spare for when accept runs out
 	// of them (zero: opens /dev/null).
 	OpenSpare func() (io.Closer, error)
+	// Termination terminates TLS for https rules and reads plain-HTTP
+	// requests for http rules with methods, paths or inject (terminate.go;
+	// nil: such connections are refused).
+	Termination *Termination
 
 	wg    sync.WaitGroup
 	mu    sync.Mutex
@@ -541,6 +545,11 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		e.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Rule: e.d.Rule, Reason: reason}
 		p.refuse(c, e, how)
 		return
+	}
+	if p.terminates(pr, e, inspect) {
+		// Each request is decided and forwarded on its own (terminate.go).
+		p.serveTerminated(ctx, c, e, prefix, target)
+		return false
 	}
 	dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
 	up, err := p.dial(dctx, target.String())

@@ -1,0 +1,401 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/policy"
+	"github.com/vmegress/vmegress/internal/secrets"
+)
+
+// Termination is what the proxy needs to terminate TLS for https rules and
+// to read plain-HTTP requests one by one for http rules with methods, paths
+// or inject. Without it (Proxy.Termination nil) such connections are refused.
+type Termination struct {
+	// Leaf issues the certificate the guest is shown for a name (the
+	// vmegress CA's tlsca.CA.Leaf).
+	Leaf func(name string) (*tls.Certificate, error)
+	// Secret reads a secret's value for ${secret:NAME} (secrets.Store.Get).
+	// Its errors must not carry the value. Nil: every secret is missing.
+	Secret func(name string) (string, error)
+	// UpstreamRoots verify upstream servers (the host's roots plus
+	// upstream_ca_file); nil: the host's roots.
+	UpstreamRoots *x509.CertPool
+}
+
+// Timeouts of terminated connections.
+const (
+	// termHeaderTimeout bounds the wait for a request head on a terminated
+	// connection.
+	termHeaderTimeout = 30 * time.Second
+	// termIdleTimeout closes a terminated connection idle between requests.
+	termIdleTimeout = 5 * time.Minute
+	// termMaxHeaderBytes caps a request head (net/http's default is 1 MiB).
+	termMaxHeaderBytes = 64 << 10
+)
+
+// terminates reports whether an allowed connection is read request by
+// request: the name stage allowed it (enforced, not audit) by a rule that
+// reads requests.
+func (p *Proxy) terminates(pr *policy.Project, e *entry, inspect policy.Inspect) bool {
+	return e.d.Verdict == policy.Allow && inspect != policy.InspectNone && e.kind != policy.KindNone &&
+		pr.Terminates(e.kind, e.name, e.dst.Port())
+}
+
+// serveTerminated serves one connection whose requests are each decided by
+// the policy: for TLS it answers the guest's handshake with a certificate
+// of the vmegress CA for the server name, and forwards over TLS verified
+// against UpstreamRoots; for plain HTTP it forwards in plain HTTP. Upstream
+// connections go to target with the proxy's dialer, made only when a first
+// request is allowed. It returns when the connection is over, after
+// logging it.
+func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, prefix []byte, target netip.AddrPort) {
+	t := p.Termination
+	if t == nil {
+		e.d.Verdict, e.d.Reason = verdictError, "the rule reads requests but TLS termination is not set up in this data plane"
+		p.refuse(c, e, refuseReset)
+		return
+	}
+	guest := &countedConn{Conn: c, r: io.MultiReader(bytes.NewReader(prefix), c)}
+	var conn net.Conn = guest
+	tlsMode := e.kind == policy.KindTLS
+	name := dnsName(e.name)
+	if tlsMode {
+		tc := tls.Server(guest, &tls.Config{
+			MinVersion: tls.VersionTLS12,
+			NextProtos: []string{"h2", "http/1.1"},
+			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+				if dnsName(hello.ServerName) != name {
+					return nil, fmt.Errorf("server name %q is not the one decided (%q)", hello.ServerName, name)
+				}
+				return t.Leaf(name)
+			},
+		})
+		hctx, cancel := context.WithTimeout(ctx, p.helloTimeout())
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			// A guest that does not trust the CA ends here: nothing was
+			// dialled.
+			e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("TLS handshake with the guest failed (does the guest trust the vmegress CA? `vmegress ca cert`): %v", err)
+			c.Close()
+			p.logEntry(e)
+			return
+		}
+		conn = tc
+	}
+	e.upstream = target.String()
+	p.mu.Lock()
+	e.established.Store(true)
+	p.mu.Unlock()
+
+	tr := p.termTransport(t, name, target, tlsMode)
+	defer tr.CloseIdleConnections()
+	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name}
+	h.rp = &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			r.Out.URL.Scheme = "http"
+			if tlsMode {
+				r.Out.URL.Scheme = "https"
+			}
+			r.Out.URL.Host = name
+			r.Out.Host = r.In.Host // checked: the connection's name
+		},
+		Transport:     tr,
+		FlushInterval: -1, // stream (server-sent events, long polls)
+		ErrorLog:      log.New(io.Discard, "", 0),
+		ErrorHandler:  h.upstreamError,
+	}
+	done := make(chan struct{})
+	var once sync.Once
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: termHeaderTimeout,
+		IdleTimeout:       termIdleTimeout,
+		MaxHeaderBytes:    termMaxHeaderBytes,
+		ErrorLog:          log.New(io.Discard, "", 0),
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateClosed || s == http.StateHijacked {
+				once.Do(func() { close(done) })
+			}
+		},
+	}
+	ln := &oneConnListener{c: conn, closed: make(chan struct{})}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	go srv.Serve(ln)
+	<-done
+	stop()
+	h.wg.Wait() // a hijacked (upgraded) exchange ends in its handler
+	ln.Close()
+	conn.Close()
+	e.up, e.down = guest.in.Load(), guest.out.Load()
+	p.logEntry(e)
+}
+
+// termTransport is the upstream side of one terminated connection: every
+// connection it makes goes to target through the proxy's dialer (the
+// upstream mark), and TLS is verified for name against the roots.
+func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *http.Transport {
+	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
+		dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
+		defer cancel()
+		c, err := p.dial(dctx, target.String())
+		if err != nil {
+			return nil, fmt.Errorf("dialing upstream %s: %w", target, err)
+		}
+		return c, nil
+	}
+	tr := &http.Transport{
+		Proxy:               nil, // never an environment proxy
+		DialContext:         dial,
+		DisableCompression:  true, // the guest's Accept-Encoding, as sent
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: DefaultDialTimeout,
+	}
+	if tlsMode {
+		// The Transport does TLS over the dialled connection, offering h2
+		// by ALPN except for requests that need HTTP/1.1 (WebSocket).
+		tr.ForceAttemptHTTP2 = true
+		tr.TLSClientConfig = &tls.Config{
+			ServerName: name,
+			RootCAs:    t.UpstreamRoots, // never InsecureSkipVerify
+			MinVersion: tls.VersionTLS12,
+		}
+	}
+	return tr
+}
+
+// termHandler decides and forwards each request of a terminated connection.
+type termHandler struct {
+	p    *Proxy
+	t    *Termination
+	e    *entry
+	tls  bool
+	name string
+	rp   *httputil.ReverseProxy
+	wg   sync.WaitGroup
+}
+
+// ctxKey carries a request's log line to the upstream error handler.
+type ctxKey struct{}
+
+func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.wg.Add(1)
+	defer h.wg.Done()
+	start := h.p.now()
+	rl := &requestLine{method: r.Method, host: r.Host, path: r.URL.Path}
+	kind := policy.KindHTTP
+	if h.tls {
+		kind = policy.KindTLS
+	}
+	pol := h.p.policy.Load()
+	pr := pol.ProjectFor(h.e.src.Addr())
+	switch {
+	case pr == nil:
+		rl.d = policy.Decision{Verdict: policy.Deny, Reason: "source address is in no project"}
+	case r.Method == http.MethodConnect:
+		rl.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Reason: "CONNECT is never forwarded to an origin server"}
+	default:
+		rd := pr.DecideRequest(policy.Request{Kind: kind, Name: h.name, Port: h.e.dst.Port(), Host: r.Host,
+			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath()})
+		rl.d = rd.Decision
+		if rl.d.Verdict != policy.Allow && pr.Audit {
+			rl.d.Verdict = WouldDeny // forwarded as is, nothing injected
+		}
+		if rl.d.Verdict == policy.Allow {
+			if err := h.inject(r, rd.Inject); err != nil {
+				rl.d.Verdict, rl.d.Reason = verdictError, err.Error()
+				rl.status = http.StatusBadGateway
+				writeText(w, rl.status, fmt.Sprintf("vmegress: project %s: %v\n", rl.d.Project, err))
+				h.log(rl, start)
+				return
+			}
+		}
+	}
+	if rl.d.Verdict != policy.Allow && rl.d.Verdict != WouldDeny {
+		rl.status = http.StatusForbidden
+		w.Header().Set("X-Vmegress-Project", rl.d.Project)
+		writeText(w, rl.status, fmt.Sprintf("vmegress: egress policy of project %s refused %s %s%s: %s\n", rl.d.Project, r.Method, h.name, rl.path, rl.d.Reason))
+		h.log(rl, start)
+		return
+	}
+	dropProtocolSwitch(r.Header)
+	sw := &statusWriter{ResponseWriter: w}
+	h.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), ctxKey{}, rl)))
+	if rl.status == 0 {
+		rl.status = sw.status
+	}
+	h.log(rl, start)
+}
+
+// inject sets the rule's headers on r, replacing any the guest sent under
+// the same names. A secret that cannot be read fails the request: it is
+// never sent without its credential.
+func (h *termHandler) inject(r *http.Request, hs []config.Header) error {
+	for _, hd := range hs {
+		tm, err := secrets.Parse(hd.Value)
+		if err != nil {
+			return fmt.Errorf("inject %s: %w", hd.Name, err)
+		}
+		get := h.t.Secret
+		if get == nil {
+			get = func(name string) (string, error) {
+				return "", fmt.Errorf("reading secret %q: %w (no secret store)", name, secrets.ErrNotFound)
+			}
+		}
+		v, err := tm.Expand(get)
+		if err != nil {
+			return fmt.Errorf("inject %s: %w", hd.Name, err)
+		}
+		r.Header[hd.Name] = []string{v}
+	}
+	return nil
+}
+
+func (h *termHandler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	if rl, ok := r.Context().Value(ctxKey{}).(*requestLine); ok {
+		rl.d.Verdict, rl.d.Reason, rl.status = verdictError, "upstream: "+err.Error(), http.StatusBadGateway
+	}
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	writeText(w, http.StatusBadGateway, fmt.Sprintf("vmegress: upstream %s: %v\n", h.name, err))
+}
+
+// requestLine is one request's access-log line being built.
+type requestLine struct {
+	method, host, path string
+	d                  policy.Decision
+	status             int
+}
+
+// log writes one access-log line per request: method, host, path (without
+// the query), verdict, rule, reason. Headers are never logged (injected
+// values are secrets).
+func (h *termHandler) log(rl *requestLine, start time.Time) {
+	if h.p.AccessLog == nil {
+		return
+	}
+	h.p.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "request",
+		slog.String("project", rl.d.Project),
+		slog.String("src", h.e.src.String()),
+		slog.String("dst", h.e.dst.String()),
+		slog.String("sni", nameIf(h.e, policy.KindTLS)),
+		slog.String("host", rl.host),
+		slog.String("method", rl.method),
+		slog.String("path", rl.path),
+		slog.String("verdict", string(rl.d.Verdict)),
+		slog.String("rule", rl.d.Rule),
+		slog.String("reason", rl.d.Reason),
+		slog.Int("status", rl.status),
+		slog.Float64("duration_ms", float64(h.p.now().Sub(start).Microseconds())/1000),
+	)
+}
+
+// dropProtocolSwitch removes an Upgrade to anything but WebSocket (h2c,
+// HTTP/x): after such a switch the streams would go unchecked.
+func dropProtocolSwitch(hd http.Header) {
+	up := hd.Values("Upgrade")
+	if len(up) == 0 {
+		return
+	}
+	if len(up) == 1 && strings.EqualFold(strings.TrimSpace(up[0]), "websocket") {
+		return
+	}
+	hd.Del("Upgrade")
+	hd.Del("Http2-Settings")
+}
+
+func writeText(w http.ResponseWriter, status int, body string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+	w.WriteHeader(status)
+	io.WriteString(w, body)
+}
+
+// statusWriter records the status the reverse proxy answered with.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWriter) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach Flush and Hijack.
+func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// countedConn is the guest's connection: reads come from r (the bytes
+// already peeked, then the socket), and bytes each way are counted.
+type countedConn struct {
+	net.Conn
+	r       io.Reader
+	in, out atomic.Int64
+}
+
+func (c *countedConn) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.in.Add(int64(n))
+	return n, err
+}
+
+func (c *countedConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.out.Add(int64(n))
+	return n, err
+}
+
+// oneConnListener hands out one connection, then blocks until closed.
+type oneConnListener struct {
+	mu     sync.Mutex
+	c      net.Conn
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (l *oneConnListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	c := l.c
+	l.c = nil
+	l.mu.Unlock()
+	if c != nil {
+		return c, nil
+	}
+	<-l.closed
+	return nil, net.ErrClosed
+}
+
+func (l *oneConnListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *oneConnListener) Addr() net.Addr { return &net.TCPAddr{} }
