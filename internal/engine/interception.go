@@ -99,7 +99,7 @@ func Forwarding(cfg *config.Config, st *state.State) (taps []string, hostAddrs [
 	}
 	for i := range cfg.Projects {
 		cp := &cfg.Projects[i]
-		if !cp.Subnet.IsValid() || !kernelForwards(cp) {
+		if !cp.Subnet.IsValid() || !KernelPath(cfg) || !kernelForwards(cp) {
 			continue
 		}
 		if p, ok := placed(st, cp.Name); ok {
@@ -138,5 +138,16 @@ func placed(st *state.State, name string) (state.Project, bool) {
 // routing lock over the guest range (only packets the ruleset marked
 // firewall.KernelMark are routed on from a guest address).
 func Routing(cfg *config.Config) hostnet.PolicyRouting {
-	return hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable, Lock: cfg.VMCIDR, LockMark: firewall.KernelMark}
+	pr := hostnet.PolicyRouting{Mark: cfg.Mark, Table: cfg.RouteTable}
+	if KernelPath(cfg) {
+		pr.Lock, pr.LockMark = cfg.VMCIDR, firewall.KernelMark
+	}
+	return pr
 }
+
+// KernelPath reports whether cfg's firewall backend carries out cidr rules
+// and port refusals itself, and marks what it lets the kernel forward
+// (nftables; the iptables backend hands every guest TCP connection to the
+// data plane and keeps guest interfaces' forwarding off but for NAT egress
+// and SSH).
+func KernelPath(cfg *config.Config) bool { return cfg.Firewall != firewall.KindIPTables }
