@@ -1,10 +1,10 @@
 package engine
 
 import (
-	"net/netip"
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/firewall"

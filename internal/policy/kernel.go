@@ -31,9 +31,9 @@ import (
 type Kernel struct {
 	Audit          bool
 	MaxConnections int
-	Deny    []KernelFlow
-	Forward []KernelFlow
-	Proxied []uint16
+	Deny           []KernelFlow
+	Forward        []KernelFlow
+	Proxied        []uint16
 }
 
 // KernelFlow is a destination range on some ports.
