@@ -133,3 +133,62 @@ func TestKernelPath(t *testing.T) {
 	})
 	e.noLeaks()
 }
+
+// TestTCPNameKernel: with no tcp deny rule to weigh, a tcp rule is decided
+// by the kernel on either data plane: the resolver's answer becomes a
+// timed element before it leaves, the flow has no host socket and is
+// logged with the tcp rule, an address the project was not handed (or a
+// name the rule does not match) is refused at the SYN, and a policy change
+// that drops the rule withdraws the element at once.
+func TestTCPNameKernel(t *testing.T) {
+	t.Parallel()
+	cfg := `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - sni: github.com
+      - tcp: "*.test"
+        ports: [22]
+`
+	e := newWorldWith(t, []world.GuestSpec{{Project: "alpha", Subnet: alphaSubnet}}, cfg)
+	if onIPTables() {
+		return // the iptables backend has no kernel path yet (README); TestTCPName covers the data plane's
+	}
+	e.start()
+	bannerAddr := world.BannerIP.String() + ":22"
+	refused := func(addr string) {
+		t.Helper()
+		if line, err := e.guestBanner(addr); err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("%s: %q, %v; want connection refused", addr, line, err)
+		}
+	}
+	refused(bannerAddr) // not handed out yet
+	if out, err := e.guest("dig", "+short", "+time=3", "+tries=1", "banner.test"); err != nil || strings.TrimSpace(out) != world.BannerIP.String() {
+		t.Fatalf("dig banner.test: %q, %v", out, err)
+	}
+	c, r := e.bannerConn()
+	if !alive(c, r) {
+		t.Fatal("the tcp rule's flow does not echo")
+	}
+	if s := e.hostSockets(22); s != "" {
+		t.Errorf("a host socket carries the tcp rule's flow:\n%s", s)
+	}
+	c.Close()
+	e.accessLine("dst", bannerAddr, "verdict", "allow", "rule", "tcp:*.test ports 22", "path", "kernel")
+	// The address of a name the project never resolved, on the same port.
+	refused(world.GitHubIP.String() + ":22")
+
+	// Dropping the rule withdraws the element: the guest's cached answer
+	// opens nothing.
+	if err := e.writeConfig(strings.Replace(cfg, "      - tcp: \"*.test\"\n        ports: [22]\n", "", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(5*time.Second, func() bool { return strings.Contains(e.d.Stderr(), `"policy reloaded"`) }) {
+		t.Fatalf("no reload:\n%s", e.d.Stderr())
+	}
+	refused(bannerAddr)
+	if out, _ := world.Output(e.ctx, world.NS(e.w.Host, "nft", "list", "set", "inet", "vmegress", "k_tcp")...); strings.Contains(out, world.BannerIP.String()) {
+		t.Errorf("the element outlived the rule:\n%s", out)
+	}
+	e.noLeaks()
+}

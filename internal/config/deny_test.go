@@ -128,13 +128,21 @@ projects:
 			t.Errorf("%q: %v; want %q", tc.rule, err, tc.want)
 		}
 	}
-	_, err = Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - tcp: github.com\n        ports: [22]\n  b:\n    allow:\n      - preset: github\n  c:\n    allow:\n      - preset: pypi\n"))
-	if err == nil || !strings.Contains(err.Error(), `c.yaml:5:9: project "a": allow rule tcp:github.com ports 22 needs dataplane builtin`) ||
-		!strings.Contains(err.Error(), `c.yaml:9:9: project "b": allow rule preset:github/tcp:github.com ports 22 needs dataplane builtin`) ||
+	// With firewall nftables (the default) the kernel decides tcp allow
+	// rules for Envoy too: accepted, unless a tcp deny needs weighing.
+	if _, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - tcp: github.com\n        ports: [22]\n  b:\n    allow:\n      - preset: github\n")); err != nil {
+		t.Errorf("envoy on nftables with tcp allow rules: %v", err)
+	}
+	if _, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  a:\n    allow:\n      - tcp: github.com\n        ports: [22]\n    deny:\n      - tcp: bad.github.com\n")); err == nil || !strings.Contains(err.Error(), "deny rule tcp:bad.github.com needs dataplane builtin") {
+		t.Errorf("envoy with a tcp deny: %v", err)
+	}
+	_, err = Parse("c.yaml", []byte("dataplane: envoy\nfirewall: iptables\nprojects:\n  a:\n    allow:\n      - tcp: github.com\n        ports: [22]\n  b:\n    allow:\n      - preset: github\n  c:\n    allow:\n      - preset: pypi\n"))
+	if err == nil || !strings.Contains(err.Error(), `c.yaml:6:9: project "a": allow rule tcp:github.com ports 22 needs dataplane builtin`) ||
+		!strings.Contains(err.Error(), `c.yaml:10:9: project "b": allow rule preset:github/tcp:github.com ports 22 needs dataplane builtin`) ||
 		strings.Contains(err.Error(), `project "c"`) {
 		t.Errorf("envoy: %v", err)
 	}
-	if _, err := Parse("c.yaml", []byte("dataplane: envoy\nprojects:\n  c:\n    allow:\n      - preset: pypi\n")); err != nil {
+	if _, err := Parse("c.yaml", []byte("dataplane: envoy\nfirewall: iptables\nprojects:\n  c:\n    allow:\n      - preset: pypi\n")); err != nil {
 		t.Errorf("envoy with a preset without tcp rules: %v", err)
 	}
 	// The API form carries tcp rules through.

@@ -42,6 +42,9 @@ type Tracker struct {
 	// OnError hears of errors that do not stop Watch (may be nil).
 	OnError func(error)
 
+	evs  chan conntrack.Event
+	errc chan error
+
 	mu      sync.Mutex
 	revoked map[uint32]bool // entries Revoke deleted, until their event
 }
@@ -91,6 +94,28 @@ const (
 	tcpClose    = 8
 )
 
+// Start turns on the per-flow byte counters and timestamps
+// (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
+// there once the ruleset, which uses conntrack, is installed) and joins the
+// conntrack event groups. Flows created before it are not reported (with
+// the default nf_conntrack_events=2 an entry carries events only if a
+// listener existed when it was made): call it before guests are served.
+func (t *Tracker) Start() error {
+	for _, k := range []string{"nf_conntrack_acct", "nf_conntrack_timestamp"} {
+		p := filepath.Join(t.procSys, "net/netfilter", k)
+		if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("turning on %s (is nf_conntrack loaded?): %w", k, err)
+		}
+	}
+	t.evs = make(chan conntrack.Event, 1024)
+	errc, err := t.events.Listen(t.evs, 1, []netfilter.NetlinkGroup{netfilter.GroupCTUpdate, netfilter.GroupCTDestroy})
+	if err != nil {
+		return fmt.Errorf("listening for conntrack events: %w", err)
+	}
+	t.errc = errc
+	return nil
+}
+
 // Watch calls ended once for every kernel-forwarded flow that is over, when
 // its entry goes: at once when it enters TIME_WAIT or CLOSE (the flow closed
 // or was reset; Watch deletes the entry, which would linger for minutes),
@@ -101,17 +126,12 @@ const (
 // (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
 // there once the ruleset, which uses conntrack, is installed).
 func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
-	for _, k := range []string{"nf_conntrack_acct", "nf_conntrack_timestamp"} {
-		p := filepath.Join(t.procSys, "net/netfilter", k)
-		if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
-			return fmt.Errorf("turning on %s (is nf_conntrack loaded?): %w", k, err)
+	if t.evs == nil {
+		if err := t.Start(); err != nil {
+			return err
 		}
 	}
-	evs := make(chan conntrack.Event, 1024)
-	errc, err := t.events.Listen(evs, 1, []netfilter.NetlinkGroup{netfilter.GroupCTUpdate, netfilter.GroupCTDestroy})
-	if err != nil {
-		return fmt.Errorf("listening for conntrack events: %w", err)
-	}
+	evs, errc := t.evs, t.errc
 	for {
 		select {
 		case <-ctx.Done():

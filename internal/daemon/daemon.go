@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -94,6 +95,7 @@ type Daemon struct {
 	ready     bool
 
 	metrics  *metrics.Metrics
+	answers  *dest.Answers
 	proxy    *proxy.Proxy
 	resolver *vdns.Resolver
 	xds      *envoy.Server
@@ -102,6 +104,8 @@ type Daemon struct {
 
 // Flows is ctflow.Tracker's interface.
 type Flows interface {
+	// Start subscribes before guests are served; Watch then reports.
+	Start() error
 	Watch(ctx context.Context, ended func(ctflow.Flow)) error
 	Revoke(keep func(ctflow.Flow) bool) (int, error)
 }
@@ -167,8 +171,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Log:        d.Log.With("component", "dns"),
 		AccessLog:  d.AccessLog,
 		Metrics:    d.metrics,
+		Admit: func(project, name string, addrs []netip.Addr, ttl time.Duration) error {
+			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			return d.Engine.Admit(ctx, project, name, addrs, ttl)
+		},
 	}
 	d.mu.Lock()
+	d.answers = answers
 	d.resolver = res
 	d.mu.Unlock()
 	res.SetPolicy(d.Engine.Snapshot().Policy) // the latest, whatever changed since Open
@@ -189,6 +199,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		defer stopAPI()
+	}
+	if d.Flows != nil {
+		// Before the data plane serves: a flow whose conntrack entry is made
+		// before the subscription is never reported.
+		if err := d.Flows.Start(); err != nil {
+			return fmt.Errorf("following kernel-forwarded flows: %w", err)
+		}
 	}
 	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
 	var serve func(context.Context) error
@@ -363,12 +380,8 @@ func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
 	}
 	if d.Flows != nil && ch.Kind != engine.ChangeOpen && s.Config.OnPolicyChange != "keep" {
 		n, err := d.Flows.Revoke(func(f ctflow.Flow) bool {
-			pr := s.Policy.ProjectFor(f.Src.Addr())
-			if pr == nil {
-				return false
-			}
-			v, _, _ := pr.Kernel().Decide(f.Dst)
-			return v == policy.Allow
+			dec, in := s.Policy.ConnectWith(f.Src.Addr(), f.Dst, d.resolved())
+			return dec.Verdict == policy.Allow && in == policy.InspectNone
 		})
 		if err != nil {
 			d.Log.Error("cutting kernel-forwarded flows the new policy no longer allows", "err", err.Error())
@@ -470,9 +483,11 @@ func (d *Daemon) serveDNS(ctx context.Context, addr string, r *vdns.Resolver) (f
 // its connections (path "kernel"), and counts it.
 func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
 	project, rule, verdict, reason := "", "", string(policy.Allow), ""
-	if pr := d.Engine.Snapshot().Policy.ProjectFor(f.Src.Addr()); pr != nil {
-		project = pr.Name
-		rule, _ = pr.CIDRAllows(f.Dst.Addr(), f.Dst.Port())
+	if dec, _ := d.Engine.Snapshot().Policy.ConnectWith(f.Src.Addr(), f.Dst, d.resolved()); dec.Project != "" {
+		project = dec.Project
+		if dec.Verdict == policy.Allow {
+			rule = dec.Rule
+		}
 	}
 	if f.Revoked {
 		verdict, reason = "revoked", "closed: the new policy no longer allows it"
@@ -498,4 +513,15 @@ func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
 		slog.Int64("bytes_down", int64(f.Down)),
 		slog.Float64("duration_ms", dur),
 	)
+}
+
+// resolved is what the resolver handed out, for tcp rules' decisions.
+func (d *Daemon) resolved() policy.Resolved {
+	d.mu.Lock()
+	a := d.answers
+	d.mu.Unlock()
+	if a == nil {
+		return nil
+	}
+	return a.Names
 }

@@ -63,6 +63,10 @@ type Resolver struct {
 	LocalUDP, LocalTCP Exchanger
 	// Answers records what was given to whom (may be nil).
 	Answers *dest.Answers
+	// Admit is told, before an answer leaves, the IPv4 addresses it hands
+	// a project for a name and their TTL (the engine puts them in the
+	// ruleset for the project's tcp rules); may be nil.
+	Admit func(project, name string, addrs []netip.Addr, ttl time.Duration) error
 	// GuestRange is never given out as an answer.
 	GuestRange netip.Prefix
 	// Rate and Burst limit each project's packets and TCP connections,
@@ -416,6 +420,8 @@ func (r *Resolver) allowedAddr(pr *policy.Project, a netip.Addr) bool {
 // answer section and records the addresses given out for name.
 func (r *Resolver) filter(pr *policy.Project, name string, rrs []mdns.RR) []mdns.RR {
 	out := rrs[:0:0]
+	var admit []netip.Addr
+	minTTL := time.Duration(-1)
 	for _, rr := range rrs {
 		var ip net.IP
 		switch v := rr.(type) {
@@ -433,11 +439,25 @@ func (r *Resolver) filter(pr *policy.Project, name string, rrs []mdns.RR) []mdns
 			if !ok || !r.allowedAddr(pr, a) {
 				continue
 			}
+			ttl := time.Duration(rr.Header().Ttl) * time.Second
 			if r.Answers != nil {
-				r.Answers.Record(pr.Name, name, a, time.Duration(rr.Header().Ttl)*time.Second)
+				r.Answers.Record(pr.Name, name, a, ttl)
+			}
+			if a.Unmap().Is4() {
+				admit = append(admit, a.Unmap())
+				if minTTL < 0 || ttl < minTTL {
+					minTTL = ttl
+				}
 			}
 		}
 		out = append(out, rr)
+	}
+	if r.Admit != nil && len(admit) > 0 {
+		if err := r.Admit(pr.Name, name, admit, minTTL); err != nil && r.Log != nil {
+			// The answer still leaves (other rule kinds may need it); the
+			// kernel refuses the tcp rule's connections: fail closed.
+			r.Log.Error("admitting resolved addresses for tcp rules", "project", pr.Name, "name", name, "err", err.Error())
+		}
 	}
 	return out
 }

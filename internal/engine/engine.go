@@ -98,6 +98,7 @@ type Engine struct {
 	// installed: the engine installed the whole interception (the daemon);
 	// otherwise (the CLI) project changes install it only if absent.
 	installed bool
+	adm       admissions
 }
 
 // Open reads the state and builds the first snapshot from file. With
@@ -187,6 +188,9 @@ func (e *Engine) Snapshot() *Snapshot {
 }
 
 func (e *Engine) publish(s *Snapshot, ch Change) {
+	if ch.Kind != ChangeOpen && e.Interception.Firewall != nil {
+		e.reconcileAdmitted(context.Background(), s)
+	}
 	for _, c := range e.Consumers {
 		c(s, ch)
 	}
@@ -194,6 +198,9 @@ func (e *Engine) publish(s *Snapshot, ch Change) {
 
 func (e *Engine) install(ctx context.Context, cfg *config.Config, st *state.State) error {
 	if err := e.Interception.Install(ctx, cfg, st); err != nil {
+		return err
+	}
+	if err := e.readmit(ctx); err != nil {
 		return err
 	}
 	snap, err := e.Interception.Firewall.Snapshot(ctx)
@@ -820,7 +827,7 @@ func planeSupports(file *config.Config, p config.Project) error {
 	if file.Dataplane != "envoy" {
 		return nil
 	}
-	if is := p.EnvoyIssues(); len(is) > 0 {
+	if is := p.EnvoyIssuesOn(file.Firewall); len(is) > 0 {
 		return &placement.Invalid{Field: "policy." + is[0].Field, Err: errors.New(is[0].Msg)}
 	}
 	return nil

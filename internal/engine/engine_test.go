@@ -433,3 +433,6 @@ func (nullNetlink) RouteDel(*netlink.Route) error     { return nil }
 func (nullNetlink) LinkByName(string) (netlink.Link, error) {
 	return &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "lo", Index: 1}}, nil
 }
+
+func (f *fakeFirewall) Admit(context.Context, []firewall.Admitted) error   { return nil }
+func (f *fakeFirewall) Unadmit(context.Context, []firewall.Admitted) error { return nil }

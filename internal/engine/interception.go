@@ -112,14 +112,15 @@ func Forwarding(cfg *config.Config, st *state.State) (taps []string, hostAddrs [
 }
 
 // kernelForwards reports whether the ruleset may forward some of the
-// project's flows itself (an IPv4 cidr allow rule, not in audit mode): its
+// project's flows itself (an IPv4 cidr allow rule or a tcp allow rule, not
+// in audit mode): its
 // guest interface then needs forwarding on. The ruleset decides which flows.
 func kernelForwards(cp *config.Project) bool {
 	if cp.Mode == "audit" {
 		return false
 	}
 	for _, r := range cp.Allow {
-		if r.Kind == config.KindCIDR && r.Prefix.Addr().Is4() {
+		if r.Kind == config.KindCIDR && r.Prefix.Addr().Is4() || r.Kind == config.KindTCP {
 			return true
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"time"
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/policy"
@@ -154,6 +155,21 @@ type Backend interface {
 	Counters(ctx context.Context) (map[string]uint64, error)
 	// Describe names what the backend installs, for messages.
 	Describe() string
+	// Admit adds timed elements: the kernel forwards each guest's new
+	// connections to the address and port until the element times out
+	// (tcp rules: what the resolver handed out). Adding one that is there
+	// refreshes nothing and is not an error.
+	Admit(ctx context.Context, es []Admitted) error
+	// Unadmit deletes such elements (absent ones are not an error).
+	Unadmit(ctx context.Context, es []Admitted) error
+}
+
+// Admitted is one timed element: guest may open connections to Addr:Port
+// for TTL.
+type Admitted struct {
+	Guest, Addr netip.Addr
+	Port        uint16
+	TTL         time.Duration
 }
 
 // Kinds are the config's firewall values.

@@ -2,10 +2,12 @@ package firewall
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmegress/vmegress/internal/nettest"
 	"github.com/vmegress/vmegress/internal/policy"
@@ -80,5 +82,55 @@ func checkSets(t *testing.T, ns string, want map[string]string) {
 		if got != w {
 			t.Errorf("set %s holds %q, want %q", set, got, w)
 		}
+	}
+}
+
+// TestAdmit: timed k_tcp elements come and go without touching the
+// snapshot (they change with DNS answers, not with the desired state).
+func TestAdmit(t *testing.T) {
+	nettest.Privileged(t)
+	ns := nettest.NewNS(t)
+	ctx := context.Background()
+	g, a := netip.MustParseAddr("172.31.0.2"), netip.MustParseAddr("198.18.1.22")
+	es := []Admitted{{Guest: g, Addr: a, Port: 22, TTL: 90 * time.Second}}
+	err := world.InNS(ns, func() error {
+		b, err := NewHostNFTables()
+		if err != nil {
+			return err
+		}
+		if err := b.Apply(ctx, testState); err != nil {
+			return err
+		}
+		before, err := b.Snapshot(ctx)
+		if err != nil {
+			return err
+		}
+		if err := b.Admit(ctx, es); err != nil {
+			return err
+		}
+		if err := b.Admit(ctx, es); err != nil {
+			return fmt.Errorf("admitting twice: %w", err)
+		}
+		out, _ := exec.Command("nft", "list", "set", "inet", TableName, setKTCP).CombinedOutput()
+		if !strings.Contains(string(out), "172.31.0.2 . 198.18.1.22 . 22 timeout 1m30s expires") {
+			t.Errorf("no timed element after Admit:\n%s", out)
+		}
+		if after, _ := b.Snapshot(ctx); after != before {
+			t.Errorf("Admit changed the snapshot")
+		}
+		if err := b.Unadmit(ctx, es); err != nil {
+			return err
+		}
+		if err := b.Unadmit(ctx, es); err != nil {
+			return fmt.Errorf("withdrawing twice: %w", err)
+		}
+		out, _ = exec.Command("nft", "list", "set", "inet", TableName, setKTCP).CombinedOutput()
+		if strings.Contains(string(out), "198.18.1.22") {
+			t.Errorf("element left after Unadmit:\n%s", out)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

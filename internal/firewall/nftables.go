@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netns"
 	"sigs.k8s.io/knftables"
@@ -237,6 +238,42 @@ func projectElements(s State) []*knftables.Element {
 func limitSet(n int) string { return fmt.Sprintf("k_limit_%d", n) }
 func countSet(n int) string { return fmt.Sprintf("k_count_%d", n) }
 
+// Admit adds timed k_tcp elements, in one transaction.
+func (b *NFTables) Admit(ctx context.Context, es []Admitted) error {
+	if len(es) == 0 {
+		return nil
+	}
+	tx := b.nft.NewTransaction()
+	for _, e := range es {
+		// knftables has no element timeout: the last key part carries it
+		// ("… . 22 timeout 30s" is what nft reads).
+		ttl := max(e.TTL, time.Second).Round(time.Second)
+		tx.Add(&knftables.Element{Set: setKTCP, Key: []string{e.Guest.String(), e.Addr.String(), fmt.Sprintf("%d timeout %ds", e.Port, int(ttl.Seconds()))}})
+	}
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("admitting resolved addresses: %w", err)
+	}
+	return nil
+}
+
+// Unadmit deletes k_tcp elements, absent ones included.
+func (b *NFTables) Unadmit(ctx context.Context, es []Admitted) error {
+	if len(es) == 0 {
+		return nil
+	}
+	tx := b.nft.NewTransaction()
+	for _, e := range es {
+		el := &knftables.Element{Set: setKTCP, Key: []string{e.Guest.String(), e.Addr.String(), fmt.Sprint(e.Port)}}
+		// add then delete: deleting one that timed out is no error.
+		tx.Add(el)
+		tx.Delete(el)
+	}
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("withdrawing resolved addresses: %w", err)
+	}
+	return nil
+}
+
 // Cleanup deletes the vmegress table if it exists.
 func (b *NFTables) Cleanup(ctx context.Context) error {
 	tx := b.nft.NewTransaction()
@@ -281,11 +318,15 @@ const (
 	// setSYNRefused counts, per guest, the connections refused at the SYN
 	// (no rule for the port); elements come and go with traffic.
 	setSYNRefused = "syn_refused"
+	// setKTCP holds guest . address . port with a timeout: the resolver
+	// handed the address to the guest's project for a name a tcp rule
+	// allows on the port (Admit), until the answer's TTL plus grace.
+	setKTCP = "k_tcp"
 )
 
 // volatileSets change with traffic, not with the desired state: Snapshot
 // leaves their elements out.
-var volatileSets = []string{setSYNRefused}
+var volatileSets = []string{setSYNRefused, setKTCP}
 
 // volatile reports whether a set's elements change with traffic.
 func volatile(name string) bool {
@@ -318,6 +359,8 @@ func Render(tx *knftables.Transaction, s State) {
 	tx.Add(&knftables.Set{Name: setKDeny, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: interval, Comment: ptr("guest . range . port refused (cidr deny)")})
 	tx.Add(&knftables.Set{Name: setKFwd, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: interval, Comment: ptr("guest . range . port forwarded by the kernel (cidr allow)")})
 	tx.Add(&knftables.Set{Name: setKProxy, Type: "ipv4_addr . inet_service", Comment: ptr("guest . port the data plane decides (name rules)")})
+	tx.Add(&knftables.Set{Name: setKTCP, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: []knftables.SetFlag{knftables.TimeoutFlag},
+		Comment: ptr("guest . address . port the resolver handed out for a tcp rule's name, until the answer expires")})
 	tx.Add(&knftables.Set{Name: setSYNRefused, Type: "ipv4_addr", Flags: []knftables.SetFlag{knftables.DynamicFlag},
 		// Counter per element: how many connections of each guest were refused at the SYN.
 		Comment: ptr("guests with connections refused at the SYN (no rule for the port), counted")})
@@ -371,6 +414,8 @@ func Render(tx *knftables.Transaction, s State) {
 	}
 	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
 		"cidr allow rule: forwarded by the kernel, no data plane")
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKTCP+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
+		"tcp rule: the resolver handed this address out for an allowed name: forwarded by the kernel")
 	rule(chainPre, newTCP+"ip saddr . tcp dport @"+setKProxy+" "+tproxy, "a port with name rules: to the data plane, marked for local delivery")
 	// Two rules, not one: should the set be full, the reset still comes.
 	rule(chainPre, newTCP+"update @"+setSYNRefused+" { ip saddr counter }", "count the refusal per guest")

@@ -34,6 +34,13 @@ type Kernel struct {
 	Deny           []KernelFlow
 	Forward        []KernelFlow
 	Proxied        []uint16
+	// TCP are the ports of tcp allow rules where no tcp deny rule may
+	// apply: the kernel forwards a connection there when the resolver
+	// handed the project its destination for a name such a rule allows
+	// (a timed set element, added before the answer leaves: TCPAllows);
+	// else the port is Proxied too when a name rule of another kind needs
+	// the data plane, or refused at the SYN.
+	TCP []uint16
 }
 
 // KernelFlow is a destination range on some ports.
@@ -64,9 +71,7 @@ func (pr *Project) Kernel() Kernel {
 	for p := range pr.httpPorts {
 		proxied[p] = true
 	}
-	for p := range pr.tcpPorts {
-		proxied[p] = true
-	}
+
 	tcpDenyAll, tcpDeny := false, map[uint16]bool{}
 	pr.denyTCP.each(func(_ string, r portRule) {
 		if r.ports == nil {
@@ -92,6 +97,14 @@ func (pr *Project) Kernel() Kernel {
 			k.Forward = append(k.Forward, KernelFlow{c.prefix, fwd, c.rule})
 		}
 	}
+	for p := range pr.tcpPorts {
+		if tcpDenyAll || tcpDeny[p] {
+			proxied[p] = true // the data plane weighs the tcp deny
+		} else {
+			k.TCP = append(k.TCP, p)
+		}
+	}
+	slices.Sort(k.TCP)
 	delete(proxied, 0)
 	k.Proxied = make([]uint16, 0, len(proxied))
 	for p := range proxied {
@@ -132,4 +145,14 @@ func (k Kernel) Decide(dst netip.AddrPort) (v Verdict, rule string, proxied bool
 		}
 	}
 	return "", "", slices.Contains(k.Proxied, port)
+}
+
+// TCPAllows returns the tcp allow rule that allows name on port when the
+// kernel decides that port (Kernel.TCP): a resolver answer for name then
+// admits its addresses on port.
+func (pr *Project) TCPAllows(name string, port uint16) (string, bool) {
+	if pr.Audit || port == config.SMTPPort || !slices.Contains(pr.Kernel().TCP, port) {
+		return "", false
+	}
+	return pr.tcp.match(name, port)
 }

@@ -143,6 +143,25 @@ func TestKernelAgreesWithConnect(t *testing.T) {
 					if d.Verdict != kv || d.Rule != krule || in != InspectNone {
 						t.Fatalf("%s: kernel says %s by %s, ConnectWith %s by %s (inspect %d)", where, kv, krule, d.Verdict, d.Rule, in)
 					}
+				case slices.Contains(k.TCP, dst.Port()):
+					// Forwarded when an element admits it: exactly when a
+					// name the address was handed out for has a tcp rule.
+					var admitted string
+					if resolved != nil {
+						for _, n := range resolved("p", dst.Addr()) {
+							if r, ok := pol.Project("p").TCPAllows(n, dst.Port()); ok && admitted == "" {
+								admitted = r
+							}
+						}
+					}
+					switch {
+					case admitted != "":
+						if d.Verdict != Allow || in != InspectNone {
+							t.Fatalf("%s: an element admits it by %s, ConnectWith says %s by %s", where, admitted, d.Verdict, d.Rule)
+						}
+					case !proxied && (d.Verdict != Deny || in != InspectNone):
+						t.Fatalf("%s: no element and no data plane, ConnectWith says %s by %s (inspect %d)", where, d.Verdict, d.Rule, in)
+					}
 				case !proxied:
 					if d.Verdict != Deny || in != InspectNone {
 						t.Fatalf("%s: kernel resets at SYN, ConnectWith says %s by %s (inspect %d)", where, d.Verdict, d.Rule, in)
