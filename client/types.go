@@ -48,9 +48,19 @@ type Rule struct {
 	// the addresses vmegress's resolver handed the project for it.
 	TCP  string `json:"tcp,omitempty"`
 	CIDR string `json:"cidr,omitempty"`
+	// HTTPS is a name whose TLS vmegress terminates (the guest trusts the
+	// vmegress CA), so Methods, Paths and Inject can apply per request.
+	HTTPS string `json:"https,omitempty"`
 	// Preset names a shipped preset (vmegress policy presets); no ports.
 	Preset string   `json:"preset,omitempty"`
 	Ports  []uint16 `json:"ports,omitempty"`
+	// Methods and Paths restrict an https or http rule's requests (paths:
+	// exact, or a prefix ending in *); empty: any.
+	Methods []string `json:"methods,omitempty"`
+	Paths   []string `json:"paths,omitempty"`
+	// Inject sets request headers on the way out (https and http rules);
+	// values may name secrets as ${secret:NAME}, read on the host.
+	Inject map[string]string `json:"inject,omitempty"`
 }
 
 // Project is GET /v1/projects/{name}: placement, policy, where the policy
@@ -187,6 +197,11 @@ type ExplainRequest struct {
 	// Addr is the destination address when Host is a name (cidr rules
 	// match addresses only).
 	Addr string `json:"addr,omitempty"`
+	// Method and Path are the request, where the connection's requests are
+	// decided one by one (https rules; http rules with methods, paths or
+	// inject). Default GET /.
+	Method string `json:"method,omitempty"`
+	Path   string `json:"path,omitempty"`
 }
 
 // Explanation is one verdict of POST /v1/explain (and `policy explain --json`).
@@ -207,4 +222,7 @@ type Explanation struct {
 	// client sends; NoAddr: Host is a name given without Addr.
 	NoName bool `json:"no_name,omitempty"`
 	NoAddr bool `json:"no_addr,omitempty"`
+	// Request is the request decided ("GET /v1/models") where requests are
+	// decided one by one.
+	Request string `json:"request,omitempty"`
 }

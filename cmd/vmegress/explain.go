@@ -22,7 +22,7 @@ import (
 )
 
 func (a *app) explainCmd() *cobra.Command {
-	var asFlag, addrFlag string
+	var asFlag, addrFlag, methodFlag, pathFlag string
 	var asJSON bool
 	c := &cobra.Command{
 		Use:   "explain PROJECT HOST[:PORT]",
@@ -35,7 +35,9 @@ http (a request with Host HOST), raw (other bytes) or none (the server speaks
 first). Without --as the port's rules choose; on a port with both sni and http
 rules both verdicts are shown (the data plane tells TLS by its first byte).
 --addr gives the destination address when HOST is a name (cidr rules match
-addresses only). For a name it also shows what the resolver would answer the
+addresses only). Where a connection's requests are decided one by one (https
+rules; http rules with methods, paths or inject), --method and --path give the
+request (default GET /). For a name it also shows what the resolver would answer the
 guest, asking the upstream resolvers for real. With the daemon running, its
 policy answers (projects placed through the API included).`,
 		Args: cobra.ExactArgs(2),
@@ -48,7 +50,7 @@ policy answers (projects placed through the API included).`,
 			if err != nil {
 				return err
 			}
-			req := client.ExplainRequest{Project: args[0], Host: host, Port: port, As: asFlag, Addr: addrFlag}
+			req := client.ExplainRequest{Project: args[0], Host: host, Port: port, As: asFlag, Addr: addrFlag, Method: methodFlag, Path: pathFlag}
 			exs, err := client.New(a.apiSocketFor(cfg)).Explain(cmd.Context(), req)
 			if client.IsUnavailable(err) {
 				exs, err = a.explainLocally(cmd.Context(), cfg, req)
@@ -88,6 +90,8 @@ policy answers (projects placed through the API included).`,
 	c.Flags().StringVar(&asFlag, "as", "", "what the client sends first: tls, http, raw or none (default: by the port's rules)")
 	c.Flags().StringVar(&addrFlag, "addr", "", "the destination address, when HOST is a name")
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON, one object per verdict")
+	c.Flags().StringVar(&methodFlag, "method", "", "the request's method, where requests are decided one by one (https rules, http rules with methods/paths/inject; default GET)")
+	c.Flags().StringVar(&pathFlag, "path", "", "the request's path there (default /)")
 	return c
 }
 
@@ -134,6 +138,9 @@ func printExplanation(out io.Writer, ex client.Explanation, hostIsAddr bool) {
 		fmt.Fprintln(out, "as: other bytes (neither a TLS ClientHello nor an HTTP request)")
 	case "none":
 		fmt.Fprintln(out, "as: nothing (the server speaks first)")
+	}
+	if ex.Request != "" {
+		fmt.Fprintf(out, "request: %s (TLS terminated or plain HTTP read request by request)\n", ex.Request)
 	}
 	fmt.Fprintf(out, "verdict: %s\n", ex.Verdict)
 	if ex.Rule != "" {

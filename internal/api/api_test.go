@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 
 	"github.com/vmegress/vmegress/client"
@@ -96,8 +97,23 @@ func TestAPIProjects(t *testing.T) {
 	if g := eng.Snapshot().Generation; g != 2 {
 		t.Errorf("refused calls changed the generation to %d", g)
 	}
+	// An https rule with request rules goes through the client's types and
+	// is explained per request.
+	https := client.Rule{HTTPS: "api.example", Methods: []string{"GET"}, Paths: []string{"/v1/*"}, Inject: map[string]string{"Authorization": "Bearer ${secret:k}"}}
+	if _, err := c.SetPolicy(ctx, "sbx", client.Policy{Allow: []client.Rule{https}}); err != nil {
+		t.Fatalf("set an https policy: %v", err)
+	}
+	if got, err := c.Project(ctx, "sbx"); err != nil || len(got.Policy.Allow) != 1 || !reflect.DeepEqual(got.Policy.Allow[0], https) {
+		t.Errorf("the https rule came back as %+v, %v", got.Policy.Allow, err)
+	}
+	for method, want := range map[string]string{"GET": "allow", "POST": "deny"} {
+		exs, err := c.Explain(ctx, client.ExplainRequest{Project: "sbx", Host: "api.example", Method: method, Path: "/v1/models"})
+		if err != nil || len(exs) != 1 || exs[0].Verdict != want || exs[0].Request != method+" /v1/models" {
+			t.Errorf("explain %s /v1/models: %+v, %v; want %s", method, exs, err, want)
+		}
+	}
 	res, err := c.SetPolicy(ctx, "sbx", client.Policy{Mode: "audit", Allow: []client.Rule{}})
-	if err != nil || res.Generation != 3 || !eng.Snapshot().Policy.Project("sbx").Audit {
+	if err != nil || res.Generation != 4 || !eng.Snapshot().Policy.Project("sbx").Audit {
 		t.Errorf("set policy: %+v, %v", res, err)
 	}
 	exs, err := c.Explain(ctx, client.ExplainRequest{Project: "sbx", Host: "github.com"})

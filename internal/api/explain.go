@@ -33,7 +33,10 @@ func Explain(ctx context.Context, pol *policy.Policy, req client.ExplainRequest,
 	if port == 0 {
 		port = 443
 	}
-	q := policy.Query{Project: pr.Name, Name: req.Host}
+	if req.Path != "" && !strings.HasPrefix(req.Path, "/") {
+		return nil, &placement.Invalid{Field: "path", Err: fmt.Errorf("path %q does not start with /", req.Path)}
+	}
+	q := policy.Query{Project: pr.Name, Name: req.Host, Method: strings.ToUpper(req.Method), Path: req.Path}
 	ip, hostErr := netip.ParseAddr(req.Host)
 	hostIsAddr := hostErr == nil
 	if hostIsAddr {
@@ -88,7 +91,7 @@ func Explain(ctx context.Context, pol *policy.Policy, req client.ExplainRequest,
 		out = append(out, client.Explanation{Project: pr.Name, Connection: conn, As: as, Inspect: ex.Inspect.String(),
 			Verdict: string(ex.Verdict), Rule: ex.Rule, Reason: ex.Reason, DNS: d,
 			NoName: hostIsAddr && req.As == "" && ex.Inspect != policy.InspectNone,
-			NoAddr: !hostIsAddr && !q.Dst.Addr().IsValid()})
+			NoAddr: !hostIsAddr && !q.Dst.Addr().IsValid(), Request: ex.Request})
 	}
 	return out, nil
 }

@@ -70,6 +70,10 @@ type Query struct {
 	Name string
 	// Bytes is what the client sends first.
 	Bytes Bytes
+	// Method and Path are the request on a connection the name stage
+	// allows and whose requests are decided one by one (https rules, http
+	// rules with methods, paths or inject); zero: GET /.
+	Method, Path string
 }
 
 // Explanation is a verdict with how it was reached.
@@ -81,6 +85,9 @@ type Explanation struct {
 	Inspect Inspect
 	// As is how the bytes were read (KindNone: not read, or nothing usable).
 	As Kind
+	// Request is the request that was decided (as "METHOD /path") when the
+	// connection's requests are decided one by one; "" otherwise.
+	Request string
 }
 
 // unplaced is the stand-in /30 an unplaced project is explained on: the
@@ -133,6 +140,17 @@ func (p *Policy) Explain(q Query) Explanation {
 		if ex.As != KindNone {
 			ex.Decision = view.Decide(Facts{Src: src, Dst: q.Dst, Kind: ex.As, Name: q.Name})
 		}
+	}
+	if pr := view.ProjectFor(src); pr != nil && ex.Verdict == Allow && ex.As != KindNone && pr.Terminates(ex.As, q.Name, q.Dst.Port()) {
+		method, path := q.Method, q.Path
+		if method == "" {
+			method = "GET"
+		}
+		if path == "" {
+			path = "/"
+		}
+		rd := pr.DecideRequest(Request{Kind: ex.As, Name: q.Name, Port: q.Dst.Port(), Host: q.Name, Method: method, Path: path, EscapedPath: path})
+		ex.Decision, ex.Request = rd.Decision, method+" "+path
 	}
 	if pr := view.ProjectFor(src); pr != nil && ex.Verdict != Allow && q.Name == "" && q.Dst.Addr().IsValid() {
 		if rules := pr.TCPRules(q.Dst.Port()); len(rules) > 0 {

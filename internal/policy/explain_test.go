@@ -112,3 +112,34 @@ func TestParseBytes(t *testing.T) {
 		t.Error("ParseBytes(quic): no error")
 	}
 }
+
+// TestExplainRequest: where requests are decided one by one, explain
+// decides the request given (default GET /) with DecideRequest.
+func TestExplainRequest(t *testing.T) {
+	p := mustCompile(t, `
+projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - https: api.example
+        methods: [GET]
+        paths: ["/v1/*"]
+      - sni: plain.example
+`)
+	dst := netip.AddrPortFrom(netip.Addr{}, 443)
+	for _, tc := range []struct {
+		name, method, path string
+		verdict            Verdict
+		request            string
+	}{
+		{"api.example", "GET", "/v1/models", Allow, "GET /v1/models"},
+		{"api.example", "DELETE", "/v1/models", Deny, "DELETE /v1/models"},
+		{"api.example", "", "", Deny, "GET /"}, // "/" is not under /v1/
+		{"plain.example", "DELETE", "/x", Allow, ""}, // not terminated: the request is never seen
+	} {
+		ex := p.Explain(Query{Project: "alpha", Dst: dst, Name: tc.name, Bytes: BytesTLS, Method: tc.method, Path: tc.path})
+		if ex.Verdict != tc.verdict || ex.Request != tc.request {
+			t.Errorf("%s %s %s: %s (%q, %s); want %s (%q)", tc.name, tc.method, tc.path, ex.Verdict, ex.Request, ex.Reason, tc.verdict, tc.request)
+		}
+	}
+}
