@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -29,12 +30,18 @@ type Line struct {
 	Host    string    `json:"host"`
 	Name    string    `json:"name"` // dns lines
 	Verdict string    `json:"verdict"`
+	// Method and Path: request lines (a terminated https connection).
+	Method string `json:"method"`
+	Path   string `json:"path"`
 }
 
 // Observed is what one project did.
 type Observed struct {
 	TLS, HTTP map[string]map[uint16]bool // name → ports
-	Addrs     map[netip.Addr]map[uint16]bool
+	// HTTPS are the names whose TLS vmegress terminated (request lines):
+	// name → port → paths requested.
+	HTTPS map[string]map[uint16]map[string]bool
+	Addrs map[netip.Addr]map[uint16]bool
 	// Resolved are names queried but never seen in a connection.
 	Resolved    map[string]bool
 	Connections int
@@ -44,7 +51,7 @@ type Observed struct {
 // Read collects project's lines at or after since from r. Lines that are not
 // JSON (or not for the project) are skipped.
 func Read(r io.Reader, project string, since time.Time) (*Observed, error) {
-	o := &Observed{TLS: map[string]map[uint16]bool{}, HTTP: map[string]map[uint16]bool{},
+	o := &Observed{TLS: map[string]map[uint16]bool{}, HTTP: map[string]map[uint16]bool{}, HTTPS: map[string]map[uint16]map[string]bool{},
 		Addrs: map[netip.Addr]map[uint16]bool{}, Resolved: map[string]bool{}}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -59,6 +66,24 @@ func Read(r io.Reader, project string, since time.Time) (*Observed, error) {
 				o.Resolved[n] = true
 				o.Queries++
 			}
+		case "request":
+			dst, err := netip.ParseAddrPort(l.Dst)
+			n, nerr := config.NormalizeName(l.SNI)
+			if err != nil || dst.Port() == 0 || l.SNI == "" || nerr != nil || strings.HasPrefix(n, "*.") || !strings.HasPrefix(l.Path, "/") {
+				continue // plain-HTTP request lines: the connection line has the host
+			}
+			if o.HTTPS[n] == nil {
+				o.HTTPS[n] = map[uint16]map[string]bool{}
+			}
+			if o.HTTPS[n][dst.Port()] == nil {
+				o.HTTPS[n][dst.Port()] = map[string]bool{}
+			}
+			if config.ValidPath(l.Path) != nil {
+				// A path no rule can name (escapes, spaces, a query): the
+				// rule suggested does not allow it, which says so.
+				continue
+			}
+			o.HTTPS[n][dst.Port()][l.Path] = true
 		case "connection":
 			dst, err := netip.ParseAddrPort(l.Dst)
 			if err != nil || dst.Port() == 0 {
@@ -78,6 +103,10 @@ func Read(r io.Reader, project string, since time.Time) (*Observed, error) {
 				o.Addrs[a][dst.Port()] = true
 			}
 		}
+	}
+	for n := range o.HTTPS {
+		delete(o.TLS, n) // the https rule covers the name
+		delete(o.Resolved, n)
 	}
 	for n := range o.TLS {
 		delete(o.Resolved, n)
@@ -106,7 +135,14 @@ type Rule struct {
 	Kind  config.RuleKind `json:"kind"`
 	Value string          `json:"value"`
 	Ports []uint16        `json:"ports,omitempty"` // nil: the kind's default
+	// Paths of an https rule: the paths seen, exact, or "/first/*" for a
+	// first segment seen with more than MaxPaths paths.
+	Paths []string `json:"paths,omitempty"`
 }
+
+// MaxPaths is how many exact paths an https rule lists before its paths
+// are folded into first-segment prefixes.
+const MaxPaths = 10
 
 // Omission is traffic suggest saw but proposes no rule for, and why: pasted,
 // such a rule would open the host, the guests or an always-denied address
@@ -167,6 +203,17 @@ func (o *Observed) Suggest(ex Exclusions) Suggestion {
 		s.Rules = append(s.Rules, rules...)
 		s.Omitted = append(s.Omitted, omitted...)
 	}
+	for _, n := range slices.Sorted(maps.Keys(o.HTTPS)) {
+		ports := map[uint16]bool{}
+		paths := map[string]bool{}
+		for p, ps := range o.HTTPS[n] {
+			ports[p] = true
+			for path := range ps {
+				paths[path] = true
+			}
+		}
+		s.Rules = append(s.Rules, Rule{Kind: config.KindHTTPS, Value: n, Ports: portsOrDefault(ports, 443), Paths: foldPaths(paths)})
+	}
 	addrs := make([]netip.Addr, 0, len(o.Addrs))
 	for a := range o.Addrs {
 		addrs = append(addrs, a)
@@ -181,6 +228,25 @@ func (o *Observed) Suggest(ex Exclusions) Suggestion {
 		s.Rules = append(s.Rules, r)
 	}
 	return s
+}
+
+// foldPaths lists the paths seen, sorted; over MaxPaths, each first
+// segment becomes a prefix rule ("/v1/*"), a path without one stays exact.
+func foldPaths(seen map[string]bool) []string {
+	all := slices.Sorted(maps.Keys(seen))
+	if len(all) <= MaxPaths {
+		return all
+	}
+	out := map[string]bool{}
+	for _, p := range all {
+		seg, _, more := strings.Cut(strings.TrimPrefix(p, "/"), "/")
+		if more && seg != "" && config.ValidPath("/"+seg+"/*") == nil {
+			out["/"+seg+"/*"] = true
+		} else {
+			out[p] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(out))
 }
 
 // registrable reports whether a wildcard under parent stays inside one
@@ -293,6 +359,13 @@ func YAML(project string, s Suggestion, o *Observed) string {
 				ps[i] = fmt.Sprint(p)
 			}
 			fmt.Fprintf(&b, "        ports: [%s]\n", strings.Join(ps, ", "))
+		}
+		if len(r.Paths) > 0 {
+			ps := make([]string, len(r.Paths))
+			for i, p := range r.Paths {
+				ps[i] = fmt.Sprintf("%q", p)
+			}
+			fmt.Fprintf(&b, "        paths: [%s]\n", strings.Join(ps, ", "))
 		}
 	}
 	resolved := make([]string, 0, len(o.Resolved))

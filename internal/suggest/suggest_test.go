@@ -2,6 +2,7 @@ package suggest
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -35,12 +36,12 @@ func TestSuggest(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []Rule{
-		{config.KindSNI, "*.github.com", nil},
-		{config.KindSNI, "a.com", nil}, // a.com and b.com share "com": never *.com
-		{config.KindSNI, "b.com", nil},
-		{config.KindSNI, "example.com", []uint16{443, 8443}},
-		{config.KindHTTP, "deb.debian.org", nil},
-		{config.KindCIDR, "198.51.100.7/32", []uint16{22, 5432}},
+		{Kind: config.KindSNI, Value: "*.github.com", Ports: nil},
+		{Kind: config.KindSNI, Value: "a.com", Ports: nil}, // a.com and b.com share "com": never *.com
+		{Kind: config.KindSNI, Value: "b.com", Ports: nil},
+		{Kind: config.KindSNI, Value: "example.com", Ports: []uint16{443, 8443}},
+		{Kind: config.KindHTTP, Value: "deb.debian.org", Ports: nil},
+		{Kind: config.KindCIDR, Value: "198.51.100.7/32", Ports: []uint16{22, 5432}},
 	}
 	got := o.Suggest(Exclusions{GuestRange: config.DefaultVMCIDR}).Rules
 	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b Rule) bool {
@@ -80,8 +81,8 @@ func TestSuggestNeverOpensDangerousDestinations(t *testing.T) {
 	host := netip.MustParseAddr("172.31.0.1")
 	s := o.Suggest(Exclusions{GuestRange: config.DefaultVMCIDR, HostAddrs: []netip.Addr{host}})
 	wantRules := []Rule{
-		{config.KindSNI, "a.co.uk", nil},
-		{config.KindSNI, "b.co.uk", nil},
+		{Kind: config.KindSNI, Value: "a.co.uk", Ports: nil},
+		{Kind: config.KindSNI, Value: "b.co.uk", Ports: nil},
 	}
 	if diff := cmp.Diff(wantRules, s.Rules); diff != "" {
 		t.Errorf("rules (-want +got):\n%s", diff)
@@ -194,4 +195,38 @@ func FuzzRead(f *testing.F) {
 			t.Errorf("suggestion does not load: %v\n%s", err, y)
 		}
 	})
+}
+
+// TestSuggestHTTPS: terminated connections' request lines become https
+// rules with the paths seen (folded into first-segment prefixes past
+// MaxPaths); the name is not suggested as an sni rule too.
+func TestSuggestHTTPS(t *testing.T) {
+	var b strings.Builder
+	b.WriteString(`{"time":"2026-11-25T10:00:00Z","msg":"connection","project":"alpha","dst":"1.2.3.4:443","sni":"api.example","verdict":"allow"}` + "\n")
+	for _, p := range []string{"/v1/models", "/v1/chat/completions", "/v1/models", "/bad path"} {
+		fmt.Fprintf(&b, `{"time":"2026-11-25T10:00:01Z","msg":"request","project":"alpha","dst":"1.2.3.4:443","sni":"api.example","method":"GET","path":%q,"verdict":"allow"}`+"\n", p)
+	}
+	for i := 0; i < MaxPaths+1; i++ {
+		fmt.Fprintf(&b, `{"time":"2026-11-25T10:00:02Z","msg":"request","project":"alpha","dst":"5.6.7.8:443","sni":"big.example","method":"GET","path":"/files/%d"}`+"\n", i)
+	}
+	o, err := Read(strings.NewReader(b.String()), "alpha", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := o.Suggest(Exclusions{GuestRange: config.DefaultVMCIDR})
+	want := []Rule{
+		{Kind: config.KindHTTPS, Value: "api.example", Paths: []string{"/v1/chat/completions", "/v1/models"}},
+		{Kind: config.KindHTTPS, Value: "big.example", Paths: []string{"/files/*"}},
+	}
+	if diff := cmp.Diff(want, s.Rules); diff != "" {
+		t.Errorf("rules (-want +got):\n%s", diff)
+	}
+	y := YAML("alpha", s, o)
+	cfg, err := config.Parse("s.yaml", []byte(y))
+	if err != nil {
+		t.Fatalf("the suggestion does not load: %v\n%s", err, y)
+	}
+	if r := cfg.Project("alpha").Allow[0]; r.Kind != config.KindHTTPS || len(r.Paths) != 2 {
+		t.Errorf("loaded as %+v", r)
+	}
 }
