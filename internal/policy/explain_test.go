@@ -134,7 +134,7 @@ projects:
 	}{
 		{"api.example", "GET", "/v1/models", Allow, "GET /v1/models"},
 		{"api.example", "DELETE", "/v1/models", Deny, "DELETE /v1/models"},
-		{"api.example", "", "", Deny, "GET /"}, // "/" is not under /v1/
+		{"api.example", "", "", Deny, "GET /"},       // "/" is not under /v1/
 		{"plain.example", "DELETE", "/x", Allow, ""}, // not terminated: the request is never seen
 	} {
 		ex := p.Explain(Query{Project: "alpha", Dst: dst, Name: tc.name, Bytes: BytesTLS, Method: tc.method, Path: tc.path})
