@@ -377,3 +377,8 @@ func (p Project) hasTCPDeny() bool {
 	}
 	return false
 }
+
+// KernelMarkBit is the packet and conntrack mark bit of the flows the
+// kernel forwards (firewall.KernelMark and KernelCTMark are this value):
+// mark and upstream_mark must not have it.
+const KernelMarkBit uint32 = 0x00400000

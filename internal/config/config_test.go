@@ -275,3 +275,13 @@ func FuzzNormalizeName(f *testing.F) {
 		}
 	})
 }
+
+// TestMarkKernelBit: mark and upstream_mark may not use the kernel path's bit.
+func TestMarkKernelBit(t *testing.T) {
+	for _, body := range []string{"mark: 0x400001\n", "upstream_mark: 0x400000\n"} {
+		_, err := Parse("c.yaml", []byte(body))
+		if err == nil || !strings.Contains(err.Error(), "c.yaml:1:") || !strings.Contains(err.Error(), "0x400000") {
+			t.Errorf("%q: %v; want the key refused at its line", body, err)
+		}
+	}
+}

@@ -790,6 +790,17 @@ func (p *parser) crossCheck() {
 		}
 		p.issues = append(p.issues, Issue{Pos: p.keyPos(key), Msg: fmt.Sprintf("upstream_mark %#x is the same as mark; the proxy's own sockets would be routed back to it", c.Mark)})
 	}
+	// The ruleset marks the packets it lets the kernel forward with this
+	// bit (firewall.KernelMark; config cannot import firewall) and the
+	// routing lock routes them: a mark with the bit would unlock them.
+	for _, k := range []struct {
+		key string
+		v   uint32
+	}{{"mark", c.Mark}, {"upstream_mark", c.UpstreamMark}} {
+		if k.v&KernelMarkBit != 0 {
+			p.issues = append(p.issues, Issue{Pos: p.keyPos(k.key), Msg: fmt.Sprintf("%s %#x has bit %#x set, which vmegress uses for the flows the kernel forwards; pick another", k.key, k.v, KernelMarkBit)})
+		}
+	}
 	switch c.RouteTable {
 	case 253, 254, 255: // default, main, local
 		p.issues = append(p.issues, Issue{Pos: p.keyPos("route_table"), Msg: fmt.Sprintf("route_table %d is a table the kernel uses (default, main or local); pick another", c.RouteTable)})

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/policy"
 )
 
@@ -16,7 +17,7 @@ import (
 // itself (a cidr rule allowed it; no data plane is involved). Only this
 // bit is set or tested, so other users of the conntrack mark keep theirs.
 // Conntrack events with it are how such flows are logged and revoked.
-const KernelCTMark uint32 = 0x00400000
+const KernelCTMark = config.KernelMarkBit
 
 // KernelMark is the packet mark bit the ruleset sets on every guest packet
 // it lets the kernel forward (the flows of KernelCTMark, direct NAT egress,
@@ -24,7 +25,7 @@ const KernelCTMark uint32 = 0x00400000
 // address (hostnet.PolicyRouting), so should the ruleset vanish, guests get
 // nothing past the host even where forwarding is on. Only this bit is set
 // or tested. It must not overlap the config's mark and upstream_mark.
-const KernelMark uint32 = 0x00400000
+const KernelMark = config.KernelMarkBit
 
 // Guest is one placed project's guest and the part of its policy the
 // ruleset carries out (policy.Kernel).
