@@ -50,6 +50,10 @@ type Server struct {
 	DNS DNSExplainer
 	// Status is what /v1/status answers.
 	Status func(ctx context.Context) any
+	// Applied says whether the data plane took the snapshot of generation
+	// (nil error; Envoy: acknowledged it), for the changes that answer with
+	// a generation (may be nil: always).
+	Applied func(generation uint64) error
 	Log    *slog.Logger
 }
 
@@ -294,6 +298,9 @@ func (s *Server) putProject(w http.ResponseWriter, r *http.Request) {
 	out := s.describe(p)
 	out.Changed = changed
 	out.Generation = s.Engine.Snapshot().Generation
+	if !s.dataPlaneTook(w, out.Generation) {
+		return
+	}
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -372,6 +379,9 @@ func (s *Server) putPolicy(w http.ResponseWriter, r *http.Request) {
 	gen, err := s.Engine.SetPolicy(r.Context(), *pol)
 	if err != nil {
 		engineError(w, err)
+		return
+	}
+	if !s.dataPlaneTook(w, gen) {
 		return
 	}
 	writeJSON(w, http.StatusOK, client.PolicyResult{Project: name, Generation: gen})
@@ -497,4 +507,18 @@ func dirOf(path string) string {
 		return path[:i]
 	}
 	return "."
+}
+
+// dataPlaneTook answers 502 when the data plane did not take generation:
+// the change is saved and in the engine's snapshot, but the data plane may
+// still decide by an older one; the caller must not take it as in force.
+func (s *Server) dataPlaneTook(w http.ResponseWriter, generation uint64) bool {
+	if s.Applied == nil {
+		return true
+	}
+	if err := s.Applied(generation); err != nil {
+		writeError(w, http.StatusBadGateway, "", fmt.Errorf("the change is saved (generation %d) but the data plane did not take it: %w", generation, err))
+		return false
+	}
+	return true
 }

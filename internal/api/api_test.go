@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/vmegress/vmegress/client"
@@ -20,6 +21,11 @@ import (
 // serve runs the API over a real unix socket on an engine without a host
 // (no TAPs, no ruleset: the handlers and the engine's bookkeeping only).
 func serve(t *testing.T, cfg *config.Config, group int) (*client.Client, *engine.Engine) {
+	t.Helper()
+	return serveWith(t, cfg, group, nil)
+}
+
+func serveWith(t *testing.T, cfg *config.Config, group int, applied func(uint64) error) (*client.Client, *engine.Engine) {
 	t.Helper()
 	dir := t.TempDir()
 	eng := &engine.Engine{Store: state.Store{Dir: filepath.Join(dir, "state")}}
@@ -34,7 +40,7 @@ func serve(t *testing.T, cfg *config.Config, group int) (*client.Client, *engine
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o660 {
 		t.Errorf("socket mode %v, %v; want 0660", fi.Mode().Perm(), err)
 	}
-	srv := &Server{Engine: eng, Group: group, Events: &events.Hub{}}
+	srv := &Server{Engine: eng, Group: group, Events: &events.Hub{}, Applied: applied}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: ConnContext}
 	go hs.Serve(ln)
 	t.Cleanup(func() { hs.Close() })
@@ -134,4 +140,28 @@ func TestAPIUnavailable(t *testing.T) {
 		t.Errorf("no socket: %v; want unavailable", err)
 	}
 	var _ net.Listener
+}
+
+// TestAPIDataPlaneRefused: a change the data plane did not take (Envoy
+// did not acknowledge it) is not answered as in force: 502, naming it.
+func TestAPIDataPlaneRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the caller check lets root through; as another user every call is 403 (tested end to end)")
+	}
+	refused := errors.New("NACK: bad listener")
+	c, _ := serveWith(t, config.Default(), -1, func(gen uint64) error {
+		if gen >= 3 {
+			return refused
+		}
+		return nil
+	})
+	ctx := context.Background()
+	if _, err := c.PutProject(ctx, "sbx", client.ProjectSpec{Policy: &client.Policy{Allow: []client.Rule{{SNI: "github.com"}}}}); err != nil {
+		t.Fatalf("put, taken: %v", err)
+	}
+	_, err := c.SetPolicy(ctx, "sbx", client.Policy{Allow: []client.Rule{{SNI: "example.com"}}})
+	var ce *client.Error
+	if !errors.As(err, &ce) || ce.Status != 502 || !strings.Contains(err.Error(), "data plane did not take it") || !strings.Contains(err.Error(), "NACK: bad listener") {
+		t.Errorf("set policy the data plane refused: %v; want 502 naming it", err)
+	}
 }

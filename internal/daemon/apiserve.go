@@ -40,8 +40,9 @@ func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
 		return nil, err
 	}
 	srv := &api.Server{
-		Engine: d.Engine,
-		Group:  gid,
+		Engine:  d.Engine,
+		Applied: d.applied,
+		Group:   gid,
 		Nameserver: func(p state.Project) string {
 			ups, _ := Upstreams(d.Engine.Snapshot().Config, d.ResolvConf)
 			return placement.Nameserver(p, ups)

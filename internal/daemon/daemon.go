@@ -96,6 +96,10 @@ type Daemon struct {
 
 	metrics  *metrics.Metrics
 	answers  *dest.Answers
+	// planeGen and planeErr: the last snapshot pushed to Envoy and whether
+	// it was acknowledged.
+	planeGen uint64
+	planeErr error
 	proxy    *proxy.Proxy
 	resolver *vdns.Resolver
 	xds      *envoy.Server
@@ -374,9 +378,13 @@ func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
 		closed = px.SetPolicy(s.Policy, s.Config.OnPolicyChange != "keep")
 	}
 	if xds != nil {
-		if err := xds.Update(context.Background(), s.Policy, d.envoyOpt); err != nil {
-			d.Log.Error("pushing the new policy to Envoy", "err", err.Error())
+		err := xds.Update(context.Background(), s.Policy, d.envoyOpt)
+		if err != nil {
+			d.Log.Error("pushing the new policy to Envoy", "generation", s.Generation, "err", err.Error())
 		}
+		d.mu.Lock()
+		d.planeGen, d.planeErr = s.Generation, err
+		d.mu.Unlock()
 	}
 	if d.Flows != nil && ch.Kind != engine.ChangeOpen && s.Config.OnPolicyChange != "keep" {
 		n, err := d.Flows.Revoke(func(f ctflow.Flow) bool {
@@ -524,4 +532,19 @@ func (d *Daemon) resolved() policy.Resolved {
 		return nil
 	}
 	return a.Names
+}
+
+// applied reports whether the data plane took the snapshot of generation:
+// the builtin plane takes every snapshot in the engine's change; Envoy must
+// have acknowledged it (or a later one).
+func (d *Daemon) applied(generation uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.xds == nil || d.planeGen > generation {
+		return nil
+	}
+	if d.planeGen == generation && d.planeErr != nil {
+		return fmt.Errorf("pushing to envoy: %w", d.planeErr)
+	}
+	return nil
 }
