@@ -115,7 +115,7 @@ func (a *app) explainLocally(ctx context.Context, cfg *config.Config, req client
 		res.SetPolicy(pol)
 		return api.ResolverDNS(res.Lookup, ups)(ctx, pr, name, port, addrKnown)
 	}
-	exs, err := api.Explain(ctx, pol, req, dns)
+	exs, err := api.Explain(ctx, pol, req, dns, nil) // no daemon: nothing was handed out
 	if placement.IsInvalid(err) {
 		return nil, usageError{err}
 	}

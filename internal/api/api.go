@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/vmegress/vmegress/internal/policy"
 	"io"
 	"log/slog"
 	"net"
@@ -50,11 +51,14 @@ type Server struct {
 	DNS DNSExplainer
 	// Status is what /v1/status answers.
 	Status func(ctx context.Context) any
+	// Resolved is what the running resolver handed out (explain decides an
+	// address's tcp rules by it; may be nil).
+	Resolved policy.Resolved
 	// Applied says whether the data plane took the snapshot of generation
 	// (nil error; Envoy: acknowledged it), for the changes that answer with
 	// a generation (may be nil: always).
 	Applied func(generation uint64) error
-	Log    *slog.Logger
+	Log     *slog.Logger
 }
 
 type peerKey struct{}
@@ -422,7 +426,7 @@ func (s *Server) postExplain(w http.ResponseWriter, r *http.Request) {
 		badRequest(w, err)
 		return
 	}
-	out, err := Explain(r.Context(), s.Engine.Snapshot().Policy, req, s.DNS)
+	out, err := Explain(r.Context(), s.Engine.Snapshot().Policy, req, s.DNS, s.Resolved)
 	if err != nil {
 		engineError(w, err)
 		return

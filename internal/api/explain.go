@@ -21,7 +21,10 @@ type DNSExplainer func(ctx context.Context, pr *policy.Project, name string, por
 // Explain decides req with pol exactly as the data plane would (policy.Explain),
 // one verdict per kind of bytes that matters on the port. The API and the
 // CLI (when no daemon runs) both answer with it.
-func Explain(ctx context.Context, pol *policy.Policy, req client.ExplainRequest, dns DNSExplainer) ([]client.Explanation, error) {
+//
+// resolved, when not nil, is what the running resolver handed out: an
+// address's tcp rules are then decided by it, as the data plane does.
+func Explain(ctx context.Context, pol *policy.Policy, req client.ExplainRequest, dns DNSExplainer, resolved policy.Resolved) ([]client.Explanation, error) {
 	pr := pol.Project(req.Project)
 	if pr == nil {
 		return nil, fmt.Errorf("project %q: %w", req.Project, engine.ErrNotFound)
@@ -36,7 +39,7 @@ func Explain(ctx context.Context, pol *policy.Policy, req client.ExplainRequest,
 	if req.Path != "" && !strings.HasPrefix(req.Path, "/") {
 		return nil, &placement.Invalid{Field: "path", Err: fmt.Errorf("path %q does not start with /", req.Path)}
 	}
-	q := policy.Query{Project: pr.Name, Name: req.Host, Method: strings.ToUpper(req.Method), Path: req.Path}
+	q := policy.Query{Project: pr.Name, Name: req.Host, Method: strings.ToUpper(req.Method), Path: req.Path, Resolved: resolved}
 	ip, hostErr := netip.ParseAddr(req.Host)
 	hostIsAddr := hostErr == nil
 	if hostIsAddr {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/netip"
 	"os/user"
 	"strconv"
 	"time"
@@ -42,7 +43,14 @@ func (d *Daemon) serveAPI(ctx context.Context) (func(), error) {
 	srv := &api.Server{
 		Engine:  d.Engine,
 		Applied: d.applied,
-		Group:   gid,
+		// The daemon's record of answers, read at each call.
+		Resolved: func(project string, a netip.Addr) []string {
+			if r := d.resolved(); r != nil {
+				return r(project, a)
+			}
+			return nil
+		},
+		Group: gid,
 		Nameserver: func(p state.Project) string {
 			ups, _ := Upstreams(d.Engine.Snapshot().Config, d.ResolvConf)
 			return placement.Nameserver(p, ups)

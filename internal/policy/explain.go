@@ -70,6 +70,9 @@ type Query struct {
 	Name string
 	// Bytes is what the client sends first.
 	Bytes Bytes
+	// Resolved, when set, is what the resolver handed out (the daemon's
+	// record): a query with only an address is decided by it for tcp rules.
+	Resolved Resolved
 	// Method and Path are the request on a connection the name stage
 	// allows and whose requests are decided one by one (https rules, http
 	// rules with methods, paths or inject); zero: GET /.
@@ -127,6 +130,8 @@ func (p *Policy) Explain(q Query) Explanation {
 	if norm, err := config.NormalizeName(q.Name); q.Name != "" && err == nil && !strings.HasPrefix(norm, "*.") {
 		names = []string{norm}
 		resolved = func(string, netip.Addr) []string { return names }
+	} else if q.Name == "" && q.Resolved != nil {
+		resolved = q.Resolved
 	}
 	d, in := view.ConnectWith(src, q.Dst, resolved)
 	if pr := view.ProjectFor(src); pr != nil {
@@ -153,7 +158,9 @@ func (p *Policy) Explain(q Query) Explanation {
 		ex.Decision, ex.Request = rd.Decision, method+" "+path
 	}
 	if pr := view.ProjectFor(src); pr != nil && ex.Verdict != Allow && q.Name == "" && q.Dst.Addr().IsValid() {
-		if rules := pr.TCPRules(q.Dst.Port()); len(rules) > 0 {
+		if rules := pr.TCPRules(q.Dst.Port()); len(rules) > 0 && q.Resolved != nil {
+			ex.Reason += fmt.Sprintf("; the resolver has not handed %s to the project for a name matching %s (or the answer expired)", q.Dst.Addr(), strings.Join(rules, " or "))
+		} else if len(rules) > 0 {
 			ex.Reason += fmt.Sprintf("; allowed if the resolver handed %s to the project for a name matching %s", q.Dst.Addr(), strings.Join(rules, " or "))
 		}
 	}

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -141,5 +142,32 @@ projects:
 		if ex.Verdict != tc.verdict || ex.Request != tc.request {
 			t.Errorf("%s %s %s: %s (%q, %s); want %s (%q)", tc.name, tc.method, tc.path, ex.Verdict, ex.Request, ex.Reason, tc.verdict, tc.request)
 		}
+	}
+}
+
+// TestExplainResolved: with the resolver's record, an address's tcp rules
+// are decided as the data plane decides them.
+func TestExplainResolved(t *testing.T) {
+	p := mustCompile(t, `
+projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - tcp: git.example
+        ports: [22]
+`)
+	dst := netip.MustParseAddrPort("192.0.2.7:22")
+	handed := func(_ string, a netip.Addr) []string {
+		if a == dst.Addr() {
+			return []string{"git.example"}
+		}
+		return nil
+	}
+	if ex := p.Explain(Query{Project: "alpha", Dst: dst, Bytes: BytesNone, Resolved: handed}); ex.Verdict != Allow || ex.Rule != "tcp:git.example ports 22" {
+		t.Errorf("handed out: %s by %q (%s)", ex.Verdict, ex.Rule, ex.Reason)
+	}
+	other := netip.MustParseAddrPort("192.0.2.8:22")
+	if ex := p.Explain(Query{Project: "alpha", Dst: other, Bytes: BytesNone, Resolved: handed}); ex.Verdict != Deny || !strings.Contains(ex.Reason, "has not handed 192.0.2.8") {
+		t.Errorf("not handed out: %s (%s)", ex.Verdict, ex.Reason)
 	}
 }
