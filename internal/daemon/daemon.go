@@ -94,8 +94,8 @@ type Daemon struct {
 	lastError string
 	ready     bool
 
-	metrics  *metrics.Metrics
-	answers  *dest.Answers
+	metrics *metrics.Metrics
+	answers *dest.Answers
 	// planeGen and planeErr: the last snapshot pushed to Envoy and whether
 	// it was acknowledged.
 	planeGen uint64
