@@ -296,7 +296,7 @@ type EnvoyIssue struct {
 
 // envoyTCPWhy is why tcp rules are builtin-only: their verdict depends on
 // what the resolver answered the project, which Envoy's listeners do not see.
-const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know; with firewall nftables the kernel decides tcp allow rules for either plane, but tcp deny rules still need the builtin plane"
+const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know; with firewall nftables the kernel decides tcp rules for either plane"
 
 // envoyL7Why is why https rules and http request rules are builtin-only
 // for now (README, "Current limits").
@@ -351,9 +351,9 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 }
 
 // EnvoyIssuesOn is EnvoyIssues for a host whose firewall backend is
-// firewall: on nftables the ruleset decides tcp allow rules itself (the
-// resolver's answers become timed set elements), so they are no issue for
-// Envoy there. tcp deny rules remain one (the data plane weighs them).
+// firewall: on nftables the ruleset decides tcp rules itself, allow and
+// deny (the resolver's answers become timed set elements), so they are no
+// issue for Envoy there.
 func (p Project) EnvoyIssuesOn(firewall string) []EnvoyIssue {
 	out := p.EnvoyIssues()
 	if firewall == "iptables" {
@@ -361,21 +361,12 @@ func (p Project) EnvoyIssuesOn(firewall string) []EnvoyIssue {
 	}
 	kept := out[:0]
 	for _, is := range out {
-		if is.Rule != nil && is.Rule.Kind == KindTCP && strings.HasPrefix(is.Field, "allow[") && !p.hasTCPDeny() {
+		if is.Rule != nil && is.Rule.Kind == KindTCP {
 			continue
 		}
 		kept = append(kept, is)
 	}
 	return kept
-}
-
-func (p Project) hasTCPDeny() bool {
-	for _, r := range p.Deny {
-		if r.Kind == KindTCP {
-			return true
-		}
-	}
-	return false
 }
 
 // KernelMarkBit is the packet and conntrack mark bit of the flows the

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -164,6 +165,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.started, d.lastLoad = time.Now(), time.Now()
 	d.mu.Unlock()
 	answers := &dest.Answers{}
+	d.Engine.SetAnswers(answers)
 	res := &vdns.Resolver{
 		Upstreams:  upstreams,
 		UDP:        d.DNSUDP,
@@ -500,6 +502,10 @@ func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
 	if f.Revoked {
 		verdict, reason = "revoked", "closed: the new policy no longer allows it"
 	}
+	var resolved []string
+	if r := d.resolved(); r != nil && project != "" {
+		resolved = r(project, f.Dst.Addr())
+	}
 	d.metrics.Connection(project, verdict)
 	d.metrics.Bytes(project, int64(f.Up), int64(f.Down))
 	if d.AccessLog == nil {
@@ -520,6 +526,8 @@ func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
 		slog.Int64("bytes_up", int64(f.Up)),
 		slog.Int64("bytes_down", int64(f.Down)),
 		slog.Float64("duration_ms", dur),
+		// The names the resolver handed the address out for (tcp rules).
+		slog.String("resolved", strings.Join(resolved, ",")),
 	)
 }
 

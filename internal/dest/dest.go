@@ -188,3 +188,23 @@ func Ranges() []netip.Prefix {
 	}
 	return out
 }
+
+// Each calls f for every answer remembered for project that has not
+// expired: the address, the name it was handed out for and when that ends.
+// f must not call back into a.
+func (a *Answers) Each(project string, f func(addr netip.Addr, name string, expires time.Time)) {
+	now := a.now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pm := a.m[project]
+	if pm == nil {
+		return
+	}
+	for addr, names := range pm.byAddr {
+		for name, exp := range names {
+			if !now.After(exp) {
+				f(addr, name, exp)
+			}
+		}
+	}
+}

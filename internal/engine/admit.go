@@ -3,11 +3,13 @@ package engine
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/firewall"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 // admission is one resolver answer that admitted an address on a port
@@ -15,7 +17,26 @@ import (
 type admission struct {
 	project, name string
 	guest, addr   netip.Addr
-	port          uint16
+	port          uint16 // 0 with all
+	deny, all     bool
+}
+
+func (a admission) element(ttl time.Duration) firewall.Admitted {
+	return firewall.Admitted{Guest: a.guest, Addr: a.addr, Port: a.port, TTL: ttl, Deny: a.deny, AllPorts: a.all}
+}
+
+// allowed reports whether pr (the project's policy now) still makes a.
+func (a admission) allowed(pr *policy.Project) bool {
+	if pr == nil || !pr.Subnet.IsValid() || pr.Subnet.Masked().Addr().Next().Next() != a.guest {
+		return false
+	}
+	if a.deny {
+		_, ports, ok := pr.TCPDenies(a.name)
+		return ok && (a.all == (ports == nil)) && (a.all || slices.Contains(ports, a.port))
+	}
+	_, ok := pr.TCPAllows(a.name, a.port)
+	_, denied, isDenied := pr.TCPDenies(a.name)
+	return ok && !(isDenied && (denied == nil || slices.Contains(denied, a.port)))
 }
 
 // admissions remembers what Admit put in the ruleset, so a policy change
@@ -28,25 +49,26 @@ type admissions struct {
 }
 
 // Admit puts the addresses the resolver is about to hand project for name
-// into the ruleset, on every port where a tcp rule allows name and the
-// kernel decides (policy.Kernel.TCP), until ttl plus dest.Grace: the guest's
-// connections there are then forwarded by the kernel on either data plane.
-// It returns once the ruleset holds them, so the answer may leave. Only an
-// engine that installed the interception (the daemon) admits.
+// into the ruleset, until ttl plus dest.Grace: on every port where a tcp
+// rule allows name (the guest's connections there are then forwarded by the
+// kernel, on either data plane), and, when a tcp deny rule matches name, as
+// refusals on the deny rule's ports (checked before any allow, as
+// ConnectWith weighs them). It returns once the ruleset holds them, so the
+// answer may leave. Only an engine that installed the interception (the
+// daemon) admits.
 func (e *Engine) Admit(ctx context.Context, project, name string, addrs []netip.Addr, ttl time.Duration) error {
 	snap := e.Snapshot()
 	if !e.isInstalled() || snap == nil || len(addrs) == 0 {
 		return nil
 	}
 	pr := snap.Policy.Project(project)
-	if pr == nil || !pr.Subnet.IsValid() {
+	if pr == nil || !pr.Subnet.IsValid() || pr.Audit {
 		return nil
 	}
-	k := pr.Kernel()
-	if len(k.TCP) == 0 {
+	want := admissionsFor(pr, name)
+	if len(want) == 0 {
 		return nil
 	}
-	guest := pr.Subnet.Masked().Addr().Next().Next()
 	life := ttl + dest.Grace
 	exp := time.Now().Add(life)
 	var es []firewall.Admitted
@@ -54,21 +76,42 @@ func (e *Engine) Admit(ctx context.Context, project, name string, addrs []netip.
 	if e.adm.m == nil {
 		e.adm.m = map[admission]time.Time{}
 	}
-	for _, port := range k.TCP {
-		if _, ok := pr.TCPAllows(name, port); !ok {
+	for _, a := range addrs {
+		a = a.Unmap()
+		if !a.Is4() {
 			continue
 		}
-		for _, a := range addrs {
-			a = a.Unmap()
-			if !a.Is4() {
-				continue
-			}
-			e.adm.m[admission{project, name, guest, a, port}] = exp
-			es = append(es, firewall.Admitted{Guest: guest, Addr: a, Port: port, TTL: life})
+		for _, m := range want {
+			m.addr = a
+			e.adm.m[m] = exp
+			es = append(es, m.element(life))
 		}
 	}
 	e.adm.mu.Unlock()
 	return e.Interception.Firewall.Admit(ctx, es)
+}
+
+// admissionsFor are the elements (address left zero) an answer for name
+// makes for pr's guest: refusals where a tcp deny rule matches name, then
+// admissions on the tcp allow rules' ports a deny does not cover.
+func admissionsFor(pr *policy.Project, name string) []admission {
+	guest := pr.Subnet.Masked().Addr().Next().Next()
+	var out []admission
+	_, denied, isDenied := pr.TCPDenies(name)
+	if isDenied {
+		if denied == nil {
+			return []admission{{project: pr.Name, name: name, guest: guest, deny: true, all: true}}
+		}
+		for _, p := range denied {
+			out = append(out, admission{project: pr.Name, name: name, guest: guest, port: p, deny: true})
+		}
+	}
+	for _, port := range pr.Kernel().TCP {
+		if _, ok := pr.TCPAllows(name, port); ok && !slices.Contains(denied, port) {
+			out = append(out, admission{project: pr.Name, name: name, guest: guest, port: port})
+		}
+	}
+	return out
 }
 
 func (e *Engine) isInstalled() bool {
@@ -78,43 +121,70 @@ func (e *Engine) isInstalled() bool {
 }
 
 // reconcileAdmitted withdraws the admitted elements that s no longer
-// allows (the project's policy, place or existence changed) and forgets
-// expired ones. The caller holds e.mu.
-func (e *Engine) reconcileAdmitted(ctx context.Context, s *Snapshot) {
+// makes (the project's policy, place or existence changed), forgets
+// expired ones, and makes what the resolver's answers to projects (those
+// the change touched) make under s. The caller holds e.mu.
+func (e *Engine) reconcileAdmitted(ctx context.Context, s *Snapshot, projects []string) {
 	e.adm.mu.Lock()
+	if e.adm.m == nil {
+		e.adm.m = map[admission]time.Time{}
+	}
 	now := time.Now()
 	type key struct {
 		guest, addr netip.Addr
 		port        uint16
+		deny, all   bool
 	}
-	keep, drop := map[key]bool{}, map[key]bool{}
+	keyOf := func(a admission) key { return key{a.guest, a.addr, a.port, a.deny, a.all} }
+	keep, drop := map[key]bool{}, map[key]admission{}
 	for a, exp := range e.adm.m {
-		k := key{a.guest, a.addr, a.port}
 		if now.After(exp) {
 			delete(e.adm.m, a)
 			continue
 		}
-		pr := s.Policy.Project(a.project)
-		ok := pr != nil && pr.Subnet.IsValid() && pr.Subnet.Masked().Addr().Next().Next() == a.guest
-		if ok {
-			_, ok = pr.TCPAllows(a.name, a.port)
-		}
-		if ok {
-			keep[k] = true
+		if a.allowed(s.Policy.Project(a.project)) {
+			keep[keyOf(a)] = true
 		} else {
-			drop[k] = true
+			drop[keyOf(a)] = a
 			delete(e.adm.m, a)
+		}
+	}
+	// What the resolver has handed the changed projects makes, under their
+	// new policies, elements that were not made before (a new tcp deny
+	// rule bars addresses handed out earlier; a new tcp rule admits them).
+	var add []firewall.Admitted
+	if e.Answers != nil {
+		for _, name := range projects {
+			pr := s.Policy.Project(name)
+			if pr == nil || !pr.Subnet.IsValid() || pr.Audit {
+				continue
+			}
+			e.Answers.Each(name, func(addr netip.Addr, n string, exp time.Time) {
+				if !addr.Is4() {
+					return
+				}
+				for _, m := range admissionsFor(pr, n) {
+					m.addr = addr
+					if _, had := e.adm.m[m]; !had {
+						e.adm.m[m] = exp
+						add = append(add, m.element(exp.Sub(now)))
+					}
+				}
+			})
 		}
 	}
 	e.adm.mu.Unlock()
 	var es []firewall.Admitted
-	for k := range drop {
-		if !keep[k] { // another name still admits it
-			es = append(es, firewall.Admitted{Guest: k.guest, Addr: k.addr, Port: k.port})
+	for k, a := range drop {
+		if !keep[k] { // another name still makes it
+			es = append(es, a.element(0))
 		}
 	}
 	if err := e.Interception.Firewall.Unadmit(ctx, es); err != nil {
 		e.log().Error("withdrawing resolved addresses the new policy does not allow", "err", err.Error())
+	}
+	if err := e.Interception.Firewall.Admit(ctx, add); err != nil {
+		e.log().Error("admitting resolved addresses under the new policy", "err", err.Error())
 	}
 }
 
@@ -126,11 +196,19 @@ func (e *Engine) readmit(ctx context.Context) error {
 	var es []firewall.Admitted
 	for a, exp := range e.adm.m {
 		if left := exp.Sub(now); left > 0 {
-			es = append(es, firewall.Admitted{Guest: a.guest, Addr: a.addr, Port: a.port, TTL: left})
+			es = append(es, a.element(left))
 		} else {
 			delete(e.adm.m, a)
 		}
 	}
 	e.adm.mu.Unlock()
 	return e.Interception.Firewall.Admit(ctx, es)
+}
+
+// SetAnswers gives the engine the resolver's record (see Engine.Answers),
+// safe while the engine runs.
+func (e *Engine) SetAnswers(a *dest.Answers) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.Answers = a
 }

@@ -22,6 +22,7 @@ import (
 	"sync"
 
 	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/placement"
@@ -88,6 +89,10 @@ type Engine struct {
 	Interception Interception
 	Host         Host
 	Log          *slog.Logger
+	// Answers is what the resolver handed out (may be nil): a policy change
+	// turns the answers of the projects it touched into the ruleset's timed
+	// elements under the new policy (tcp rules).
+	Answers *dest.Answers
 	// Consumers get every new snapshot, in order, before the call that made
 	// it returns (the builtin proxy, the resolver, the Envoy xDS server).
 	Consumers []func(*Snapshot, Change)
@@ -189,7 +194,7 @@ func (e *Engine) Snapshot() *Snapshot {
 
 func (e *Engine) publish(s *Snapshot, ch Change) {
 	if ch.Kind != ChangeOpen && e.Interception.Firewall != nil {
-		e.reconcileAdmitted(context.Background(), s)
+		e.reconcileAdmitted(context.Background(), s, ch.Projects)
 	}
 	for _, c := range e.Consumers {
 		c(s, ch)

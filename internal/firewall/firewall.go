@@ -170,6 +170,10 @@ type Admitted struct {
 	Guest, Addr netip.Addr
 	Port        uint16
 	TTL         time.Duration
+	// Deny makes it a refusal instead (a tcp deny rule's name was handed
+	// out for Addr), checked before any allow; AllPorts: on every port
+	// (Port is ignored).
+	Deny, AllPorts bool
 }
 
 // Kinds are the config's firewall values.

@@ -238,17 +238,32 @@ func projectElements(s State) []*knftables.Element {
 func limitSet(n int) string { return fmt.Sprintf("k_limit_%d", n) }
 func countSet(n int) string { return fmt.Sprintf("k_count_%d", n) }
 
-// Admit adds timed k_tcp elements, in one transaction.
+// admittedElement is e as an element of its set; with ttl, the timeout
+// rides in the last key part (knftables has no element timeout; "… . 22
+// timeout 30s" is what nft reads).
+func admittedElement(e Admitted, ttl bool) *knftables.Element {
+	set, key := setKTCP, []string{e.Guest.String(), e.Addr.String(), fmt.Sprint(e.Port)}
+	switch {
+	case e.Deny && e.AllPorts:
+		set, key = setKTCPDenyAll, key[:2]
+	case e.Deny:
+		set = setKTCPDeny
+	}
+	if ttl {
+		key[len(key)-1] += fmt.Sprintf(" timeout %ds", int(max(e.TTL, time.Second).Round(time.Second).Seconds()))
+	}
+	return &knftables.Element{Set: set, Key: key}
+}
+
+// Admit adds timed elements (k_tcp, k_tcp_deny, k_tcp_deny_all), in one
+// transaction.
 func (b *NFTables) Admit(ctx context.Context, es []Admitted) error {
 	if len(es) == 0 {
 		return nil
 	}
 	tx := b.nft.NewTransaction()
 	for _, e := range es {
-		// knftables has no element timeout: the last key part carries it
-		// ("… . 22 timeout 30s" is what nft reads).
-		ttl := max(e.TTL, time.Second).Round(time.Second)
-		tx.Add(&knftables.Element{Set: setKTCP, Key: []string{e.Guest.String(), e.Addr.String(), fmt.Sprintf("%d timeout %ds", e.Port, int(ttl.Seconds()))}})
+		tx.Add(admittedElement(e, true))
 	}
 	if err := b.nft.Run(ctx, tx); err != nil {
 		return fmt.Errorf("admitting resolved addresses: %w", err)
@@ -256,14 +271,14 @@ func (b *NFTables) Admit(ctx context.Context, es []Admitted) error {
 	return nil
 }
 
-// Unadmit deletes k_tcp elements, absent ones included.
+// Unadmit deletes such elements, absent ones included.
 func (b *NFTables) Unadmit(ctx context.Context, es []Admitted) error {
 	if len(es) == 0 {
 		return nil
 	}
 	tx := b.nft.NewTransaction()
 	for _, e := range es {
-		el := &knftables.Element{Set: setKTCP, Key: []string{e.Guest.String(), e.Addr.String(), fmt.Sprint(e.Port)}}
+		el := admittedElement(e, false)
 		// add then delete: deleting one that timed out is no error.
 		tx.Add(el)
 		tx.Delete(el)
@@ -322,11 +337,15 @@ const (
 	// handed the address to the guest's project for a name a tcp rule
 	// allows on the port (Admit), until the answer's TTL plus grace.
 	setKTCP = "k_tcp"
+	// setKTCPDeny and setKTCPDenyAll: the same for names a tcp deny rule
+	// matches (on its ports, or on every port), refused before any allow.
+	setKTCPDeny    = "k_tcp_deny"
+	setKTCPDenyAll = "k_tcp_deny_all"
 )
 
 // volatileSets change with traffic, not with the desired state: Snapshot
 // leaves their elements out.
-var volatileSets = []string{setSYNRefused, setKTCP}
+var volatileSets = []string{setSYNRefused, setKTCP, setKTCPDeny, setKTCPDenyAll}
 
 // volatile reports whether a set's elements change with traffic.
 func volatile(name string) bool {
@@ -359,6 +378,10 @@ func Render(tx *knftables.Transaction, s State) {
 	tx.Add(&knftables.Set{Name: setKDeny, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: interval, Comment: ptr("guest . range . port refused (cidr deny)")})
 	tx.Add(&knftables.Set{Name: setKFwd, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: interval, Comment: ptr("guest . range . port forwarded by the kernel (cidr allow)")})
 	tx.Add(&knftables.Set{Name: setKProxy, Type: "ipv4_addr . inet_service", Comment: ptr("guest . port the data plane decides (name rules)")})
+	tx.Add(&knftables.Set{Name: setKTCPDeny, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: []knftables.SetFlag{knftables.TimeoutFlag},
+		Comment: ptr("guest . address . port the resolver handed out for a name a tcp deny rule matches")})
+	tx.Add(&knftables.Set{Name: setKTCPDenyAll, Type: "ipv4_addr . ipv4_addr", Flags: []knftables.SetFlag{knftables.TimeoutFlag},
+		Comment: ptr("guest . address handed out for a name a tcp deny rule (every port) matches")})
 	tx.Add(&knftables.Set{Name: setKTCP, Type: "ipv4_addr . ipv4_addr . inet_service", Flags: []knftables.SetFlag{knftables.TimeoutFlag},
 		Comment: ptr("guest . address . port the resolver handed out for a tcp rule's name, until the answer expires")})
 	tx.Add(&knftables.Set{Name: setSYNRefused, Type: "ipv4_addr", Flags: []knftables.SetFlag{knftables.DynamicFlag},
@@ -408,6 +431,8 @@ func Render(tx *knftables.Transaction, s State) {
 	newTCP := "ct state new meta l4proto tcp "
 	rule(chainPre, newTCP+"ip saddr . ip daddr @"+setKDenyAll+" counter reject with tcp reset", "cidr deny rule (every port): refused")
 	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKDeny+" counter reject with tcp reset", "cidr deny rule: refused")
+	rule(chainPre, newTCP+"ip saddr . ip daddr @"+setKTCPDenyAll+" counter reject with tcp reset", "tcp deny rule (every port): the address was handed out for a denied name")
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKTCPDeny+" counter reject with tcp reset", "tcp deny rule: the address was handed out for a denied name")
 	for _, n := range s.Limits() {
 		rule(chainPre, fmt.Sprintf("%sip saddr @%s update @%s { ip saddr ct count over %d } counter reject with tcp reset", newTCP, limitSet(n), countSet(n), n),
 			"max_connections: over the project's cap, refused")

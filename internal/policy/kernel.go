@@ -14,12 +14,13 @@ import (
 //
 //   - Deny: a cidr deny rule refuses the destination (ConnectWith's first
 //     step): the kernel answers with a reset.
-//   - Forward: a cidr allow rule allows it and no tcp deny rule may apply on
-//     the port (a tcp deny is decided by the resolver's answers, which the
-//     data plane holds): the kernel forwards it itself.
-//   - Proxied: the ports some name rule (sni, http, tcp) may allow on, or
-//     where a tcp deny must be weighed against a cidr allow: the data plane
-//     decides.
+//   - tcp deny rules: the resolver's answers for names they match become
+//     timed elements (TCPDenies) refused right after the cidr denies.
+//   - Forward: a cidr allow rule allows it: the kernel forwards it itself.
+//   - TCP: a tcp allow rule's port: forwarded when the resolver handed the
+//     address out for a name the rule allows (a timed element, TCPAllows).
+//   - Proxied: the ports some sni or http rule may allow on: the data
+//     plane decides.
 //   - anything else: no rule of any kind can allow it, and the kernel
 //     answers the SYN with a reset.
 //
@@ -34,8 +35,7 @@ type Kernel struct {
 	Deny           []KernelFlow
 	Forward        []KernelFlow
 	Proxied        []uint16
-	// TCP are the ports of tcp allow rules where no tcp deny rule may
-	// apply: the kernel forwards a connection there when the resolver
+	// TCP are the ports of tcp allow rules: the kernel forwards a connection there when the resolver
 	// handed the project its destination for a name such a rule allows
 	// (a timed set element, added before the answer leaves: TCPAllows);
 	// else the port is Proxied too when a name rule of another kind needs
@@ -71,36 +71,15 @@ func (pr *Project) Kernel() Kernel {
 	for p := range pr.httpPorts {
 		proxied[p] = true
 	}
-
-	tcpDenyAll, tcpDeny := false, map[uint16]bool{}
-	pr.denyTCP.each(func(_ string, r portRule) {
-		if r.ports == nil {
-			tcpDenyAll = true
-		}
-		for _, p := range r.ports {
-			tcpDeny[p] = true
-		}
-	})
+	// tcp deny rules are timed elements too (TCPDenies), checked before
+	// the cidr allows: the kernel weighs them as ConnectWith does.
 	for _, c := range pr.cidrs {
-		if !c.prefix.Addr().Is4() {
-			continue
-		}
-		var fwd []uint16
-		for _, p := range c.ports {
-			if tcpDenyAll || tcpDeny[p] {
-				proxied[p] = true // the data plane weighs the tcp deny
-				continue
-			}
-			fwd = append(fwd, p)
-		}
-		if len(fwd) > 0 {
-			k.Forward = append(k.Forward, KernelFlow{c.prefix, fwd, c.rule})
+		if c.prefix.Addr().Is4() {
+			k.Forward = append(k.Forward, KernelFlow{c.prefix, c.ports, c.rule})
 		}
 	}
 	for p := range pr.tcpPorts {
-		if tcpDenyAll || tcpDeny[p] {
-			proxied[p] = true // the data plane weighs the tcp deny
-		} else {
+		if p != config.SMTPPort {
 			k.TCP = append(k.TCP, p)
 		}
 	}
@@ -112,6 +91,38 @@ func (pr *Project) Kernel() Kernel {
 	}
 	slices.Sort(k.Proxied)
 	return k
+}
+
+// TCPDenies returns the tcp deny rule that matches name on port (every
+// port when the rule names none: ports nil), if any: a resolver answer for
+// name then bars its addresses there (a timed element checked before any
+// allow), as ConnectWith's tcp deny does. Audit projects: none.
+func (pr *Project) TCPDenies(name string) (rule string, ports []uint16, ok bool) {
+	if pr.Audit {
+		return "", nil, false
+	}
+	found := false
+	pr.denyTCP.candidates(name, func(rs []portRule) bool {
+		for _, r := range rs {
+			if !found {
+				rule, found = r.rule, true
+			}
+			if r.ports == nil {
+				ports = nil
+				return true
+			}
+			ports = append(ports, r.ports...)
+		}
+		return false
+	})
+	if !found {
+		return "", nil, false
+	}
+	if ports != nil {
+		slices.Sort(ports)
+		ports = slices.Compact(ports)
+	}
+	return rule, ports, true
 }
 
 // KernelOf compiles one config project and returns its Kernel.
@@ -151,7 +162,7 @@ func (k Kernel) Decide(dst netip.AddrPort) (v Verdict, rule string, proxied bool
 // kernel decides that port (Kernel.TCP): a resolver answer for name then
 // admits its addresses on port.
 func (pr *Project) TCPAllows(name string, port uint16) (string, bool) {
-	if pr.Audit || port == config.SMTPPort || !slices.Contains(pr.Kernel().TCP, port) {
+	if pr.Audit || port == config.SMTPPort || !pr.tcpPorts[port] {
 		return "", false
 	}
 	return pr.tcp.match(name, port)

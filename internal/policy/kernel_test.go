@@ -42,8 +42,14 @@ projects:
 func TestKernel(t *testing.T) {
 	p := mustCompile(t, kernelPolicy)
 	k := p.Project("alpha").Kernel()
-	if want := []uint16{443, 2222, 8080}; !slices.Equal(k.Proxied, want) {
-		t.Errorf("proxied ports %v, want %v (a cidr allow on a port with a tcp deny goes to the data plane)", k.Proxied, want)
+	if want := []uint16{443, 8080}; !slices.Equal(k.Proxied, want) {
+		t.Errorf("proxied ports %v, want %v (only sni and http rules need the data plane)", k.Proxied, want)
+	}
+	if want := []uint16{2222}; !slices.Equal(k.TCP, want) {
+		t.Errorf("tcp ports %v, want %v", k.TCP, want)
+	}
+	if rule, ports, ok := p.Project("alpha").TCPDenies("bad.example"); !ok || rule != "deny/tcp:bad.example ports 2222" || !slices.Equal(ports, []uint16{2222}) {
+		t.Errorf("TCPDenies(bad.example) = %q, %v, %v", rule, ports, ok)
 	}
 	for _, tc := range []struct {
 		dst     string
@@ -55,13 +61,13 @@ func TestKernel(t *testing.T) {
 		{"10.20.30.1:5432", Deny, "deny/cidr:10.20.30.0/24 ports 5432", false},
 		{"10.20.30.1:6379", Allow, "cidr:10.20.0.0/16 ports 5432,6379", false},
 		{"192.0.2.9:22", Allow, "cidr:192.0.2.0/24 ports 22", false},
-		{"192.0.2.9:23", "", "", false},      // no rule on the port: reset at SYN
-		{"203.0.113.1:22", "", "", false},    // a cidr port, outside the range
-		{"203.0.113.1:443", "", "", true},    // sni port: the data plane reads
-		{"198.51.100.7:2222", "", "", true},  // cidr allow vs tcp deny: the data plane
-		{"203.0.113.1:8080", "", "", true},   // http port
-		{"203.0.113.1:65535", "", "", false}, // nothing
-		{"10.20.30.1:443", "", "", true},     // a port-scoped deny does not cover 443
+		{"192.0.2.9:23", "", "", false},                                        // no rule on the port: reset at SYN
+		{"203.0.113.1:22", "", "", false},                                      // a cidr port, outside the range
+		{"203.0.113.1:443", "", "", true},                                      // sni port: the data plane reads
+		{"198.51.100.7:2222", Allow, "cidr:198.51.100.0/24 ports 2222", false}, // unless a tcp deny element bars it
+		{"203.0.113.1:8080", "", "", true},                                     // http port
+		{"203.0.113.1:65535", "", "", false},                                   // nothing
+		{"10.20.30.1:443", "", "", true},                                       // a port-scoped deny does not cover 443
 	} {
 		v, rule, proxied := k.Decide(netip.MustParseAddrPort(tc.dst))
 		if v != tc.verdict || rule != tc.rule || proxied != tc.proxied {
@@ -138,29 +144,39 @@ func TestKernelAgreesWithConnect(t *testing.T) {
 			for _, resolved := range []Resolved{nil, func(string, netip.Addr) []string { return []string{"a.example", "b.example"} }} {
 				d, in := pol.ConnectWith(src, dst, resolved)
 				where := fmt.Sprintf("policy %+v deny %+v, dst %s (resolved %v)", cp.Allow, cp.Deny, dst, resolved != nil)
+				// The timed elements the resolver's answers would have made.
+				var names []string
+				if resolved != nil {
+					names = resolved("p", dst.Addr())
+				}
+				denied, admitted := false, false
+				pr := pol.Project("p")
+				for _, n := range names {
+					if _, ports, ok := pr.TCPDenies(n); ok && (ports == nil || slices.Contains(ports, dst.Port())) {
+						denied = true
+					}
+					if _, ok := pr.TCPAllows(n, dst.Port()); ok && slices.Contains(k.TCP, dst.Port()) {
+						admitted = true
+					}
+				}
+				// The ruleset's order: cidr deny, tcp deny elements, cidr
+				// allow, tcp allow elements, the data plane, reset.
 				switch {
-				case kv != "":
-					if d.Verdict != kv || d.Rule != krule || in != InspectNone {
-						t.Fatalf("%s: kernel says %s by %s, ConnectWith %s by %s (inspect %d)", where, kv, krule, d.Verdict, d.Rule, in)
+				case kv == Deny:
+					if d.Verdict != Deny || d.Rule != krule || in != InspectNone {
+						t.Fatalf("%s: kernel denies by %s, ConnectWith %s by %s (inspect %d)", where, krule, d.Verdict, d.Rule, in)
 					}
-				case slices.Contains(k.TCP, dst.Port()):
-					// Forwarded when an element admits it: exactly when a
-					// name the address was handed out for has a tcp rule.
-					var admitted string
-					if resolved != nil {
-						for _, n := range resolved("p", dst.Addr()) {
-							if r, ok := pol.Project("p").TCPAllows(n, dst.Port()); ok && admitted == "" {
-								admitted = r
-							}
-						}
+				case denied:
+					if d.Verdict != Deny || in != InspectNone {
+						t.Fatalf("%s: a tcp deny element refuses it, ConnectWith %s by %s (inspect %d)", where, d.Verdict, d.Rule, in)
 					}
-					switch {
-					case admitted != "":
-						if d.Verdict != Allow || in != InspectNone {
-							t.Fatalf("%s: an element admits it by %s, ConnectWith says %s by %s", where, admitted, d.Verdict, d.Rule)
-						}
-					case !proxied && (d.Verdict != Deny || in != InspectNone):
-						t.Fatalf("%s: no element and no data plane, ConnectWith says %s by %s (inspect %d)", where, d.Verdict, d.Rule, in)
+				case kv == Allow:
+					if d.Verdict != Allow || d.Rule != krule || in != InspectNone {
+						t.Fatalf("%s: kernel forwards by %s, ConnectWith %s by %s (inspect %d)", where, krule, d.Verdict, d.Rule, in)
+					}
+				case admitted:
+					if d.Verdict != Allow || in != InspectNone {
+						t.Fatalf("%s: an element admits it, ConnectWith says %s by %s", where, d.Verdict, d.Rule)
 					}
 				case !proxied:
 					if d.Verdict != Deny || in != InspectNone {
