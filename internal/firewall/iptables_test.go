@@ -179,7 +179,9 @@ func TestIPTablesKernel(t *testing.T) {
 		"prerouting: fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)",
 		"prerouting: guest IPv6 (and anything not IPv4) never leaves",
 		"nat_prerouting: guest DNS goes to the allowlist resolver",
-		"forward: no forwarding from guests: egress only via the proxy",
+		"forward: no forwarding from guests: egress only via the proxy or a cidr rule's flows",
+		"prerouting: no rule of the guest's project for this port: refused at the SYN",
+		"prerouting: cidr allow rule: forwarded by the kernel, no data plane",
 		"output: the proxy never dials the host's own addresses",
 	} {
 		if _, ok := counts[k]; !ok {
