@@ -328,7 +328,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	for _, p := range []string{"udp", "tcp"} {
 		add(f, "VMEGRESS-INPUT", fmt.Sprintf("-p %s --dport %d -j DROP", p, s.DNSPort), "the resolver is reachable only through the redirect")
 	}
-	guestIn(f, "VMEGRESS-INPUT", "-p tcp -m mark --mark "+mark+" -j ACCEPT", "intercepted guest TCP to the data plane")
+	// A refused packet carries the TPROXY mark with no socket assigned:
+	// accepted, it would reach any host listener on its port. The reset
+	// above answers it; should that rule go, it is still not accepted here.
+	guestIn(f, "VMEGRESS-INPUT", "-p tcp -m mark --mark "+mark+" -m connmark ! --mark "+fmt.Sprintf("%#x/%#x", refusedCTMark, refusedCTMark)+" -j ACCEPT", "intercepted guest TCP to the data plane")
 	guestIn(f, "VMEGRESS-INPUT", "-j DROP", "guests reach no host service directly")
 
 	guestOut(f, "VMEGRESS-FORWARD", "-p tcp --dport 22 -m conntrack --ctstate DNAT --ctdir ORIGINAL -j ACCEPT", "inbound SSH to a guest")
