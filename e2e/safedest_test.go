@@ -307,7 +307,12 @@ func TestConnectionCap(t *testing.T) {
 	case kernelPath():
 		// The ruleset counted and refused it at the SYN: its counter says so.
 		out, _ := world.Output(e.ctx, world.NS(e.w.Host, "nft", "list", "chain", "inet", "vmegress", "prerouting")...)
-		if !regexp.MustCompile(`k_count_3 .* counter packets [1-9]`).MatchString(out) {
+		counted := regexp.MustCompile(`k_count_3 .* counter packets [1-9]`)
+		if onIPTables() {
+			out, _ = world.Output(e.ctx, world.NS(e.w.Host, "iptables-save", "-c", "-t", "mangle")...)
+			counted = regexp.MustCompile(`(?m)^\[[1-9]\d*:\d+\] -A VMEGRESS-NEW -m set --match-set vmegress-k-limit-3 src -m connlimit --connlimit-above 3 `)
+		}
+		if !counted.MatchString(out) {
 			t.Errorf("the cap's rule counted no refusal:\n%s", out)
 		}
 	case !onEnvoy(): // Envoy's connection_limit closes without a log line

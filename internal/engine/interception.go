@@ -147,8 +147,6 @@ func Routing(cfg *config.Config) hostnet.PolicyRouting {
 }
 
 // KernelPath reports whether cfg's firewall backend carries out cidr rules
-// and port refusals itself, and marks what it lets the kernel forward
-// (nftables; the iptables backend hands every guest TCP connection to the
-// data plane and keeps guest interfaces' forwarding off but for NAT egress
-// and SSH).
-func KernelPath(cfg *config.Config) bool { return cfg.Firewall != firewall.KindIPTables }
+// and port refusals itself, and marks what it lets the kernel forward: both
+// backends do (nftables with sets, iptables with ipsets).
+func KernelPath(*config.Config) bool { return true }

@@ -52,11 +52,12 @@ type guestElems struct {
 	denyAll []netip.Prefix // deny rules on every port
 	fwd     []flowElem
 	proxy   []uint16
+	tcp     []uint16 // tcp rules' ports (timed elements decide)
 }
 
 func elemsOf(g Guest) guestElems {
 	k := g.Kernel
-	e := guestElems{audit: k.Audit, proxy: k.Proxied}
+	e := guestElems{audit: k.Audit, proxy: k.Proxied, tcp: k.TCP}
 	var deny, fwd []flowElem
 	for _, f := range k.Deny {
 		if f.Ports == nil {

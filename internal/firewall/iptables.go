@@ -5,26 +5,32 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 // IPTables is the iptables backend: the spec's own rule shape (mangle
 // PREROUTING -j TPROXY --tproxy-mark M/M --on-port P) in chains of
 // vmegress's own (VMEGRESS-*), each entered by one jump rule at the top of
-// a built-in chain, plus one ipset (hash:ip) holding the guest addresses of
-// direct-NAT projects, so the rules do not grow with the number of projects.
-// The only per-project rules are inbound SSH forwards (iptables has no
-// DNAT map): one rule each in chain VMEGRESS-SSH.
+// a built-in chain, plus ipsets holding the guest addresses of direct-NAT
+// projects and the kernel part of each guest's policy (the nftables
+// backend's sets, same rule order and meaning), so the rules do not grow
+// with the number of projects. The only per-project rules are inbound SSH
+// forwards (iptables has no DNAT map): one rule each in chain VMEGRESS-SSH;
+// and one rule per distinct max_connections value.
 //
 // iptables-restore commits table by table, so Apply is atomic per table;
 // should a later table fail, Apply puts the earlier tables' vmegress chains
@@ -33,8 +39,40 @@ type IPTables struct {
 	// Exec runs iptables-restore, iptables-save and their ip6tables twins
 	// with stdin (zero: os/exec with LC_ALL=C).
 	Exec func(ctx context.Context, stdin []byte, argv ...string) ([]byte, error)
-	// Sets manages the ipset (a *netlink.Handle for the current netns).
+	// Sets manages the ipsets (a *netlink.Handle for the current netns).
 	Sets IPSets
+	// limits are the max_connections values the installed rules count (set
+	// by Apply; nil: unknown, UpdateProjects then needs an Apply for any).
+	limits []int
+
+	mu sync.Mutex
+	// guestPorts are each guest's ports with rules (forwarded, proxied,
+	// tcp), from the last Apply or UpdateProjects: where Admit stores a
+	// deny on every port.
+	guestPorts map[netip.Addr][]uint16
+}
+
+// notePorts records s's guests' ports (guestPorts).
+func (b *IPTables) notePorts(old *State, s State) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.guestPorts == nil || old == nil {
+		b.guestPorts = map[netip.Addr][]uint16{}
+	}
+	if old != nil {
+		for _, g := range old.Guests {
+			delete(b.guestPorts, g.Addr)
+		}
+	}
+	for _, g := range s.Guests {
+		e := elemsOf(g)
+		ports := slices.Concat(e.proxy, e.tcp)
+		for _, f := range e.fwd {
+			ports = append(ports, f.Port)
+		}
+		slices.Sort(ports)
+		b.guestPorts[g.Addr] = slices.Compact(ports)
+	}
 }
 
 // IPSets is the part of the kernel's ipset interface the backend uses
@@ -44,16 +82,14 @@ type IPSets interface {
 	IpsetDestroy(name string) error
 	IpsetSwap(a, b string) error
 	IpsetList(name string) (*netlink.IPSetResult, error)
+	IpsetListAll() ([]netlink.IPSetResult, error)
 	IpsetAdd(name string, e *netlink.IPSetEntry) error
 	IpsetDel(name string, e *netlink.IPSetEntry) error
 }
 
 // NATSet is the ipset of guest addresses whose projects have direct NAT
-// egress; natSetNext is the scratch set Apply fills and swaps in.
-const (
-	NATSet     = "vmegress-nat"
-	natSetNext = "vmegress-nat-next"
-)
+// egress.
+const NATSet = "vmegress-nat"
 
 // NewHostIPTables returns the iptables backend for the current network
 // namespace. It fails when iptables-restore is missing.
@@ -78,7 +114,7 @@ func (b *IPTables) Close() {
 }
 
 // Describe names what the backend installs.
-func (b *IPTables) Describe() string { return "iptables chains VMEGRESS-* and ipset " + NATSet }
+func (b *IPTables) Describe() string { return "iptables chains VMEGRESS-* and ipsets vmegress-*" }
 
 // execStdin runs argv with stdin (nil: none) in the C locale; a failure
 // carries the command's stderr.
@@ -150,17 +186,31 @@ func (t ipTable) restore() []string {
 // logicalChain maps vmegress's iptables chains to the nftables backend's
 // chain names, so counters (metrics) are named alike on both backends.
 var logicalChain = map[string]string{
-	"VMEGRESS-GUEST":      "prerouting",
-	"VMEGRESS-PREROUTING": "prerouting",
-	"VMEGRESS-OUTPUT":     "output",
-	"VMEGRESS-NAT-PRE":    "nat_prerouting",
-	"VMEGRESS-NAT-GUEST":  "nat_prerouting",
-	"VMEGRESS-SSH":        "nat_prerouting",
-	"VMEGRESS-NAT-POST":   "nat_postrouting",
-	"VMEGRESS-INPUT":      "input",
-	"VMEGRESS-FORWARD":    "forward",
-	"VMEGRESS-NAT-EGRESS": "forward",
+	"VMEGRESS-GUEST":         "prerouting",
+	"VMEGRESS-PREROUTING":    "prerouting",
+	"VMEGRESS-OUTPUT":        "output",
+	"VMEGRESS-NAT-PRE":       "nat_prerouting",
+	"VMEGRESS-NAT-GUEST":     "nat_prerouting",
+	"VMEGRESS-SSH":           "nat_prerouting",
+	"VMEGRESS-NAT-POST":      "nat_postrouting",
+	"VMEGRESS-INPUT":         "input",
+	"VMEGRESS-FORWARD":       "forward",
+	"VMEGRESS-NAT-EGRESS":    "forward",
+	"VMEGRESS-NEW":           "prerouting",
+	"VMEGRESS-REFUSE":        "prerouting",
+	"VMEGRESS-KFWD":          "prerouting",
+	"VMEGRESS-PASS":          "prerouting",
+	"VMEGRESS-KERNEL-EGRESS": "forward",
 }
+
+// refusedCTMark is the conntrack mark bit of a connection whose first
+// packet the mangle chains refused: VMEGRESS-INPUT answers it with a reset
+// (iptables' REJECT works only in the filter table). The connection is
+// normally never confirmed, so no other packet carries it (should a SYN
+// sent again on a confirmed one be refused, after a policy change, its
+// later packets are reset too: the refusal stands). Only this bit is set
+// or tested.
+const refusedCTMark uint32 = 0x00800000
 
 // ifaceRE is what an interface name (or pattern) may hold here: nothing
 // that could break out of an iptables-restore line.
@@ -219,6 +269,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	natSrc := "-m set --match-set " + NATSet + " src"
 	cidr := s.VMCIDR.Masked().String()
 	mark := fmt.Sprintf("%#x", s.Mark)
+	kMark := fmt.Sprintf("%#x", KernelMark)
+	ctK := fmt.Sprintf("-m connmark --mark %#x/%#x", KernelCTMark, KernelCTMark)
+	ctRefused := fmt.Sprintf("-m connmark --mark %#x/%#x", refusedCTMark, refusedCTMark)
+	tproxy := fmt.Sprintf("-j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s/%s", s.TProxyPort, mark, mark)
 
 	const m6 = "ip6 mangle"
 	guestIn(m6, "VMEGRESS-PREROUTING", "-j DROP", "guest IPv6 (and anything not IPv4) never leaves")
@@ -231,15 +285,48 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	// Reverse-path check in the ruleset, whatever rp_filter says.
 	add(m, "VMEGRESS-GUEST", "-m rpfilter --invert -j DROP", "anti-spoofing: source address does not belong behind this interface")
 	add(m, "VMEGRESS-GUEST", "-m addrtype --src-type LOCAL -j DROP", "anti-spoofing: source is one of the host's own addresses")
-	add(m, "VMEGRESS-GUEST", "-m conntrack --ctstate DNAT --ctdir REPLY -j RETURN", "replies of inbound SSH to the guest")
-	add(m, "VMEGRESS-GUEST", natSrc+" -j RETURN", "direct NAT egress: not intercepted")
+	// The nftables backend's "mark ... accept": goto VMEGRESS-PASS, which
+	// marks the packet for the routing lock and ends vmegress's chains.
+	add(m, "VMEGRESS-GUEST", "-m conntrack --ctstate DNAT --ctdir REPLY -g VMEGRESS-PASS", "replies of inbound SSH to the guest (marked: the routing lock routes them)")
+	add(m, "VMEGRESS-GUEST", natSrc+" -g VMEGRESS-PASS", "direct NAT egress: not intercepted (marked: the routing lock routes it)")
 	add(m, "VMEGRESS-GUEST", "-p tcp --dport 853 -j DROP", "no DNS over TLS: guests use the allowlist resolver")
 	add(m, "VMEGRESS-GUEST", "-p udp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
 	add(m, "VMEGRESS-GUEST", "-p tcp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
+	add(m, "VMEGRESS-GUEST", ctK+" -g VMEGRESS-PASS", "a flow the kernel forwards (cidr rule): no data plane")
 	// xt_TPROXY drops the packet itself when no socket listens on the port.
-	add(m, "VMEGRESS-GUEST", fmt.Sprintf("-p tcp -j TPROXY --on-port %d --on-ip 0.0.0.0 --tproxy-mark %s/%s", s.TProxyPort, mark, mark),
-		"guest TCP goes to the data plane, marked for local delivery")
+	add(m, "VMEGRESS-GUEST", "-p tcp -m set --match-set "+ipsAudit+" src "+tproxy, "audit project: all TCP to the data plane, which logs what enforcement would refuse")
+	// A connection's first packet is decided in VMEGRESS-NEW by the
+	// guest's set members; the packets after it follow their flow (kernel
+	// forwarded, or a data plane socket).
+	add(m, "VMEGRESS-GUEST", "-p tcp -m conntrack --ctstate NEW -g VMEGRESS-NEW", "")
+	add(m, "VMEGRESS-GUEST", "-p tcp "+tproxy, "the rest of a proxied flow: to the data plane's socket")
 	add(m, "VMEGRESS-GUEST", "-j DROP", "fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)")
+
+	add(m, "VMEGRESS-NEW", "-m set --match-set "+ipsDeny+" src,dst,dst -g VMEGRESS-REFUSE", "cidr deny rule: refused")
+	add(m, "VMEGRESS-NEW", "-m set --match-set "+ipsTCPDeny+" src,dst,dst -g VMEGRESS-REFUSE", "tcp deny rule: the address was handed out for a denied name")
+	for _, n := range s.Limits() {
+		add(m, "VMEGRESS-NEW", fmt.Sprintf("-m set --match-set %s src -m connlimit --connlimit-above %d --connlimit-mask 32 --connlimit-saddr -g VMEGRESS-REFUSE", ipsLimit(n), n),
+			"max_connections: over the project's cap, refused")
+	}
+	add(m, "VMEGRESS-NEW", "-m set --match-set "+ipsFwd+" src,dst,dst -g VMEGRESS-KFWD", "cidr allow rule: forwarded by the kernel, no data plane")
+	add(m, "VMEGRESS-NEW", "-m set --match-set "+ipsTCP+" src,dst,dst -g VMEGRESS-KFWD", "tcp rule: the resolver handed this address out for an allowed name: forwarded by the kernel")
+	add(m, "VMEGRESS-NEW", "-p tcp -m set --match-set "+ipsProxied+" src,dst "+tproxy, "a port with name rules: to the data plane, marked for local delivery")
+	// The guest is added (a member already there keeps its counters), then
+	// the match counts; a full set still leaves the refusal below.
+	add(m, "VMEGRESS-NEW", "-j SET --add-set "+ipsRefused+" src", "count the refusal per guest")
+	add(m, "VMEGRESS-NEW", "-m set --match-set "+ipsRefused+" src", "count the refusal per guest")
+	add(m, "VMEGRESS-NEW", "-g VMEGRESS-REFUSE", "no rule of the guest's project for this port: refused at the SYN")
+
+	// iptables rejects only in the filter table: a refused first packet is
+	// marked for local delivery (the TPROXY mark: the policy routing's
+	// local table, whatever the interface's forwarding) and its
+	// connection for VMEGRESS-INPUT, which answers it with a reset. The
+	// connection is never confirmed, so the conntrack mark goes with it.
+	add(m, "VMEGRESS-REFUSE", fmt.Sprintf("-j CONNMARK --or-mark %#x", refusedCTMark), "")
+	add(m, "VMEGRESS-REFUSE", "-j MARK --set-mark "+mark, "")
+	add(m, "VMEGRESS-KFWD", fmt.Sprintf("-j CONNMARK --or-mark %#x", KernelCTMark), "")
+	add(m, "VMEGRESS-KFWD", "-j MARK --or-mark "+kMark, "")
+	add(m, "VMEGRESS-PASS", "-j MARK --or-mark "+kMark, "")
 	add(m, "VMEGRESS-OUTPUT", fmt.Sprintf("-m mark --mark %#x -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j DROP", s.UpstreamMark),
 		"the proxy never dials the host's own addresses")
 
@@ -266,8 +353,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	}
 	guestOut(n, "VMEGRESS-NAT-POST", "-j RETURN", "")
 	add(n, "VMEGRESS-NAT-POST", uplinkOut+natSrc+" -j MASQUERADE", "direct NAT egress (spec: MASQUERADE)")
+	add(n, "VMEGRESS-NAT-POST", uplinkOut+"-s "+cidr+" "+ctK+" -j MASQUERADE", "flows the kernel forwards leave with the host's address")
 
 	const f = "ip filter"
+	guestIn(f, "VMEGRESS-INPUT", "-p tcp "+ctRefused+" -j REJECT --reject-with tcp-reset", "refused in prerouting: answered with a reset")
 	add(f, "VMEGRESS-INPUT", fmt.Sprintf("-p tcp --dport %d -m mark ! --mark %s -j DROP", s.TProxyPort, mark), "the data plane's port is reachable only through TPROXY")
 	for _, p := range []string{"udp", "tcp"} {
 		guestIn(f, "VMEGRESS-INPUT", fmt.Sprintf("-p %s --dport %d -m conntrack --ctstate DNAT -j ACCEPT", p, s.DNSPort), "redirected guest DNS to the resolver")
@@ -275,7 +364,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	for _, p := range []string{"udp", "tcp"} {
 		add(f, "VMEGRESS-INPUT", fmt.Sprintf("-p %s --dport %d -j DROP", p, s.DNSPort), "the resolver is reachable only through the redirect")
 	}
-	guestIn(f, "VMEGRESS-INPUT", "-p tcp -m mark --mark "+mark+" -j ACCEPT", "intercepted guest TCP to the data plane")
+	// A refused packet carries the TPROXY mark with no socket assigned:
+	// accepted, it would reach any host listener on its port. The reset
+	// above answers it; should that rule go, it is still not accepted here.
+	guestIn(f, "VMEGRESS-INPUT", "-p tcp -m mark --mark "+mark+" -m connmark ! --mark "+fmt.Sprintf("%#x/%#x", refusedCTMark, refusedCTMark)+" -j ACCEPT", "intercepted guest TCP to the data plane")
 	guestIn(f, "VMEGRESS-INPUT", "-j DROP", "guests reach no host service directly")
 
 	guestOut(f, "VMEGRESS-FORWARD", "-p tcp --dport 22 -m conntrack --ctstate DNAT --ctdir ORIGINAL -j ACCEPT", "inbound SSH to a guest")
@@ -284,16 +376,20 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	guestOut(f, "VMEGRESS-NAT-EGRESS", "-j RETURN", "")
 	add(f, "VMEGRESS-NAT-EGRESS", uplinkOut+"-j ACCEPT", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
 	add(f, "VMEGRESS-FORWARD", uplinkIn+"-m set --match-set "+NATSet+" dst -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "replies to direct NAT egress")
-	guestIn(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding from guests: egress only via the proxy")
+	guestIn(f, "VMEGRESS-FORWARD", ctK+" -m conntrack --ctdir ORIGINAL -j VMEGRESS-KERNEL-EGRESS", "")
+	guestOut(f, "VMEGRESS-KERNEL-EGRESS", "-j RETURN", "")
+	add(f, "VMEGRESS-KERNEL-EGRESS", uplinkOut+"-j ACCEPT", "a flow the kernel forwards (cidr rule)")
+	guestOut(f, "VMEGRESS-FORWARD", uplinkIn+ctK+" -m conntrack --ctdir REPLY -j ACCEPT", "replies of flows the kernel forwards")
+	guestIn(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding from guests: egress only via the proxy or a cidr rule's flows")
 	guestOut(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding to guests")
 	add(f, "VMEGRESS-FORWARD", "-s "+cidr+" -j DROP", "guest-range source on another interface")
 
 	// Every chain is declared (an empty one too), first, in a fixed order.
 	decl := map[string][]string{
 		m6: {"VMEGRESS-PREROUTING"},
-		m:  {"VMEGRESS-PREROUTING", "VMEGRESS-GUEST", "VMEGRESS-OUTPUT"},
+		m:  {"VMEGRESS-PREROUTING", "VMEGRESS-GUEST", "VMEGRESS-NEW", "VMEGRESS-REFUSE", "VMEGRESS-KFWD", "VMEGRESS-PASS", "VMEGRESS-OUTPUT"},
 		n:  {"VMEGRESS-NAT-PRE", "VMEGRESS-NAT-GUEST", "VMEGRESS-SSH", "VMEGRESS-NAT-POST"},
-		f:  {"VMEGRESS-INPUT", "VMEGRESS-FORWARD", "VMEGRESS-NAT-EGRESS"},
+		f:  {"VMEGRESS-INPUT", "VMEGRESS-FORWARD", "VMEGRESS-NAT-EGRESS", "VMEGRESS-KERNEL-EGRESS"},
 	}
 	res := map[string][]string{}
 	for t, chains := range decl {
@@ -415,9 +511,9 @@ func (b *IPTables) Apply(ctx context.Context, s State) error {
 	if err != nil {
 		return fmt.Errorf("rendering iptables rules: %w", err)
 	}
-	// The set must exist before rules name it; its content changes last.
-	if err := b.Sets.IpsetCreate(NATSet, "hash:ip", netlink.IpsetCreateOptions{Replace: true}); err != nil {
-		return fmt.Errorf("creating ipset %s: %w", NATSet, err)
+	// The sets must exist before rules name them; their content changes last.
+	if err := b.ensureSets(s); err != nil {
+		return err
 	}
 	var done []ipTable
 	prev := map[string][]string{}
@@ -432,10 +528,13 @@ func (b *IPTables) Apply(ctx context.Context, s State) error {
 		}
 		done = append(done, t)
 	}
-	if err := b.fillNATSet(s); err != nil {
+	if err := b.fillSets(s); err != nil {
 		return b.rollback(ctx, done, prev, err)
 	}
-	return nil
+	b.limits = s.Limits()
+	b.notePorts(nil, s)
+	// Only now is no rule left naming a set s does not use.
+	return b.destroySets(ipsSets(s))
 }
 
 // restore replaces vmegress's chains in t with rules (declarations first)
@@ -510,28 +609,6 @@ func (b *IPTables) rollback(ctx context.Context, done []ipTable, prev map[string
 	return cause
 }
 
-// fillNATSet makes the NAT set hold exactly s's NAT guests: a scratch set
-// is filled and swapped in, so the change is atomic.
-func (b *IPTables) fillNATSet(s State) error {
-	// A scratch set left by a crash would keep its members: start anew.
-	if err := b.Sets.IpsetDestroy(natSetNext); err != nil && !errors.Is(err, syscall.ENOENT) {
-		return fmt.Errorf("destroying ipset %s: %w", natSetNext, err)
-	}
-	if err := b.Sets.IpsetCreate(natSetNext, "hash:ip", netlink.IpsetCreateOptions{}); err != nil {
-		return fmt.Errorf("creating ipset %s: %w", natSetNext, err)
-	}
-	defer b.Sets.IpsetDestroy(natSetNext)
-	for _, ip := range s.NATGuests {
-		if err := b.Sets.IpsetAdd(natSetNext, &netlink.IPSetEntry{IP: net.IP(ip.AsSlice()), Replace: true}); err != nil {
-			return fmt.Errorf("adding %s to ipset %s: %w", ip, natSetNext, err)
-		}
-	}
-	if err := b.Sets.IpsetSwap(natSetNext, NATSet); err != nil {
-		return fmt.Errorf("swapping ipset %s in: %w", NATSet, err)
-	}
-	return nil
-}
-
 // cleanTable removes vmegress's jumps and chains from t.
 func (b *IPTables) cleanTable(ctx context.Context, t ipTable) error {
 	have, err := b.saved(ctx, t, false)
@@ -572,16 +649,13 @@ func (b *IPTables) Cleanup(ctx context.Context) error {
 			return err
 		}
 	}
-	for _, set := range []string{natSetNext, NATSet} {
-		if err := b.Sets.IpsetDestroy(set); err != nil && !errors.Is(err, syscall.ENOENT) {
-			return fmt.Errorf("destroying ipset %s: %w", set, err)
-		}
-	}
-	return nil
+	b.limits = nil
+	return b.destroySets(nil)
 }
 
 // Snapshot is vmegress's lines of every table (iptables-save form, no
-// counters) and the NAT set's members; "" when not installed.
+// counters) and the members of the sets the rules name, but those that
+// change with traffic; "" when not installed.
 func (b *IPTables) Snapshot(ctx context.Context) (string, error) {
 	all, err := b.savedAll(ctx, false)
 	if err != nil {
@@ -594,37 +668,49 @@ func (b *IPTables) Snapshot(ctx context.Context) (string, error) {
 	for _, t := range ipTables {
 		fmt.Fprintf(&out, "*%s\n%s\n", t, strings.Join(all[t.String()], "\n"))
 	}
-	members, err := b.natMembers()
-	if err != nil {
-		return "", err
+	for _, name := range namedSets(all["ip mangle"]) {
+		typ, members, ok, err := b.listSet(name)
+		switch {
+		case err != nil:
+			return "", err
+		case !ok:
+			fmt.Fprintf(&out, "ipset %s: (missing)\n", name)
+		case typ != ipsType(name):
+			fmt.Fprintf(&out, "ipset %s: (type %s)\n", name, typ)
+		case name == ipsRefused:
+			fmt.Fprintf(&out, "ipset %s: (counted with traffic)\n", name)
+		case name == ipsTCP || name == ipsTCPDeny:
+			fmt.Fprintf(&out, "ipset %s: (filled from DNS answers)\n", name)
+		default:
+			fmt.Fprintf(&out, "ipset %s: %s\n", name, strings.Join(members, " "))
+		}
 	}
-	fmt.Fprintf(&out, "ipset %s: %s\n", NATSet, strings.Join(members, " "))
 	return out.String(), nil
 }
 
-func (b *IPTables) natMembers() ([]string, error) {
-	res, err := b.Sets.IpsetList(NATSet)
-	if err != nil {
-		if errors.Is(err, syscall.ENOENT) {
-			return nil, nil
+var limitSetRE = regexp.MustCompile(`--match-set (` + ipsLimitPrefix + `\d+) `)
+
+// namedSets are the sets vmegress's mangle rules name: the fixed ones and
+// a limit set per max_connections rule, in ipsSets' order.
+func namedSets(mangle []string) []string {
+	var limits State
+	for _, l := range mangle {
+		if m := limitSetRE.FindStringSubmatch(l); m != nil {
+			n, _ := strconv.Atoi(strings.TrimPrefix(m[1], ipsLimitPrefix))
+			limits.Guests = append(limits.Guests, Guest{Kernel: policy.Kernel{MaxConnections: n}})
 		}
-		return nil, fmt.Errorf("listing ipset %s: %w", NATSet, err)
 	}
-	var members []string
-	for _, e := range res.Entries {
-		members = append(members, e.IP.String())
-	}
-	sort.Strings(members)
-	return members, nil
+	return ipsSets(limits)
 }
 
 var (
-	countedRE  = regexp.MustCompile(`^\[(\d+):\d+\] -A (VMEGRESS-[A-Z-]+) .*-j (DROP|REDIRECT|DNAT)\b`)
+	countedRE  = regexp.MustCompile(`^\[(\d+):\d+\] -A (VMEGRESS-[A-Z-]+) .*-[jg] (DROP|REDIRECT|DNAT|VMEGRESS-REFUSE|VMEGRESS-KFWD)\b`)
 	commentRE  = regexp.MustCompile(`--comment ("(?:[^"\\]|\\.)*"|\S+)`)
 	unescapeRE = regexp.MustCompile(`\\(.)`)
 )
 
-// Counters returns the packet count of every dropping or redirecting rule,
+// Counters returns the packet count of every dropping, redirecting,
+// refusing or kernel-forwarding rule,
 // keyed "chain: comment" with the nftables backend's chain names.
 func (b *IPTables) Counters(ctx context.Context) (map[string]uint64, error) {
 	all, err := b.savedAll(ctx, true)
@@ -658,28 +744,20 @@ func parseCounters(lines []string) map[string]uint64 {
 	return counts
 }
 
-// UpdateProjects changes only the per-project parts from old to s: NAT
-// set members one by one, and SSH forward rules one by one.
+// UpdateProjects changes only the per-project parts from old to s: set
+// members one by one (those that let less through first), and SSH forward
+// rules one by one. A max_connections value the installed rules do not
+// count is ErrNewLimit: the whole ruleset must be applied.
 func (b *IPTables) UpdateProjects(ctx context.Context, old, s State) error {
-	oldNAT, newNAT := map[string]bool{}, map[string]bool{}
-	for _, ip := range old.NATGuests {
-		oldNAT[ip.String()] = true
-	}
-	for _, ip := range s.NATGuests {
-		newNAT[ip.String()] = true
-		if !oldNAT[ip.String()] {
-			if err := b.Sets.IpsetAdd(NATSet, &netlink.IPSetEntry{IP: net.IP(ip.AsSlice()), Replace: true}); err != nil {
-				return fmt.Errorf("adding %s to ipset %s: %w", ip, NATSet, err)
-			}
+	for _, n := range s.Limits() {
+		if !slices.Contains(b.limits, n) {
+			return ErrNewLimit
 		}
 	}
-	for ip := range oldNAT {
-		if !newNAT[ip] {
-			if err := b.Sets.IpsetDel(NATSet, &netlink.IPSetEntry{IP: net.ParseIP(ip), Replace: true}); err != nil {
-				return fmt.Errorf("removing %s from ipset %s: %w", ip, NATSet, err)
-			}
-		}
+	if err := b.updateSets(old, s); err != nil {
+		return err
 	}
+	b.notePorts(&old, s)
 	oldSSH, newSSH := map[SSHForward]bool{}, map[SSHForward]bool{}
 	for _, f := range old.SSH {
 		oldSSH[f] = true
@@ -705,9 +783,62 @@ func (b *IPTables) UpdateProjects(ctx context.Context, old, s State) error {
 	return nil
 }
 
-// Admit is not carried out by the iptables backend yet: its guests' tcp
-// rules are decided by the data plane (every guest TCP connection goes there).
-func (b *IPTables) Admit(ctx context.Context, es []Admitted) error { return nil }
+// Admit adds timed members to vmegress-k-tcp / vmegress-k-tcp-deny. A
+// deny on every port is stored for each port the guest forwards, proxies
+// or has tcp rules on (ipset has no guest . address type here): on any
+// other port the SYN is refused anyway.
+func (b *IPTables) Admit(ctx context.Context, es []Admitted) error {
+	var errs []error
+	for _, e := range es {
+		for _, m := range b.admittedMembers(e) {
+			m.entry.Timeout = u32(uint32(max(e.TTL, time.Second).Round(time.Second).Seconds()))
+			m.entry.Replace = true
+			if err := b.Sets.IpsetAdd(admittedSet(e), &m.entry); err != nil {
+				errs = append(errs, fmt.Errorf("adding %s to ipset %s: %w", m.key, admittedSet(e), err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
 
-// Unadmit: see Admit.
-func (b *IPTables) Unadmit(ctx context.Context, es []Admitted) error { return nil }
+// Unadmit deletes such members (absent ones are not an error).
+func (b *IPTables) Unadmit(ctx context.Context, es []Admitted) error {
+	var errs []error
+	for _, e := range es {
+		for _, m := range b.admittedMembers(e) {
+			if err := b.Sets.IpsetDel(admittedSet(e), &m.entry); err != nil && !errors.Is(err, syscall.ENOENT) && !isIPSetMissing(err) {
+				errs = append(errs, fmt.Errorf("deleting %s from ipset %s: %w", m.key, admittedSet(e), err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func admittedSet(e Admitted) string {
+	if e.Deny {
+		return ipsTCPDeny
+	}
+	return ipsTCP
+}
+
+func (b *IPTables) admittedMembers(e Admitted) []ipsMember {
+	ports := []uint16{e.Port}
+	if e.AllPorts {
+		b.mu.Lock()
+		ports = b.guestPorts[e.Guest]
+		b.mu.Unlock()
+	}
+	out := make([]ipsMember, 0, len(ports))
+	for _, p := range ports {
+		out = append(out, ipsMember{fmt.Sprintf("%s,tcp:%d,%s", e.Guest, p, e.Addr), netlink.IPSetEntry{
+			IP: ipOf(e.Guest), Protocol: u8(unix.IPPROTO_TCP), Port: u16(p), IP2: ipOf(e.Addr)}})
+	}
+	return out
+}
+
+func u32(v uint32) *uint32 { return &v }
+
+// isIPSetMissing: deleting a member that timed out.
+func isIPSetMissing(err error) bool {
+	return errors.Is(err, syscall.Errno(4097)) || strings.Contains(err.Error(), "not added") // IPSET_ERR_EXIST
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/vmegress/vmegress/internal/nettest"
+	"github.com/vmegress/vmegress/internal/policy"
 )
 
 // iptablesIn returns the iptables backend bound to network namespace ns:
@@ -137,7 +139,7 @@ func TestIPTablesKernel(t *testing.T) {
 
 	// A failure in a later table puts the earlier ones back: the previous
 	// rules stay in force.
-	failing := *b
+	failing := &IPTables{Sets: b.Sets, limits: b.limits}
 	failing.Exec = func(ctx context.Context, stdin []byte, argv ...string) ([]byte, error) {
 		if strings.HasPrefix(string(stdin), "*filter") {
 			return nil, errors.New("injected failure")
@@ -179,7 +181,9 @@ func TestIPTablesKernel(t *testing.T) {
 		"prerouting: fail closed: no listener, or not TCP (UDP, QUIC, ICMP, other protocols)",
 		"prerouting: guest IPv6 (and anything not IPv4) never leaves",
 		"nat_prerouting: guest DNS goes to the allowlist resolver",
-		"forward: no forwarding from guests: egress only via the proxy",
+		"forward: no forwarding from guests: egress only via the proxy or a cidr rule's flows",
+		"prerouting: no rule of the guest's project for this port: refused at the SYN",
+		"prerouting: cidr allow rule: forwarded by the kernel, no data plane",
 		"output: the proxy never dials the host's own addresses",
 	} {
 		if _, ok := counts[k]; !ok {
@@ -268,5 +272,165 @@ func TestUplink(t *testing.T) {
 		if !strings.Contains(snap, want) {
 			t.Errorf("%s: no %q in the kernel's listing:\n%s", kind, want, snap)
 		}
+	}
+}
+
+// ipsetKeys lists a set's members as memberKey writes them, sorted.
+func ipsetKeys(t *testing.T, b *IPTables, set string) string {
+	t.Helper()
+	_, keys, ok, err := b.listSet(set)
+	if err != nil || !ok {
+		t.Fatalf("listing ipset %s: %v (exists: %v)", set, err, ok)
+	}
+	return strings.Join(keys, " ")
+}
+
+// TestIPTablesKernelElements: the guests' kernel parts become ipset
+// members (a deny on every port stored for the ports the guest forwards or
+// proxies, a /0 as its two halves, which the kernel matches), UpdateProjects
+// moves them member by member to what an Apply gives, a new
+// max_connections value is ErrNewLimit until an Apply adds its rule, a
+// limit no guest has any more loses its set, and the per-guest refusal
+// counts do not show in the snapshot.
+func TestIPTablesKernelElements(t *testing.T) {
+	nettest.Privileged(t)
+	ns := nettest.NewNS(t)
+	ctx := context.Background()
+	b := iptablesIn(t, ns)
+	guest := func(k policy.Kernel) Guest { return Guest{Addr: netip.MustParseAddr("172.31.0.2"), Kernel: k} }
+	s1 := testState
+	s1.Guests = []Guest{guest(policy.Kernel{
+		MaxConnections: 5,
+		Forward:        []policy.KernelFlow{{Prefix: pfx("10.1.0.0/16"), Ports: []uint16{5432}}, {Prefix: pfx("10.1.2.0/24"), Ports: []uint16{5432, 22}}},
+		Deny:           []policy.KernelFlow{{Prefix: pfx("10.1.9.0/24")}, {Prefix: pfx("10.1.9.9/32"), Ports: []uint16{22}}},
+		Proxied:        []uint16{443},
+	}), {Addr: netip.MustParseAddr("172.31.0.6"), Kernel: policy.Kernel{Audit: true}}}
+	s2 := testState
+	s2.Guests = []Guest{guest(policy.Kernel{
+		MaxConnections: 5,
+		Forward:        []policy.KernelFlow{{Prefix: pfx("0.0.0.0/0"), Ports: []uint16{5432}}},
+		Proxied:        []uint16{80, 443},
+	})}
+	if err := b.Apply(ctx, s1); err != nil {
+		t.Fatal(err)
+	}
+	want1 := map[string]string{
+		ipsFwd:      "172.31.0.2,tcp:22,10.1.2.0/24 172.31.0.2,tcp:5432,10.1.0.0/16",
+		ipsDeny:     "172.31.0.2,tcp:22,10.1.9.0/24 172.31.0.2,tcp:443,10.1.9.0/24 172.31.0.2,tcp:5432,10.1.9.0/24",
+		ipsProxied:  "172.31.0.2,tcp:443",
+		ipsAudit:    "172.31.0.6",
+		ipsLimit(5): "172.31.0.2",
+	}
+	check := func(want map[string]string) {
+		t.Helper()
+		for set, w := range want {
+			if got := ipsetKeys(t, b, set); got != w {
+				t.Errorf("ipset %s holds %q, want %q", set, got, w)
+			}
+		}
+	}
+	check(want1)
+	applied1 := snapshot(t, b)
+
+	if err := b.UpdateProjects(ctx, s1, s2); err != nil {
+		t.Fatal(err)
+	}
+	check(map[string]string{
+		ipsFwd: "172.31.0.2,tcp:5432,0.0.0.0/1 172.31.0.2,tcp:5432,128.0.0.0/1", ipsDeny: "",
+		ipsProxied: "172.31.0.2,tcp:443 172.31.0.2,tcp:80", ipsAudit: "", ipsLimit(5): "172.31.0.2",
+	})
+	// The kernel matches any destination through the two halves.
+	for _, dst := range []string{"1.2.3.4", "200.1.1.1"} {
+		ok, err := b.Sets.(*netlink.Handle).IpsetTest(ipsFwd, &netlink.IPSetEntry{IP: net.ParseIP("172.31.0.2"), Port: u16(5432), Protocol: u8(6), IP2: net.ParseIP(dst), CIDR2: 32})
+		if err != nil || !ok {
+			t.Errorf("%s:5432 not matched by the forward set: %v, %v", dst, ok, err)
+		}
+	}
+	updated := snapshot(t, b)
+	if err := b.Apply(ctx, s2); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(updated, snapshot(t, b)); diff != "" {
+		t.Errorf("UpdateProjects and Apply differ (-update +apply):\n%s", diff)
+	}
+	if err := b.UpdateProjects(ctx, s2, s1); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(applied1, snapshot(t, b)); diff != "" {
+		t.Errorf("back to s1 member by member differs from its Apply (-apply +update):\n%s", diff)
+	}
+
+	// A cap no rule counts needs the whole ruleset.
+	s3 := s1
+	s3.Guests = []Guest{guest(policy.Kernel{MaxConnections: 7, Proxied: []uint16{443}})}
+	if err := b.UpdateProjects(ctx, s1, s3); !errors.Is(err, ErrNewLimit) {
+		t.Fatalf("UpdateProjects to a new max_connections: %v, want ErrNewLimit", err)
+	}
+	if err := b.Apply(ctx, s3); err != nil {
+		t.Fatal(err)
+	}
+	snap := snapshot(t, b)
+	if !strings.Contains(snap, "--match-set vmegress-k-limit-7 src -m connlimit --connlimit-above 7 --connlimit-mask 32 --connlimit-saddr") ||
+		!strings.Contains(snap, "ipset vmegress-k-limit-7: 172.31.0.2\n") || strings.Contains(snap, "limit-5") {
+		t.Errorf("after Apply of a new cap:\n%s", snap)
+	}
+	if _, err := b.Sets.IpsetList(ipsLimit(5)); !errors.Is(err, syscall.ENOENT) {
+		t.Errorf("the set of a cap no guest has is still there: %v", err)
+	}
+
+	// Refusal counts change with traffic, not the snapshot.
+	if err := b.Sets.IpsetAdd(ipsRefused, &netlink.IPSetEntry{IP: net.ParseIP("172.31.0.2")}); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(snap, snapshot(t, b)); diff != "" {
+		t.Errorf("a refusal count changed the snapshot:\n%s", diff)
+	}
+	if err := b.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	all, err := b.Sets.IpsetListAll()
+	if err != nil || len(all) != 0 {
+		t.Errorf("ipsets after cleanup: %v, %v", all, err)
+	}
+}
+
+// TestPhasedOps: element changes that let less through come first, so no
+// moment between two states lets through what neither would.
+func TestPhasedOps(t *testing.T) {
+	g := netip.MustParseAddr("172.31.0.2")
+	old := State{Guests: []Guest{{Addr: g, Kernel: policy.Kernel{
+		Forward: []policy.KernelFlow{{Prefix: pfx("10.0.0.0/8"), Ports: []uint16{22}}},
+		Deny:    []policy.KernelFlow{{Prefix: pfx("10.1.0.0/16"), Ports: []uint16{22}}},
+	}}}}
+	s := State{Guests: []Guest{{Addr: g, Kernel: policy.Kernel{
+		MaxConnections: 2,
+		Forward:        []policy.KernelFlow{{Prefix: pfx("10.1.0.0/16"), Ports: []uint16{22}}},
+		Deny:           []policy.KernelFlow{{Prefix: pfx("10.1.2.0/24"), Ports: []uint16{22}}},
+	}}}, NATGuests: []netip.Addr{netip.MustParseAddr("172.31.0.6")}}
+	from, to := ipsMembers(old), ipsMembers(s)
+	have := map[string][]string{}
+	for set, ms := range from {
+		for _, m := range ms {
+			have[set] = append(have[set], m.key)
+		}
+	}
+	var got []string
+	for _, o := range diffOps(have, to, []string{NATSet, ipsDeny, ipsFwd, ipsLimit(2)}) {
+		verb := "add"
+		if o.del {
+			verb = "del"
+		}
+		got = append(got, verb+" "+o.set+" "+o.m.key)
+	}
+	want := []string{
+		"add vmegress-k-deny 172.31.0.2,tcp:22,10.1.2.0/24",
+		"del vmegress-k-forward 172.31.0.2,tcp:22,10.0.0.0/8",
+		"add vmegress-k-limit-2 172.31.0.2",
+		"add vmegress-nat 172.31.0.6",
+		"del vmegress-k-deny 172.31.0.2,tcp:22,10.1.0.0/16",
+		"add vmegress-k-forward 172.31.0.2,tcp:22,10.1.0.0/16",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("element changes (-want +got):\n%s", diff)
 	}
 }
