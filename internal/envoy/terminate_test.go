@@ -1,0 +1,115 @@
+package envoy
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	"github.com/vmegress/vmegress/internal/nettest"
+	"github.com/vmegress/vmegress/internal/tlsca"
+)
+
+const httpsConfig = `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - https: api.example.com
+        methods: [GET]
+        paths: ["/v1/*", /health]
+        inject: {Authorization: "Bearer ${secret:apikey}"}
+      - https: api.example.com
+        methods: [POST]
+        paths: [/v1/chat]
+      - https: example.com
+        ports: [8443]
+      - sni: "*.example.com"
+      - sni: api.example.com
+        ports: [8443]
+  beta:
+    subnet: 172.31.0.4/30
+    allow:
+      - https: api.example.com
+    deny:
+      - sni: api.example.com
+`
+
+const testSecret = "sk-unit-Secret-1b2c"
+
+// termOptions are testOptions with a CA, a secret store and roots.
+func termOptions(t *testing.T) Settings {
+	t.Helper()
+	ca, err := tlsca.Load(filepath.Join(t.TempDir(), "ca"), tlsca.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := testOptions
+	o.Leaf = ca.Leaf
+	o.Secret = func(name string) (string, error) {
+		if name == "apikey" {
+			return testSecret, nil
+		}
+		return "", errors.New("no such secret")
+	}
+	o.UpstreamRoots = ca.CertPEM()
+	return o
+}
+
+// TestHTTPSRendered: an https name gets a chain of its own, chosen by the
+// server-name matcher, terminating TLS with a certificate over SDS; the
+// secret is only in the SDS resources, never in the listener; a name a
+// deny rule covers is not terminated; Envoy validates the result.
+func TestHTTPSRendered(t *testing.T) {
+	pol := mustPolicy(t, httpsConfig)
+	o := termOptions(t)
+	res, err := Resources(pol, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	js := string(JSON(Listener(pol, o)))
+	for _, want := range []string{`"alpha/https/443/api.example.com"`, `"alpha/https/8443/example.com"`, certSecretPrefix + "api.example.com",
+		`"host_rewrite_literal": "example.com:8443"`, `method %REQ(:METHOD)% not allowed for api.example.com`, "credential_injector"} {
+		if !strings.Contains(js, want) {
+			t.Errorf("listener lacks %s", want)
+		}
+	}
+	if strings.Contains(js, testSecret) {
+		t.Error("the secret is in the listener")
+	}
+	if strings.Contains(js, "beta/https") {
+		t.Error("beta's https name is terminated though a deny rule covers it")
+	}
+	if n := len(res[resourcev3.SecretType]); n != 4 { // two certificates, one inject value, the roots
+		t.Errorf("%d secrets; want 4", n)
+	}
+	// sni api.example.com on 8443 stays an sni name (the https rule there
+	// is for example.com); on 443 the https rule takes it over from
+	// *.example.com (an exact domain beats the wildcard).
+	if !strings.Contains(js, `"api.example.com"`) {
+		t.Error("sni api.example.com on 8443 is not rendered")
+	}
+	nettest.Privileged(t, "envoy")
+	path := filepath.Join(t.TempDir(), "https.json")
+	os.WriteFile(path, JSON(Bootstrap(pol, o)), 0o600)
+	if out, err := exec.Command("envoy", "--mode", "validate", "-c", path).CombinedOutput(); err != nil {
+		t.Errorf("envoy --mode validate: %v\n%s", err, out)
+	}
+}
+
+// TestHTTPSNeedsCA: without a CA or with a missing secret the resources
+// are refused, and the error does not carry a secret.
+func TestHTTPSNeedsCA(t *testing.T) {
+	pol := mustPolicy(t, httpsConfig)
+	if _, err := Resources(pol, testOptions); err == nil || !strings.Contains(err.Error(), "no vmegress CA") {
+		t.Errorf("no CA: %v", err)
+	}
+	o := termOptions(t)
+	o.Secret = func(string) (string, error) { return "", errors.New("gone") }
+	if _, err := Resources(pol, o); err == nil || !strings.Contains(err.Error(), "inject Authorization") {
+		t.Errorf("missing secret: %v", err)
+	}
+}
