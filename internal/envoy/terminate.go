@@ -47,8 +47,9 @@ const (
 // resolve to another path than the one a rule matched (policy's
 // checkPath): a "." or ".." segment (escaped or not, also with
 // ";params"), a backslash, a control byte, an escaped "/" or "\", or an
-// escaped "%" (an escape escaped twice).
-const badPathRegex = `^[^?]*(/(\.|%2[eE]){1,2}(;[^/?]*)?([/?]|$)|\\|%2[fF]|%5[cC]|%25|%[01][0-9a-fA-F]|%7[fF]|[\x00-\x1f\x7f])`
+// escaped "%" (an escape escaped twice). Envoy matches a regex against
+// the whole value.
+const badPathRegex = `[^?]*(/(\.|%2[eE]){1,2}(;[^/?]*)?([/?]|$)|\\|%2[fF]|%5[cC]|%25|%[01][0-9a-fA-F]|%7[fF]|[\x00-\x1f\x7f]).*`
 
 // badPathWhy is the refusal's reason for a path badPathRegex matches.
 const badPathWhy = "it has a . or .. segment, a backslash or control byte, an escaped / or \\, or an escape escaped twice"
@@ -140,11 +141,11 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 	dfpRoute := typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig", M{"host_rewrite_literal": host})
 	enable := typed("envoy.config.route.v3.FilterConfig", M{"config": M{}, "disabled": false})
 	refused := func(reason string) string {
-		return fmt.Sprintf("vmegress: egress policy of project %s refused %%REQ(:METHOD)%% %s%%PATH(WQ)%%: %s\n", p.Name, name, reason)
+		return fmt.Sprintf("vmegress: egress policy of project %s refused %%REQ(:METHOD)%% %s%%PATH(NQ)%%: %s\n", p.Name, name, reason)
 	}
 	// The log's reason is the body's without the request's parts (the
 	// line has them in fields of their own).
-	unformatted := strings.NewReplacer("%PATH(WQ)% ", "", "%REQ(:METHOD)% ", "", "%REQ(:AUTHORITY)% ", "")
+	unformatted := strings.NewReplacer("%PATH(NQ)% ", "", "%REQ(:METHOD)% ", "", "%REQ(:AUTHORITY)% ", "")
 	deny := func(match M, reason string) M {
 		return M{"match": match,
 			"metadata": M{"filter_metadata": M{verdictNamespace: M{"verdict": "deny", "reason": unformatted.Replace(reason)}}},
@@ -206,7 +207,7 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 		routes = append(routes,
 			deny(M{"prefix": "/", "headers": append(slices.Clone(headers), M{"name": ":path", "string_match": M{"safe_regex": M{"regex": badPathRegex}}})},
 				"path not allowed for "+name+": "+badPathWhy),
-			deny(M{"prefix": "/", "headers": headers}, "path %PATH(WQ)% not allowed for "+name))
+			deny(M{"prefix": "/", "headers": headers}, "path %PATH(NQ)% not allowed for "+name))
 	}
 	routes = append(routes, deny(M{"prefix": "/"}, "method %REQ(:METHOD)% not allowed for "+name))
 	vhosts := []M{
@@ -229,7 +230,7 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 	filters = append(filters,
 		M{"name": dfpFilter, "typed_config": typed("envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
 			M{"dns_cache_config": dnsCache(o)})},
-		M{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{})})
+		M{"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router", M{"suppress_envoy_headers": true})})
 	return M{
 		"name": chain,
 		"transport_socket": M{"name": "envoy.transport_sockets.tls", "typed_config": typed(
@@ -242,12 +243,15 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 			"typed_config": typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", M{
 				"stat_prefix":              chain + version,
 				"codec_type":               "AUTO",
-				"route_config":             M{"name": chain, "virtual_hosts": vhosts},
+				"route_config":             M{"name": chain, "virtual_hosts": vhosts, "request_headers_to_remove": []string{"x-forwarded-proto"}},
 				"strip_matching_host_port": true,
-				"upgrade_configs":          []M{{"upgrade_type": "websocket"}},
-				"access_log":               requestLog(o, p.Name),
-				"local_reply_config":       upstreamReplies(name),
-				"http_filters":             filters,
+				// What the guest sent goes on, as on the builtin plane:
+				// no request id, no x-envoy-* or x-forwarded-proto added.
+				"generate_request_id": false,
+				"upgrade_configs":     []M{{"upgrade_type": "websocket"}},
+				"access_log":          requestLog(o, p.Name),
+				"local_reply_config":  upstreamReplies(name),
+				"http_filters":        filters,
 			}),
 		}},
 	}
@@ -261,8 +265,8 @@ func requestLog(o Settings, project string) []M {
 	}
 	meta := func(key string) string { return "%METADATA(ROUTE:" + verdictNamespace + ":" + key + ")%" }
 	return accessLog(o, M{"msg": "request", "project": project, "host": "%REQ(:AUTHORITY)%", "method": "%REQ(:METHOD)%",
-		"path": "%PATH(WQ)%", "status": "%RESPONSE_CODE%", "verdict": meta("verdict"), "rule": meta("rule"),
-		"reason": meta("reason") + " %RESPONSE_FLAGS% %UPSTREAM_TRANSPORT_FAILURE_REASON%"})
+		"path": "%PATH(NQ)%", "status": "%RESPONSE_CODE%", "verdict": meta("verdict"), "rule": meta("rule"),
+		"reason": meta("reason"), "flags": "%RESPONSE_FLAGS%", "upstream_failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%"})
 }
 
 // upstreamReplies words Envoy's own answers when the upstream failed: a

@@ -2,15 +2,18 @@ package envoy
 
 import (
 	"errors"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/vmegress/vmegress/internal/nettest"
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/tlsca"
 )
 
@@ -112,4 +115,30 @@ func TestHTTPSNeedsCA(t *testing.T) {
 	if _, err := Resources(pol, o); err == nil || !strings.Contains(err.Error(), "inject Authorization") {
 		t.Errorf("missing secret: %v", err)
 	}
+}
+
+// FuzzBadPath: a path Envoy's routes let through to a rule with paths
+// (badPathRegex does not match it) is one the builtin plane's decider
+// lets through too, and one it refuses for its form Envoy refuses.
+func FuzzBadPath(f *testing.F) {
+	for _, s := range []string{"/v1/models", "/v1/../admin", "/v1/%2e%2e/admin", "/a%2fb", "/a%252e", "/a\\b", "/v1/..;x/a", "/v1/x?q=../", "/%41", "/.", "/a/./b"} {
+		f.Add(s)
+	}
+	pol := mustPolicy(f, "projects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - https: a.com\n        paths: [\"/*\"]\n")
+	pr := pol.Project("a")
+	re := regexp.MustCompile(`^(?:` + badPathRegex + `)$`)
+	f.Fuzz(func(t *testing.T, raw string) {
+		u, err := url.ParseRequestURI(raw)
+		if err != nil || !strings.HasPrefix(raw, "/") || strings.ContainsAny(raw, "# ") {
+			return // not a request target Envoy's codecs pass on
+		}
+		d := pr.DecideRequest(policy.Request{Kind: policy.KindTLS, Name: "a.com", Port: 443, Host: "a.com", Method: "GET", Path: u.Path, EscapedPath: u.EscapedPath()})
+		envoyAllows := !re.MatchString(raw)
+		if envoyAllows && d.Verdict != policy.Allow {
+			t.Errorf("%q: Envoy's route allows it, the builtin plane refuses it: %s", raw, d.Reason)
+		}
+		if !envoyAllows && d.Verdict == policy.Allow && strings.Contains(u.RawPath+u.Path, "..") {
+			t.Errorf("%q: a dot segment Envoy refuses passes the builtin plane", raw)
+		}
+	})
 }
