@@ -115,6 +115,9 @@ type Settings struct {
 
 	// staticSecrets: secrets are the bootstrap's own (Bootstrap), not SDS.
 	staticSecrets bool
+	// brokenInject maps the inject templates that cannot be expanded to
+	// why (Secrets): their rules' routes answer 502.
+	brokenInject map[string]string
 }
 
 // SettingsFrom takes cfg's part of the settings; Upstreams, the admin
@@ -764,7 +767,10 @@ func Bootstrap(pol *policy.Policy, o Settings) M {
 		"listeners": []M{Listener(pol, o)},
 		"clusters":  clusters(pol, o),
 	}
-	if sec, _ := Secrets(pol, o); len(sec) > 0 {
+	sec, broken, _ := Secrets(pol, o)
+	o.brokenInject = broken
+	res["listeners"] = []M{Listener(pol, o)}
+	if len(sec) > 0 {
 		res["secrets"] = sec
 	}
 	return M{"admin": admin(o), "static_resources": res}

@@ -176,6 +176,22 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 				"route":                   M{"cluster": ClusterHTTPS, "timeout": "0s"},
 				"typed_per_filter_config": perFilter}
 		}
+		var why []string
+		for _, h := range r.Inject {
+			if w, ok := o.brokenInject[h.Value]; ok {
+				why = append(why, w)
+			}
+		}
+		if len(why) > 0 {
+			// A credential that cannot be read: the request fails, it is
+			// never sent without it.
+			reason := strings.Join(why, "; ")
+			allow = func(match M) M {
+				return M{"match": match,
+					"metadata":        M{"filter_metadata": M{verdictNamespace: M{"verdict": "error", "rule": r.Rule, "reason": reason}}},
+					"direct_response": M{"status": 502, "body": M{"inline_string": fmt.Sprintf("vmegress: project %s: %s\n", p.Name, reason)}}}
+			}
+		}
 		headers := methodsHeader(r.Methods)
 		if len(r.Paths) == 0 {
 			routes = append(routes, allow(M{"prefix": "/", "headers": headers}))
@@ -288,9 +304,13 @@ func upstreamReplies(name string) M {
 // Secrets are the SDS secrets pol's terminated chains refer to: a
 // certificate for each https name (o.Leaf), each inject header's value
 // with its ${secret:NAME}s expanded (o.Secret), and the upstream roots.
-// Their values are only ever in these resources.
-func Secrets(pol *policy.Policy, o Settings) ([]M, error) {
-	var out []M
+// Their values are only ever in these resources. An inject value that
+// cannot be expanded is not served: broken maps its template to why (no
+// value in it), and the routes of rules injecting it answer 502 instead
+// of forwarding (Listener with o.brokenInject), as the builtin plane never
+// sends a request without its credential.
+func Secrets(pol *policy.Policy, o Settings) (out []M, broken map[string]string, err error) {
+	broken = map[string]string{}
 	certs, injects := map[string]bool{}, map[string]bool{}
 	var errs []error
 	for _, p := range pol.Projects() {
@@ -313,7 +333,7 @@ func Secrets(pol *policy.Policy, o Settings) ([]M, error) {
 						injects[h.Value] = true
 						s, err := injectSecret(o, h)
 						if err != nil {
-							errs = append(errs, fmt.Errorf("project %q, rule %s: %w", p.Name, r.Rule, err))
+							broken[h.Value] = err.Error()
 							continue
 						}
 						out = append(out, s)
@@ -328,7 +348,7 @@ func Secrets(pol *policy.Policy, o Settings) ([]M, error) {
 		}
 		out = append(out, M{"name": rootsSecret, "validation_context": M{"trusted_ca": M{"inline_bytes": o.UpstreamRoots}}})
 	}
-	return out, errors.Join(errs...)
+	return out, broken, errors.Join(errs...)
 }
 
 func certSecret(o Settings, name string) (M, error) {

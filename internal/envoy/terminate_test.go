@@ -103,8 +103,10 @@ func TestHTTPSRendered(t *testing.T) {
 	}
 }
 
-// TestHTTPSNeedsCA: without a CA or with a missing secret the resources
-// are refused, and the error does not carry a secret.
+// TestHTTPSNeedsCA: without a CA the resources are refused; with a
+// secret that cannot be read, the routes of the rule injecting it answer
+// 502 naming the header (never forward without it) and nothing is served
+// for it.
 func TestHTTPSNeedsCA(t *testing.T) {
 	pol := mustPolicy(t, httpsConfig)
 	if _, err := Resources(pol, testOptions); err == nil || !strings.Contains(err.Error(), "no vmegress CA") {
@@ -112,8 +114,20 @@ func TestHTTPSNeedsCA(t *testing.T) {
 	}
 	o := termOptions(t)
 	o.Secret = func(string) (string, error) { return "", errors.New("gone") }
-	if _, err := Resources(pol, o); err == nil || !strings.Contains(err.Error(), "inject Authorization") {
-		t.Errorf("missing secret: %v", err)
+	res, broken, err := resources(pol, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(res[resourcev3.SecretType]); n != 3 { // two certificates and the roots
+		t.Errorf("%d secrets; want 3 (no inject value)", n)
+	}
+	o.brokenInject = broken
+	js := string(JSON(Listener(pol, o)))
+	if !strings.Contains(js, `"status": 502`) || !strings.Contains(js, "inject Authorization: gone") {
+		t.Error("the injecting rule's routes do not answer 502 naming the header")
+	}
+	if strings.Count(js, "vmegress_dfp_https") != 2 { // the POST rule and the 8443 name still forward
+		t.Errorf("%d forwarding routes; want 2", strings.Count(js, "vmegress_dfp_https"))
 	}
 }
 

@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -68,31 +70,39 @@ func toProto(m M, msg proto.Message) error {
 
 // Resources builds the typed listener and clusters for pol.
 func Resources(pol *policy.Policy, o Settings) (map[resourcev3.Type][]types.Resource, error) {
+	res, _, err := resources(pol, o)
+	return res, err
+}
+
+// resources is Resources, and the inject templates that could not be
+// expanded (Secrets).
+func resources(pol *policy.Policy, o Settings) (map[resourcev3.Type][]types.Resource, map[string]string, error) {
+	sec, broken, err := Secrets(pol, o)
+	if err != nil {
+		return nil, nil, fmt.Errorf("building the Envoy secrets: %w", err)
+	}
+	o.brokenInject = broken
 	l := &listenerv3.Listener{}
 	if err := toProto(Listener(pol, o), l); err != nil {
-		return nil, fmt.Errorf("building the Envoy listener: %w", err)
+		return nil, nil, fmt.Errorf("building the Envoy listener: %w", err)
 	}
 	out := map[resourcev3.Type][]types.Resource{resourcev3.ListenerType: {l}}
-	sec, err := Secrets(pol, o)
-	if err != nil {
-		return nil, fmt.Errorf("building the Envoy secrets: %w", err)
-	}
 	for _, sm := range sec {
 		s := &tlsv3.Secret{}
 		if err := toProto(sm, s); err != nil {
 			// The message only: the secret's value must not get into an error.
-			return nil, fmt.Errorf("building Envoy secret %v", sm["name"])
+			return nil, nil, fmt.Errorf("building Envoy secret %v", sm["name"])
 		}
 		out[resourcev3.SecretType] = append(out[resourcev3.SecretType], s)
 	}
 	for _, cm := range clusters(pol, o) {
 		c := &clusterv3.Cluster{}
 		if err := toProto(cm, c); err != nil {
-			return nil, fmt.Errorf("building Envoy cluster %v: %w", cm["name"], err)
+			return nil, nil, fmt.Errorf("building Envoy cluster %v: %w", cm["name"], err)
 		}
 		out[resourcev3.ClusterType] = append(out[resourcev3.ClusterType], c)
 	}
-	return out, nil
+	return out, broken, nil
 }
 
 // XDSBootstrap is the bootstrap of an Envoy that takes everything else from
@@ -167,11 +177,11 @@ func (s *Server) Update(ctx context.Context, pol *policy.Policy, o Settings) err
 
 // update pushes pol's resources; s.mu is held.
 func (s *Server) update(ctx context.Context, pol *policy.Policy, o Settings, wait bool) error {
-	res, err := Resources(pol, o)
+	res, broken, err := resources(pol, o)
 	if err != nil {
 		return err
 	}
-	s.pol, s.opt, s.secrets = pol, o, secretsDigest(res)
+	s.pol, s.opt, s.secrets = pol, o, secretsDigest(res, broken)
 	s.version++
 	v := s.version
 	snap, err := cachev3.NewSnapshot(strconv.Itoa(v), res)
@@ -193,9 +203,12 @@ func (s *Server) update(ctx context.Context, pol *policy.Policy, o Settings, wai
 	return s.waitAck(ctx, v)
 }
 
-// secretsDigest is a digest of res's secrets (their values never leave it).
-func secretsDigest(res map[resourcev3.Type][]types.Resource) string {
+// secretsDigest is a digest of res's secrets (their values never leave
+// it) and of the inject templates that could not be expanded.
+func secretsDigest(res map[resourcev3.Type][]types.Resource, broken map[string]string) string {
 	h := sha256.New()
+	keys := slices.Sorted(maps.Keys(broken))
+	fmt.Fprintln(h, keys)
 	for _, r := range res[resourcev3.SecretType] {
 		b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(r)
 		h.Write(b)
@@ -217,7 +230,7 @@ func (s *Server) refresh(ctx context.Context) {
 	if s.pol == nil || !terminates(s.pol) {
 		return
 	}
-	sec, err := Secrets(s.pol, s.opt)
+	sec, broken, err := Secrets(s.pol, s.opt)
 	if err == nil {
 		res := map[resourcev3.Type][]types.Resource{}
 		for _, sm := range sec {
@@ -228,7 +241,7 @@ func (s *Server) refresh(ctx context.Context) {
 			}
 			res[resourcev3.SecretType] = append(res[resourcev3.SecretType], m)
 		}
-		if err == nil && secretsDigest(res) == s.secrets {
+		if err == nil && secretsDigest(res, broken) == s.secrets {
 			return
 		}
 	}
