@@ -298,9 +298,12 @@ type EnvoyIssue struct {
 // what the resolver answered the project, which Envoy's listeners do not see.
 const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know; with firewall nftables the kernel decides tcp rules for either plane"
 
-// envoyL7Why is why https rules and http request rules are builtin-only
-// for now (README, "Current limits").
-const envoyL7Why = "TLS termination and request rules (methods, paths, inject) are not yet rendered for Envoy"
+// envoyL7Why is why http rules with methods, paths or inject are
+// builtin-only for now (README, "Current limits").
+const envoyL7Why = "request rules (methods, paths, inject) on plain http are not yet rendered for Envoy"
+
+// envoyWildcardHTTPSWhy is why an https rule for a wildcard is builtin-only.
+const envoyWildcardHTTPSWhy = "Envoy shows a terminated guest certificates vmegress issued before the connection, one per name: a rule for \"*\" or \"*.domain\" allows names nobody can list in advance, and a wildcard certificate covers one label only; list the names as https rules"
 
 // SecretNames lists the secrets the project's inject headers reference,
 // each once, in rule order.
@@ -330,7 +333,9 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 	for i := range p.Allow {
 		if r := &p.Allow[i]; r.Kind == KindTCP {
 			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)})
-		} else if r.RequestRules() {
+		} else if r.Kind == KindHTTPS && (r.Name == AnyName || strings.HasPrefix(r.Name, "*.")) {
+			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyWildcardHTTPSWhy)})
+		} else if r.Kind == KindHTTP && r.RequestRules() {
 			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyL7Why)})
 		}
 	}

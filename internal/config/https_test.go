@@ -86,7 +86,7 @@ func TestParseHTTPSErrors(t *testing.T) {
 		{"https smtp", "projects:\n  a:\n    allow:\n      - https: a.com\n        ports: [25]\n", `port 25 (SMTP)`},
 		{"secrets_dir relative", "secrets_dir: secrets\n", `c.yaml:1:14: secrets_dir: "secrets" must be an absolute path`},
 		{"upstream_ca_file relative", "upstream_ca_file: ca.pem\n", `c.yaml:1:19: upstream_ca_file: "ca.pem" must be an absolute path`},
-		{"envoy", "dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: b.com\n      - https: a.com\n", `c.yaml:6:9: project "a": allow rule https:a.com needs dataplane builtin (TLS termination and request rules`},
+		{"envoy wildcard", "dataplane: envoy\nprojects:\n  a:\n    allow:\n      - sni: b.com\n      - https: \"*.a.com\"\n", `c.yaml:6:9: project "a": allow rule https:*.a.com needs dataplane builtin (Envoy shows a terminated guest certificates`},
 		{"envoy http methods", "dataplane: envoy\nprojects:\n  a:\n    allow:\n      - http: a.com\n        methods: [GET]\n", `c.yaml:5:9: project "a": allow rule http:a.com methods GET needs dataplane builtin`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -95,6 +95,15 @@ func TestParseHTTPSErrors(t *testing.T) {
 				t.Errorf("got %v; want an error with %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestEnvoyHTTPS: https rules for names (methods, paths, inject) load on
+// dataplane envoy.
+func TestEnvoyHTTPS(t *testing.T) {
+	y := "dataplane: envoy\nprojects:\n  a:\n    allow:\n      - https: a.com\n        methods: [GET]\n        paths: [\"/v1/*\"]\n        inject: {Authorization: \"Bearer ${secret:k}\"}\n"
+	if _, err := Parse("c.yaml", []byte(y)); err != nil {
+		t.Errorf("https rule on envoy: %v", err)
 	}
 }
 

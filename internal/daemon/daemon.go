@@ -311,7 +311,17 @@ func (d *Daemon) startEnvoy(ctx context.Context, cfg *config.Config, upstreams [
 	d.envoyOpt = envoy.SettingsFrom(cfg)
 	d.envoyOpt.Upstreams, d.envoyOpt.AccessLogPath = upstreams, "/dev/stdout"
 	d.envoyOpt.AdminSocket = filepath.Join(d.StateDir, "envoy-admin.sock")
+	// https rules: certificates of the vmegress CA and inject secrets,
+	// served to Envoy over SDS; upstreams verified as the builtin plane does.
+	if d.Termination != nil {
+		d.envoyOpt.Leaf, d.envoyOpt.Secret = d.Termination.Leaf, d.Termination.Secret
+	}
+	if d.envoyOpt.UpstreamRoots, err = envoy.HostUpstreamRoots(cfg.UpstreamCAFile); err != nil {
+		ln.Close()
+		return nil, err
+	}
 	xds := envoy.NewServer()
+	xds.Log = d.Log.With("component", "xds")
 	if err := xds.Update(ctx, d.Engine.Snapshot().Policy, d.envoyOpt); err != nil {
 		ln.Close()
 		return nil, err

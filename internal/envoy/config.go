@@ -12,6 +12,7 @@ package envoy
 
 import (
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -102,6 +103,21 @@ type Settings struct {
 	// "keep" a change that only edits names touches just the matcher and
 	// drains nothing.
 	OnPolicyChange string
+	// Leaf issues the certificate guests are shown for an https rule's
+	// name (the vmegress CA's); nil: https rules cannot be rendered.
+	Leaf func(name string) (*tls.Certificate, error)
+	// Secret reads a secret for ${secret:NAME} in inject headers; its
+	// errors must not carry the value. Nil: every secret is missing.
+	Secret func(name string) (string, error)
+	// UpstreamRoots (PEM) verify the upstreams of terminated requests: the
+	// host's bundle plus upstream_ca_file (HostUpstreamRoots).
+	UpstreamRoots []byte
+
+	// staticSecrets: secrets are the bootstrap's own (Bootstrap), not SDS.
+	staticSecrets bool
+	// brokenInject maps the inject templates that cannot be expanded to
+	// why (Secrets): their rules' routes answer 502.
+	brokenInject map[string]string
 }
 
 // SettingsFrom takes cfg's part of the settings; Upstreams, the admin
@@ -171,7 +187,7 @@ func markedBind(mark uint32) M {
 	return M{"socket_options": []M{{"level": solSocket, "name": soMark, "int_value": mark, "state": "STATE_PREBIND"}}}
 }
 
-func clusters(o Settings) []M {
+func clusters(pol *policy.Policy, o Settings) []M {
 	dfp := func(name string) M {
 		return M{
 			"name":                 name,
@@ -184,18 +200,22 @@ func clusters(o Settings) []M {
 			},
 		}
 	}
-	return []M{
+	var terminating []M
+	if terminates(pol) {
+		terminating = append(terminating, httpsCluster(o))
+	}
+	return append(terminating,
 		dfp(ClusterTLS),
 		dfp(ClusterHTTP),
-		{
+		M{
 			// cidr rules only: the original destination, restricted by the
 			// matcher to the rule's ranges.
 			"name": ClusterOrigDst, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
 			"connect_timeout": "10s", "upstream_bind_config": markedBind(o.UpstreamMark),
 		},
-		{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny,
+		M{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny,
 			"endpoints": []M{{"lb_endpoints": []M{{"endpoint": M{"address": socketAddr(netip.MustParseAddrPort("127.0.0.1:1"))}}}}}}},
-	}
+	)
 }
 
 // accessLog is one JSON line per connection (per request for http chains)
@@ -298,7 +318,7 @@ func Listener(pol *policy.Policy, o Settings) M {
 			pt := v.Port
 			var onPort M // the matcher for this port
 			var tlsMatch, httpMatch M
-			if len(v.SNI) > 0 {
+			if len(v.SNI) > 0 || len(v.HTTPS) > 0 {
 				name := chainName(p.Name, "tls", pt)
 				sni := policy.Patterns(v.SNI)
 				// The server-name matcher takes the most specific domain
@@ -306,20 +326,31 @@ func Listener(pol *policy.Policy, o Settings) M {
 				// rules' patterns get their refusal, and the allow patterns
 				// a deny pattern covers are not in sni (policy.PortView), so
 				// a deny always wins, as on the builtin plane.
-				domains := []M{{"domains": sni, "on_match": action(name)}}
+				// An https name (exact: config.EnvoyIssues) has a chain of
+				// its own that terminates TLS; sni holds no name an https
+				// pattern covers (an https rule takes a name over).
+				var domains []M
+				if len(sni) > 0 {
+					domains = append(domains, M{"domains": sni, "on_match": action(name)})
+					chains = append(chains, M{
+						"name": name,
+						"filters": []M{
+							connLimit(name, p.MaxConnections),
+							{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
+								"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
+								M{"dns_cache_config": dnsCache(o), "port_value": pt})},
+							tcpProxy(name+version(sni, policy.Patterns(v.DenySNI)), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
+						},
+					})
+				}
+				for _, n := range v.HTTPS {
+					rules := p.HTTPSRules(n.Pattern, pt)
+					domains = append(domains, M{"domains": []string{n.Pattern}, "on_match": action(httpsChainName(p.Name, pt, n.Pattern))})
+					chains = append(chains, httpsChain(o, p, pt, n.Pattern, rules, version(fmt.Sprint(rules))))
+				}
 				for _, g := range groupByRule(v.DenySNI) {
 					domains = append(domains, M{"domains": g.patterns, "on_match": action(ruleChain(g.rule))})
 				}
-				chains = append(chains, M{
-					"name": name,
-					"filters": []M{
-						connLimit(name, p.MaxConnections),
-						{"name": "envoy.filters.network.sni_dynamic_forward_proxy", "typed_config": typed(
-							"envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
-							M{"dns_cache_config": dnsCache(o), "port_value": pt})},
-						tcpProxy(name+version(sni, policy.Patterns(v.DenySNI)), ClusterTLS, chainLog(o, p.Name, "sni ("+name+")")),
-					},
-				})
 				if denySNI == "" {
 					denySNI = p.Name + "/deny/sni"
 					chains = append(chains, denyChain(o, denySNI, p.Name, fmt.Sprintf(
@@ -573,7 +604,7 @@ func tlsPorts(pol *policy.Policy) []uint16 {
 	seen := map[uint16]bool{}
 	for _, p := range pol.Projects() {
 		for _, v := range p.Ports() {
-			if len(v.SNI) > 0 {
+			if len(v.SNI) > 0 || len(v.HTTPS) > 0 {
 				seen[v.Port] = true
 			}
 		}
@@ -726,14 +757,23 @@ func bodilessMethods() M {
 }
 
 // Bootstrap is the standalone configuration (spec 6.6) with the policy applied.
+// Terminated chains' certificates and secrets are static secrets of the
+// bootstrap (what renders is left out; Check refuses such a policy for
+// the standalone bootstrap, which would carry keys and secrets: tests
+// validate it).
 func Bootstrap(pol *policy.Policy, o Settings) M {
-	return M{
-		"admin": admin(o),
-		"static_resources": M{
-			"listeners": []M{Listener(pol, o)},
-			"clusters":  clusters(o),
-		},
+	o.staticSecrets = true
+	res := M{
+		"listeners": []M{Listener(pol, o)},
+		"clusters":  clusters(pol, o),
 	}
+	sec, broken, _ := Secrets(pol, o)
+	o.brokenInject = broken
+	res["listeners"] = []M{Listener(pol, o)}
+	if len(sec) > 0 {
+		res["secrets"] = sec
+	}
+	return M{"admin": admin(o), "static_resources": res}
 }
 
 // JSON renders m indented.
@@ -742,7 +782,7 @@ func JSON(m M) []byte {
 	return b
 }
 
-// Check refuses a policy Envoy cannot carry out as the builtin plane does,
+// Check refuses a policy a standalone Envoy cannot carry out as the builtin plane does,
 // naming the project and what it asks for; callers run it when a config
 // with dataplane envoy is loaded (and before each policy push), so the two
 // planes never differ silently.
@@ -752,6 +792,9 @@ func Check(pol *policy.Policy) error {
 		if p.Audit {
 			errs = append(errs, fmt.Errorf("project %q: mode audit needs dataplane builtin (Envoy cannot allow a connection and log that the policy would refuse it)", p.Name))
 		}
+	}
+	if terminates(pol) {
+		errs = append(errs, errors.New("https rules need vmegress run (the certificates and secrets are served to Envoy over xDS; a standalone bootstrap would carry private keys and secrets)"))
 	}
 	return errors.Join(errs...)
 }

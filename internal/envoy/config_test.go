@@ -44,7 +44,7 @@ var testOptions = Settings{TProxyPort: 15001, UpstreamMark: 0x2, VMCIDR: netip.M
 	Upstreams: []string{"192.0.2.53:53"}, AdminAddress: netip.MustParseAddrPort("127.0.0.1:9902"), AccessLogPath: "/dev/stdout"}
 
 // mustPolicy compiles the config y.
-func mustPolicy(t *testing.T, y string) *policy.Policy {
+func mustPolicy(t testing.TB, y string) *policy.Policy {
 	t.Helper()
 	cfg, err := config.Parse("t.yaml", []byte(y))
 	if err != nil {

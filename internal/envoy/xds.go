@@ -2,15 +2,20 @@ package envoy
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	clusterservice "github.com/envoyproxy/go-control-plane/envoy/service/cluster/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	listenerservice "github.com/envoyproxy/go-control-plane/envoy/service/listener/v3"
@@ -28,6 +33,7 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/filters/cel/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/clusters/dynamic_forward_proxy/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/buffer/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/credential_injector/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/dynamic_forward_proxy/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
@@ -39,8 +45,10 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/sni_dynamic_forward_proxy/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/http/injected_credentials/generic/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/matching/common_inputs/network/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/network/dns_resolver/cares/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	_ "google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/vmegress/vmegress/internal/policy"
@@ -62,19 +70,39 @@ func toProto(m M, msg proto.Message) error {
 
 // Resources builds the typed listener and clusters for pol.
 func Resources(pol *policy.Policy, o Settings) (map[resourcev3.Type][]types.Resource, error) {
+	res, _, err := resources(pol, o)
+	return res, err
+}
+
+// resources is Resources, and the inject templates that could not be
+// expanded (Secrets).
+func resources(pol *policy.Policy, o Settings) (map[resourcev3.Type][]types.Resource, map[string]string, error) {
+	sec, broken, err := Secrets(pol, o)
+	if err != nil {
+		return nil, nil, fmt.Errorf("building the Envoy secrets: %w", err)
+	}
+	o.brokenInject = broken
 	l := &listenerv3.Listener{}
 	if err := toProto(Listener(pol, o), l); err != nil {
-		return nil, fmt.Errorf("building the Envoy listener: %w", err)
+		return nil, nil, fmt.Errorf("building the Envoy listener: %w", err)
 	}
 	out := map[resourcev3.Type][]types.Resource{resourcev3.ListenerType: {l}}
-	for _, cm := range clusters(o) {
+	for _, sm := range sec {
+		s := &tlsv3.Secret{}
+		if err := toProto(sm, s); err != nil {
+			// The message only: the secret's value must not get into an error.
+			return nil, nil, fmt.Errorf("building Envoy secret %v", sm["name"])
+		}
+		out[resourcev3.SecretType] = append(out[resourcev3.SecretType], s)
+	}
+	for _, cm := range clusters(pol, o) {
 		c := &clusterv3.Cluster{}
 		if err := toProto(cm, c); err != nil {
-			return nil, fmt.Errorf("building Envoy cluster %v: %w", cm["name"], err)
+			return nil, nil, fmt.Errorf("building Envoy cluster %v: %w", cm["name"], err)
 		}
 		out[resourcev3.ClusterType] = append(out[resourcev3.ClusterType], c)
 	}
-	return out, nil
+	return out, broken, nil
 }
 
 // XDSBootstrap is the bootstrap of an Envoy that takes everything else from
@@ -108,6 +136,16 @@ type Server struct {
 	// AckTimeout bounds how long Update waits for Envoy to apply a snapshot
 	// (zero: DefaultAckTimeout).
 	AckTimeout time.Duration
+	// RefreshInterval is how often certificates and secrets are rendered
+	// again while serving (zero: DefaultRefreshInterval).
+	RefreshInterval time.Duration
+	// Log receives refresh errors (nil: none logged).
+	Log *slog.Logger
+
+	// The last policy pushed, its settings and its secrets' digest (guarded by mu).
+	pol     *policy.Policy
+	opt     Settings
+	secrets string
 
 	ackMu     sync.Mutex
 	ackCh     chan struct{} // closed and replaced on every listener ACK or NACK
@@ -132,12 +170,18 @@ func NewServer() *Server {
 // pol. A refusal (NACK) or no answer within AckTimeout is an error; the
 // previous configuration then stays in Envoy.
 func (s *Server) Update(ctx context.Context, pol *policy.Policy, o Settings) error {
-	res, err := Resources(pol, o)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.update(ctx, pol, o, true)
+}
+
+// update pushes pol's resources; s.mu is held.
+func (s *Server) update(ctx context.Context, pol *policy.Policy, o Settings, wait bool) error {
+	res, broken, err := resources(pol, o)
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.pol, s.opt, s.secrets = pol, o, secretsDigest(res, broken)
 	s.version++
 	v := s.version
 	snap, err := cachev3.NewSnapshot(strconv.Itoa(v), res)
@@ -153,7 +197,78 @@ func (s *Server) Update(ctx context.Context, pol *policy.Policy, o Settings) err
 	if err := s.cache.SetSnapshot(ctx, NodeID, snap); err != nil {
 		return err
 	}
+	if !wait {
+		return nil
+	}
 	return s.waitAck(ctx, v)
+}
+
+// secretsDigest is a digest of res's secrets (their values never leave
+// it) and of the inject templates that could not be expanded.
+func secretsDigest(res map[resourcev3.Type][]types.Resource, broken map[string]string) string {
+	h := sha256.New()
+	keys := slices.Sorted(maps.Keys(broken))
+	fmt.Fprintln(h, keys)
+	for _, r := range res[resourcev3.SecretType] {
+		b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+		h.Write(b)
+	}
+	return string(h.Sum(nil))
+}
+
+// DefaultRefreshInterval is how often the server renders the secrets again
+// (a changed secret file, a certificate near its end) when RefreshInterval
+// is zero.
+const DefaultRefreshInterval = 2 * time.Second
+
+// refresh renders the last policy's secrets again and pushes them when
+// they changed (Envoy takes new SDS secrets without draining anything).
+// An error keeps the secrets Envoy has and is logged without a value.
+func (s *Server) refresh(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pol == nil || !terminates(s.pol) {
+		return
+	}
+	sec, broken, err := Secrets(s.pol, s.opt)
+	if err == nil {
+		res := map[resourcev3.Type][]types.Resource{}
+		for _, sm := range sec {
+			m := &tlsv3.Secret{}
+			if err = toProto(sm, m); err != nil {
+				err = fmt.Errorf("building Envoy secret %v", sm["name"])
+				break
+			}
+			res[resourcev3.SecretType] = append(res[resourcev3.SecretType], m)
+		}
+		if err == nil && secretsDigest(res, broken) == s.secrets {
+			return
+		}
+	}
+	if err == nil {
+		err = s.update(ctx, s.pol, s.opt, false)
+	}
+	if err != nil && s.Log != nil {
+		s.Log.Error("renewing the certificates and secrets Envoy serves; it keeps the previous ones", "err", err.Error())
+	}
+}
+
+// refreshLoop refreshes until ctx ends.
+func (s *Server) refreshLoop(ctx context.Context) {
+	every := s.RefreshInterval
+	if every == 0 {
+		every = DefaultRefreshInterval
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.refresh(ctx)
+		}
+	}
 }
 
 func (s *Server) waitAck(ctx context.Context, v int) error {
@@ -218,6 +333,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		<-ctx.Done()
 		gs.Stop()
 	}()
+	go s.refreshLoop(ctx)
 	if err := gs.Serve(ln); err != nil && ctx.Err() == nil {
 		return fmt.Errorf("serving xDS: %w", err)
 	}

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/vmegress/vmegress/internal/config"
 )
 
 // NameRule is one sni or http name pattern ("a.example" or "*.example",
@@ -25,8 +27,14 @@ type CIDRRule struct {
 // and never the config, so the planes cannot disagree on what a rule means.
 type PortView struct {
 	Port uint16
-	// SNI are the names TLS connections may name on Port, sorted.
+	// SNI are the names TLS connections may name on Port, sorted; a name
+	// an https pattern covers is not here (an https rule takes a name
+	// over from sni rules).
 	SNI []NameRule
+	// HTTPS are the patterns of https rules (TLS terminated, each request
+	// decided by HTTPSRules) on Port, sorted, but those a deny pattern
+	// covers.
+	HTTPS []NameRule
 	// HTTP are the Host names plain-HTTP requests may carry on Port, sorted.
 	HTTP []NameRule
 	// CIDRs are the ranges connections to Port may reach uninspected.
@@ -58,9 +66,9 @@ func Covers(a, b string) bool {
 // stage (InspectEither: the first byte tells TLS from HTTP).
 func (v PortView) Inspect() Inspect {
 	switch {
-	case len(v.SNI) > 0 && len(v.HTTP) > 0:
+	case (len(v.SNI) > 0 || len(v.HTTPS) > 0) && len(v.HTTP) > 0:
 		return InspectEither
-	case len(v.SNI) > 0:
+	case len(v.SNI) > 0 || len(v.HTTPS) > 0:
 		return InspectTLS
 	case len(v.HTTP) > 0:
 		return InspectHTTP
@@ -84,6 +92,7 @@ func (pr *Project) Ports() []PortView {
 	}{
 		{pr.sni, func(v *PortView, n NameRule) { v.SNI = append(v.SNI, n) }},
 		{pr.http, func(v *PortView, n NameRule) { v.HTTP = append(v.HTTP, n) }},
+		{pr.req.https, func(v *PortView, n NameRule) { v.HTTPS = append(v.HTTPS, n) }},
 	} {
 		k.m.each(func(pattern string, r portRule) {
 			for _, pt := range r.ports {
@@ -101,7 +110,8 @@ func (pr *Project) Ports() []PortView {
 	for _, v := range byPort {
 		v.DenySNI = denyOn(pr.denySNI, v.Port)
 		v.DenyHTTP = denyOn(pr.denyHTTP, v.Port)
-		v.SNI = uncovered(sortNames(v.SNI), v.DenySNI)
+		v.HTTPS = uncovered(sortNames(v.HTTPS), v.DenySNI)
+		v.SNI = uncovered(uncovered(sortNames(v.SNI), v.DenySNI), v.HTTPS)
 		v.HTTP = uncovered(sortNames(v.HTTP), v.DenyHTTP)
 		out = append(out, *v)
 	}
@@ -149,6 +159,44 @@ func Patterns(ns []NameRule) []string {
 	out := make([]string, len(ns))
 	for i, n := range ns {
 		out[i] = n.Pattern
+	}
+	return out
+}
+
+// RequestRule is one https or http allow rule as compiled for deciding
+// requests (DecideRequest), for renderers of other data planes.
+type RequestRule struct {
+	Pattern string
+	Ports   []uint16
+	// Methods and Paths restrict the requests the rule allows (empty: any);
+	// a path ending in "*" is a prefix.
+	Methods, Paths []string
+	// Inject are the headers set on the requests the rule allows
+	// (templates; ${secret:NAME} is expanded by the data plane).
+	Inject []config.Header
+	Rule   string
+}
+
+// HTTPSRules returns the project's https rules for name on port, in
+// config order: DecideRequest's first rule that allows a request decides.
+func (pr *Project) HTTPSRules(name string, port uint16) []RequestRule {
+	return requestRulesFor(pr.req.tls, name, port)
+}
+
+// HTTPRules returns the project's http allow rules for name on port, in
+// config order (a rule without methods, paths or inject allows any
+// request and injects nothing).
+func (pr *Project) HTTPRules(name string, port uint16) []RequestRule {
+	return requestRulesFor(pr.req.http, name, port)
+}
+
+func requestRulesFor(rs []requestRule, name string, port uint16) []RequestRule {
+	var out []RequestRule
+	for _, r := range rs {
+		if slices.Contains(r.ports, port) && nameMatches(r.pattern, name) {
+			out = append(out, RequestRule{Pattern: r.pattern, Ports: slices.Clone(r.ports), Methods: slices.Clone(r.methods),
+				Paths: slices.Clone(r.paths), Inject: slices.Clone(r.inject), Rule: r.rule})
+		}
 	}
 	return out
 }
