@@ -25,6 +25,10 @@ type admission struct {
 type admissions struct {
 	mu sync.Mutex
 	m  map[admission]time.Time // expiry
+	// last is the snapshot the admissions were last reconciled with: an
+	// Admit decided under an older one checks its elements again (a policy
+	// change may have run between its decision and its elements).
+	last *Snapshot
 }
 
 // Admit puts the addresses the resolver is about to hand project for name
@@ -68,7 +72,55 @@ func (e *Engine) Admit(ctx context.Context, project, name string, addrs []netip.
 		}
 	}
 	e.adm.mu.Unlock()
-	return e.Interception.Firewall.Admit(ctx, es)
+	if err := e.Interception.Firewall.Admit(ctx, es); err != nil {
+		return err
+	}
+	return e.recheck(ctx, snap, project, name, es)
+}
+
+// recheck withdraws the elements es an Admit decided under snap put in
+// the ruleset when a policy change was reconciled meanwhile (after snap)
+// and no longer allows them. The change's reconcile withdrew only what was
+// recorded and installed when it ran: the admission may have been recorded
+// after it, or its elements installed after its withdrawal; either way they
+// would stay until their TTL (one the name's owner chooses) plus grace.
+func (e *Engine) recheck(ctx context.Context, snap *Snapshot, project, name string, es []firewall.Admitted) error {
+	e.adm.mu.Lock()
+	last := e.adm.last
+	if last == nil || last.Generation <= snap.Generation {
+		e.adm.mu.Unlock()
+		return nil
+	}
+	var stale []firewall.Admitted
+	for _, el := range es {
+		a := admission{project, name, el.Guest, el.Addr, el.Port}
+		if !admits(last, a) {
+			delete(e.adm.m, a)
+			stale = append(stale, firewall.Admitted{Guest: el.Guest, Addr: el.Addr, Port: el.Port})
+		}
+	}
+	kept := map[firewall.Admitted]bool{} // another name still admits it
+	for a := range e.adm.m {
+		kept[firewall.Admitted{Guest: a.guest, Addr: a.addr, Port: a.port}] = true
+	}
+	e.adm.mu.Unlock()
+	var out []firewall.Admitted
+	for _, el := range stale {
+		if !kept[el] {
+			out = append(out, el)
+		}
+	}
+	return e.Interception.Firewall.Unadmit(ctx, out)
+}
+
+// admits reports whether s's policy still admits a.
+func admits(s *Snapshot, a admission) bool {
+	pr := s.Policy.Project(a.project)
+	if pr == nil || !pr.Subnet.IsValid() || pr.Subnet.Masked().Addr().Next().Next() != a.guest {
+		return false
+	}
+	_, ok := pr.TCPAllows(a.name, a.port)
+	return ok
 }
 
 func (e *Engine) isInstalled() bool {
@@ -82,6 +134,7 @@ func (e *Engine) isInstalled() bool {
 // expired ones. The caller holds e.mu.
 func (e *Engine) reconcileAdmitted(ctx context.Context, s *Snapshot) {
 	e.adm.mu.Lock()
+	e.adm.last = s
 	now := time.Now()
 	type key struct {
 		guest, addr netip.Addr
@@ -94,12 +147,7 @@ func (e *Engine) reconcileAdmitted(ctx context.Context, s *Snapshot) {
 			delete(e.adm.m, a)
 			continue
 		}
-		pr := s.Policy.Project(a.project)
-		ok := pr != nil && pr.Subnet.IsValid() && pr.Subnet.Masked().Addr().Next().Next() == a.guest
-		if ok {
-			_, ok = pr.TCPAllows(a.name, a.port)
-		}
-		if ok {
+		if admits(s, a) {
 			keep[k] = true
 		} else {
 			drop[k] = true
