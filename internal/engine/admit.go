@@ -46,6 +46,10 @@ func (a admission) allowed(pr *policy.Project) bool {
 type admissions struct {
 	mu sync.Mutex
 	m  map[admission]time.Time // expiry
+	// last is the snapshot the admissions were last reconciled with: an
+	// Admit decided under an older one checks its elements again (a policy
+	// change may have run between its decision and its elements).
+	last *Snapshot
 }
 
 // Admit puts the addresses the resolver is about to hand project for name
@@ -72,6 +76,7 @@ func (e *Engine) Admit(ctx context.Context, project, name string, addrs []netip.
 	life := ttl + dest.Grace
 	exp := time.Now().Add(life)
 	var es []firewall.Admitted
+	var made []admission
 	e.adm.mu.Lock()
 	if e.adm.m == nil {
 		e.adm.m = map[admission]time.Time{}
@@ -84,11 +89,55 @@ func (e *Engine) Admit(ctx context.Context, project, name string, addrs []netip.
 		for _, m := range want {
 			m.addr = a
 			e.adm.m[m] = exp
+			made = append(made, m)
 			es = append(es, m.element(life))
 		}
 	}
 	e.adm.mu.Unlock()
-	return e.Interception.Firewall.Admit(ctx, es)
+	if err := e.Interception.Firewall.Admit(ctx, es); err != nil {
+		return err
+	}
+	return e.recheck(ctx, snap, made)
+}
+
+// recheck withdraws the elements an Admit decided under snap (made) when a
+// policy change was reconciled meanwhile (after snap) and no longer makes
+// them. That change's reconcile withdrew only what was recorded and
+// installed when it ran: the admission may have been recorded after it, or
+// its elements installed after its withdrawal; either way they would stay
+// until their TTL (one the name's owner chooses) plus grace.
+func (e *Engine) recheck(ctx context.Context, snap *Snapshot, made []admission) error {
+	e.adm.mu.Lock()
+	last := e.adm.last
+	if last == nil || last.Generation <= snap.Generation {
+		e.adm.mu.Unlock()
+		return nil
+	}
+	type key struct {
+		guest, addr netip.Addr
+		port        uint16
+		deny, all   bool
+	}
+	keyOf := func(a admission) key { return key{a.guest, a.addr, a.port, a.deny, a.all} }
+	var stale []admission
+	for _, a := range made {
+		if !a.allowed(last.Policy.Project(a.project)) {
+			delete(e.adm.m, a)
+			stale = append(stale, a)
+		}
+	}
+	kept := map[key]bool{} // another name still makes it
+	for a := range e.adm.m {
+		kept[keyOf(a)] = true
+	}
+	e.adm.mu.Unlock()
+	var out []firewall.Admitted
+	for _, a := range stale {
+		if !kept[keyOf(a)] {
+			out = append(out, a.element(0))
+		}
+	}
+	return e.Interception.Firewall.Unadmit(ctx, out)
 }
 
 // admissionsFor are the elements (address left zero) an answer for name
@@ -126,6 +175,7 @@ func (e *Engine) isInstalled() bool {
 // the change touched) make under s. The caller holds e.mu.
 func (e *Engine) reconcileAdmitted(ctx context.Context, s *Snapshot, projects []string) {
 	e.adm.mu.Lock()
+	e.adm.last = s
 	if e.adm.m == nil {
 		e.adm.m = map[admission]time.Time{}
 	}

@@ -418,6 +418,12 @@ func Render(tx *knftables.Transaction, s State) {
 	lockMark := fmt.Sprintf("meta mark set meta mark or %#x", KernelMark)
 	rule(chainPre, "ct direction reply ct status dnat "+lockMark+" accept", "replies of inbound SSH to the guest (marked: the routing lock routes them)")
 	rule(chainPre, "iifname @"+setNATIfaces+" "+lockMark+" accept", "direct NAT egress: not intercepted (marked: the routing lock routes it)")
+	// The ruleset decides by the header's destination; a source route
+	// (LSRR/SSRR) through one of the host's addresses would have the
+	// kernel route the packet on to the route's next hop instead, so a
+	// cidr rule covering a host address would open its ports to every
+	// address. Guests need no IP options.
+	rule(chainPre, "ip hdrlength != 5 counter drop", "IP options (source routes): never routed from a guest")
 	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
 	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
 	tproxy := fmt.Sprintf("tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark)
