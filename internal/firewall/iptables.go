@@ -289,6 +289,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	// marks the packet for the routing lock and ends vmegress's chains.
 	add(m, "VMEGRESS-GUEST", "-m conntrack --ctstate DNAT --ctdir REPLY -g VMEGRESS-PASS", "replies of inbound SSH to the guest (marked: the routing lock routes them)")
 	add(m, "VMEGRESS-GUEST", natSrc+" -g VMEGRESS-PASS", "direct NAT egress: not intercepted (marked: the routing lock routes it)")
+	// IP options (a source route through a host address would be routed
+	// on past the rules' destination check): guests never need them. The
+	// header length is the low nibble of the first byte: 5 words, no options.
+	add(m, "VMEGRESS-GUEST", `-m u32 ! --u32 "0>>24&0xF=5" -j DROP`, "IP options (source routing): dropped")
 	add(m, "VMEGRESS-GUEST", "-p tcp --dport 853 -j DROP", "no DNS over TLS: guests use the allowlist resolver")
 	add(m, "VMEGRESS-GUEST", "-p udp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
 	add(m, "VMEGRESS-GUEST", "-p tcp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
