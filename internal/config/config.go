@@ -294,9 +294,6 @@ type EnvoyIssue struct {
 	Msg   string
 }
 
-// envoyTCPWhy is why tcp rules are builtin-only: their verdict depends on
-// what the resolver answered the project, which Envoy's listeners do not see.
-const envoyTCPWhy = "a tcp rule allows the addresses vmegress's resolver handed the project, which the Envoy plane's listeners do not know; with firewall nftables the kernel decides tcp rules for either plane"
 
 // envoyL7Why is why http rules with methods, paths or inject are
 // builtin-only for now (README, "Current limits").
@@ -331,9 +328,9 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 		out = append(out, EnvoyIssue{Field: "mode", Msg: fmt.Sprintf("project %q: mode audit needs dataplane builtin", p.Name)})
 	}
 	for i := range p.Allow {
-		if r := &p.Allow[i]; r.Kind == KindTCP {
-			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)})
-		} else if r.Kind == KindHTTPS && (r.Name == AnyName || strings.HasPrefix(r.Name, "*.")) {
+		// tcp rules are decided by the ruleset (the resolver's answers
+		// become timed set elements), whichever the data plane.
+		if r := &p.Allow[i]; r.Kind == KindHTTPS && (r.Name == AnyName || strings.HasPrefix(r.Name, "*.")) {
 			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyWildcardHTTPSWhy)})
 		} else if r.Kind == KindHTTP && r.RequestRules() {
 			out = append(out, EnvoyIssue{Field: fmt.Sprintf("allow[%d]", i), Rule: r, Msg: fmt.Sprintf("project %q: allow rule %s needs dataplane builtin (%s)", p.Name, r, envoyL7Why)})
@@ -343,8 +340,6 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 		r := &p.Deny[i]
 		var msg string
 		switch r.Kind {
-		case KindTCP:
-			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (%s)", p.Name, r, envoyTCPWhy)
 		case KindCIDR:
 			msg = fmt.Sprintf("project %q: deny rule %s needs dataplane builtin (Envoy resolves names itself and cannot keep a project's denied ranges out of what it dials)", p.Name, r)
 		default:
@@ -355,24 +350,6 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 	return out
 }
 
-// EnvoyIssuesOn is EnvoyIssues for a host whose firewall backend is
-// firewall: on nftables the ruleset decides tcp rules itself, allow and
-// deny (the resolver's answers become timed set elements), so they are no
-// issue for Envoy there.
-func (p Project) EnvoyIssuesOn(firewall string) []EnvoyIssue {
-	out := p.EnvoyIssues()
-	if firewall == "iptables" {
-		return out
-	}
-	kept := out[:0]
-	for _, is := range out {
-		if is.Rule != nil && is.Rule.Kind == KindTCP {
-			continue
-		}
-		kept = append(kept, is)
-	}
-	return kept
-}
 
 // KernelMarkBit is the packet and conntrack mark bit of the flows the
 // kernel forwards (firewall.KernelMark and KernelCTMark are this value):

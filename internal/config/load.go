@@ -768,7 +768,7 @@ func (p *parser) crossCheck() {
 	c := p.cfg
 	if c.Dataplane == "envoy" {
 		for _, pr := range c.Projects {
-			for _, is := range pr.EnvoyIssuesOn(c.Firewall) {
+			for _, is := range pr.EnvoyIssues() {
 				at := pr.Pos
 				if is.Rule != nil {
 					at = is.Rule.Pos

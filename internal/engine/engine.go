@@ -832,7 +832,7 @@ func planeSupports(file *config.Config, p config.Project) error {
 	if file.Dataplane != "envoy" {
 		return nil
 	}
-	if is := p.EnvoyIssuesOn(file.Firewall); len(is) > 0 {
+	if is := p.EnvoyIssues(); len(is) > 0 {
 		return &placement.Invalid{Field: "policy." + is[0].Field, Err: errors.New(is[0].Msg)}
 	}
 	return nil
