@@ -82,8 +82,13 @@ func (pk *parking) loop() {
 		var woken []*half
 		err := pk.rc.Read(func(fd uintptr) bool {
 			n, err := unix.EpollWait(int(fd), evs, 0)
+			for err == unix.EINTR {
+				// Retried at once: the poller's edge for what is ready has
+				// passed, so waiting for it now could wait forever.
+				n, err = unix.EpollWait(int(fd), evs, 0)
+			}
 			if err != nil || n <= 0 {
-				return false // EINTR or nothing ready: wait for the poller
+				return false // nothing ready: wait for the poller
 			}
 			pk.mu.Lock()
 			for _, ev := range evs[:n] {
