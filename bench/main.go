@@ -314,7 +314,8 @@ func measure(o options, bin, path string, profile *string) (result, error) {
 		if err != nil {
 			return nil, err
 		}
-		d, err := w.StartDaemon(ctx, bin, cfg)
+		// VMEGRESS_PPROF serves /debug/pprof on the admin address (profileHTTPS).
+		d, err := w.StartDaemon(ctx, bin, cfg, "VMEGRESS_PPROF=1")
 		if err != nil {
 			return nil, err
 		}
