@@ -188,6 +188,7 @@ func run(o options) error {
 				return fmt.Errorf("run %d, %s: %w", r, p, err)
 			}
 			results[p] = append(results[p], res)
+			fmt.Fprintf(os.Stderr, "  %v\n", res)
 		}
 	}
 	if o.pathsOnly {
@@ -360,7 +361,7 @@ func measure(o options, bin, path string, profile *string) (result, error) {
 	}
 	res["cps"], res["p50"], res["p99"] = cps, p50, p99
 	if planePID != nil {
-		kib, err := idleMemory(g.NS, dl, planePID(), o.idle)
+		kib, err := idleMemory(g.NS, dl, planePID(), min(o.idle, envoyClusterMax))
 		if err != nil {
 			return nil, fmt.Errorf("idle memory: %w", err)
 		}

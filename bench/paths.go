@@ -290,6 +290,13 @@ func clientHello(name string) ([]byte, error) {
 	return buf[:n], nil
 }
 
+// envoyClusterMax caps the idle connections measured: Envoy's default
+// circuit breaker allows 1,024 connections to one upstream cluster, and
+// vmegress's Envoy configuration does not raise it, so more would wait in
+// Envoy unconnected (and a 1,025th idle connection to one sni rule's
+// destination is not served there).
+const envoyClusterMax = 1000
+
 // parkAfter is how long the bench lets idle connections sit before reading
 // the data plane's memory: longer than the builtin plane's wait before it
 // parks a quiet connection (proxy.idleAfter), and time for the garbage
