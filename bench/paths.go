@@ -109,16 +109,6 @@ func startDownloads(w *world.World) (*downloads, error) {
 	return d, nil
 }
 
-// closeHeld closes the server's side of the idle connections.
-func (d *downloads) closeHeld() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, c := range d.conns {
-		c.Close()
-	}
-	d.conns = nil
-}
-
 func (d *downloads) close() {
 	for _, l := range d.lns {
 		l.Close()
@@ -315,24 +305,13 @@ const parkAfter = 3 * time.Second
 
 // idleMemory opens n proxied connections that send their ClientHello and
 // then nothing (the server never answers), and returns the data plane's
-// resident memory growth per connection. A first round, opened and closed
-// unmeasured, grows the data plane's heap to what handling n connections
-// takes (a ClientHello parse leaves garbage a garbage-collected heap keeps
-// pages for): the measured second round then counts what idle connections
-// hold, not what opening them churned.
+// resident memory growth per connection.
 func idleMemory(ns string, dl *downloads, pid, n int) (float64, error) {
 	hello, err := clientHello(downloadName)
 	if err != nil {
 		return 0, err
 	}
-	if _, err := idleRound(ns, dl, pid, n, hello); err != nil {
-		return 0, err
-	}
-	return idleRound(ns, dl, pid, n, hello)
-}
-
-func idleRound(ns string, dl *downloads, pid, n int, hello []byte) (float64, error) {
-	time.Sleep(parkAfter) // the connections before are gone
+	time.Sleep(parkAfter) // the earlier measurements' connections are gone
 	before, err := rssKiB(pid)
 	if err != nil {
 		return 0, err
@@ -366,7 +345,6 @@ func idleRound(ns string, dl *downloads, pid, n int, hello []byte) (float64, err
 	if err != nil {
 		return 0, err
 	}
-	dl.closeHeld()
 	return float64(after-before) / float64(n), nil
 }
 
