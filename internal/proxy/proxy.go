@@ -92,6 +92,12 @@ type Proxy struct {
 	// nil: such connections are refused).
 	Termination *Termination
 
+	// idleAfter: a spliced direction parks after this long without a byte
+	// (zero: defaultIdleAfter; tests shorten it). parked is Serve's
+	// parking set.
+	idleAfter time.Duration
+	parked    atomic.Pointer[parking]
+
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	conns map[*net.TCPConn]*entry
@@ -130,7 +136,7 @@ func (p *Proxy) SetPolicy(pol *policy.Policy, drop bool) int {
 			continue
 		}
 		e.revoked.Store(true)
-		c.Close()
+		closeConn(c, e)
 		closed++
 	}
 	return closed
@@ -200,6 +206,16 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 	})
 	defer stop()
 	limit := p.maxConns()
+	// Idle spliced connections park here (nil: they keep their goroutines).
+	idle := p.idleAfter
+	if idle <= 0 {
+		idle = defaultIdleAfter
+	}
+	pk, perr := newParking(idle)
+	p.parked.Store(pk)
+	if perr != nil {
+		p.log().Warn("idle connections will each hold two goroutines", "err", perr)
+	}
 	spare, serr := p.openSpare()
 	if serr != nil {
 		p.log().Warn("opening the proxy's spare descriptor; running out of descriptors will stall accepting until some close", "err", serr)
@@ -272,12 +288,15 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			if !p.handle(ctx, tc, e) {
+			if !p.handle(ctx, pk, tc, e) {
 				p.track(tc, nil)
 			}
 		}()
 	}
 	p.wg.Wait()
+	if pk != nil {
+		pk.close()
+	}
 	return err
 }
 
@@ -368,8 +387,8 @@ func (p *Proxy) track(c *net.TCPConn, e *entry) {
 func (p *Proxy) closeAll() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for c := range p.conns {
-		c.Close()
+	for c, e := range p.conns {
+		closeConn(c, e)
 	}
 }
 
@@ -390,6 +409,19 @@ type entry struct {
 	// established is set once splicing starts; revoked when a policy
 	// change closed the connection.
 	established, revoked atomic.Bool
+	// kill closes a relayed connection (its halves may be parked, with no
+	// goroutine to see the close); nil: closing the guest's socket ends it.
+	// Set under Proxy.mu.
+	kill func()
+}
+
+// closeConn closes a tracked connection (under p.mu).
+func closeConn(c *net.TCPConn, e *entry) {
+	if e != nil && e.kill != nil {
+		e.kill()
+		return
+	}
+	c.Close()
 }
 
 // resolvedNames is a policy.Resolved giving the names recorded in e.
@@ -480,7 +512,7 @@ const (
 // The handler's stack grew deep in parsing and dialling; letting it end
 // while fresh, small goroutines carry the long idle life of the connection
 // is what keeps memory per connection low.
-func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached bool) {
+func (p *Proxy) handle(ctx context.Context, pk *parking, c *net.TCPConn, e *entry) (detached bool) {
 	pol := p.policy.Load()
 	d, inspect := pol.ConnectWith(e.src.Addr(), e.dst, p.resolvedFor(e))
 	e.d = d
@@ -572,17 +604,6 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		}
 		e.up = int64(len(prefix))
 	}
-	// A policy change since pol was loaded did not see this connection
-	// established: decide it again here, as SetPolicy would have.
-	p.mu.Lock()
-	e.established.Store(true)
-	cur, drop := p.policy.Load(), p.drop
-	p.mu.Unlock()
-	if cur != pol && drop && redecide(cur, e).Verdict != policy.Allow {
-		e.revoked.Store(true)
-		c.Close()
-		up.Close()
-	}
 	var left atomic.Int32
 	left.Store(2)
 	var upBytes, downBytes int64
@@ -598,15 +619,43 @@ func (p *Proxy) handle(ctx context.Context, c *net.TCPConn, e *entry) (detached 
 		p.track(c, nil)
 		p.logEntry(e)
 	}
+	// Anything but plain HTTP is relayed by splicing (copy.go); its halves
+	// park while idle, so closing it goes through the relay.
+	var r *relay
+	if tup, ok := up.(*net.TCPConn); ok && !http {
+		r, err = newRelay(pk, c, tup,
+			func(n int64) { defer p.wg.Done(); upBytes = n; finish() },
+			func(n int64) { defer p.wg.Done(); downBytes = n; finish() })
+		if err != nil {
+			r = nil // copied by copyHalf below
+		}
+	}
+	// A policy change since pol was loaded did not see this connection
+	// established: decide it again here, as SetPolicy would have.
+	p.mu.Lock()
+	e.established.Store(true)
+	if r != nil {
+		e.kill = r.close
+	}
+	cur, drop := p.policy.Load(), p.drop
+	p.mu.Unlock()
+	if cur != pol && drop && redecide(cur, e).Verdict != policy.Allow {
+		e.revoked.Store(true)
+		closeConn(c, e)
+		up.Close()
+	}
 	p.wg.Add(2)
-	if http {
+	switch {
+	case http:
 		requests, responses := p.forwardHTTP(up, c, prefix, e, pr.Audit)
 		go func() { defer p.wg.Done(); upBytes = requests(); finish() }()
 		go func() { defer p.wg.Done(); downBytes = responses(); finish() }()
-		return true
+	case r != nil:
+		r.start()
+	default:
+		go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
+		go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
 	}
-	go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
-	go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
 	return true
 }
 
@@ -948,26 +997,7 @@ func spliceAvailable(dst, src *net.TCPConn) (int64, error) {
 		if eof {
 			return total, nil
 		}
-		var n int64
-		if avail <= smallCopy {
-			// Small bursts (handshakes, requests, interactive traffic) cost
-			// fewer syscalls through a buffer borrowed for this burst only
-			// than through splice's pipe.
-			bp := copyBufs.Get().(*[]byte)
-			var m int
-			m, err = src.Read((*bp)[:avail])
-			if errors.Is(err, io.EOF) {
-				err = nil // the end: n stays 0 unless bytes came with it
-			}
-			if m > 0 {
-				var w int
-				w, err = dst.Write((*bp)[:m])
-				n = int64(w)
-			}
-			copyBufs.Put(bp)
-		} else {
-			n, err = dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
-		}
+		n, err := copyBurst(dst, src, avail)
 		total += n
 		if err != nil {
 			return total, err

@@ -1,0 +1,318 @@
+package proxy
+
+// The copy path of a spliced connection. Each direction (a half) moves
+// the bytes its source has already received with splice(2) through one of
+// the runtime's pooled 1 MiB pipes (F_SETPIPE_SZ), held only for the burst,
+// or through a pooled buffer for small bursts. While bytes keep coming a
+// half runs on its own goroutine, waiting on the runtime's poller between
+// bursts; a half that has seen no byte for idleAfter gives its goroutine
+// back and is parked in one epoll set shared by every connection (itself
+// watched by the runtime's poller), which starts a goroutine again when
+// bytes or the end arrive. An idle connection so holds no goroutine, no
+// pipe and no buffer: its sockets, its log entry and a few words here.
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// defaultIdleAfter is how long a half waits on its goroutine without a byte
+// before it parks: long enough that a busy connection never parks between
+// bursts (a park and a wake cost two epoll_ctl calls and a goroutine), short
+// enough that idle connections soon cost nothing but their sockets.
+const defaultIdleAfter = time.Second
+
+// parkEvents is how many epoll events one wake of the parking loop takes.
+const parkEvents = 128
+
+// parking is the epoll set parked halves wait in. Its descriptor is
+// non-blocking and read through the runtime's poller, so waiting holds no
+// thread; closing it ends the loop.
+type parking struct {
+	// idleAfter: a half without a byte for this long parks.
+	idleAfter time.Duration
+
+	f  *os.File
+	fd int // f's descriptor, open until close
+	rc syscall.RawConn
+
+	mu     sync.Mutex
+	next   uint64
+	parked map[uint64]*half
+}
+
+// newParking makes the epoll set and starts its loop; halves park after
+// idle without a byte.
+func newParking(idle time.Duration) (*parking, error) {
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("creating the epoll set for idle connections: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("making the epoll set for idle connections non-blocking: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "vmegress-idle-epoll")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("polling the epoll set for idle connections: %w", err)
+	}
+	pk := &parking{idleAfter: idle, f: f, fd: fd, rc: rc, parked: map[uint64]*half{}}
+	go pk.loop()
+	return pk, nil
+}
+
+// close ends the loop; every half must have ended first.
+func (pk *parking) close() { pk.f.Close() }
+
+// loop starts a goroutine for each parked half whose source has bytes, its
+// end or an error, until the set is closed.
+func (pk *parking) loop() {
+	evs := make([]unix.EpollEvent, parkEvents)
+	for {
+		var woken []*half
+		err := pk.rc.Read(func(fd uintptr) bool {
+			n, err := unix.EpollWait(int(fd), evs, 0)
+			for err == unix.EINTR {
+				// Retried at once: the poller's edge for what is ready has
+				// passed, so waiting for it now could wait forever.
+				n, err = unix.EpollWait(int(fd), evs, 0)
+			}
+			if err != nil || n <= 0 {
+				return false // nothing ready: wait for the poller
+			}
+			pk.mu.Lock()
+			for _, ev := range evs[:n] {
+				token := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+				if h := pk.parked[token]; h != nil {
+					delete(pk.parked, token)
+					woken = append(woken, h)
+				}
+			}
+			pk.mu.Unlock()
+			return true
+		})
+		for _, h := range woken {
+			go h.run()
+		}
+		if err != nil {
+			return // closed
+		}
+	}
+}
+
+// park puts h in the set (one-shot: one wake, then h is out again). It
+// returns false when h could not be parked (its source is closed) and is
+// still h's to end.
+func (pk *parking) park(h *half) bool {
+	pk.mu.Lock()
+	if h.token == 0 {
+		pk.next++
+		h.token = pk.next
+	}
+	pk.parked[h.token] = h
+	pk.mu.Unlock()
+	var cerr error
+	err := h.srcRC.Control(func(fd uintptr) {
+		ev := unix.EpollEvent{
+			Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
+			Fd:     int32(uint32(h.token)),
+			Pad:    int32(uint32(h.token >> 32)),
+		}
+		op := unix.EPOLL_CTL_MOD
+		if !h.inSet {
+			op = unix.EPOLL_CTL_ADD
+		}
+		cerr = unix.EpollCtl(pk.fd, op, int(fd), &ev)
+		if cerr == nil {
+			h.inSet = true
+		}
+	})
+	if err == nil && cerr == nil {
+		return true
+	}
+	// Not parked: whoever takes it out of the map ends it.
+	return !pk.take(h)
+}
+
+// count returns how many halves are parked.
+func (pk *parking) count() int {
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	return len(pk.parked)
+}
+
+// take removes h from the set; true when h was parked there (the caller
+// then owns it).
+func (pk *parking) take(h *half) bool {
+	pk.mu.Lock()
+	_, ok := pk.parked[h.token]
+	delete(pk.parked, h.token)
+	pk.mu.Unlock()
+	if ok {
+		h.srcRC.Control(func(fd uintptr) {
+			unix.EpollCtl(pk.fd, unix.EPOLL_CTL_DEL, int(fd), nil)
+		})
+	}
+	return ok
+}
+
+// relay is one spliced connection: the guest's socket, the upstream one
+// and the two halves copying between them.
+type relay struct {
+	pk     *parking
+	c, up  *net.TCPConn
+	halves [2]*half
+	once   sync.Once
+}
+
+// half copies src to dst until src ends.
+type half struct {
+	r        *relay
+	dst, src *net.TCPConn
+	srcRC    syscall.RawConn
+	n        int64
+	// done is called once when the half has ended, with its byte count.
+	done func(n int64)
+	// token names h in the parking set; inSet says its source is in the
+	// epoll set (parked now or armed before).
+	token uint64
+	inSet bool
+}
+
+// newRelay prepares copying c to up and up to c; start starts it, and
+// upDone and downDone get the bytes each direction moved once it has ended.
+// With pk nil, halves never park.
+func newRelay(pk *parking, c, up *net.TCPConn, upDone, downDone func(int64)) (*relay, error) {
+	r := &relay{pk: pk, c: c, up: up}
+	for i, hd := range []struct {
+		dst, src *net.TCPConn
+		done     func(int64)
+	}{{up, c, upDone}, {c, up, downDone}} {
+		rc, err := hd.src.SyscallConn()
+		if err != nil {
+			return nil, fmt.Errorf("reaching the socket to copy from: %w", err)
+		}
+		r.halves[i] = &half{r: r, dst: hd.dst, src: hd.src, srcRC: rc, done: hd.done}
+	}
+	return r, nil
+}
+
+// start runs both halves, each on its own goroutine until it parks.
+func (r *relay) start() {
+	for _, h := range r.halves {
+		go h.run()
+	}
+}
+
+// close closes both sockets, once; halves parked meanwhile end with it (on
+// goroutines of their own: close may be called under the proxy's lock,
+// which ending a connection takes).
+func (r *relay) close() {
+	r.once.Do(func() {
+		var orphans []*half
+		if r.pk != nil {
+			for _, h := range r.halves {
+				if r.pk.take(h) {
+					orphans = append(orphans, h)
+				}
+			}
+		}
+		r.c.Close()
+		r.up.Close()
+		for _, h := range orphans {
+			go h.done(h.n)
+		}
+	})
+}
+
+// run copies bursts until src ends (then it closes dst for writing and src
+// for reading), fails (then both sockets close), or has been quiet for
+// idleAfter (then it parks, and a later wake runs it again).
+func (h *half) run() {
+	parks := h.r.pk != nil
+	var moved bool
+	if parks {
+		h.src.SetReadDeadline(time.Now().Add(h.r.pk.idleAfter))
+	}
+	for {
+		avail, eof, err := waitAvailable(h.srcRC)
+		if parks && errors.Is(err, os.ErrDeadlineExceeded) {
+			if moved {
+				moved = false
+				h.src.SetReadDeadline(time.Now().Add(h.r.pk.idleAfter))
+				continue
+			}
+			if h.r.pk.park(h) {
+				return
+			}
+		}
+		if err != nil {
+			h.fail()
+			return
+		}
+		if eof {
+			h.dst.CloseWrite()
+			h.src.CloseRead()
+			h.done(h.n)
+			return
+		}
+		n, err := copyBurst(h.dst, h.src, avail)
+		h.n += n
+		if n > 0 {
+			moved = true
+		}
+		if parks && errors.Is(err, os.ErrDeadlineExceeded) {
+			continue // the window ended as the burst began: no byte lost
+		}
+		if err != nil {
+			h.fail()
+			return
+		}
+		if n == 0 {
+			// The source ended between the two looks.
+			h.dst.CloseWrite()
+			h.src.CloseRead()
+			h.done(h.n)
+			return
+		}
+	}
+}
+
+// fail closes the connection (so the other half ends too) and ends h.
+func (h *half) fail() {
+	h.r.close()
+	h.done(h.n)
+}
+
+// copyBurst moves avail bytes that src has already received to dst.
+func copyBurst(dst, src *net.TCPConn, avail int) (int64, error) {
+	if avail <= smallCopy {
+		// Small bursts (handshakes, requests, interactive traffic) cost
+		// fewer syscalls through a buffer borrowed for this burst only
+		// than through splice's pipe.
+		bp := copyBufs.Get().(*[]byte)
+		defer copyBufs.Put(bp)
+		m, err := src.Read((*bp)[:avail])
+		if errors.Is(err, io.EOF) {
+			err = nil // the end: n stays 0 unless bytes came with it
+		}
+		if m > 0 {
+			w, werr := dst.Write((*bp)[:m])
+			return int64(w), werr
+		}
+		return 0, err
+	}
+	// TCPConn.ReadFrom splices through a pooled pipe of 1 MiB (the runtime
+	// sets F_SETPIPE_SZ), taken for this burst only.
+	return dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
+}
