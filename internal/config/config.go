@@ -294,7 +294,6 @@ type EnvoyIssue struct {
 	Msg   string
 }
 
-
 // envoyL7Why is why http rules with methods, paths or inject are
 // builtin-only for now (README, "Current limits").
 const envoyL7Why = "request rules (methods, paths, inject) on plain http are not yet rendered for Envoy"
@@ -349,7 +348,6 @@ func (p Project) EnvoyIssues() []EnvoyIssue {
 	}
 	return out
 }
-
 
 // KernelMarkBit is the packet and conntrack mark bit of the flows the
 // kernel forwards (firewall.KernelMark and KernelCTMark are this value):
