@@ -72,7 +72,7 @@ func (hc Host) Checks() []Check {
 			if cfg.Firewall == firewall.KindIPTables {
 				// The whole ruleset, applied in a scratch namespace.
 				if _, err := firewall.Expected(ctx, cfg.Firewall, firewall.FromConfig(cfg)); err != nil {
-					return Fail("use a kernel with xt_TPROXY, xt_rpfilter, xt_addrtype, xt_conntrack, xt_set (ip_set hash:ip) and iptable_nat, or load the modules",
+					return Fail("use a kernel with xt_TPROXY, xt_rpfilter, xt_addrtype, xt_conntrack, xt_connmark, xt_connlimit, xt_u32, xt_set (ip_set hash:ip, hash:ip,port, hash:ip,port,net, hash:ip,port,ip) and iptable_nat, or load the modules",
 						"the kernel refused the ruleset in a scratch namespace: %v", err)
 				}
 				return Pass("TPROXY, rpfilter, addrtype, conntrack, set and NAT targets available")
