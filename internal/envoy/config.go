@@ -204,7 +204,7 @@ func clusters(pol *policy.Policy, o Settings) []M {
 	if terminates(pol) {
 		terminating = append(terminating, httpsCluster(o))
 	}
-	return append(terminating,
+	out := append(terminating,
 		dfp(ClusterTLS),
 		dfp(ClusterHTTP),
 		M{
@@ -216,7 +216,22 @@ func clusters(pol *policy.Policy, o Settings) []M {
 		M{"name": ClusterDeny, "type": "STATIC", "connect_timeout": "1s", "load_assignment": M{"cluster_name": ClusterDeny,
 			"endpoints": []M{{"lb_endpoints": []M{{"endpoint": M{"address": socketAddr(netip.MustParseAddrPort("127.0.0.1:1"))}}}}}}},
 	)
+	for _, c := range out {
+		c["circuit_breakers"] = circuitBreakers
+	}
+	return out
 }
+
+// circuitBreakers lift Envoy's per-cluster defaults (1024 connections,
+// pending and active requests): every guest of the host shares these
+// clusters, so the defaults would cap the whole host at 1024 upstream
+// connections. Each project's own cap is its chain's connection_limit.
+var circuitBreakers = M{"thresholds": []M{{
+	"priority":             "DEFAULT",
+	"max_connections":      1 << 20,
+	"max_pending_requests": 1 << 20,
+	"max_requests":         1 << 20,
+}}}
 
 // accessLog is one JSON line per connection (per request for http chains)
 // with the builtin plane's field names; what Envoy knows only per chain

@@ -421,3 +421,17 @@ func TestDenyRendered(t *testing.T) {
 		t.Errorf("envoy --mode validate: %v\n%s", err, out)
 	}
 }
+
+// TestClustersNotCappedAt1024: every cluster lifts Envoy's default circuit
+// breakers (1024 connections per cluster, shared by every guest of the
+// host); projects are capped by their own chains.
+func TestClustersNotCappedAt1024(t *testing.T) {
+	for _, c := range clusters(mustPolicy(t, "projects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - https: api.example\n"), Settings{}) {
+		th := c["circuit_breakers"].(M)["thresholds"].([]M)[0]
+		for _, k := range []string{"max_connections", "max_pending_requests", "max_requests"} {
+			if v, _ := th[k].(int); v <= 1024 {
+				t.Errorf("cluster %v: %s = %v", c["name"], k, th[k])
+			}
+		}
+	}
+}
