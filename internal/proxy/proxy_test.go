@@ -407,6 +407,11 @@ func TestConnectionCap(t *testing.T) {
 	if got := exchangeRaw(t, ln.Addr().String(), getWWW); got != "" {
 		t.Errorf("a connection beyond the cap was served: %q", got)
 	}
+	// The line is written as the refused connection is closed: the client
+	// may see the reset first.
+	for end := time.Now().Add(5 * time.Second); !strings.Contains(access.String(), "connection cap (1") && time.Now().Before(end); {
+		time.Sleep(time.Millisecond)
+	}
 	if !strings.Contains(access.String(), "connection cap (1") {
 		t.Errorf("no access-log line with the reason:\n%s", access.String())
 	}
