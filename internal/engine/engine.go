@@ -377,19 +377,7 @@ func (e *Engine) applyProject(ctx context.Context, oldEff, eff *config.Config, s
 	if from.String() == to.String() {
 		return func() {}, nil
 	}
-	if full, err := e.updateElements(ctx, from, to, eff, st); err != nil || full != nil {
-		return full, err
-	}
-	if err := e.Interception.guard(eff, st); err != nil {
-		return nil, err
-	}
-	e.refreshApplied(ctx)
-	return func() {
-		if err := fw.UpdateProjects(ctx, to, from); err != nil {
-			e.log().Error("rolling back the ruleset's project elements", "err", err.Error())
-		}
-		e.refreshApplied(ctx)
-	}, nil
+	return e.moveElements(ctx, from, to, eff, st)
 }
 
 // projectPart is the desired state of the placed project p alone (nil:
@@ -437,6 +425,13 @@ func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st
 	if from.String() == to.String() {
 		return func() {}, nil
 	}
+	return e.moveElements(ctx, from, to, eff, st)
+}
+
+// moveElements brings the ruleset's per-project elements from from to to
+// (the whole ruleset when that needs new rules), then the guard's
+// forwarding settings, and returns how to undo it.
+func (e *Engine) moveElements(ctx context.Context, from, to firewall.State, eff *config.Config, st *state.State) (undo func(), err error) {
 	if full, err := e.updateElements(ctx, from, to, eff, st); err != nil || full != nil {
 		return full, err
 	}
@@ -445,7 +440,7 @@ func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st
 	}
 	e.refreshApplied(ctx)
 	return func() {
-		if err := fw.UpdateProjects(ctx, to, from); err != nil {
+		if err := e.Interception.Firewall.UpdateProjects(ctx, to, from); err != nil {
 			e.log().Error("rolling back the ruleset's project elements", "err", err.Error())
 		}
 		e.refreshApplied(ctx)
