@@ -105,8 +105,19 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	e.established.Store(true)
 	p.mu.Unlock()
 
-	tr := p.termTransport(t, name, target, tlsMode)
-	defer tr.CloseIdleConnections()
+	// Upstream connections come from the pool of this project, address
+	// and name (pool.go): another guest connection of the project to the
+	// same name may reuse them, nobody else.
+	var tr *http.Transport
+	mk := func() *http.Transport { return p.termTransport(t, name, target, tlsMode) }
+	if pr := p.policy.Load().Project(e.d.Project); pr != nil {
+		var release func(time.Time)
+		tr, release = p.pool.get(poolKey{project: pr.Name, target: target, name: name, tls: tlsMode}, pr, p.now(), mk)
+		defer func() { release(p.now()) }()
+	} else {
+		tr = mk() // the project went meanwhile: used for this connection only
+		defer tr.CloseIdleConnections()
+	}
 	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name}
 	h.rp = &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
@@ -148,9 +159,11 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	p.logEntry(e)
 }
 
-// termTransport is the upstream side of one terminated connection: every
-// connection it makes goes to target through the proxy's dialer (the
-// upstream mark), and TLS is verified for name against the roots.
+// termTransport is the upstream side of the terminated connections of one
+// pool key: every connection it makes goes to target through the proxy's
+// dialer (the upstream mark), and TLS is verified for name against the
+// roots. It keeps at most poolMaxIdlePerKey idle connections, each for at
+// most poolIdleTimeout.
 func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *http.Transport {
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
 		dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
@@ -165,8 +178,9 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 		Proxy:               nil, // never an environment proxy
 		DialContext:         dial,
 		DisableCompression:  true, // the guest's Accept-Encoding, as sent
-		MaxIdleConnsPerHost: 4,
-		IdleConnTimeout:     90 * time.Second,
+		MaxIdleConns:        poolMaxIdlePerKey,
+		MaxIdleConnsPerHost: poolMaxIdlePerKey,
+		IdleConnTimeout:     poolIdleTimeout,
 		TLSHandshakeTimeout: DefaultDialTimeout,
 	}
 	if tlsMode {
