@@ -85,7 +85,7 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 			// X25519MLKEM768, whose key exchange costs as much as the
 			// rest of the handshake. Upstream keeps Go's defaults.
 			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
-			NextProtos: []string{"h2", "http/1.1"},
+			NextProtos:       []string{"h2", "http/1.1"},
 			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 				if dnsName(hello.ServerName) != name {
 					return nil, fmt.Errorf("server name %q is not the one decided (%q)", hello.ServerName, name)
