@@ -291,6 +291,11 @@ func measure(o options, bin, path string, profile *string) (result, error) {
 		return nil, err
 	}
 	defer sink.close()
+	term, err := startTermOrigin(w) // behind the https rule (terminate.go)
+	if err != nil {
+		return nil, err
+	}
+	defer term.close()
 	dnsTarget := world.GuestNameserver.String() + ":53"
 	var planePID func() int
 	switch path {
@@ -311,7 +316,7 @@ func measure(o options, bin, path string, profile *string) (result, error) {
 		dnsTarget = g.HostIP.String() + ":53"
 		time.Sleep(300 * time.Millisecond)
 	default:
-		cfg, err := w.WriteConfig("config.yaml", fmt.Sprintf(benchConfig, path))
+		cfg, err := w.WriteConfig("config.yaml", term.config(fmt.Sprintf(benchConfig, path)))
 		if err != nil {
 			return nil, err
 		}
@@ -366,6 +371,9 @@ func measure(o options, bin, path string, profile *string) (result, error) {
 			return nil, fmt.Errorf("idle memory: %w", err)
 		}
 		res["idlemem"] = kib
+	}
+	if err := measureTermination(o, w, g.NS, path, term, planePID, res); err != nil {
+		return nil, fmt.Errorf("termination: %w", err)
 	}
 	if path == "builtin" && profile != nil && *profile == "" {
 		top, err := profileHTTPS(w, bin, dl, g.NS, o.duration)
@@ -783,6 +791,7 @@ and noisy; ratios are computed within each run and their medians reported.
 		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", t.what, t.target, r, verdict)
 	}
 	b.WriteString(limits)
+	b.WriteString(renderTermination(res))
 	if profile != "" {
 		b.WriteString("\nThe builtin plane's CPU profile during one bulk HTTPS download through the sni rule (first run; `go tool pprof -top`, from the daemon's `/debug/pprof/profile`):\n\n```\n" + profile + "\n```\n")
 	}

@@ -97,6 +97,8 @@ type Proxy struct {
 	// parking set.
 	idleAfter time.Duration
 	parked    atomic.Pointer[parking]
+	// pool keeps terminated connections' upstream connections (pool.go).
+	pool termPool
 
 	wg    sync.WaitGroup
 	mu    sync.Mutex
@@ -123,6 +125,7 @@ func (p *Proxy) SetPolicy(pol *policy.Policy, drop bool) int {
 	defer p.mu.Unlock()
 	p.policy.Store(pol)
 	p.drop = drop
+	p.pool.policyChanged(pol, drop)
 	if !drop {
 		return 0
 	}
@@ -385,6 +388,7 @@ func (p *Proxy) track(c *net.TCPConn, e *entry) {
 }
 
 func (p *Proxy) closeAll() {
+	p.pool.closeAll()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for c, e := range p.conns {

@@ -79,7 +79,13 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	if tlsMode {
 		tc := tls.Server(guest, &tls.Config{
 			MinVersion: tls.VersionTLS12,
-			NextProtos: []string{"h2", "http/1.1"},
+			// The guest is on this host's TAP, never on a network where
+			// its traffic could be recorded for later decryption: the
+			// classical groups (what Envoy offers by default), not
+			// X25519MLKEM768, whose key exchange costs as much as the
+			// rest of the handshake. Upstream keeps Go's defaults.
+			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
+			NextProtos:       []string{"h2", "http/1.1"},
 			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 				if dnsName(hello.ServerName) != name {
 					return nil, fmt.Errorf("server name %q is not the one decided (%q)", hello.ServerName, name)
@@ -105,8 +111,19 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	e.established.Store(true)
 	p.mu.Unlock()
 
-	tr := p.termTransport(t, name, target, tlsMode)
-	defer tr.CloseIdleConnections()
+	// Upstream connections come from the pool of this project, address
+	// and name (pool.go): another guest connection of the project to the
+	// same name may reuse them, nobody else.
+	var tr *http.Transport
+	mk := func() *http.Transport { return p.termTransport(t, name, target, tlsMode) }
+	if pr := p.policy.Load().Project(e.d.Project); pr != nil {
+		var release func(time.Time)
+		tr, release = p.pool.get(poolKey{project: pr.Name, target: target, name: name, tls: tlsMode}, pr, p.now(), mk)
+		defer func() { release(p.now()) }()
+	} else {
+		tr = mk() // the project went meanwhile: used for this connection only
+		defer tr.CloseIdleConnections()
+	}
 	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name}
 	h.rp = &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
@@ -122,8 +139,7 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 		ErrorLog:      log.New(io.Discard, "", 0),
 		ErrorHandler:  h.upstreamError,
 	}
-	done := make(chan struct{})
-	var once sync.Once
+	ln := &oneConnListener{c: conn, closed: make(chan struct{})}
 	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: termHeaderTimeout,
@@ -132,25 +148,26 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 		ErrorLog:          log.New(io.Discard, "", 0),
 		ConnState: func(_ net.Conn, s http.ConnState) {
 			if s == http.StateClosed || s == http.StateHijacked {
-				once.Do(func() { close(done) })
+				ln.Close() // Serve returns: its one connection is over
 			}
 		},
 	}
-	ln := &oneConnListener{c: conn, closed: make(chan struct{})}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	go srv.Serve(ln)
-	<-done
+	// Served on this goroutine (one goroutine less per open connection):
+	// Serve returns when the connection closed or was hijacked.
+	srv.Serve(ln)
 	stop()
 	h.wg.Wait() // a hijacked (upgraded) exchange ends in its handler
-	ln.Close()
 	conn.Close()
 	e.up, e.down = guest.in.Load(), guest.out.Load()
 	p.logEntry(e)
 }
 
-// termTransport is the upstream side of one terminated connection: every
-// connection it makes goes to target through the proxy's dialer (the
-// upstream mark), and TLS is verified for name against the roots.
+// termTransport is the upstream side of the terminated connections of one
+// pool key: every connection it makes goes to target through the proxy's
+// dialer (the upstream mark), and TLS is verified for name against the
+// roots. It keeps at most poolMaxIdlePerKey idle connections, each for at
+// most poolIdleTimeout.
 func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *http.Transport {
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
 		dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
@@ -165,8 +182,9 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 		Proxy:               nil, // never an environment proxy
 		DialContext:         dial,
 		DisableCompression:  true, // the guest's Accept-Encoding, as sent
-		MaxIdleConnsPerHost: 4,
-		IdleConnTimeout:     90 * time.Second,
+		MaxIdleConns:        poolMaxIdlePerKey,
+		MaxIdleConnsPerHost: poolMaxIdlePerKey,
+		IdleConnTimeout:     poolIdleTimeout,
 		TLSHandshakeTimeout: DefaultDialTimeout,
 	}
 	if tlsMode {

@@ -1,0 +1,334 @@
+package main
+
+// Requests through a terminating https rule (issue 15's "Speed"): requests
+// per second and p99 on kept-alive connections and on a new TLS connection
+// per request, builtin vs Envoy terminating the same rule vs direct, and
+// the data plane's memory per open terminated connection.
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vmegress/vmegress/internal/tlsca"
+	"github.com/vmegress/vmegress/internal/world"
+)
+
+// The terminated origin: an HTTPS server on example.com's address in the
+// fake internet, on a port of its own that an https rule terminates.
+var (
+	termPort = 8445
+	termName = "example.com"
+	termPath = "/v1/models"
+)
+
+// termClients is the number of clients making requests at once.
+const termClients = 8
+
+// termConnsMax caps the open terminated connections of the memory figure
+// (each holds a TLS session on both sides of the data plane).
+const termConnsMax = 1000
+
+func init() {
+	metrics = append(metrics, []struct {
+		key, name, unit string
+		higherBetter    bool
+	}{
+		{"treq", "requests/s through an https rule (TLS terminated), keep-alive, 8 clients", "req/s", true},
+		{"treqp99", "request latency through an https rule, keep-alive, p99", "ms", false},
+		{"tnew", "requests/s through an https rule, a new TLS connection per request, 8 clients", "req/s", true},
+		{"tnewp99", "request latency through an https rule, new connection (connect to body), p99", "ms", false},
+		{"termmem", "data plane memory per open terminated connection (https rule)", "KiB", false},
+	}...)
+}
+
+// termOrigin is the HTTPS origin behind the https rule, with a certificate
+// of its own CA (the daemon's upstream_ca_file).
+type termOrigin struct {
+	srv    *http.Server
+	caFile string
+	pool   *x509.CertPool // the origin's CA: what a direct client trusts
+}
+
+func startTermOrigin(w *world.World) (*termOrigin, error) {
+	ca, err := tlsca.Load(filepath.Join(w.Dir, "term-origin-ca"), tlsca.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("creating the terminated origin's CA: %w", err)
+	}
+	leaf, err := ca.Leaf(termName)
+	if err != nil {
+		return nil, fmt.Errorf("issuing the terminated origin's certificate: %w", err)
+	}
+	t := &termOrigin{caFile: filepath.Join(w.Dir, "term-origin-ca.pem"), pool: x509.NewCertPool()}
+	if err := os.WriteFile(t.caFile, ca.CertPEM(), 0o644); err != nil {
+		return nil, err
+	}
+	t.pool.AddCert(ca.Certificate())
+	ln, err := world.ListenIn(w.Inet, "tcp4", net.JoinHostPort(world.ExampleIP.String(), strconv.Itoa(termPort)))
+	if err != nil {
+		return nil, err
+	}
+	body := []byte(`{"data":[{"id":"model-1"}]}` + "\n") // an API's small answer
+	t.srv = &http.Server{
+		Handler: http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+			rw.Header().Set("Content-Type", "application/json")
+			rw.Write(body)
+		}),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"h2", "http/1.1"}},
+		ErrorLog:  log.New(io.Discard, "", 0),
+	}
+	go t.srv.ServeTLS(ln, "", "")
+	return t, nil
+}
+
+func (t *termOrigin) close() { t.srv.Close() }
+
+// config adds the https rule for the origin and its CA to a bench config
+// (whose last lines are alpha's allow rules).
+func (t *termOrigin) config(cfg string) string {
+	return "upstream_ca_file: " + t.caFile + "\n" + cfg +
+		fmt.Sprintf("      - https: %s\n        ports: [%d]\n        methods: [GET]\n        paths: [\"/v1/*\"]\n", termName, termPort)
+}
+
+// measureTermination takes the termination figures of one path into res.
+// The guest trusts the vmegress CA (read from the state directory, what
+// `vmegress ca cert` prints) on a data plane, the origin's CA on direct.
+func measureTermination(o options, w *world.World, ns, path string, t *termOrigin, planePID func() int, res result) error {
+	roots := t.pool
+	if path != "direct" {
+		pem, err := os.ReadFile(filepath.Join(w.StateDir(), tlsca.CertFile))
+		if err != nil {
+			return fmt.Errorf("reading the vmegress CA: %w", err)
+		}
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("no certificate in the vmegress CA file")
+		}
+	}
+	var err error
+	if res["treq"], res["treqp99"], err = termRequests(ns, roots, termClients, o.duration, true); err != nil {
+		return fmt.Errorf("keep-alive requests: %w", err)
+	}
+	if res["tnew"], res["tnewp99"], err = termRequests(ns, roots, termClients, o.duration, false); err != nil {
+		return fmt.Errorf("requests on new connections: %w", err)
+	}
+	if planePID != nil {
+		if res["termmem"], err = termMemory(ns, roots, planePID(), min(o.idle, termConnsMax)); err != nil {
+			return fmt.Errorf("memory per terminated connection: %w", err)
+		}
+	}
+	return nil
+}
+
+// termClient is one guest client of the terminated origin speaking
+// HTTP/1.1, on one kept-alive connection or a new one per request.
+func termClient(ns string, roots *x509.CertPool, keepAlive bool) *http.Client {
+	addr := net.JoinHostPort(world.ExampleIP.String(), strconv.Itoa(termPort))
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{
+			DialContext:         func(context.Context, string, string) (net.Conn, error) { return dialIn(ns, addr) },
+			TLSClientConfig:     &tls.Config{ServerName: termName, RootCAs: roots},
+			TLSNextProto:        map[string]func(string, *tls.Conn) http.RoundTripper{}, // HTTP/1.1
+			DisableKeepAlives:   !keepAlive,
+			MaxIdleConnsPerHost: 1,
+		},
+	}
+}
+
+// termRequests runs clients making GET requests through the https rule for
+// d and returns requests per second and the p99 latency in ms (request to
+// whole body; with a new connection per request, connect to whole body).
+func termRequests(ns string, roots *x509.CertPool, clients int, d time.Duration, keepAlive bool) (rps, p99 float64, err error) {
+	url := fmt.Sprintf("https://%s:%d%s", termName, termPort, termPath)
+	var mu sync.Mutex
+	var lat []time.Duration
+	var failures atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	end := time.Now().Add(d)
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := termClient(ns, roots, keepAlive)
+			defer c.CloseIdleConnections()
+			var mine []time.Duration
+			for time.Now().Before(end) {
+				t0 := time.Now()
+				resp, err := c.Get(url)
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if err == nil && resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("status %s", resp.Status)
+					}
+				}
+				if err != nil {
+					failures.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if len(lat) == 0 {
+		return 0, 0, fmt.Errorf("no request succeeded (%d failures, first: %v)", failures.Load(), firstErr.Load())
+	}
+	slices.Sort(lat)
+	q := float64(lat[int(0.99*float64(len(lat)-1))].Microseconds()) / 1000
+	return float64(len(lat)) / d.Seconds(), q, nil
+}
+
+// termMemory opens n terminated connections, each after one request
+// answered, held open, and returns the data plane's resident memory growth
+// per connection.
+func termMemory(ns string, roots *x509.CertPool, pid, n int) (float64, error) {
+	time.Sleep(parkAfter) // the earlier measurements' connections are gone
+	before, err := rssKiB(pid)
+	if err != nil {
+		return 0, err
+	}
+	conns := make([]net.Conn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	req := "GET " + termPath + " HTTP/1.1\r\nHost: " + termName + ":" + strconv.Itoa(termPort) + "\r\n\r\n"
+	addr := net.JoinHostPort(world.ExampleIP.String(), strconv.Itoa(termPort))
+	for i := 0; i < n; i++ {
+		raw, err := dialIn(ns, addr)
+		if err != nil {
+			return 0, fmt.Errorf("connection %d: %w", i, err)
+		}
+		c := tls.Client(raw, &tls.Config{ServerName: termName, RootCAs: roots, NextProtos: []string{"http/1.1"}})
+		conns = append(conns, c)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, req); err != nil {
+			return 0, fmt.Errorf("connection %d: sending a request: %w", i, err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return 0, fmt.Errorf("connection %d: reading the answer: %w", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return 0, fmt.Errorf("connection %d: %s", i, resp.Status)
+		}
+		c.SetDeadline(time.Time{})
+	}
+	time.Sleep(parkAfter)
+	after, err := rssKiB(pid)
+	if err != nil {
+		return 0, err
+	}
+	return float64(after-before) / float64(n), nil
+}
+
+// termLimits says what limits the termination figures where builtin
+// misses Envoy.
+const termLimits = `
+What limits the termination figures. Both planes do the same work per request: a TLS
+session with the guest under a certificate of the vmegress CA, an HTTP/1.1 request
+parsed and decided by method and path, and the request sent on over a pooled,
+verified TLS connection to the origin (HTTP/2 where the origin offers it), on the same
+two cores as the clients and the origin. **Keep-alive**: the builtin plane runs
+Go's net/http server and reverse proxy per request (a goroutine per guest connection,
+header maps, the access-log line); Envoy parses with its C++ codec on one worker
+thread per core. **New connections**: each one costs a full TLS handshake with the
+guest (ECDSA P-256 signature, certificate from the per-name cache) on both planes;
+the builtin plane adds an http.Server and a goroutine per connection.
+**Memory per open connection**: what a kept-alive terminated connection holds on the
+builtin plane is its TLS state (about 40 KB of read and write buffers in crypto/tls)
+and the http.Server's buffered reader and writer (4 KB each) and goroutines.
+`
+
+// renderTermination is the report's table for issue 15's speed targets:
+// builtin ≥ Envoy on requests per second and ≤ Envoy on p99, keep-alive and
+// new connections; memory per connection reported.
+func renderTermination(res map[string][]result) string {
+	ratio := func(a, bb, key string) (float64, bool) {
+		var rs []float64
+		for i := range res[a] {
+			if i < len(res[bb]) && res[bb][i][key] > 0 && res[a][i][key] > 0 {
+				rs = append(rs, res[a][i][key]/res[bb][i][key])
+			}
+		}
+		if len(rs) == 0 {
+			return 0, false
+		}
+		return median(rs), true
+	}
+	fig := func(p, key string) string {
+		var xs []float64
+		for _, r := range res[p] {
+			if v, ok := r[key]; ok {
+				xs = append(xs, v)
+			}
+		}
+		if len(xs) == 0 {
+			return "—"
+		}
+		return num(median(xs))
+	}
+	var b strings.Builder
+	b.WriteString("\n## Targets of issue 15 (TLS termination), as measured above\n\n")
+	fmt.Fprintf(&b, "An `https: %s` rule on port %d (methods GET, paths /v1/*) in front of Go's HTTPS server in the fake internet (its CA given as `upstream_ca_file`); %d clients speaking HTTP/1.1 `GET %s` (a 28-byte JSON answer), trusting the vmegress CA (direct: the origin's CA); on kept-alive connections, then on a new TLS connection per request; memory: the data plane's RSS growth holding open connections that each had one request answered.\n\n",
+		termName, termPort, termClients, termPath)
+	b.WriteString("| figure | builtin | envoy | direct | target | builtin / envoy | verdict |\n|---|---|---|---|---|---|---|\n")
+	missed := false
+	for _, t := range []struct {
+		what, key, unit string
+		higher          bool
+	}{
+		{"requests/s, keep-alive", "treq", "req/s", true},
+		{"p99, keep-alive", "treqp99", "ms", false},
+		{"requests/s, new connection per request", "tnew", "req/s", true},
+		{"p99, new connection per request", "tnewp99", "ms", false},
+	} {
+		target, verdict, rs := "≥ 1×", "—", "—"
+		if !t.higher {
+			target = "≤ 1×"
+		}
+		if r, ok := ratio("builtin", "envoy", t.key); ok {
+			rs = num(r) + "×"
+			verdict = "met"
+			if (t.higher && r < 1) || (!t.higher && r > 1) {
+				verdict, missed = "**missed**", true
+			}
+		}
+		fmt.Fprintf(&b, "| %s (%s) | %s | %s | %s | %s | %s | %s |\n", t.what, t.unit,
+			fig("builtin", t.key), fig("envoy", t.key), fig("direct", t.key), target, rs, verdict)
+	}
+	rs := "—"
+	if r, ok := ratio("builtin", "envoy", "termmem"); ok {
+		rs = num(r) + "×"
+	}
+	fmt.Fprintf(&b, "| memory per open terminated connection (KiB) | %s | %s | — | reported | %s | — |\n",
+		fig("builtin", "termmem"), fig("envoy", "termmem"), rs)
+	if missed {
+		b.WriteString(termLimits)
+	}
+	return b.String()
+}
