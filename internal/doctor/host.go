@@ -21,8 +21,8 @@ import (
 	"github.com/vmegress/vmegress/internal/engine"
 	"github.com/vmegress/vmegress/internal/envoy"
 	"github.com/vmegress/vmegress/internal/firewall"
-	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/proxy"
 	"github.com/vmegress/vmegress/internal/state"
 )

@@ -105,8 +105,8 @@ type Project struct {
 	// The deny rules; a rule with no ports applies on every port.
 	denySNI, denyHTTP, denyTCP nameMatcher
 	// kernel is Kernel(), derived once at compile.
-	kernel Kernel
-	denyCIDRs                  []cidrRule
+	kernel    Kernel
+	denyCIDRs []cidrRule
 	// req are the https rules and the request rules of http rules (https.go).
 	req requestRules
 }
