@@ -104,11 +104,11 @@ type Project struct {
 	httpPorts map[uint16]bool
 	// The deny rules; a rule with no ports applies on every port.
 	denySNI, denyHTTP, denyTCP nameMatcher
-	// kernel is Kernel(), derived once at compile.
-	kernel    Kernel
-	denyCIDRs []cidrRule
+	denyCIDRs                  []cidrRule
 	// req are the https rules and the request rules of http rules (https.go).
 	req requestRules
+	// kernel is Kernel(), derived once at compile.
+	kernel Kernel
 }
 
 type cidrRule struct {
