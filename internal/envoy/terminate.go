@@ -28,10 +28,13 @@ import (
 
 // Names of the termination resources.
 const (
-	// ClusterHTTPS dials the name of a terminated connection over TLS
-	// verified against UpstreamRoots (SNI and SAN: the name).
+	// ClusterHTTPS + "/" + project dials the name of the project's
+	// terminated connections over TLS verified against UpstreamRoots (SNI
+	// and SAN: the name): a cluster per project, so its upstream
+	// connections (which carry its injected credentials) are pooled for
+	// that project alone, never reused for another project's requests.
 	ClusterHTTPS = "vmegress_dfp_https"
-	// rootsSecret is the validation context of ClusterHTTPS.
+	// rootsSecret is the validation context of the ClusterHTTPS clusters.
 	rootsSecret = "vmegress_upstream_roots"
 	// certSecretPrefix + name is the guest-facing certificate for name.
 	certSecretPrefix = "vmegress_cert/"
@@ -63,26 +66,31 @@ func sdsRef(o Settings, name string) M {
 	return M{"name": name, "sds_config": M{"ads": M{}, "resource_api_version": "V3"}}
 }
 
-// terminates reports whether some project has an https name to terminate.
-func terminates(pol *policy.Policy) bool {
+// terminating returns the projects with an https name to terminate.
+func terminating(pol *policy.Policy) []*policy.Project {
+	var out []*policy.Project
 	for _, p := range pol.Projects() {
 		for _, v := range p.Ports() {
 			if len(v.HTTPS) > 0 {
-				return true
+				out = append(out, p)
+				break
 			}
 		}
 	}
-	return false
+	return out
 }
+
+// httpsClusterName is the terminating cluster of project.
+func httpsClusterName(project string) string { return ClusterHTTPS + "/" + project }
 
 // httpsCluster is the forward proxy's TLS cluster for terminated requests:
 // the upstream is the request's Host (the chain's name, rewritten
 // literally), its SNI and the certificate's expected name are that Host
 // (auto_sni, auto_san_validation), its roots the host's plus
 // upstream_ca_file; HTTP/2 or HTTP/1.1 by ALPN.
-func httpsCluster(o Settings) M {
+func httpsCluster(o Settings, project string) M {
 	return M{
-		"name":                 ClusterHTTPS,
+		"name":                 httpsClusterName(project),
 		"connect_timeout":      "10s",
 		"lb_policy":            "CLUSTER_PROVIDED",
 		"upstream_bind_config": markedBind(o.UpstreamMark),
@@ -173,7 +181,7 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 		allow := func(match M) M {
 			return M{"match": match,
 				"metadata":                M{"filter_metadata": M{verdictNamespace: M{"verdict": "allow", "rule": r.Rule}}},
-				"route":                   M{"cluster": ClusterHTTPS, "timeout": "0s"},
+				"route":                   M{"cluster": httpsClusterName(p.Name), "timeout": "0s"},
 				"typed_per_filter_config": perFilter}
 		}
 		var why []string
