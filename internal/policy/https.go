@@ -189,7 +189,9 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 	// override headers name (servers upper-case them).
 	methods := []string{q.Method}
 	for _, m := range q.MethodOverrides {
-		methods = append(methods, strings.ToUpper(strings.TrimSpace(m)))
+		if m = strings.ToUpper(strings.TrimSpace(m)); m != "" {
+			methods = append(methods, m)
+		}
 	}
 	for _, r := range rules {
 		if !slices.Contains(r.ports, q.Port) || !nameMatches(r.pattern, norm) {
