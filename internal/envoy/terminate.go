@@ -57,6 +57,34 @@ const badPathRegex = `[^?]*(/(\.|%2[eE]){1,2}(;[^/?]*)?([/?]|$)|\\|%2[fF]|%5[cC]
 // badPathWhy is the refusal's reason for a path badPathRegex matches.
 const badPathWhy = "it has a . or .. segment, a backslash or control byte, an escaped / or \\, or an escape escaped twice"
 
+// methodGuards are the header matchers a request must pass besides its
+// :method, as policy.Project.DecideRequest decides: where r has methods,
+// each method-override header is missing or names one of them (servers
+// act on it, upper-cased); where r injects, neither :method nor an
+// override is TRACE or TRACK (the answer echoes the request, credentials
+// included).
+func methodGuards(r policy.RequestRule) []M {
+	var out []M
+	if len(r.Methods) > 0 {
+		quoted := make([]string, len(r.Methods))
+		for i, m := range r.Methods {
+			quoted[i] = regexp.QuoteMeta(m)
+		}
+		for _, h := range policy.MethodOverrideHeaders {
+			out = append(out, M{"name": strings.ToLower(h), "treat_missing_header_as_empty": true,
+				"string_match": M{"safe_regex": M{"regex": `(?i)\s*(` + strings.Join(quoted, "|") + `)?\s*`}}})
+		}
+	}
+	if len(r.Inject) > 0 {
+		out = append(out, M{"name": ":method", "invert_match": true, "string_match": M{"safe_regex": M{"regex": "TRACE|TRACK"}}})
+		for _, h := range policy.MethodOverrideHeaders {
+			out = append(out, M{"name": strings.ToLower(h), "treat_missing_header_as_empty": true, "invert_match": true,
+				"string_match": M{"safe_regex": M{"regex": `(?i).*TRAC[EK].*`}}})
+		}
+	}
+	return out
+}
+
 // sdsRef refers to secret name: over ADS, or among the bootstrap's static
 // secrets (the standalone bootstrap).
 func sdsRef(o Settings, name string) M {
@@ -200,7 +228,7 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 					"direct_response": M{"status": 502, "body": M{"inline_string": fmt.Sprintf("vmegress: project %s: %s\n", p.Name, reason)}}}
 			}
 		}
-		headers := methodsHeader(r.Methods)
+		headers := append(methodsHeader(r.Methods), methodGuards(r)...)
 		if len(r.Paths) == 0 {
 			routes = append(routes, allow(M{"prefix": "/", "headers": headers}))
 			continue

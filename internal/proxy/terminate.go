@@ -232,7 +232,7 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rl.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Reason: "CONNECT is never forwarded to an origin server"}
 	default:
 		rd := pr.DecideRequest(policy.Request{Kind: kind, Name: h.name, Port: h.e.dst.Port(), Host: r.Host,
-			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath()})
+			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath(), MethodOverrides: methodOverrides(r.Header)})
 		rl.d = rd.Decision
 		if rl.d.Verdict != policy.Allow && pr.Audit {
 			rl.d.Verdict = WouldDeny // forwarded as is, nothing injected
@@ -325,6 +325,15 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 		slog.Int("status", rl.status),
 		slog.Float64("duration_ms", float64(h.p.now().Sub(start).Microseconds())/1000),
 	)
+}
+
+// methodOverrides returns the values of r's method-override headers.
+func methodOverrides(hd http.Header) []string {
+	var out []string
+	for _, k := range policy.MethodOverrideHeaders {
+		out = append(out, hd.Values(k)...)
+	}
+	return out
 }
 
 // dropProtocolSwitch removes an Upgrade to anything but WebSocket (h2c,
