@@ -15,7 +15,9 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -203,8 +205,20 @@ func termRequests(ns string, roots *x509.CertPool, clients int, d time.Duration,
 // answered, held open, and returns the data plane's resident memory growth
 // per connection.
 func termMemory(ns string, roots *x509.CertPool, pid, n int) (float64, error) {
+	return termMemoryHeld(ns, roots, pid, n, nil)
+}
+
+// termMemoryHeld is termMemory calling held (when not nil) while the
+// connections are open; with pid 0 it measures no memory.
+func termMemoryHeld(ns string, roots *x509.CertPool, pid, n int, held func() error) (float64, error) {
 	time.Sleep(parkAfter) // the earlier measurements' connections are gone
-	before, err := rssKiB(pid)
+	rss := func() (int, error) {
+		if pid == 0 {
+			return 0, nil
+		}
+		return rssKiB(pid)
+	}
+	before, err := rss()
 	if err != nil {
 		return 0, err
 	}
@@ -239,9 +253,14 @@ func termMemory(ns string, roots *x509.CertPool, pid, n int) (float64, error) {
 		c.SetDeadline(time.Time{})
 	}
 	time.Sleep(parkAfter)
-	after, err := rssKiB(pid)
+	after, err := rss()
 	if err != nil {
 		return 0, err
+	}
+	if held != nil {
+		if err := held(); err != nil {
+			return 0, err
+		}
 	}
 	return float64(after-before) / float64(n), nil
 }
@@ -331,4 +350,148 @@ func renderTermination(res map[string][]result) string {
 		b.WriteString(termLimits)
 	}
 	return b.String()
+}
+
+// termOnly measures only the termination figures of the three paths, o.runs
+// times each (ratios within a run, as in the full report), and prints their
+// table; with -term-profile it also profiles the builtin plane under each
+// load. It writes nothing but the profiles.
+func termOnly(o options, bin string) error {
+	results := map[string][]result{}
+	var profiles strings.Builder
+	for r := 1; r <= o.runs; r++ {
+		for _, p := range paths {
+			fmt.Fprintf(os.Stderr, "run %d/%d: %s (termination only)\n", r, o.runs, p)
+			prof := ""
+			if p == "builtin" && r == 1 {
+				prof = o.termProfile
+			}
+			res, err := measureTermPath(o, bin, p, prof, &profiles)
+			if err != nil {
+				return fmt.Errorf("run %d, %s: %w", r, p, err)
+			}
+			results[p] = append(results[p], res)
+			fmt.Fprintf(os.Stderr, "  %v\n", res)
+		}
+	}
+	fmt.Printf("Produced by `go run ./bench -term -runs %d -duration %s -idle %d`.\n", o.runs, o.duration, o.idle)
+	fmt.Print(renderTermination(results))
+	fmt.Print(profiles.String())
+	return nil
+}
+
+// measureTermPath builds a world for one path with only the terminated
+// origin and takes the termination figures. With profDir (builtin only),
+// CPU profiles of the data plane under the keep-alive and the
+// new-connection loads, and a heap profile holding open connections, are
+// written there and their top entries appended to profiles.
+func measureTermPath(o options, bin, path, profDir string, profiles *strings.Builder) (result, error) {
+	ctx := context.Background()
+	w, err := world.New(ctx, world.Options{Prefix: "vmbench", Guests: []world.GuestSpec{{Project: "alpha", Subnet: netip.MustParsePrefix("172.31.0.0/30")}}})
+	if err != nil {
+		return nil, err
+	}
+	defer w.Close()
+	g := w.Guest("alpha")
+	term, err := startTermOrigin(w)
+	if err != nil {
+		return nil, err
+	}
+	defer term.close()
+	var planePID func() int
+	if path == "direct" {
+		// The spec's direct egress: forwarding and MASQUERADE, no vmegress.
+		rules := "table ip benchnat {\n chain post {\n  type nat hook postrouting priority srcnat;\n  ip saddr 172.31.0.0/16 oifname \"up0\" masquerade\n }\n}\n"
+		f := filepath.Join(w.Dir, "nat.nft")
+		if err := os.WriteFile(f, []byte(rules), 0o644); err != nil {
+			return nil, err
+		}
+		if err := world.Run(ctx, world.NS(w.Host, "nft", "-f", f)...); err != nil {
+			return nil, err
+		}
+	} else {
+		cfg, err := w.WriteConfig("config.yaml", term.config(fmt.Sprintf(benchConfig, path)))
+		if err != nil {
+			return nil, err
+		}
+		d, err := w.StartDaemon(ctx, bin, cfg, "VMEGRESS_PPROF=1")
+		if err != nil {
+			return nil, err
+		}
+		defer d.Kill()
+		planePID = func() int { return d.Cmd.Process.Pid }
+		if path == "envoy" {
+			planePID = func() int {
+				out, _ := exec.Command("pgrep", "-f", "-n", w.StateDir()+"/envoy-bootstrap.json").Output()
+				pid, _ := strconv.Atoi(strings.TrimSpace(string(out)))
+				return pid
+			}
+		}
+	}
+	res := result{}
+	if err := measureTermination(o, w, g.NS, path, term, planePID, res); err != nil {
+		return nil, err
+	}
+	if profDir != "" && path == "builtin" {
+		if err := profileTermination(o, w, bin, g.NS, term, profDir, profiles); err != nil {
+			return nil, fmt.Errorf("profiling: %w", err)
+		}
+	}
+	return res, nil
+}
+
+// profileTermination takes CPU profiles of the builtin plane (its pprof on
+// the admin address) under each request load, and a heap profile while
+// connections are held open.
+func profileTermination(o options, w *world.World, bin, ns string, t *termOrigin, dir string, profiles *strings.Builder) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	pem, err := os.ReadFile(filepath.Join(w.StateDir(), tlsca.CertFile))
+	if err != nil {
+		return fmt.Errorf("reading the vmegress CA: %w", err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	fetch := func(url, file string, timeout int) error {
+		return world.Run(context.Background(), world.NS(w.Host, "curl", "-sS", "--fail", "--max-time", strconv.Itoa(timeout),
+			"-o", file, "http://127.0.0.1:9901"+url)...)
+	}
+	top := func(title, file string, extra ...string) error {
+		args := append([]string{"tool", "pprof", "-top", "-nodecount=25"}, extra...)
+		out, err := exec.Command("go", append(args, bin, file)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("go tool pprof: %v\n%s", err, out)
+		}
+		fmt.Fprintf(profiles, "\n### %s (%s)\n\n```\n%s```\n", title, file, out)
+		return nil
+	}
+	secs := max(int(o.duration.Round(time.Second)/time.Second), 1)
+	for _, keepAlive := range []bool{true, false} {
+		name := "keepalive"
+		if !keepAlive {
+			name = "newconn"
+		}
+		file := filepath.Join(dir, "cpu-"+name+".pprof")
+		done := make(chan error, 1)
+		go func() {
+			done <- fetch(fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), file, secs+30)
+		}()
+		time.Sleep(100 * time.Millisecond) // the profile has started
+		if _, _, err := termRequests(ns, roots, termClients, time.Duration(secs)*time.Second, keepAlive); err != nil {
+			return err
+		}
+		if err := <-done; err != nil {
+			return fmt.Errorf("fetching the CPU profile: %w", err)
+		}
+		if err := top("builtin plane CPU, "+name, file); err != nil {
+			return err
+		}
+	}
+	file := filepath.Join(dir, "heap-held.pprof")
+	held := func() error { return fetch("/debug/pprof/heap?gc=1", file, 30) }
+	if _, err := termMemoryHeld(ns, roots, 0, min(o.idle, termConnsMax), held); err != nil {
+		return err
+	}
+	return top("builtin plane heap in use, connections held open", file, "-sample_index=inuse_space")
 }
