@@ -77,27 +77,12 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 		p.refuse(c, e, refuseReset)
 		return false
 	}
-	guest := &countedConn{Conn: c, prefix: prefix}
-	var conn net.Conn = guest
 	tlsMode := e.kind == policy.KindTLS
 	name := dnsName(e.name)
+	guest := &countedConn{Conn: c, prefix: prefix, name: name}
+	var conn net.Conn = guest
 	if tlsMode {
-		tc := tls.Server(guest, &tls.Config{
-			MinVersion: tls.VersionTLS12,
-			// The guest is on this host's TAP, never on a network where
-			// its traffic could be recorded for later decryption: the
-			// classical groups (what Envoy offers by default), not
-			// X25519MLKEM768, whose key exchange costs as much as the
-			// rest of the handshake. Upstream keeps Go's defaults.
-			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
-			NextProtos:       []string{"h2", "http/1.1"},
-			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-				if dnsName(hello.ServerName) != name {
-					return nil, fmt.Errorf("server name %q is not the one decided (%q)", hello.ServerName, name)
-				}
-				return t.Leaf(name)
-			},
-		})
+		tc := tls.Server(guest, p.guestTLS())
 		hctx, cancel := context.WithTimeout(ctx, p.helloTimeout())
 		err := tc.HandshakeContext(hctx)
 		cancel()
@@ -143,10 +128,69 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	return true
 }
 
-// termServers holds the proxy's HTTP server for terminated connections.
+// termServers holds the proxy's HTTP server for terminated connections
+// and the guest-facing TLS configuration they share.
 type termServers struct {
 	mu  sync.Mutex
 	cur *termServer
+
+	tlsOnce sync.Once
+	tls     *tls.Config
+}
+
+// sessionNameTag marks a TLS session with the server name it was made
+// for (SessionState.Extra).
+const sessionNameTag = "vmegress-server-name="
+
+// guestTLS is the TLS configuration the guest's handshakes are answered
+// with, one for all terminated connections: the certificate for the name
+// the connection was decided for (a ClientHello naming another is refused),
+// and session tickets under keys of its own, so a guest that resumes skips
+// the certificate and key exchange. A session resumes only for the server
+// name it was made for: the name is sealed in the ticket and compared.
+func (p *Proxy) guestTLS() *tls.Config {
+	p.term.tlsOnce.Do(func() {
+		cfg := &tls.Config{
+			MinVersion: tls.VersionTLS12,
+			// The guest is on this host's TAP, never on a network where
+			// its traffic could be recorded for later decryption: the
+			// classical groups (what Envoy offers by default), not
+			// X25519MLKEM768, whose key exchange costs as much as the
+			// rest of the handshake. Upstream keeps Go's defaults.
+			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
+			NextProtos:       []string{"h2", "http/1.1"},
+		}
+		// Called for every ClientHello, resumed or not.
+		cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			gc, ok := hello.Conn.(*countedConn)
+			if !ok || dnsName(hello.ServerName) != gc.name {
+				return nil, fmt.Errorf("server name %q is not the one decided", hello.ServerName)
+			}
+			return nil, nil // cfg itself
+		}
+		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return p.Termination.Leaf(dnsName(hello.ServerName)) // checked above
+		}
+		cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+			ss.Extra = append(ss.Extra, []byte(sessionNameTag+dnsName(cs.ServerName)))
+			return cfg.EncryptTicket(cs, ss)
+		}
+		cfg.UnwrapSession = func(ticket []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+			ss, err := cfg.DecryptTicket(ticket, cs)
+			if err != nil || ss == nil {
+				return nil, err
+			}
+			want := sessionNameTag + dnsName(cs.ServerName)
+			for _, x := range ss.Extra {
+				if string(x) == want {
+					return ss, nil
+				}
+			}
+			return nil, nil // another name's session: a full handshake
+		}
+		p.term.tls = cfg
+	})
+	return p.term.tls
 }
 
 // termServer is one http.Server (HTTP/1.1, and HTTP/2 by ALPN) serving
@@ -551,6 +595,7 @@ func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 type countedConn struct {
 	net.Conn
 	prefix  []byte
+	name    string // the server name the connection was decided for
 	in, out atomic.Int64
 }
 

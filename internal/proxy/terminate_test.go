@@ -70,6 +70,8 @@ const termRules = `      - https: api.example.com
         ports: [%[1]d]
         methods: [POST]
         paths: [/v1/chat]
+      - https: other.example.com
+        ports: [%[1]d]
 `
 
 const secretValue = "s3cr3t-Value-42"
@@ -384,5 +386,70 @@ func TestTerminateWebSocket(t *testing.T) {
 	}
 	if _, ok := upgrades.Load("/other"); ok {
 		t.Error("the refused upgrade reached the origin")
+	}
+}
+
+// anySession is a client session cache that offers its one session for
+// every name: what a guest playing tricks with tickets would do.
+type anySession struct {
+	mu sync.Mutex
+	cs *tls.ClientSessionState
+}
+
+func (a *anySession) Get(string) (*tls.ClientSessionState, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cs, a.cs != nil
+}
+
+func (a *anySession) Put(_ string, cs *tls.ClientSessionState) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if cs != nil {
+		a.cs = cs
+	}
+}
+
+// TestTerminateResumption: a guest that resumes its TLS session with the
+// proxy skips the full handshake, and a session resumes only for the
+// server name it was made for (a ticket of api.example.com offered for
+// other.example.com gets a full handshake, with other.example.com's
+// certificate).
+func TestTerminateResumption(t *testing.T) {
+	w := startTermWorld(t, true)
+	cache := &anySession{}
+	handshake := func(name string, verify bool) tls.ConnectionState {
+		t.Helper()
+		raw, err := net.Dial("tcp4", w.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer raw.Close()
+		raw.SetDeadline(time.Now().Add(10 * time.Second)) // a hang fails, not blocks
+		c := tls.Client(raw, &tls.Config{ServerName: name, RootCAs: w.guestCAs, ClientSessionCache: cache,
+			InsecureSkipVerify: !verify, NextProtos: []string{"http/1.1"}})
+		// A request, so that the session ticket (sent after the
+		// handshake in TLS 1.3) is read.
+		fmt.Fprintf(c, "GET /v1/models HTTP/1.1\r\nHost: %s\r\n\r\n", name)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return c.ConnectionState()
+	}
+	if cs := handshake("api.example.com", true); cs.DidResume {
+		t.Fatal("first connection resumed a session")
+	}
+	if cs := handshake("api.example.com", true); !cs.DidResume {
+		t.Error("second connection to the same name did not resume")
+	}
+	cs := handshake("other.example.com", false)
+	if cs.DidResume {
+		t.Error("a session of api.example.com resumed for other.example.com")
+	}
+	if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].VerifyHostname("other.example.com") != nil {
+		t.Error("other.example.com was not shown its own certificate")
 	}
 }
