@@ -55,6 +55,8 @@ func init() {
 		{"tnew", "requests/s through an https rule, a new TLS connection per request, 8 clients", "req/s", true},
 		{"tnewp99", "request latency through an https rule, new connection (connect to body), p99", "ms", false},
 		{"termmem", "data plane memory per open terminated connection (https rule)", "KiB", false},
+		{"tcpu", "data plane CPU time per request through an https rule, keep-alive", "µs", false},
+		{"tnewcpu", "data plane CPU time per request through an https rule, new connection", "µs", false},
 	}...)
 }
 
@@ -121,19 +123,62 @@ func measureTermination(o options, w *world.World, ns, path string, t *termOrigi
 			return fmt.Errorf("no certificate in the vmegress CA file")
 		}
 	}
+	for _, m := range []struct {
+		keepAlive          bool
+		rps, p99, cpu, how string
+	}{
+		{true, "treq", "treqp99", "tcpu", "keep-alive requests"},
+		{false, "tnew", "tnewp99", "tnewcpu", "requests on new connections"},
+	} {
+		// The data plane's CPU time per request: what it costs, whatever
+		// else the shared machine is doing meanwhile.
+		var cpu0 float64
+		if planePID != nil {
+			cpu0, _ = cpuSeconds(planePID())
+		}
+		rps, p99, err := termRequests(ns, roots, termClients, o.duration, m.keepAlive)
+		if err != nil {
+			return fmt.Errorf("%s: %w", m.how, err)
+		}
+		res[m.rps], res[m.p99] = rps, p99
+		if planePID != nil {
+			if cpu1, err := cpuSeconds(planePID()); err == nil && rps > 0 {
+				res[m.cpu] = (cpu1 - cpu0) / (rps * o.duration.Seconds()) * 1e6
+			}
+		}
+	}
 	var err error
-	if res["treq"], res["treqp99"], err = termRequests(ns, roots, termClients, o.duration, true); err != nil {
-		return fmt.Errorf("keep-alive requests: %w", err)
-	}
-	if res["tnew"], res["tnewp99"], err = termRequests(ns, roots, termClients, o.duration, false); err != nil {
-		return fmt.Errorf("requests on new connections: %w", err)
-	}
 	if planePID != nil {
 		if res["termmem"], err = termMemory(ns, roots, planePID(), min(o.idle, termConnsMax)); err != nil {
 			return fmt.Errorf("memory per terminated connection: %w", err)
 		}
 	}
 	return nil
+}
+
+// cpuSeconds is the user and system CPU time process pid has used
+// (/proc/PID/stat, in clock ticks of 1/100 s: USER_HZ on Linux).
+func cpuSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces: count from its ")".
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("reading /proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:])) // f[0] is field 3 (state)
+	if len(f) < 13 {
+		return 0, fmt.Errorf("reading /proc/%d/stat: %d fields", pid, len(f))
+	}
+	utime, err1 := strconv.ParseFloat(f[11], 64) // field 14
+	stime, err2 := strconv.ParseFloat(f[12], 64) // field 15
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("reading /proc/%d/stat: utime %q, stime %q", pid, f[11], f[12])
+	}
+	const userHZ = 100 // clock ticks per second of /proc's times
+	return (utime + stime) / userHZ, nil
 }
 
 // termClient is one guest client of the terminated origin speaking
@@ -313,7 +358,7 @@ func renderTermination(res map[string][]result) string {
 	}
 	var b strings.Builder
 	b.WriteString("\n## Targets of issue 15 (TLS termination), as measured above\n\n")
-	fmt.Fprintf(&b, "An `https: %s` rule on port %d (methods GET, paths /v1/*) in front of Go's HTTPS server in the fake internet (its CA given as `upstream_ca_file`); %d clients speaking HTTP/1.1 `GET %s` (a 28-byte JSON answer), trusting the vmegress CA (direct: the origin's CA); on kept-alive connections, then on a new TLS connection per request; memory: the data plane's RSS growth holding open connections that each had one request answered.\n\n",
+	fmt.Fprintf(&b, "An `https: %s` rule on port %d (methods GET, paths /v1/*) in front of Go's HTTPS server in the fake internet (its CA given as `upstream_ca_file`); %d clients speaking HTTP/1.1 `GET %s` (a 28-byte JSON answer), trusting the vmegress CA (direct: the origin's CA); on kept-alive connections, then on a new TLS connection per request; memory: the data plane's RSS growth holding open connections that each had one request answered; CPU per request: the data plane process's user and system time during a measurement over the requests answered (what a request costs the plane, less sensitive than rates to the other work on this shared machine).\n\n",
 		termName, termPort, termClients, termPath)
 	b.WriteString("| figure | builtin | envoy | direct | target | builtin / envoy | verdict |\n|---|---|---|---|---|---|---|\n")
 	missed := false
@@ -346,6 +391,16 @@ func renderTermination(res map[string][]result) string {
 	}
 	fmt.Fprintf(&b, "| memory per open terminated connection (KiB) | %s | %s | — | reported | %s | — |\n",
 		fig("builtin", "termmem"), fig("envoy", "termmem"), rs)
+	for _, c := range []struct{ what, key string }{
+		{"data plane CPU per request, keep-alive (µs)", "tcpu"},
+		{"data plane CPU per request, new connection (µs)", "tnewcpu"},
+	} {
+		rs := "—"
+		if r, ok := ratio("builtin", "envoy", c.key); ok {
+			rs = num(r) + "×"
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | — | reported | %s | — |\n", c.what, fig("builtin", c.key), fig("envoy", c.key), rs)
+	}
 	if missed {
 		b.WriteString(termLimits)
 	}
@@ -360,7 +415,13 @@ func termOnly(o options, bin string) error {
 	results := map[string][]result{}
 	var profiles strings.Builder
 	for r := 1; r <= o.runs; r++ {
-		for _, p := range paths {
+		// The machine is shared: the two planes take turns going first,
+		// so that load coming or going during a run favours neither.
+		order := paths
+		if r%2 == 0 {
+			order = []string{"direct", "envoy", "builtin"}
+		}
+		for _, p := range order {
 			fmt.Fprintf(os.Stderr, "run %d/%d: %s (termination only)\n", r, o.runs, p)
 			prof := ""
 			if p == "builtin" && r == 1 {
