@@ -247,6 +247,7 @@ func (p *Proxy) termServer(ctx context.Context) *termServer {
 			r.Out.Host = r.In.Host // checked: the connection's name
 		},
 		Transport:     termRoundTripper{},
+		BufferPool:    &copyBuffers{},
 		FlushInterval: -1, // stream (server-sent events, long polls)
 		ErrorLog:      log.New(io.Discard, "", 0),
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -268,6 +269,27 @@ func (p *Proxy) termServer(ctx context.Context) *termServer {
 // to the server).
 func handlerOf(r *http.Request) *termHandler {
 	return r.Context().Value(termHandlerKey{}).(*termHandler)
+}
+
+// copyBufferSize is the reverse proxy's body copy buffer (its default).
+const copyBufferSize = 32 << 10
+
+// copyBuffers lends the reverse proxy its body copy buffers: without it,
+// it allocates one per request, most of a request's garbage.
+type copyBuffers struct{ p sync.Pool }
+
+func (b *copyBuffers) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (b *copyBuffers) Put(buf []byte) {
+	if cap(buf) == copyBufferSize {
+		buf = buf[:copyBufferSize]
+		b.p.Put(&buf)
+	}
 }
 
 // termRoundTripper sends a request on its connection's pooled transport.

@@ -35,7 +35,7 @@ func (o *echoOrigin) requests() []*http.Request {
 	return append([]*http.Request(nil), o.reqs...)
 }
 
-func startEchoOrigin(t *testing.T, cert *tls.Certificate) *echoOrigin {
+func startEchoOrigin(t testing.TB, cert *tls.Certificate) *echoOrigin {
 	t.Helper()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
@@ -100,7 +100,7 @@ func (l lockedWriter) Write(b []byte) (int, error) {
 // startTermWorld runs a proxy terminating for api.example.com in front of
 // an echo origin; trustOrigin says whether the proxy's upstream roots hold
 // the origin's CA.
-func startTermWorld(t *testing.T, trustOrigin bool) termWorld {
+func startTermWorld(t testing.TB, trustOrigin bool) termWorld {
 	t.Helper()
 	ca, err := tlsca.Load(t.TempDir(), tlsca.Options{})
 	if err != nil {
@@ -451,5 +451,43 @@ func TestTerminateResumption(t *testing.T) {
 	}
 	if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].VerifyHostname("other.example.com") != nil {
 		t.Error("other.example.com was not shown its own certificate")
+	}
+}
+
+// BenchmarkTerminateKeepAlive: requests through an https rule on one
+// kept-alive HTTP/1.1 guest connection (handshakes excluded).
+func BenchmarkTerminateKeepAlive(b *testing.B) {
+	w := startTermWorld(b, true)
+	c := w.client(w.guestCAs, false)
+	get := func() {
+		resp, err := c.Get("https://api.example.com/v1/models")
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	get() // the connection and the upstream pool are set up
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		get()
+	}
+}
+
+// BenchmarkTerminateNewConn: one request per new guest TLS connection.
+func BenchmarkTerminateNewConn(b *testing.B) {
+	w := startTermWorld(b, true)
+	c := w.client(w.guestCAs, false)
+	c.Transport.(*http.Transport).DisableKeepAlives = true
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		resp, err := c.Get("https://api.example.com/v1/models")
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
 	}
 }
