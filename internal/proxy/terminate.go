@@ -250,8 +250,9 @@ func (p *Proxy) termServer(ctx context.Context) *termServer {
 		BufferPool:    &copyBuffers{},
 		FlushInterval: -1, // stream (server-sent events, long polls)
 		ErrorLog:      log.New(io.Discard, "", 0),
+		// w is always the statusWriter ServeHTTP was given.
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			handlerOf(r).upstreamError(w, r, err)
+			handlerOf(r).upstreamError(w, err)
 		},
 	}
 	p.term.cur = s
@@ -451,9 +452,6 @@ func (h *termHandler) maybeFinish() {
 	}
 }
 
-// ctxKey carries a request's log line to the upstream error handler.
-type ctxKey struct{}
-
 func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.enter()
 	defer h.leave()
@@ -495,8 +493,8 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	dropProtocolSwitch(r.Header)
-	sw := &statusWriter{ResponseWriter: w}
-	h.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), ctxKey{}, rl)))
+	sw := &statusWriter{ResponseWriter: w, rl: rl}
+	h.rp.ServeHTTP(sw, r)
 	if rl.status == 0 {
 		rl.status = sw.status
 	}
@@ -527,8 +525,9 @@ func (h *termHandler) inject(r *http.Request, hs []config.Header) error {
 	return nil
 }
 
-func (h *termHandler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
-	if rl, ok := r.Context().Value(ctxKey{}).(*requestLine); ok {
+func (h *termHandler) upstreamError(w http.ResponseWriter, err error) {
+	if sw, ok := w.(*statusWriter); ok {
+		rl := sw.rl
 		rl.d.Verdict, rl.d.Reason, rl.status = verdictError, "upstream: "+err.Error(), http.StatusBadGateway
 	}
 	if errors.Is(err, context.Canceled) {
@@ -588,9 +587,11 @@ func writeText(w http.ResponseWriter, status int, body string) {
 	io.WriteString(w, body)
 }
 
-// statusWriter records the status the reverse proxy answered with.
+// statusWriter records the status the reverse proxy answered with, and
+// carries the request's log line to the upstream error handler.
 type statusWriter struct {
 	http.ResponseWriter
+	rl     *requestLine
 	status int
 }
 

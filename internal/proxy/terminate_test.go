@@ -251,6 +251,10 @@ func TestTerminateUntrusted(t *testing.T) {
 	if n := len(w.origin.requests()); n != 0 {
 		t.Errorf("the untrusted origin got %d requests", n)
 	}
+	if l := w.log(); !strings.Contains(l, `"msg":"request"`) || !strings.Contains(l, `"verdict":"error"`) ||
+		!strings.Contains(l, `"reason":"upstream: tls: failed to verify certificate`) || !strings.Contains(l, `"status":502`) {
+		t.Errorf("the request's log line does not say the upstream failed:\n%s", l)
+	}
 	if strings.Contains(w.log(), secretValue) {
 		t.Errorf("the access log holds the secret:\n%s", w.log())
 	}
