@@ -316,16 +316,22 @@ const termLimits = `
 What limits the termination figures. Both planes do the same work per request: a TLS
 session with the guest under a certificate of the vmegress CA, an HTTP/1.1 request
 parsed and decided by method and path, and the request sent on over a pooled,
-verified TLS connection to the origin (HTTP/2 where the origin offers it), on the same
-two cores as the clients and the origin. **Keep-alive**: the builtin plane runs
-Go's net/http server and reverse proxy per request (a goroutine per guest connection,
-header maps, the access-log line); Envoy parses with its C++ codec on one worker
-thread per core. **New connections**: each one costs a full TLS handshake with the
-guest (ECDSA P-256 signature, certificate from the per-name cache) on both planes;
-the builtin plane adds an http.Server and a goroutine per connection.
-**Memory per open connection**: what a kept-alive terminated connection holds on the
-builtin plane is its TLS state (about 40 KB of read and write buffers in crypto/tls)
-and the http.Server's buffered reader and writer (4 KB each) and goroutines.
+verified TLS connection to the origin (HTTP/2 by ALPN on both planes), on the same two
+cores as the clients, the origin and the other work of this shared machine, so rates
+and p99 move from run to run by more than the planes differ (the CPU rows are steadier).
+**Keep-alive** (builtin CPU profile): about a third is socket reads and writes (one
+each way per request on each side, as Envoy), then Go's net/http server and reverse
+proxy (request and header copies, HTTP/2 framing), the access-log line and event per
+request, and garbage collection, which on two cores takes one of them while it marks.
+**New connections**: the TLS handshake with the guest (X25519, an ECDSA P-256
+signature; the certificate comes from the per-name cache) is about 40% of the builtin
+plane's CPU; then the ClientHello parsed once more by the SNI peek, a netlink route
+lookup per connection to check the vetted address is not the host's own
+(KernelAddrChecker, about 8%), and two log lines (connection and request).
+**Memory per open connection**: net/http's buffered reader and writer (4 KiB each)
+and crypto/tls's record state and AES-GCM keys are most of the heap; the rest is the
+goroutine serving the connection (one per connection: the handshake's goroutine ends
+when the connection is handed to the shared server) and the heap's slack.
 `
 
 // renderTermination is the report's table for issue 15's speed targets:
