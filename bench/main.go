@@ -5,6 +5,7 @@
 //	go run ./bench                 # the full run behind BENCHMARKS.md
 //	go run ./bench -smoke -out ""  # a short run that proves it works (CI)
 //	go run ./bench -paths          # only the three paths, printed (while working on a data plane)
+//	go run ./bench -term           # only the termination figures of the three paths, printed
 //	go run ./bench -engine         # only the engine's incremental-change benchmarks
 //	go run ./bench -api            # only the local API's speed (its section of BENCHMARKS.md)
 //	go run ./bench -soak 1000000   # only the soak (its section of BENCHMARKS.md)
@@ -74,6 +75,8 @@ type options struct {
 	apiOnly      bool
 	engineOnly   bool
 	pathsOnly    bool
+	termOnly     bool
+	termProfile  string
 	api          apiOptions
 	soak         int
 	soakClients  int
@@ -110,6 +113,8 @@ func main() {
 	flag.BoolVar(&o.smoke, "smoke", false, "a short run: 1 run, 300ms measurements, 200 idle connections, a small API world, a short soak")
 	flag.BoolVar(&o.engineOnly, "engine", false, "run only the engine's incremental-change benchmarks and replace their section of -out")
 	flag.BoolVar(&o.pathsOnly, "paths", false, "measure only the three paths (no host density, API, engine or soak) and print the report, writing nothing")
+	flag.BoolVar(&o.termOnly, "term", false, "measure only the termination figures (https rule) of the three paths and print their table, writing nothing")
+	flag.StringVar(&o.termProfile, "term-profile", "", "with -term: write CPU profiles of the builtin plane under the termination loads to this directory and print their top entries")
 	flag.BoolVar(&o.apiOnly, "api", false, "measure only the local API's speed and replace its section of -out")
 	flag.IntVar(&o.api.projects, "api-projects", 4000, "placed API projects besides the guest's")
 	flag.IntVar(&o.api.rules, "api-rules", 50, "rules per project")
@@ -163,6 +168,9 @@ func run(o options) error {
 			return fmt.Errorf("engine: %w", err)
 		}
 		return emitSection(o.out, "engine", sec)
+	}
+	if o.termOnly {
+		return termOnly(o, bin) // terminate.go
 	}
 	if o.apiOnly {
 		r, err := measureAPI(bin, o.api)
