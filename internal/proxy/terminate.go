@@ -106,12 +106,12 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	// same name may reuse them, nobody else.
 	var tr *http.Transport
 	var poolRelease func(time.Time)
-	mk := func() *http.Transport { return p.termTransport(t, name, target, tlsMode) }
+	mk := func() *upstream { return p.termTransport(t, name, target, tlsMode) }
 	if pr := p.policy.Load().Project(e.d.Project); pr != nil {
 		tr, poolRelease = p.pool.get(poolKey{project: pr.Name, target: target, name: name, tls: tlsMode}, pr, p.now(), mk)
 	} else {
-		tr = mk() // the project went meanwhile: used for this connection only
-		poolRelease = func(time.Time) { tr.CloseIdleConnections() }
+		u := mk() // the project went meanwhile: used for this connection only
+		tr, poolRelease = u.Transport, func(time.Time) { u.close() }
 	}
 	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name, tr: tr}
 	h.finish = func() {
@@ -365,7 +365,8 @@ func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{} }
 // dialer (the upstream mark), and TLS is verified for name against the
 // roots. It keeps at most poolMaxIdlePerKey idle connections, each for at
 // most poolIdleTimeout.
-func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *http.Transport {
+func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *upstream {
+	u := &upstream{}
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
 		dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
 		defer cancel()
@@ -373,7 +374,7 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 		if err != nil {
 			return nil, fmt.Errorf("dialing upstream %s: %w", target, err)
 		}
-		return c, nil
+		return u.track(c)
 	}
 	tr := &http.Transport{
 		Proxy:               nil, // never an environment proxy
@@ -394,7 +395,8 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 			MinVersion: tls.VersionTLS12,
 		}
 	}
-	return tr
+	u.Transport = tr
+	return u
 }
 
 // termHandler decides and forwards each request of one terminated
