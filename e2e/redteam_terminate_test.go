@@ -311,8 +311,8 @@ projects:
 	if strings.Count(got[0], "Authorization: ") != 1 || !strings.Contains(got[0], "Authorization: Bearer "+rtE2ESecret) {
 		t.Errorf("h2 duplicate authorization: %q; want the injected one only", got[0])
 	}
-	// Another project's guest: nothing injected, and (builtin) never an
-	// upstream connection alpha's requests used.
+	// Another project's guest: nothing injected, and never an upstream
+	// connection alpha's requests used (Envoy: a cluster per project).
 	got = raw1(beta, "GET /v1/beta HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1)
 	if len(got) != 1 || !strings.HasPrefix(got[0], "200 ") || strings.Contains(got[0], rtE2ESecret) {
 		t.Errorf("beta GET /v1/beta: %q; want allowed, nothing injected", got)
@@ -340,7 +340,7 @@ projects:
 			if carries {
 				t.Errorf("beta's request carried alpha's secret: %s", s)
 			}
-			if !onEnvoy() && alphaConns[s.remote] {
+			if alphaConns[s.remote] {
 				t.Errorf("beta's request went on an upstream connection of alpha's (%s)", s.remote)
 			}
 			continue
