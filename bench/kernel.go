@@ -39,6 +39,25 @@ type cidrProfile struct {
 	// (1.0 = one core); -1 on direct.
 	daemonCPU float64
 	top       string
+	// shares: what part of the measurement's samples went to each cost
+	// the kernel path adds over direct forwarding (costShares).
+	shares string
+}
+
+// costs are the kernel path's own costs, as perf sees them: the daemon's
+// process (conntrack events, deletes, the access log), the ruleset's
+// evaluation, route lookups through the routing lock's rules and the
+// ruleset's fib checks, and conntrack events built in the kernel.
+var costs = []struct {
+	name string
+	in   func(comm, sym string) bool
+}{
+	{"the daemon (events, deletes, access log)", func(c, _ string) bool { return c == "vmegress" }},
+	{"nftables ruleset (nft_*)", func(c, s string) bool { return c != "vmegress" && strings.HasPrefix(s, "nft_") }},
+	{"route lookups with policy rules (fib_*)", func(c, s string) bool { return c != "vmegress" && strings.HasPrefix(s, "fib") }},
+	{"conntrack events built (ctnetlink_*, nla_*)", func(c, s string) bool {
+		return c != "vmegress" && (strings.HasPrefix(s, "ctnetlink_") || strings.Contains(s, "nla_"))
+	}},
 }
 
 // cidrBench runs -cidr: o.runs rounds of the cidr figures on direct and
@@ -203,7 +222,44 @@ func perfCapture(dir, path, key string, daemonPID int, d time.Duration, f func()
 		}
 	}
 	p.top = strings.Join(keep, "\n")
+	cmd = exec.Command("perf", "report", "-i", data, "--no-children", "--sort", "comm,sym", "--stdio", "-g", "none", "-n",
+		"--comms", strings.Join(comms, ","))
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	if out, err = cmd.Output(); err != nil {
+		return p, fmt.Errorf("perf report of %s: %w", data, err)
+	}
+	p.shares = costShares(string(out))
 	return p, nil
+}
+
+// costShares sums a `perf report --sort comm,sym -n` listing into costs.
+func costShares(listing string) string {
+	total, sums := 0.0, make([]float64, len(costs))
+	for _, l := range strings.Split(listing, "\n") {
+		f := strings.Fields(l)
+		// "12.34%  567  comm  [k]  symbol"
+		if len(f) < 5 || strings.HasPrefix(f[0], "#") || !strings.HasSuffix(f[0], "%") {
+			continue
+		}
+		n, err := strconv.ParseFloat(f[1], 64)
+		if err != nil {
+			continue
+		}
+		total += n
+		for i, c := range costs {
+			if c.in(f[2], f[4]) {
+				sums[i] += n
+			}
+		}
+	}
+	if total == 0 {
+		return ""
+	}
+	var parts []string
+	for i, c := range costs {
+		parts = append(parts, fmt.Sprintf("%s %.1f%%", c.name, 100*sums[i]/total))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // procCPU is the user+system CPU time process pid has used (0 when pid is
@@ -269,12 +325,32 @@ func renderCIDR(o options, res map[string][]result, profiles []cidrProfile) stri
 		logged = append(logged, fmt.Sprintf("%.0f", r["klog"]))
 	}
 	fmt.Fprintf(&b, "\nKernel-forwarded flows with an access-log line, per run: %s.\n", strings.Join(logged, ", "))
+	b.WriteString(cidrLimits)
 	for _, p := range profiles {
 		cpu := ""
 		if p.daemonCPU >= 0 {
 			cpu = fmt.Sprintf("; the daemon used %.0f%% of a core", 100*p.daemonCPU)
 		}
 		fmt.Fprintf(&b, "\n%s, %s (perf record -a -g, self time by symbol, top %d%s):\n\n```\n%s\n```\n", p.path, p.key, perfTopN, cpu, p.top)
+		if p.shares != "" {
+			fmt.Fprintf(&b, "Share of the measurement's samples: %s.\n", p.shares)
+		}
 	}
 	return b.String()
 }
+
+// cidrLimits is what limits the cidr figures, from the profiles below and
+// the attribution runs behind them (issue 14).
+const cidrLimits = `
+What limits it. Direct forwarding has no ruleset beyond one masquerade
+rule, no policy routing rules, no conntrack accounting and no conntrack
+event listener. The kernel path pays, per packet, its ruleset (the guest
+chain's anti-spoofing fib checks and set lookups run before the established
+flow's early accept) and route lookups through the routing lock's rules
+(fib_rules_lookup, absent on direct); per flow, conntrack's accounting and
+timestamps, five or six conntrack events built by the kernel (the daemon
+needs two; the filter on its socket drops the rest after they are built),
+a delete of the entry at TIME_WAIT and one JSON access-log line. New
+connections pay the per-flow costs on the same two cores as the client and
+the server: the shares below say how much each took.
+`
