@@ -61,7 +61,8 @@ var costs = []struct {
 }
 
 // cidrBench runs -cidr: o.runs rounds of the cidr figures on direct and
-// builtin, printed (never written to -out, which holds the full report).
+// builtin, printed and put in place of the "kernel" section of -out (a
+// full run keeps that section as it is).
 func cidrBench(o options, bin string) error {
 	results := map[string][]result{}
 	var profiles []cidrProfile
@@ -83,8 +84,7 @@ func cidrBench(o options, bin string) error {
 			fmt.Fprintf(os.Stderr, "  %v\n", res)
 		}
 	}
-	fmt.Print(renderCIDR(o, results, profiles))
-	return nil
+	return emitSection(o.out, "kernel", renderCIDR(o, results, profiles))
 }
 
 // measureCIDR builds a world for one path and takes the cidr figures; with
@@ -289,8 +289,12 @@ func procCPU(pid int) time.Duration {
 // targets of issue 14, and the profiles.
 func renderCIDR(o options, res map[string][]result, profiles []cidrProfile) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "# vmegress kernel path (cidr rule) against direct forwarding\n\n`go run ./bench -cidr -runs %d -duration %s` on %s, %s.\n\n",
-		o.runs, o.duration, machine(), time.Now().UTC().Format("2006-01-02"))
+	cmd := fmt.Sprintf("go run ./bench -cidr -runs %d -duration %s", o.runs, o.duration)
+	if o.profile != "" {
+		cmd += " -profile DIR"
+	}
+	fmt.Fprintf(&b, "## The kernel path (cidr rule) against direct forwarding, with profiles\n\n`%s` (as root) on %s, %s.\n\n",
+		cmd, machine(), time.Now().UTC().Format("2006-01-02"))
 	b.WriteString("| metric | direct | vmegress | vmegress / direct (spread) | target |\n|---|---|---|---|---|\n")
 	for _, key := range cidrMetrics {
 		name := key

@@ -6,7 +6,7 @@
 //	go run ./bench -smoke -out ""  # a short run that proves it works (CI)
 //	go run ./bench -paths          # only the three paths, printed (while working on a data plane)
 //	go run ./bench -term           # only the termination figures of the three paths, printed
-//	go run ./bench -cidr -profile DIR  # only the kernel path against direct, with perf captures
+//	go run ./bench -cidr -profile DIR  # only the kernel path against direct, with perf captures (its section of BENCHMARKS.md)
 //	go run ./bench -engine         # only the engine's incremental-change benchmarks
 //	go run ./bench -api            # only the local API's speed (its section of BENCHMARKS.md)
 //	go run ./bench -soak 1000000   # only the soak (its section of BENCHMARKS.md)
@@ -121,7 +121,7 @@ func main() {
 	flag.BoolVar(&o.pathsOnly, "paths", false, "measure only the three paths (no host density, API, engine or soak) and print the report, writing nothing")
 	flag.BoolVar(&o.termOnly, "term", false, "measure only the termination figures (https rule) of the three paths and print their table, writing nothing")
 	flag.StringVar(&o.termProfile, "term-profile", "", "with -term: write CPU profiles of the builtin plane under the termination loads to this directory and print their top entries")
-	flag.BoolVar(&o.cidrOnly, "cidr", false, "measure only the cidr rule's figures (kernel path) against direct and print them, writing nothing")
+	flag.BoolVar(&o.cidrOnly, "cidr", false, "measure only the cidr rule's figures (kernel path) against direct and replace their section of -out")
 	flag.StringVar(&o.profile, "profile", "", "with -cidr: record perf (system-wide, call graphs) during each cidr measurement of the first run into this directory and put the top symbols in the report")
 	flag.BoolVar(&o.apiOnly, "api", false, "measure only the local API's speed and replace its section of -out")
 	flag.IntVar(&o.api.projects, "api-projects", 4000, "placed API projects besides the guest's")
@@ -234,8 +234,15 @@ func run(o options) error {
 			return fmt.Errorf("soak: %w", err)
 		}
 		soak = section("soak", renderSoak(sr, soakCommand(o)))
-	} else if old, err := os.ReadFile(o.out); err == nil {
-		soak, _ = findSection(string(old), "soak") // a soak is run on its own (-soak N)
+	}
+	// Sections measured on their own (-soak N, -cidr -profile DIR) are
+	// kept from the report as they were.
+	if old, err := os.ReadFile(o.out); err == nil && !o.smoke {
+		for _, name := range []string{"kernel", "soak"} {
+			if sec, ok := findSection(string(old), name); ok {
+				report += "\n" + sec
+			}
+		}
 	}
 	if soak != "" {
 		report += "\n" + soak
