@@ -113,7 +113,8 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 		u := mk() // the project went meanwhile: used for this connection only
 		tr, poolRelease = u.Transport, func(time.Time) { u.close() }
 	}
-	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name, tr: tr}
+	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name, tr: tr,
+		src: e.src.String(), dst: e.dst.String(), sni: nameIf(e, policy.KindTLS)}
 	h.finish = func() {
 		conn.Close()
 		e.up, e.down = guest.in.Load(), guest.out.Load()
@@ -413,6 +414,9 @@ type termHandler struct {
 	rp   *httputil.ReverseProxy // the server's
 	// finish closes, logs and releases the connection; run once.
 	finish func()
+	// src, dst and sni of the connection's access-log lines, formatted
+	// once for all its requests.
+	src, dst, sni string
 
 	mu       sync.Mutex
 	handlers int  // requests being handled
@@ -458,7 +462,10 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.enter()
 	defer h.leave()
 	start := h.p.now()
-	rl := &requestLine{method: r.Method, host: r.Host, path: r.URL.Path}
+	// The log line and the status writer are one allocation.
+	sw := &statusWriter{ResponseWriter: w}
+	rl := &sw.line
+	rl.method, rl.host, rl.path = r.Method, r.Host, r.URL.Path
 	kind := policy.KindHTTP
 	if h.tls {
 		kind = policy.KindTLS
@@ -495,7 +502,6 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	dropProtocolSwitch(r.Header)
-	sw := &statusWriter{ResponseWriter: w, rl: rl}
 	h.rp.ServeHTTP(sw, r)
 	if rl.status == 0 {
 		rl.status = sw.status
@@ -529,7 +535,7 @@ func (h *termHandler) inject(r *http.Request, hs []config.Header) error {
 
 func (h *termHandler) upstreamError(w http.ResponseWriter, err error) {
 	if sw, ok := w.(*statusWriter); ok {
-		rl := sw.rl
+		rl := &sw.line
 		rl.d.Verdict, rl.d.Reason, rl.status = verdictError, "upstream: "+err.Error(), http.StatusBadGateway
 	}
 	if errors.Is(err, context.Canceled) {
@@ -552,11 +558,21 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 	if h.p.AccessLog == nil {
 		return
 	}
-	h.p.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "request",
+	lh := h.p.AccessLog.Handler()
+	ctx := context.Background()
+	if !lh.Enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	now := h.p.now()
+	// A record handed to the handler directly: Logger.LogAttrs would look
+	// up its caller's program counter for every line, and nothing here
+	// logs the source position.
+	rec := slog.NewRecord(now, slog.LevelInfo, "request", 0)
+	rec.AddAttrs(
 		slog.String("project", rl.d.Project),
-		slog.String("src", h.e.src.String()),
-		slog.String("dst", h.e.dst.String()),
-		slog.String("sni", nameIf(h.e, policy.KindTLS)),
+		slog.String("src", h.src),
+		slog.String("dst", h.dst),
+		slog.String("sni", h.sni),
 		slog.String("host", rl.host),
 		slog.String("method", rl.method),
 		slog.String("path", rl.path),
@@ -564,8 +580,9 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 		slog.String("rule", rl.d.Rule),
 		slog.String("reason", rl.d.Reason),
 		slog.Int("status", rl.status),
-		slog.Float64("duration_ms", float64(h.p.now().Sub(start).Microseconds())/1000),
+		slog.Float64("duration_ms", float64(now.Sub(start).Microseconds())/1000),
 	)
+	lh.Handle(ctx, rec)
 }
 
 // methodOverrides returns the values of r's method-override headers.
@@ -602,7 +619,7 @@ func writeText(w http.ResponseWriter, status int, body string) {
 // carries the request's log line to the upstream error handler.
 type statusWriter struct {
 	http.ResponseWriter
-	rl     *requestLine
+	line   requestLine
 	status int
 }
 
