@@ -47,6 +47,11 @@ const (
 	termIdleTimeout = 5 * time.Minute
 	// termMaxHeaderBytes caps a request head (net/http's default is 1 MiB).
 	termMaxHeaderBytes = 64 << 10
+	// termFlushInterval bounds how long a response's bytes of known
+	// length wait in the guest connection's buffer (a head whose body is
+	// slow to come, a body coming in pieces): short enough not to be
+	// seen, long enough that a response read at once leaves in one write.
+	termFlushInterval = 5 * time.Millisecond
 )
 
 // terminates reports whether an allowed connection is read request by
@@ -249,7 +254,13 @@ func (p *Proxy) termServer(ctx context.Context) *termServer {
 		},
 		Transport:     termRoundTripper{},
 		BufferPool:    &copyBuffers{},
-		FlushInterval: -1, // stream (server-sent events, long polls)
+		// Streams (server-sent events, bodies of unknown length) are
+		// flushed after every write whatever this says; a body of known
+		// length is flushed at most termFlushInterval after a write. Not
+		// -1 (flush every write): that flushed the head on a timer's
+		// goroutine at once, and then the body: two TLS records, two
+		// writes and a goroutine per request where one write does.
+		FlushInterval: termFlushInterval,
 		ErrorLog:      log.New(io.Discard, "", 0),
 		// w is always the statusWriter ServeHTTP was given.
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
