@@ -481,7 +481,13 @@ func measureTermPath(o options, bin, path, profDir string, profiles *strings.Bui
 		if err != nil {
 			return nil, err
 		}
-		d, err := w.StartDaemon(ctx, bin, cfg, "VMEGRESS_PPROF=1")
+		env := []string{"VMEGRESS_PPROF=1"}
+		if v := os.Getenv("BENCH_PLANE_GOGC"); v != "" {
+			// A GC setting for the builtin plane alone (not the bench's
+			// clients): what a GOGC knob would buy, measured side by side.
+			env = append(env, "GOGC="+v)
+		}
+		d, err := w.StartDaemon(ctx, bin, cfg, env...)
 		if err != nil {
 			return nil, err
 		}
