@@ -252,8 +252,8 @@ func (p *Proxy) termServer(ctx context.Context) *termServer {
 			r.Out.URL.Host = h.name
 			r.Out.Host = r.In.Host // checked: the connection's name
 		},
-		Transport:     termRoundTripper{},
-		BufferPool:    &copyBuffers{},
+		Transport:  termRoundTripper{},
+		BufferPool: &copyBuffers{},
 		// Streams (server-sent events, bodies of unknown length) are
 		// flushed after every write whatever this says; a body of known
 		// length is flushed at most termFlushInterval after a write. Not
@@ -574,11 +574,10 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 	if !lh.Enabled(ctx, slog.LevelInfo) {
 		return
 	}
-	now := h.p.now()
 	// A record handed to the handler directly: Logger.LogAttrs would look
 	// up its caller's program counter for every line, and nothing here
 	// logs the source position.
-	rec := slog.NewRecord(now, slog.LevelInfo, "request", 0)
+	rec := slog.NewRecord(time.Now(), slog.LevelInfo, "request", 0) // as Logger's
 	rec.AddAttrs(
 		slog.String("project", rl.d.Project),
 		slog.String("src", h.src),
@@ -591,7 +590,7 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 		slog.String("rule", rl.d.Rule),
 		slog.String("reason", rl.d.Reason),
 		slog.Int("status", rl.status),
-		slog.Float64("duration_ms", float64(now.Sub(start).Microseconds())/1000),
+		slog.Float64("duration_ms", float64(h.p.now().Sub(start).Microseconds())/1000),
 	)
 	lh.Handle(ctx, rec)
 }
