@@ -88,9 +88,12 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	var conn net.Conn = guest
 	if tlsMode {
 		tc := tls.Server(guest, p.guestTLS())
-		hctx, cancel := context.WithTimeout(ctx, p.helloTimeout())
-		err := tc.HandshakeContext(hctx)
-		cancel()
+		// Bounded by a deadline, not a context: HandshakeContext starts
+		// a goroutine per handshake to watch the context. The proxy's
+		// stop is seen all the same: it closes every accepted connection.
+		c.SetDeadline(time.Now().Add(p.helloTimeout()))
+		err := tc.Handshake()
+		c.SetDeadline(time.Time{})
 		if err != nil {
 			// A guest that does not trust the CA ends here: nothing was
 			// dialled.

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -578,5 +579,63 @@ func TestTerminateStreams(t *testing.T) {
 		}
 		sc.ReadString('\n') // the event's blank line
 		next <- struct{}{}
+	}
+}
+
+// stallConn passes its first write (the ClientHello) and swallows the
+// rest: a guest whose handshake stops halfway.
+type stallConn struct {
+	net.Conn
+	writes int
+}
+
+func (c *stallConn) Write(b []byte) (int, error) {
+	if c.writes++; c.writes > 1 {
+		return len(b), nil
+	}
+	return c.Conn.Write(b)
+}
+
+// TestTerminateHandshakeStalls: a guest that stops in the middle of the
+// TLS handshake is closed once the hello timeout is over, and logged.
+func TestTerminateHandshakeStalls(t *testing.T) {
+	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
+	pl, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var access bytes.Buffer
+	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf}, HelloTimeout: 50 * time.Millisecond,
+		AccessLog: slog.New(slog.NewJSONHandler(lockedWriter{&mu, &access}, nil))}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - https: api.example.com\n        ports: [%d]\n", pl.Addr().(*net.TCPAddr).Port)), false)
+	startProxy(t, p, pl, "127.0.0.1:1") // nothing is ever dialled
+	raw, err := net.Dial("tcp4", pl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	// Not a measure of time: a connection never closed fails the test
+	// instead of hanging it.
+	raw.SetDeadline(time.Now().Add(10 * time.Second))
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Certificate())
+	c := tls.Client(&stallConn{Conn: raw}, &tls.Config{ServerName: "api.example.com", RootCAs: roots})
+	c.Handshake() // done on the guest's side: its Finished was swallowed
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read on a stalled handshake: %v; want the proxy to close the connection", err)
+	}
+	giveUp := time.Now().Add(10 * time.Second) // as above: never hang
+	for {
+		mu.Lock()
+		log := access.String()
+		mu.Unlock()
+		if strings.Contains(log, "TLS handshake with the guest failed") {
+			break
+		}
+		if time.Now().After(giveUp) {
+			t.Fatalf("no log line for the stalled handshake:\n%s", log)
+		}
+		time.Sleep(10 * time.Millisecond) // the line is written after the close
 	}
 }
