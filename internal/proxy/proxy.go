@@ -478,7 +478,13 @@ func (p *Proxy) logEntry(e *entry) {
 		// The names the resolver handed the destination out for (tcp rules).
 		attrs = append(attrs, slog.String("resolved", strings.Join(e.resolved, ",")))
 	}
-	p.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "connection", attrs...)
+	// Handed to the handler directly: Logger.LogAttrs would look up the
+	// caller's program counter for every line, and no line logs it.
+	r := slog.NewRecord(time.Now(), slog.LevelInfo, "connection", 0) // as Logger's
+	r.AddAttrs(attrs...)
+	if h := p.AccessLog.Handler(); h.Enabled(context.Background(), slog.LevelInfo) {
+		h.Handle(context.Background(), r)
+	}
 }
 
 func nameIf(e *entry, k policy.Kind) string {

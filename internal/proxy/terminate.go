@@ -47,6 +47,11 @@ const (
 	termIdleTimeout = 5 * time.Minute
 	// termMaxHeaderBytes caps a request head (net/http's default is 1 MiB).
 	termMaxHeaderBytes = 64 << 10
+	// termFlushInterval bounds how long a response's bytes of known
+	// length wait in the guest connection's buffer (a head whose body is
+	// slow to come, a body coming in pieces): short enough not to be
+	// seen, long enough that a response read at once leaves in one write.
+	termFlushInterval = 5 * time.Millisecond
 )
 
 // terminates reports whether an allowed connection is read request by
@@ -83,9 +88,12 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	var conn net.Conn = guest
 	if tlsMode {
 		tc := tls.Server(guest, p.guestTLS())
-		hctx, cancel := context.WithTimeout(ctx, p.helloTimeout())
-		err := tc.HandshakeContext(hctx)
-		cancel()
+		// Bounded by a deadline, not a context: HandshakeContext starts
+		// a goroutine per handshake to watch the context. The proxy's
+		// stop is seen all the same: it closes every accepted connection.
+		c.SetDeadline(time.Now().Add(p.helloTimeout()))
+		err := tc.Handshake()
+		c.SetDeadline(time.Time{})
 		if err != nil {
 			// A guest that does not trust the CA ends here: nothing was
 			// dialled.
@@ -113,7 +121,8 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 		u := mk() // the project went meanwhile: used for this connection only
 		tr, poolRelease = u.Transport, func(time.Time) { u.close() }
 	}
-	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name, tr: tr}
+	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name, tr: tr,
+		src: e.src.String(), dst: e.dst.String(), sni: nameIf(e, policy.KindTLS)}
 	h.finish = func() {
 		conn.Close()
 		e.up, e.down = guest.in.Load(), guest.out.Load()
@@ -246,9 +255,15 @@ func (p *Proxy) termServer(ctx context.Context) *termServer {
 			r.Out.URL.Host = h.name
 			r.Out.Host = r.In.Host // checked: the connection's name
 		},
-		Transport:     termRoundTripper{},
-		BufferPool:    &copyBuffers{},
-		FlushInterval: -1, // stream (server-sent events, long polls)
+		Transport:  termRoundTripper{},
+		BufferPool: &copyBuffers{},
+		// Streams (server-sent events, bodies of unknown length) are
+		// flushed after every write whatever this says; a body of known
+		// length is flushed at most termFlushInterval after a write. Not
+		// -1 (flush every write): that flushed the head on a timer's
+		// goroutine at once, and then the body: two TLS records, two
+		// writes and a goroutine per request where one write does.
+		FlushInterval: termFlushInterval,
 		ErrorLog:      log.New(io.Discard, "", 0),
 		// w is always the statusWriter ServeHTTP was given.
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -413,6 +428,9 @@ type termHandler struct {
 	rp   *httputil.ReverseProxy // the server's
 	// finish closes, logs and releases the connection; run once.
 	finish func()
+	// src, dst and sni of the connection's access-log lines, formatted
+	// once for all its requests.
+	src, dst, sni string
 
 	mu       sync.Mutex
 	handlers int  // requests being handled
@@ -458,7 +476,10 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.enter()
 	defer h.leave()
 	start := h.p.now()
-	rl := &requestLine{method: r.Method, host: r.Host, path: r.URL.Path}
+	// The log line and the status writer are one allocation.
+	sw := &statusWriter{ResponseWriter: w}
+	rl := &sw.line
+	rl.method, rl.host, rl.path = r.Method, r.Host, r.URL.Path
 	kind := policy.KindHTTP
 	if h.tls {
 		kind = policy.KindTLS
@@ -495,7 +516,6 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	dropProtocolSwitch(r.Header)
-	sw := &statusWriter{ResponseWriter: w, rl: rl}
 	h.rp.ServeHTTP(sw, r)
 	if rl.status == 0 {
 		rl.status = sw.status
@@ -529,7 +549,7 @@ func (h *termHandler) inject(r *http.Request, hs []config.Header) error {
 
 func (h *termHandler) upstreamError(w http.ResponseWriter, err error) {
 	if sw, ok := w.(*statusWriter); ok {
-		rl := sw.rl
+		rl := &sw.line
 		rl.d.Verdict, rl.d.Reason, rl.status = verdictError, "upstream: "+err.Error(), http.StatusBadGateway
 	}
 	if errors.Is(err, context.Canceled) {
@@ -552,11 +572,20 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 	if h.p.AccessLog == nil {
 		return
 	}
-	h.p.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "request",
+	lh := h.p.AccessLog.Handler()
+	ctx := context.Background()
+	if !lh.Enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	// A record handed to the handler directly: Logger.LogAttrs would look
+	// up its caller's program counter for every line, and nothing here
+	// logs the source position.
+	rec := slog.NewRecord(time.Now(), slog.LevelInfo, "request", 0) // as Logger's
+	rec.AddAttrs(
 		slog.String("project", rl.d.Project),
-		slog.String("src", h.e.src.String()),
-		slog.String("dst", h.e.dst.String()),
-		slog.String("sni", nameIf(h.e, policy.KindTLS)),
+		slog.String("src", h.src),
+		slog.String("dst", h.dst),
+		slog.String("sni", h.sni),
 		slog.String("host", rl.host),
 		slog.String("method", rl.method),
 		slog.String("path", rl.path),
@@ -566,6 +595,7 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 		slog.Int("status", rl.status),
 		slog.Float64("duration_ms", float64(h.p.now().Sub(start).Microseconds())/1000),
 	)
+	lh.Handle(ctx, rec)
 }
 
 // methodOverrides returns the values of r's method-override headers.
@@ -602,7 +632,7 @@ func writeText(w http.ResponseWriter, status int, body string) {
 // carries the request's log line to the upstream error handler.
 type statusWriter struct {
 	http.ResponseWriter
-	rl     *requestLine
+	line   requestLine
 	status int
 }
 

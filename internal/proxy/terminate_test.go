@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -493,5 +494,148 @@ func BenchmarkTerminateNewConn(b *testing.B) {
 		}
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
+	}
+}
+
+// TestTerminateStreams: a response's parts reach the guest while the
+// origin waits for the guest to have read them (it goes on only when told):
+// a head whose known-length body the origin holds back, and the events of
+// a server-sent event stream. Held in the proxy's buffers, they would not
+// arrive and the test would fail at its read deadline.
+func TestTerminateStreams(t *testing.T) {
+	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
+	originCA, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
+	leaf, _ := originCA.Leaf("api.example.com")
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := make(chan struct{}) // the guest read what came so far
+	origin := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			switch r.URL.Path {
+			case "/head":
+				w.Header().Set("Content-Length", "5")
+				w.WriteHeader(http.StatusOK)
+				rc.Flush()
+				<-next
+				io.WriteString(w, "body\n")
+			case "/events":
+				w.Header().Set("Content-Type", "text/event-stream")
+				for i := range 3 {
+					fmt.Fprintf(w, "data: %d\n\n", i)
+					rc.Flush()
+					<-next
+				}
+			}
+		}),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*leaf}},
+		ErrorLog:  log.New(io.Discard, "", 0),
+	}
+	go origin.ServeTLS(ln, "", "")
+	t.Cleanup(func() { origin.Close() })
+	pl, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(originCA.Certificate())
+	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf, UpstreamRoots: roots}}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - https: api.example.com\n        ports: [%d]\n", pl.Addr().(*net.TCPAddr).Port)), false)
+	startProxy(t, p, pl, ln.Addr().String())
+	guestRoots := x509.NewCertPool()
+	guestRoots.AddCert(ca.Certificate())
+	get := func(path string) (*bufio.Reader, *http.Response) {
+		c, err := tls.Dial("tcp4", pl.Addr().String(), &tls.Config{ServerName: "api.example.com", RootCAs: guestRoots, NextProtos: []string{"http/1.1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		// Not a measure of time: what never arrives fails the test
+		// instead of hanging it.
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: api.example.com\r\n\r\n", path)
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: reading the head: %v", path, err)
+		}
+		return br, resp
+	}
+
+	_, resp := get("/head")
+	next <- struct{}{}
+	if b, err := io.ReadAll(resp.Body); err != nil || string(b) != "body\n" {
+		t.Errorf("/head: body %q, %v", b, err)
+	}
+
+	_, resp = get("/events")
+	sc := bufio.NewReader(resp.Body)
+	for i := range 3 {
+		line, err := sc.ReadString('\n')
+		if want := fmt.Sprintf("data: %d\n", i); err != nil || line != want {
+			t.Fatalf("/events: %q, %v; want %q", line, err, want)
+		}
+		sc.ReadString('\n') // the event's blank line
+		next <- struct{}{}
+	}
+}
+
+// stallConn passes its first write (the ClientHello) and swallows the
+// rest: a guest whose handshake stops halfway.
+type stallConn struct {
+	net.Conn
+	writes int
+}
+
+func (c *stallConn) Write(b []byte) (int, error) {
+	if c.writes++; c.writes > 1 {
+		return len(b), nil
+	}
+	return c.Conn.Write(b)
+}
+
+// TestTerminateHandshakeStalls: a guest that stops in the middle of the
+// TLS handshake is closed once the hello timeout is over, and logged.
+func TestTerminateHandshakeStalls(t *testing.T) {
+	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
+	pl, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var access bytes.Buffer
+	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf}, HelloTimeout: 50 * time.Millisecond,
+		AccessLog: slog.New(slog.NewJSONHandler(lockedWriter{&mu, &access}, nil))}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - https: api.example.com\n        ports: [%d]\n", pl.Addr().(*net.TCPAddr).Port)), false)
+	startProxy(t, p, pl, "127.0.0.1:1") // nothing is ever dialled
+	raw, err := net.Dial("tcp4", pl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	// Not a measure of time: a connection never closed fails the test
+	// instead of hanging it.
+	raw.SetDeadline(time.Now().Add(10 * time.Second))
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Certificate())
+	c := tls.Client(&stallConn{Conn: raw}, &tls.Config{ServerName: "api.example.com", RootCAs: roots})
+	c.Handshake() // done on the guest's side: its Finished was swallowed
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read on a stalled handshake: %v; want the proxy to close the connection", err)
+	}
+	giveUp := time.Now().Add(10 * time.Second) // as above: never hang
+	for {
+		mu.Lock()
+		log := access.String()
+		mu.Unlock()
+		if strings.Contains(log, "TLS handshake with the guest failed") {
+			break
+		}
+		if time.Now().After(giveUp) {
+			t.Fatalf("no log line for the stalled handshake:\n%s", log)
+		}
+		time.Sleep(10 * time.Millisecond) // the line is written after the close
 	}
 }
