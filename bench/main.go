@@ -78,7 +78,13 @@ type options struct {
 	soak         int
 	soakClients  int
 	soakSampling int
+	// only, when not empty, names the path measurements to take (-only);
+	// the others are skipped.
+	only map[string]bool
 }
+
+// wants says whether the measurement key is to be taken (see -only).
+func (o options) wants(key string) bool { return len(o.only) == 0 || o.only[key] }
 
 // result is one path's figures in one run.
 type result map[string]float64
@@ -119,7 +125,14 @@ func main() {
 	flag.IntVar(&o.soak, "soak", 0, "run only the soak with this many connections and replace its section of -out")
 	flag.IntVar(&o.soakClients, "soak-clients", 8, "parallel clients in the soak")
 	flag.IntVar(&o.soakSampling, "soak-sample", 50000, "connections between samples in the soak")
+	only := flag.String("only", "", "with -paths: take only these measurements, comma-separated keys (tput, ccps, https, cps, idlemem, term, dnsqps, profile)")
 	flag.Parse()
+	if *only != "" {
+		o.only = map[string]bool{}
+		for _, k := range strings.Split(*only, ",") {
+			o.only[strings.TrimSpace(k)] = true
+		}
+	}
 	if o.smoke {
 		o.runs, o.duration, o.idle = 1, 300*time.Millisecond, 200
 		o.api = apiOptions{projects: 50, rules: 50, changes: 6, places: 3, concurrent: 20}
@@ -342,45 +355,60 @@ func measure(o options, bin, path string, profile *string) (result, error) {
 	defer dl.close()
 	res := result{}
 	for _, streams := range []int{1, 8} {
+		if !o.wants("tput") {
+			break
+		}
 		gbps, err := throughput(g.NS, sink, streams, o.duration)
 		if err != nil {
 			return nil, fmt.Errorf("throughput: %w", err)
 		}
 		res["tput"+strconv.Itoa(streams)] = gbps
 	}
-	ccps, err := tcpConnections(g.NS, 8, o.duration)
-	if err != nil {
-		return nil, fmt.Errorf("tcp connections: %w", err)
+	if o.wants("ccps") {
+		ccps, err := tcpConnections(g.NS, 8, o.duration)
+		if err != nil {
+			return nil, fmt.Errorf("tcp connections: %w", err)
+		}
+		res["ccps"] = ccps
 	}
-	res["ccps"] = ccps
 	for _, streams := range []int{1, 8} {
+		if !o.wants("https") {
+			break
+		}
 		gbps, err := httpsDownload(g.NS, dl, streams, o.duration)
 		if err != nil {
 			return nil, fmt.Errorf("https download: %w", err)
 		}
 		res["https"+strconv.Itoa(streams)] = gbps
 	}
-	cps, p50, p99, err := connections(g.NS, w.CAFile, 8, o.duration)
-	if err != nil {
-		return nil, fmt.Errorf("connections: %w", err)
+	if o.wants("cps") {
+		cps, p50, p99, err := connections(g.NS, w.CAFile, 8, o.duration)
+		if err != nil {
+			return nil, fmt.Errorf("connections: %w", err)
+		}
+		res["cps"], res["p50"], res["p99"] = cps, p50, p99
 	}
-	res["cps"], res["p50"], res["p99"] = cps, p50, p99
-	if planePID != nil {
+	if planePID != nil && o.wants("idlemem") {
 		kib, err := idleMemory(g.NS, dl, planePID(), min(o.idle, envoyClusterMax))
 		if err != nil {
 			return nil, fmt.Errorf("idle memory: %w", err)
 		}
 		res["idlemem"] = kib
 	}
-	if err := measureTermination(o, w, g.NS, path, term, planePID, res); err != nil {
+	if !o.wants("term") {
+		// skipped (-only)
+	} else if err := measureTermination(o, w, g.NS, path, term, planePID, res); err != nil {
 		return nil, fmt.Errorf("termination: %w", err)
 	}
-	if path == "builtin" && profile != nil && *profile == "" {
+	if path == "builtin" && profile != nil && *profile == "" && o.wants("profile") {
 		top, err := profileHTTPS(w, bin, dl, g.NS, o.duration)
 		if err != nil {
 			return nil, fmt.Errorf("profiling: %w", err)
 		}
 		*profile = top
+	}
+	if !o.wants("dnsqps") {
+		return res, nil
 	}
 	qps, err := dnsQPS(g.NS, dnsTarget, 4, o.duration)
 	if err != nil {
