@@ -18,6 +18,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -167,12 +168,18 @@ func (pk *parking) take(h *half) bool {
 }
 
 // relay is one spliced connection: the guest's socket, the upstream one
-// and the two halves copying between them.
+// and the two halves copying between them, in one allocation (an idle
+// connection costs this, its sockets and its log entry).
 type relay struct {
 	pk     *parking
 	c, up  *net.TCPConn
-	halves [2]*half
+	halves [2]half
 	once   sync.Once
+	// left counts the halves still running; end gets the bytes each
+	// direction moved (guest to upstream, upstream to guest) once both
+	// have ended.
+	left atomic.Int32
+	end  func(up, down int64)
 }
 
 // half copies src to dst until src ends.
@@ -181,36 +188,36 @@ type half struct {
 	dst, src *net.TCPConn
 	srcRC    syscall.RawConn
 	n        int64
-	// done is called once when the half has ended, with its byte count.
-	done func(n int64)
 	// token names h in the parking set; inSet says its source is in the
 	// epoll set (parked now or armed before).
 	token uint64
 	inSet bool
 }
 
-// newRelay prepares copying c to up and up to c; start starts it, and
-// upDone and downDone get the bytes each direction moved once it has ended.
-// With pk nil, halves never park.
-func newRelay(pk *parking, c, up *net.TCPConn, upDone, downDone func(int64)) (*relay, error) {
-	r := &relay{pk: pk, c: c, up: up}
-	for i, hd := range []struct {
-		dst, src *net.TCPConn
-		done     func(int64)
-	}{{up, c, upDone}, {c, up, downDone}} {
-		rc, err := hd.src.SyscallConn()
+// newRelay prepares copying c to up and up to c; start starts it, and end
+// gets the bytes each direction moved once both have ended. With pk nil,
+// halves never park.
+func newRelay(pk *parking, c, up *net.TCPConn, end func(up, down int64)) (*relay, error) {
+	r := &relay{pk: pk, c: c, up: up, end: end}
+	r.left.Store(2)
+	for i, src := range [2]*net.TCPConn{c, up} {
+		rc, err := src.SyscallConn()
 		if err != nil {
 			return nil, fmt.Errorf("reaching the socket to copy from: %w", err)
 		}
-		r.halves[i] = &half{r: r, dst: hd.dst, src: hd.src, srcRC: rc, done: hd.done}
+		dst := up
+		if src == up {
+			dst = c
+		}
+		r.halves[i] = half{r: r, dst: dst, src: src, srcRC: rc}
 	}
 	return r, nil
 }
 
 // start runs both halves, each on its own goroutine until it parks.
 func (r *relay) start() {
-	for _, h := range r.halves {
-		go h.run()
+	for i := range r.halves {
+		go r.halves[i].run()
 	}
 }
 
@@ -221,8 +228,8 @@ func (r *relay) close() {
 	r.once.Do(func() {
 		var orphans []*half
 		if r.pk != nil {
-			for _, h := range r.halves {
-				if r.pk.take(h) {
+			for i := range r.halves {
+				if h := &r.halves[i]; r.pk.take(h) {
 					orphans = append(orphans, h)
 				}
 			}
@@ -230,9 +237,16 @@ func (r *relay) close() {
 		r.c.Close()
 		r.up.Close()
 		for _, h := range orphans {
-			go h.done(h.n)
+			go h.done()
 		}
 	})
+}
+
+// done ends h; the second half to end ends the relay.
+func (h *half) done() {
+	if h.r.left.Add(-1) == 0 {
+		h.r.end(h.r.halves[0].n, h.r.halves[1].n)
+	}
 }
 
 // run copies bursts until src ends (then it closes dst for writing and src
@@ -263,7 +277,7 @@ func (h *half) run() {
 		if eof {
 			h.dst.CloseWrite()
 			h.src.CloseRead()
-			h.done(h.n)
+			h.done()
 			return
 		}
 		n, err := copyBurst(h.dst, h.src, avail)
@@ -282,7 +296,7 @@ func (h *half) run() {
 			// The source ended between the two looks.
 			h.dst.CloseWrite()
 			h.src.CloseRead()
-			h.done(h.n)
+			h.done()
 			return
 		}
 	}
@@ -291,7 +305,7 @@ func (h *half) run() {
 // fail closes the connection (so the other half ends too) and ends h.
 func (h *half) fail() {
 	h.r.close()
-	h.done(h.n)
+	h.done()
 }
 
 // copyBurst moves avail bytes that src has already received to dst.

@@ -42,7 +42,7 @@ func startEcho(t *testing.T) string {
 }
 
 // helloFor returns the bytes of a TLS ClientHello for name.
-func helloFor(t *testing.T, name string) []byte {
+func helloFor(t testing.TB, name string) []byte {
 	t.Helper()
 	a, b := net.Pipe()
 	defer a.Close()

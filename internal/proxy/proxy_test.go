@@ -38,7 +38,7 @@ func (fixedResolver) Lookup(context.Context, *policy.Project, string) ([]netip.A
 
 // testPolicy compiles a policy for project alpha at 127.0.0.0/30 (the
 // test's client is 127.0.0.1) with the given allow rules.
-func testPolicy(t *testing.T, rules string) *policy.Policy {
+func testPolicy(t testing.TB, rules string) *policy.Policy {
 	t.Helper()
 	cfg, err := config.Parse("t.yaml", []byte("vm_cidr: 127.0.0.0/16\nprojects:\n  alpha:\n    subnet: 127.0.0.0/30\n    allow:\n"+rules))
 	if err != nil {
@@ -139,7 +139,7 @@ func (o *lenientOrigin) seen() []string {
 
 // startProxy serves p on a loopback listener whose port is the original
 // destination's; every dial goes to origin.
-func startProxy(t *testing.T, p *Proxy, ln net.Listener, origin string) {
+func startProxy(t testing.TB, p *Proxy, ln net.Listener, origin string) {
 	t.Helper()
 	p.HostAddrs, p.Resolver = notHost{}, fixedResolver{}
 	p.Dial = func(ctx context.Context, network, _ string) (net.Conn, error) {
