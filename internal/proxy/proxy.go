@@ -845,7 +845,10 @@ func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect
 	}
 	switch what {
 	case policy.InspectTLS:
-		hello, prefix, err := ReadClientHello(ctx, r)
+		// Not cancelled with ctx: crypto/tls would start a goroutine per
+		// hello to watch it; the read deadline bounds the wait, and
+		// stopping the proxy closes the connection.
+		hello, prefix, err := ReadClientHello(context.WithoutCancel(ctx), r)
 		if err != nil {
 			if !errors.Is(err, ErrNotTLS) {
 				e.d.Reason = err.Error()
