@@ -395,7 +395,7 @@ func spliceBurst(dst *net.TCPConn, srcRC syscall.RawConn) (written int64, ended 
 	fill := func() error {
 		var serr error
 		err := srcRC.Read(func(fd uintptr) bool {
-			for {
+			for sp.n < pipeSize {
 				m, e := unix.Splice(int(fd), nil, sp.w, nil, pipeSize-sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 				switch {
 				case e == unix.EINTR:
@@ -404,16 +404,17 @@ func spliceBurst(dst *net.TCPConn, srcRC syscall.RawConn) (written int64, ended 
 					// src is empty, or the pipe full: either way the
 					// pipe is emptied before the next try.
 					drained = true
+					return true
 				case e != nil:
 					serr = e
+					return true
 				case m == 0:
 					ended = true
-				default:
-					sp.n += int(m)
-					drained = false
+					return true
 				}
-				return true
+				sp.n += int(m)
 			}
+			return true
 		})
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			drained, late = true, true // the idle window ended: flush, then say so
@@ -435,14 +436,13 @@ func spliceBurst(dst *net.TCPConn, srcRC syscall.RawConn) (written int64, ended 
 		if sp.n == 0 {
 			break // nothing left (drained or ended)
 		}
-		more := 0
-		if !drained && !ended {
-			more = unix.SPLICE_F_MORE // more follows at once: no need to push a partial segment
-		}
+		// Never SPLICE_F_MORE: the last write of a burst is not known
+		// until src says EAGAIN, and a corked tail would wait for the
+		// next burst or ACK.
 		var serr error
 		err := dstRC.Write(func(fd uintptr) bool {
 			for sp.n > 0 {
-				m, e := unix.Splice(sp.r, nil, int(fd), nil, sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK|more)
+				m, e := unix.Splice(sp.r, nil, int(fd), nil, sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 				switch {
 				case e == unix.EINTR:
 					continue

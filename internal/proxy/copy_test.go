@@ -286,3 +286,51 @@ func TestRelaySlowReader(t *testing.T) {
 // maxima on loopback: the guest's receive, the proxy's send and receive,
 // the server's send) and one pipe can hold.
 const slowReaderBound = 64 << 20
+
+// TestRelayBulkAnswerArrivesWhole: an answer larger than a buffered copy
+// (spliced), sent at once and followed by nothing, reaches the guest whole
+// while the connection stays open (nothing of it is held back waiting for
+// more bytes).
+func TestRelayBulkAnswerArrivesWhole(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	origin, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	hello := helloFor(t, "example.com")
+	answer := make([]byte, 3*smallCopy+12345) // spliced, ending mid-segment
+	rand.Read(answer)
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	go func() {
+		c, err := origin.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.ReadFull(c, make([]byte, len(hello)))
+		c.Write(answer)
+		<-hold // the connection stays open
+	}()
+	p := &Proxy{}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - sni: example.com\n        ports: [%d]\n", port)), true)
+	startProxy(t, p, ln, origin.Addr().String())
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(20 * time.Second)) // a hang fails, not blocks
+	got := make([]byte, len(answer))
+	if n, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, answer) {
+		t.Fatalf("the guest got %d of %d bytes of the answer (%v)", n, len(answer), err)
+	}
+}
