@@ -121,29 +121,34 @@ func (pk *parking) park(h *half) bool {
 		pk.next++
 		h.token = pk.next
 	}
-	pk.parked[h.token] = h
+	// h's fields are written under pk.mu, before the loop can see h: the
+	// goroutine the loop starts for it reads them.
+	op := unix.EPOLL_CTL_MOD
+	if !h.inSet {
+		op = unix.EPOLL_CTL_ADD
+		h.inSet = true // undone below if parking fails
+	}
+	token := h.token
+	pk.parked[token] = h
 	pk.mu.Unlock()
 	var cerr error
 	err := h.srcRC.Control(func(fd uintptr) {
 		ev := unix.EpollEvent{
 			Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
-			Fd:     int32(uint32(h.token)),
-			Pad:    int32(uint32(h.token >> 32)),
-		}
-		op := unix.EPOLL_CTL_MOD
-		if !h.inSet {
-			op = unix.EPOLL_CTL_ADD
+			Fd:     int32(uint32(token)),
+			Pad:    int32(uint32(token >> 32)),
 		}
 		cerr = unix.EpollCtl(pk.fd, op, int(fd), &ev)
-		if cerr == nil {
-			h.inSet = true
-		}
 	})
 	if err == nil && cerr == nil {
 		return true
 	}
 	// Not parked: whoever takes it out of the map ends it.
-	return !pk.take(h)
+	if !pk.take(h) {
+		return true
+	}
+	h.inSet = false // take removed it from the set: the next park adds it
+	return false
 }
 
 // count returns how many halves are parked.
