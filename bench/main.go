@@ -5,6 +5,8 @@
 //	go run ./bench                 # the full run behind BENCHMARKS.md
 //	go run ./bench -smoke -out ""  # a short run that proves it works (CI)
 //	go run ./bench -paths          # only the three paths, printed (while working on a data plane)
+//	go run ./bench -term           # only the termination figures of the three paths, printed
+//	go run ./bench -cidr -profile DIR  # only the kernel path against direct, with perf captures
 //	go run ./bench -engine         # only the engine's incremental-change benchmarks
 //	go run ./bench -api            # only the local API's speed (its section of BENCHMARKS.md)
 //	go run ./bench -soak 1000000   # only the soak (its section of BENCHMARKS.md)
@@ -74,10 +76,18 @@ type options struct {
 	apiOnly      bool
 	engineOnly   bool
 	pathsOnly    bool
+	termOnly     bool
+	termProfile  string
 	api          apiOptions
 	soak         int
 	soakClients  int
 	soakSampling int
+
+	// cidrOnly: only the cidr figures, direct against builtin (kernel.go);
+	// profile: perf captures of them go to this directory.
+	cidrOnly bool
+	profile  string
+
 	// only, when not empty, names the path measurements to take (-only);
 	// the others are skipped.
 	only map[string]bool
@@ -116,6 +126,10 @@ func main() {
 	flag.BoolVar(&o.smoke, "smoke", false, "a short run: 1 run, 300ms measurements, 200 idle connections, a small API world, a short soak")
 	flag.BoolVar(&o.engineOnly, "engine", false, "run only the engine's incremental-change benchmarks and replace their section of -out")
 	flag.BoolVar(&o.pathsOnly, "paths", false, "measure only the three paths (no host density, API, engine or soak) and print the report, writing nothing")
+	flag.BoolVar(&o.termOnly, "term", false, "measure only the termination figures (https rule) of the three paths and print their table, writing nothing")
+	flag.StringVar(&o.termProfile, "term-profile", "", "with -term: write CPU profiles of the builtin plane under the termination loads to this directory and print their top entries")
+	flag.BoolVar(&o.cidrOnly, "cidr", false, "measure only the cidr rule's figures (kernel path) against direct and print them, writing nothing")
+	flag.StringVar(&o.profile, "profile", "", "with -cidr: record perf (system-wide, call graphs) during each cidr measurement of the first run into this directory and put the top symbols in the report")
 	flag.BoolVar(&o.apiOnly, "api", false, "measure only the local API's speed and replace its section of -out")
 	flag.IntVar(&o.api.projects, "api-projects", 4000, "placed API projects besides the guest's")
 	flag.IntVar(&o.api.rules, "api-rules", 50, "rules per project")
@@ -170,12 +184,18 @@ func run(o options) error {
 	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/vmegress").CombinedOutput(); err != nil {
 		return fmt.Errorf("building vmegress: %v\n%s", err, out)
 	}
+	if o.cidrOnly {
+		return cidrBench(o, bin)
+	}
 	if o.engineOnly {
 		sec, err := engineBench(o)
 		if err != nil {
 			return fmt.Errorf("engine: %w", err)
 		}
 		return emitSection(o.out, "engine", sec)
+	}
+	if o.termOnly {
+		return termOnly(o, bin) // terminate.go
 	}
 	if o.apiOnly {
 		r, err := measureAPI(bin, o.api)

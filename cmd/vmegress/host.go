@@ -147,6 +147,9 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			if err != nil {
 				return err
 			}
+			// The data plane's "is this the host's own address?" answers,
+			// kept while netlink tells of every address and route change.
+			hostAddrs := &proxy.HostAddrCache{Checker: proxy.KernelAddrChecker{Handle: h}}
 			hub := &events.Hub{}        // the API's /v1/events stream
 			cfgCache := &config.Cache{} // reloads parse the file again only when it changed
 			d := &daemon.Daemon{
@@ -160,7 +163,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 				Dial:         proxy.MarkedDialer(cfg.UpstreamMark, net.Dialer{Timeout: proxy.DefaultDialTimeout}),
 				DNSUDP:       &mdns.Client{Net: "udp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
 				DNSTCP:       &mdns.Client{Net: "tcp", Timeout: vdns.UpstreamTimeout, Dialer: &net.Dialer{Control: proxy.MarkControl(cfg.UpstreamMark)}},
-				HostAddrs:    proxy.KernelAddrChecker{Handle: h},
+				HostAddrs:    hostAddrs,
 				Log:          a.log,
 				AccessLog:    slog.New(events.Handler{Next: slog.NewJSONHandler(access, nil), Hub: hub}),
 				Events:       hub,
@@ -180,6 +183,16 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			d.Flows = flows
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
+			lost := func(err error) {
+				hostAddrs.SetWatching(false)
+				a.log.Warn("following the host's address and route changes (every destination is now looked up in the kernel)", "err", err.Error())
+			}
+			// Watching is on before the subscriptions are made (nothing asks
+			// before d.Run), so a failure told at once turns it off for good.
+			hostAddrs.SetWatching(true)
+			if err := hostnet.WatchAddrsAndRoutes(ctx, nil, hostAddrs.Changed, lost); err != nil {
+				lost(err)
+			}
 			go a.reloadOnSignalOrChange(ctx, d, cfg.Path, logFile)
 			return d.Run(ctx)
 		},

@@ -280,9 +280,39 @@ func (c *Config) Warnings() []string {
 			if r.Kind == KindHTTP && len(r.Inject) > 0 {
 				out = append(out, fmt.Sprintf("project %q: rule %s (line %d) injects headers into plain HTTP: they cross the network unencrypted; use an https rule", p.Name, r, r.Pos.Line))
 			}
+			if r.Kind != KindHTTPS {
+				continue
+			}
+			// A tcp rule for the same name and port is decided first, by
+			// address, and never read: the https rule's methods and paths
+			// do not hold for the connections it allows.
+			for _, o := range p.Allow {
+				if o.Kind == KindTCP && namesOverlap(o.Name, r.Name) && slices.ContainsFunc(o.EffectivePorts(), func(pt uint16) bool { return slices.Contains(r.EffectivePorts(), pt) }) {
+					out = append(out, fmt.Sprintf("project %q: rule %s (line %d) lets the guest reach names of rule %s (line %d) unread, without its methods and paths", p.Name, o, o.Pos.Line, r, r.Pos.Line))
+				}
+			}
 		}
 	}
 	return out
+}
+
+// namesOverlap reports whether some name matches both patterns (exact,
+// "*." wildcards, "*").
+func namesOverlap(a, b string) bool {
+	if a == AnyName || b == AnyName || a == b {
+		return true
+	}
+	sa, wa := strings.CutPrefix(a, "*.")
+	sb, wb := strings.CutPrefix(b, "*.")
+	switch {
+	case wa && wb:
+		return strings.HasSuffix(sa, "."+sb) || strings.HasSuffix(sb, "."+sa)
+	case wa:
+		return strings.HasSuffix(b, "."+sa)
+	case wb:
+		return strings.HasSuffix(a, "."+sb)
+	}
+	return false
 }
 
 // EnvoyIssue is something in a project that dataplane envoy cannot carry

@@ -16,8 +16,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmegress/vmegress/internal/firewall"
 )
@@ -36,14 +38,20 @@ type Flow struct {
 // Tracker watches and deletes kernel-forwarded flows over two conntrack
 // netlink sockets of the current network namespace.
 type Tracker struct {
-	events, ops *conntrack.Conn
-	procSys     string
+	// events hears conntrack's update and destroy events through a BPF
+	// filter (eventFilter): only those of kernel-forwarded flows that
+	// Watch acts on reach it.
+	events *netlink.Conn
+	// dels sends the deletes of ended flows without waiting for answers
+	// (a filter drops them all: an entry already gone is no error).
+	dels    *netlink.Conn
+	ops     *conntrack.Conn
+	procSys string
 
 	// OnError hears of errors that do not stop Watch (may be nil).
 	OnError func(error)
 
-	evs  chan conntrack.Event
-	errc chan error
+	started bool
 
 	mu      sync.Mutex
 	revoked map[uint32]bool // entries Revoke deleted, until their event
@@ -55,21 +63,33 @@ func Open(procSys string) (*Tracker, error) {
 	if procSys == "" {
 		procSys = "/proc/sys"
 	}
-	ev, err := conntrack.Dial(nil)
+	ev, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
 	if err != nil {
-		return nil, fmt.Errorf("opening a conntrack socket: %w", err)
+		return nil, fmt.Errorf("opening a conntrack event socket: %w", err)
 	}
 	ops, err := conntrack.Dial(nil)
 	if err != nil {
 		ev.Close()
 		return nil, fmt.Errorf("opening a conntrack socket: %w", err)
 	}
-	return &Tracker{events: ev, ops: ops, procSys: procSys}, nil
+	dels, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
+	if err == nil {
+		err = dels.SetBPF(dropAll)
+	}
+	if err != nil {
+		ev.Close()
+		ops.Close()
+		if dels != nil {
+			dels.Close()
+		}
+		return nil, fmt.Errorf("opening a conntrack socket for deletes: %w", err)
+	}
+	return &Tracker{events: ev, dels: dels, ops: ops, procSys: procSys}, nil
 }
 
 // Close closes the sockets (Watch returns).
 func (t *Tracker) Close() error {
-	return errors.Join(t.events.Close(), t.ops.Close())
+	return errors.Join(t.events.Close(), t.dels.Close(), t.ops.Close())
 }
 
 func kernelForwarded(f *conntrack.Flow) bool {
@@ -107,14 +127,40 @@ func (t *Tracker) Start() error {
 			return fmt.Errorf("turning on %s (is nf_conntrack loaded?): %w", k, err)
 		}
 	}
-	t.evs = make(chan conntrack.Event, 1024)
-	errc, err := t.events.Listen(t.evs, 1, []netfilter.NetlinkGroup{netfilter.GroupCTUpdate, netfilter.GroupCTDestroy})
+	// The filter first: no event the daemon does not need may wake it.
+	prog, err := eventFilter(firewall.KernelCTMark)
 	if err != nil {
-		return fmt.Errorf("listening for conntrack events: %w", err)
+		return err
 	}
-	t.errc = errc
+	if err := t.events.SetBPF(prog); err != nil {
+		return fmt.Errorf("filtering conntrack events: %w", err)
+	}
+	// BroadcastError: a destroy event the socket cannot take is kept by
+	// the kernel and delivered again (conntrack's reliable delivery), so
+	// no ended flow goes unlogged; NoENOBUFS: an overrun does not fail
+	// the socket (what it loses is at most an update event, so a closed
+	// flow is logged when its entry times out instead of at once).
+	for _, o := range []netlink.ConnOption{netlink.BroadcastError, netlink.NoENOBUFS} {
+		if err := t.events.SetOption(o, true); err != nil {
+			return fmt.Errorf("setting conntrack event socket option %d: %w", o, err)
+		}
+	}
+	if err := t.events.SetReadBuffer(eventBuffer); err != nil {
+		return fmt.Errorf("sizing the conntrack event socket's buffer: %w", err)
+	}
+	for _, g := range []netfilter.NetlinkGroup{netfilter.GroupCTUpdate, netfilter.GroupCTDestroy} {
+		if err := t.events.JoinGroup(uint32(g)); err != nil {
+			return fmt.Errorf("listening for conntrack events (group %d): %w", g, err)
+		}
+	}
+	t.started = true
 	return nil
 }
+
+// eventBuffer is the event socket's receive buffer: 4 MiB holds some
+// 10,000 filtered events (about 400 bytes each), several seconds of new
+// connections at this machine's rate, should the daemon be descheduled.
+const eventBuffer = 4 << 20
 
 // Watch calls ended once for every kernel-forwarded flow that is over, when
 // its entry goes: at once when it enters TIME_WAIT or CLOSE (the flow closed
@@ -126,47 +172,73 @@ func (t *Tracker) Start() error {
 // (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
 // there once the ruleset, which uses conntrack, is installed).
 func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
-	if t.evs == nil {
+	if !t.started {
 		if err := t.Start(); err != nil {
 			return err
 		}
 	}
-	evs, errc := t.evs, t.errc
+	stop := context.AfterFunc(ctx, func() { t.events.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
 	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case err := <-errc:
-			if err != nil && ctx.Err() == nil {
-				return fmt.Errorf("reading conntrack events: %w", err)
+		msgs, err := t.events.Receive()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
+				return nil
 			}
-			return nil
-		case ev := <-evs:
-			if !kernelForwarded(ev.Flow) {
+			if errors.Is(err, unix.ENOBUFS) { // NoENOBUFS should prevent it; keep going
+				if t.OnError != nil {
+					t.OnError(fmt.Errorf("conntrack events were lost (socket buffer full)"))
+				}
 				continue
 			}
-			switch ev.Type {
-			case conntrack.EventUpdate:
-				if tcp := ev.Flow.ProtoInfo.TCP; tcp == nil || (tcp.State != tcpTimeWait && tcp.State != tcpClose) {
-					continue
-				}
-				// Over, but the entry would linger for minutes; update
-				// events carry no byte counters. Deleting it brings the
-				// destroy event, with the counters, now. (A late packet
-				// of the flow is decided afresh by the ruleset.)
-				if err := t.ops.Delete(conntrack.Flow{TupleOrig: ev.Flow.TupleOrig, Zone: ev.Flow.Zone}); err != nil && t.OnError != nil {
-					t.OnError(fmt.Errorf("deleting the entry of an ended flow: %w", err))
-				}
-			case conntrack.EventDestroy:
-				t.mu.Lock()
-				revoked := t.revoked[ev.Flow.ID]
-				delete(t.revoked, ev.Flow.ID)
-				t.mu.Unlock()
-				fl := flowOf(ev.Flow)
-				fl.Revoked = revoked
-				ended(fl)
-			}
+			return fmt.Errorf("reading conntrack events: %w", err)
 		}
+		for _, m := range msgs {
+			var ev conntrack.Event
+			if err := ev.Unmarshal(m); err != nil {
+				if t.OnError != nil {
+					t.OnError(fmt.Errorf("decoding a conntrack event: %w", err))
+				}
+				continue
+			}
+			t.handle(ev, ended)
+		}
+	}
+}
+
+// handle acts on one event (the filter let through only kernel-forwarded
+// flows' closing updates and destroys; checked again here).
+func (t *Tracker) handle(ev conntrack.Event, ended func(Flow)) {
+	if !kernelForwarded(ev.Flow) {
+		return
+	}
+	switch ev.Type {
+	case conntrack.EventUpdate:
+		if tcp := ev.Flow.ProtoInfo.TCP; tcp == nil || (tcp.State != tcpTimeWait && tcp.State != tcpClose) {
+			return
+		}
+		// Over, but the entry would linger for minutes; update events
+		// carry no byte counters. Deleting it brings the destroy event,
+		// with the counters, now. (A late packet of the flow is decided
+		// afresh by the ruleset.)
+		// Sent without waiting for the kernel's answer: a round trip
+		// per flow was the daemon's largest cost at high connection rates.
+		f := flowOf(ev.Flow)
+		m, err := deleteMessage(f.Src, f.Dst, ev.Flow.Zone)
+		if err == nil {
+			_, err = t.dels.Send(m)
+		}
+		if err != nil && t.OnError != nil {
+			t.OnError(fmt.Errorf("deleting the entry of an ended flow: %w", err))
+		}
+	case conntrack.EventDestroy:
+		t.mu.Lock()
+		revoked := t.revoked[ev.Flow.ID]
+		delete(t.revoked, ev.Flow.ID)
+		t.mu.Unlock()
+		fl := flowOf(ev.Flow)
+		fl.Revoked = revoked
+		ended(fl)
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/vmegress/vmegress/internal/envoy"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/proxy"
 	"github.com/vmegress/vmegress/internal/state"
 )
@@ -71,7 +72,11 @@ func (hc Host) Checks() []Check {
 		{Name: "kernel support (TPROXY, reverse-path check, NAT redirect)", Run: func(ctx context.Context) Result {
 			if cfg.Firewall == firewall.KindIPTables {
 				// The whole ruleset, applied in a scratch namespace.
-				if _, err := firewall.Expected(ctx, cfg.Firewall, firewall.FromConfig(cfg)); err != nil {
+				pol, err := policy.Compile(cfg)
+				if err != nil {
+					return Fail("fix the config", "compiling its policies: %v", err)
+				}
+				if _, err := firewall.Expected(ctx, cfg.Firewall, firewall.Desired(cfg, nil, pol)); err != nil {
 					return Fail("use a kernel with xt_TPROXY, xt_rpfilter, xt_addrtype, xt_conntrack, xt_connmark, xt_connlimit, xt_u32, xt_set (ip_set hash:ip, hash:ip,port, hash:ip,port,net, hash:ip,port,ip) and iptable_nat, or load the modules",
 						"the kernel refused the ruleset in a scratch namespace: %v", err)
 				}
@@ -112,7 +117,11 @@ func (hc Host) Checks() []Check {
 			if err != nil {
 				return Fail("fix the config or the placed projects", "%v", err)
 			}
-			want, err := firewall.Expected(ctx, cfg.Firewall, firewall.Desired(eff, st))
+			pol, err := policy.Compile(eff)
+			if err != nil {
+				return Fail("fix the config or the placed projects", "compiling their policies: %v", err)
+			}
+			want, err := firewall.Expected(ctx, cfg.Firewall, firewall.Desired(eff, st, pol))
 			if err != nil {
 				return Fail("run as root", "rendering the desired ruleset: %v", err)
 			}

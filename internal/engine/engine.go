@@ -131,7 +131,7 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 	}
 	snap := &Snapshot{File: file, Config: eff, State: st, Policies: pols, Policy: pol, Generation: 1}
 	if install {
-		if err := e.install(ctx, eff, st); err != nil {
+		if err := e.install(ctx, eff, st, pol); err != nil {
 			return err
 		}
 		// The other backend's leftovers are gone now; later installs
@@ -201,8 +201,8 @@ func (e *Engine) publish(s *Snapshot, ch Change) {
 	}
 }
 
-func (e *Engine) install(ctx context.Context, cfg *config.Config, st *state.State) error {
-	if err := e.Interception.Install(ctx, cfg, st); err != nil {
+func (e *Engine) install(ctx context.Context, cfg *config.Config, st *state.State, pol *policy.Policy) error {
+	if err := e.Interception.Install(ctx, cfg, st, pol); err != nil {
 		return err
 	}
 	if err := e.readmit(ctx); err != nil {
@@ -323,7 +323,7 @@ func (e *Engine) Place(ctx context.Context, req placement.Request, pol *config.P
 	if existed {
 		old = &before
 	}
-	restore, err := e.applyProject(ctx, cur.Config, eff, next, old, &p)
+	restore, err := e.applyProject(ctx, cur.Config, cur.Policy, eff, compiled, next, old, &p)
 	if err != nil {
 		rollback()
 		return state.Project{}, false, err
@@ -356,7 +356,7 @@ func samePlacement(a, b state.Project) bool {
 // the projects being st: only the changed elements when interception is
 // installed, the whole ruleset otherwise (a TAP never comes up unfiltered).
 // It returns how to undo it.
-func (e *Engine) applyProject(ctx context.Context, oldEff, eff *config.Config, st *state.State, old, new *state.Project) (undo func(), err error) {
+func (e *Engine) applyProject(ctx context.Context, oldEff *config.Config, oldPol *policy.Policy, eff *config.Config, pol *policy.Policy, st *state.State, old, new *state.Project) (undo func(), err error) {
 	fw := e.Interception.Firewall
 	if fw == nil {
 		return func() {}, nil
@@ -367,22 +367,22 @@ func (e *Engine) applyProject(ctx context.Context, oldEff, eff *config.Config, s
 			return nil, err
 		}
 		if !ok {
-			if err := e.Interception.Install(ctx, eff, st); err != nil {
+			if err := e.Interception.Install(ctx, eff, st, pol); err != nil {
 				return nil, err
 			}
 			return func() {}, nil // the ruleset stays: removing it would open nothing, it only filters
 		}
 	}
-	from, to := projectPart(oldEff, old), projectPart(eff, new)
+	from, to := projectPart(oldEff, oldPol, old), projectPart(eff, pol, new)
 	if from.String() == to.String() {
 		return func() {}, nil
 	}
-	return e.moveElements(ctx, from, to, eff, st)
+	return e.moveElements(ctx, from, to, eff, pol, st)
 }
 
 // projectPart is the desired state of the placed project p alone (nil:
-// nothing), its kernel part from its policy in eff.
-func projectPart(eff *config.Config, p *state.Project) firewall.State {
+// nothing), its kernel part from its policy in eff, compiled in pol.
+func projectPart(eff *config.Config, pol *policy.Policy, p *state.Project) firewall.State {
 	c := *eff
 	c.Projects = nil
 	s := &state.State{Projects: map[string]state.Project{}}
@@ -394,18 +394,18 @@ func projectPart(eff *config.Config, p *state.Project) firewall.State {
 			c.Projects = []config.Project{q}
 		}
 	}
-	return firewall.Desired(&c, s)
+	return firewall.Desired(&c, s, pol)
 }
 
 // applyPolicy brings the ruleset's elements of the projects named from
-// their policies in oldEff to those in eff (the placements being st's, or
-// the config's subnets). It returns how to undo it.
-func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st *state.State, names []string) (undo func(), err error) {
+// their policies in oldEff (compiled: oldPol) to those in eff (pol), the
+// placements being st's, or the config's subnets. It returns how to undo it.
+func (e *Engine) applyPolicy(ctx context.Context, oldEff *config.Config, oldPol *policy.Policy, eff *config.Config, pol *policy.Policy, st *state.State, names []string) (undo func(), err error) {
 	fw := e.Interception.Firewall
 	if fw == nil || !e.installed {
 		return func() {}, nil
 	}
-	part := func(c *config.Config) firewall.State {
+	part := func(c *config.Config, pol *policy.Policy) firewall.State {
 		out := *c
 		out.Projects = nil
 		for _, n := range names {
@@ -419,20 +419,20 @@ func (e *Engine) applyPolicy(ctx context.Context, oldEff, eff *config.Config, st
 				sub.Projects[n] = p
 			}
 		}
-		return firewall.Desired(&out, sub)
+		return firewall.Desired(&out, sub, pol)
 	}
-	from, to := part(oldEff), part(eff)
+	from, to := part(oldEff, oldPol), part(eff, pol)
 	if from.String() == to.String() {
 		return func() {}, nil
 	}
-	return e.moveElements(ctx, from, to, eff, st)
+	return e.moveElements(ctx, from, to, eff, pol, st)
 }
 
 // moveElements brings the ruleset's per-project elements from from to to
 // (the whole ruleset when that needs new rules), then the guard's
 // forwarding settings, and returns how to undo it.
-func (e *Engine) moveElements(ctx context.Context, from, to firewall.State, eff *config.Config, st *state.State) (undo func(), err error) {
-	if full, err := e.updateElements(ctx, from, to, eff, st); err != nil || full != nil {
+func (e *Engine) moveElements(ctx context.Context, from, to firewall.State, eff *config.Config, pol *policy.Policy, st *state.State) (undo func(), err error) {
+	if full, err := e.updateElements(ctx, from, to, eff, pol, st); err != nil || full != nil {
 		return full, err
 	}
 	if err := e.Interception.guard(eff, st); err != nil {
@@ -451,17 +451,17 @@ func (e *Engine) moveElements(ctx context.Context, from, to firewall.State, eff 
 // change needs new rules (a max_connections value no guest had), it
 // installs the whole ruleset for eff and st instead and returns how to undo
 // that (full non-nil).
-func (e *Engine) updateElements(ctx context.Context, from, to firewall.State, eff *config.Config, st *state.State) (full func(), err error) {
+func (e *Engine) updateElements(ctx context.Context, from, to firewall.State, eff *config.Config, pol *policy.Policy, st *state.State) (full func(), err error) {
 	err = e.Interception.Firewall.UpdateProjects(ctx, from, to)
 	if !errors.Is(err, firewall.ErrNewLimit) {
 		return nil, err
 	}
 	prev := e.snap
-	if err := e.install(ctx, eff, st); err != nil {
+	if err := e.install(ctx, eff, st, pol); err != nil {
 		return nil, err
 	}
 	return func() {
-		if err := e.install(ctx, prev.Config, prev.State); err != nil {
+		if err := e.install(ctx, prev.Config, prev.State, prev.Policy); err != nil {
 			e.log().Error("rolling back the ruleset", "err", err.Error())
 		}
 	}, nil
@@ -519,7 +519,7 @@ func (e *Engine) Remove(ctx context.Context, name string) (p state.Project, foun
 	if err != nil {
 		return p, true, err
 	}
-	restore, err := e.applyProject(ctx, cur.Config, eff, next, &p, nil)
+	restore, err := e.applyProject(ctx, cur.Config, cur.Policy, eff, pol, next, &p, nil)
 	if err != nil {
 		return p, true, err
 	}
@@ -572,14 +572,14 @@ func (e *Engine) SetConfig(ctx context.Context, file *config.Config) (changedPro
 	if e.installed {
 		// Only the per-project elements changed: element by element;
 		// anything else: the whole ruleset, atomically.
-		from, to := firewall.Desired(cur.Config, cur.State), firewall.Desired(eff, cur.State)
+		from, to := firewall.Desired(cur.Config, cur.State, cur.Policy), firewall.Desired(eff, cur.State, pol)
 		switch {
 		case from.Global() != to.Global():
-			if err := e.install(ctx, eff, cur.State); err != nil {
+			if err := e.install(ctx, eff, cur.State, pol); err != nil {
 				return nil, err
 			}
 		case from.String() != to.String():
-			if _, err := e.updateElements(ctx, from, to, eff, cur.State); err != nil {
+			if _, err := e.updateElements(ctx, from, to, eff, pol, cur.State); err != nil {
 				return nil, err
 			}
 			if err := e.Interception.guard(eff, cur.State); err != nil {
@@ -677,7 +677,7 @@ func (e *Engine) RepairDrift(ctx context.Context) (what string, err error) {
 	if snap != e.applied {
 		what = e.Interception.Firewall.Describe()
 	}
-	return what, e.install(ctx, cur.Config, cur.State)
+	return what, e.install(ctx, cur.Config, cur.State, cur.Policy)
 }
 
 // RestoreNAT switches every placed project to the spec's direct NAT egress
@@ -699,7 +699,8 @@ func (e *Engine) RestoreNAT(ctx context.Context, setForwarding func(tap string) 
 	if err := e.Store.Save(next); err != nil {
 		return nil, err
 	}
-	if err := e.Interception.Firewall.Apply(ctx, firewall.Desired(eff, next)); err != nil {
+	// Every project is NAT now: no guest has a kernel part to compile.
+	if err := e.Interception.Firewall.Apply(ctx, firewall.Desired(eff, next, nil)); err != nil {
 		return nil, err
 	}
 	if err := (hostnet.PolicyRouting{}).Remove(e.Interception.Netlink); err != nil {
@@ -808,7 +809,7 @@ func (e *Engine) SetPolicy(ctx context.Context, p config.Project) (generation ui
 	if err != nil {
 		return 0, err
 	}
-	undo, err := e.applyPolicy(ctx, cur.Config, eff, cur.State, []string{p.Name})
+	undo, err := e.applyPolicy(ctx, cur.Config, cur.Policy, eff, compiled, cur.State, []string{p.Name})
 	if err != nil {
 		return 0, err
 	}

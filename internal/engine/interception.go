@@ -9,6 +9,7 @@ import (
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/state"
 )
 
@@ -45,8 +46,8 @@ func (in Interception) guard(cfg *config.Config, st *state.State) error {
 // previous (possibly crashed) run left, in one atomic ruleset transaction.
 // The ruleset goes first: with it in place and no routing, guest traffic is
 // dropped, never forwarded.
-func (in Interception) Install(ctx context.Context, cfg *config.Config, st *state.State) error {
-	if err := in.Firewall.Apply(ctx, firewall.Desired(cfg, st)); err != nil {
+func (in Interception) Install(ctx context.Context, cfg *config.Config, st *state.State, pol *policy.Policy) error {
+	if err := in.Firewall.Apply(ctx, firewall.Desired(cfg, st, pol)); err != nil {
 		return fmt.Errorf("installing interception: %w", err)
 	}
 	for _, old := range in.Stale {

@@ -200,11 +200,11 @@ func clusters(pol *policy.Policy, o Settings) []M {
 			},
 		}
 	}
-	var terminating []M
-	if terminates(pol) {
-		terminating = append(terminating, httpsCluster(o))
+	var out []M
+	for _, p := range terminating(pol) {
+		out = append(out, httpsCluster(o, p.Name))
 	}
-	out := append(terminating,
+	out = append(out,
 		dfp(ClusterTLS),
 		dfp(ClusterHTTP),
 		M{
@@ -808,7 +808,7 @@ func Check(pol *policy.Policy) error {
 			errs = append(errs, fmt.Errorf("project %q: mode audit needs dataplane builtin (Envoy cannot allow a connection and log that the policy would refuse it)", p.Name))
 		}
 	}
-	if terminates(pol) {
+	if len(terminating(pol)) > 0 {
 		errs = append(errs, errors.New("https rules need vmegress run (the certificates and secrets are served to Envoy over xDS; a standalone bootstrap would carry private keys and secrets)"))
 	}
 	return errors.Join(errs...)

@@ -28,10 +28,13 @@ import (
 
 // Names of the termination resources.
 const (
-	// ClusterHTTPS dials the name of a terminated connection over TLS
-	// verified against UpstreamRoots (SNI and SAN: the name).
+	// ClusterHTTPS + "/" + project dials the name of the project's
+	// terminated connections over TLS verified against UpstreamRoots (SNI
+	// and SAN: the name): a cluster per project, so its upstream
+	// connections (which carry its injected credentials) are pooled for
+	// that project alone, never reused for another project's requests.
 	ClusterHTTPS = "vmegress_dfp_https"
-	// rootsSecret is the validation context of ClusterHTTPS.
+	// rootsSecret is the validation context of the ClusterHTTPS clusters.
 	rootsSecret = "vmegress_upstream_roots"
 	// certSecretPrefix + name is the guest-facing certificate for name.
 	certSecretPrefix = "vmegress_cert/"
@@ -54,6 +57,34 @@ const badPathRegex = `[^?]*(/(\.|%2[eE]){1,2}(;[^/?]*)?([/?]|$)|\\|%2[fF]|%5[cC]
 // badPathWhy is the refusal's reason for a path badPathRegex matches.
 const badPathWhy = "it has a . or .. segment, a backslash or control byte, an escaped / or \\, or an escape escaped twice"
 
+// methodGuards are the header matchers a request must pass besides its
+// :method, as policy.Project.DecideRequest decides: where r has methods,
+// each method-override header is missing or names one of them (servers
+// act on it, upper-cased); where r injects, neither :method nor an
+// override is TRACE or TRACK (the answer echoes the request, credentials
+// included).
+func methodGuards(r policy.RequestRule) []M {
+	var out []M
+	if len(r.Methods) > 0 {
+		quoted := make([]string, len(r.Methods))
+		for i, m := range r.Methods {
+			quoted[i] = regexp.QuoteMeta(m)
+		}
+		for _, h := range policy.MethodOverrideHeaders {
+			out = append(out, M{"name": strings.ToLower(h), "treat_missing_header_as_empty": true,
+				"string_match": M{"safe_regex": M{"regex": `(?i)\s*(` + strings.Join(quoted, "|") + `)?\s*`}}})
+		}
+	}
+	if len(r.Inject) > 0 {
+		out = append(out, M{"name": ":method", "invert_match": true, "string_match": M{"safe_regex": M{"regex": "TRACE|TRACK"}}})
+		for _, h := range policy.MethodOverrideHeaders {
+			out = append(out, M{"name": strings.ToLower(h), "treat_missing_header_as_empty": true, "invert_match": true,
+				"string_match": M{"safe_regex": M{"regex": `(?i).*TRAC[EK].*`}}})
+		}
+	}
+	return out
+}
+
 // sdsRef refers to secret name: over ADS, or among the bootstrap's static
 // secrets (the standalone bootstrap).
 func sdsRef(o Settings, name string) M {
@@ -63,26 +94,31 @@ func sdsRef(o Settings, name string) M {
 	return M{"name": name, "sds_config": M{"ads": M{}, "resource_api_version": "V3"}}
 }
 
-// terminates reports whether some project has an https name to terminate.
-func terminates(pol *policy.Policy) bool {
+// terminating returns the projects with an https name to terminate.
+func terminating(pol *policy.Policy) []*policy.Project {
+	var out []*policy.Project
 	for _, p := range pol.Projects() {
 		for _, v := range p.Ports() {
 			if len(v.HTTPS) > 0 {
-				return true
+				out = append(out, p)
+				break
 			}
 		}
 	}
-	return false
+	return out
 }
+
+// httpsClusterName is the terminating cluster of project.
+func httpsClusterName(project string) string { return ClusterHTTPS + "/" + project }
 
 // httpsCluster is the forward proxy's TLS cluster for terminated requests:
 // the upstream is the request's Host (the chain's name, rewritten
 // literally), its SNI and the certificate's expected name are that Host
 // (auto_sni, auto_san_validation), its roots the host's plus
 // upstream_ca_file; HTTP/2 or HTTP/1.1 by ALPN.
-func httpsCluster(o Settings) M {
+func httpsCluster(o Settings, project string) M {
 	return M{
-		"name":                 ClusterHTTPS,
+		"name":                 httpsClusterName(project),
 		"connect_timeout":      "10s",
 		"lb_policy":            "CLUSTER_PROVIDED",
 		"upstream_bind_config": markedBind(o.UpstreamMark),
@@ -173,7 +209,7 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 		allow := func(match M) M {
 			return M{"match": match,
 				"metadata":                M{"filter_metadata": M{verdictNamespace: M{"verdict": "allow", "rule": r.Rule}}},
-				"route":                   M{"cluster": ClusterHTTPS, "timeout": "0s"},
+				"route":                   M{"cluster": httpsClusterName(p.Name), "timeout": "0s"},
 				"typed_per_filter_config": perFilter}
 		}
 		var why []string
@@ -192,7 +228,7 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 					"direct_response": M{"status": 502, "body": M{"inline_string": fmt.Sprintf("vmegress: project %s: %s\n", p.Name, reason)}}}
 			}
 		}
-		headers := methodsHeader(r.Methods)
+		headers := append(methodsHeader(r.Methods), methodGuards(r)...)
 		if len(r.Paths) == 0 {
 			routes = append(routes, allow(M{"prefix": "/", "headers": headers}))
 			continue

@@ -103,6 +103,52 @@ func TestHTTPSRendered(t *testing.T) {
 	}
 }
 
+// TestHTTPSClusterPerProject: two projects terminating the same name get a
+// cluster each, so an upstream connection that carried one project's
+// injected credential is never pooled for another project's requests.
+func TestHTTPSClusterPerProject(t *testing.T) {
+	pol := mustPolicy(t, `projects:
+  alpha:
+    subnet: 172.31.0.0/30
+    allow:
+      - https: api.example.com
+        inject: {Authorization: "Bearer ${secret:apikey}"}
+  gamma:
+    subnet: 172.31.0.8/30
+    allow:
+      - https: api.example.com
+  delta:
+    subnet: 172.31.0.12/30
+    allow:
+      - sni: api.example.com
+`)
+	o := termOptions(t)
+	var names []string
+	for _, c := range clusters(pol, o) {
+		if n := c["name"].(string); strings.HasPrefix(n, ClusterHTTPS) {
+			names = append(names, n)
+		}
+	}
+	if want := []string{ClusterHTTPS + "/alpha", ClusterHTTPS + "/gamma"}; strings.Join(names, " ") != strings.Join(want, " ") {
+		t.Errorf("terminating clusters %v; want %v", names, want)
+	}
+	js := string(JSON(Listener(pol, o)))
+	for _, p := range []string{"alpha", "gamma"} {
+		if n := strings.Count(js, `"cluster": "`+ClusterHTTPS+"/"+p+`"`); n != 1 {
+			t.Errorf("%s: %d routes to its own cluster; want 1", p, n)
+		}
+	}
+	if n := strings.Count(js, `"cluster": "`+ClusterHTTPS+`"`); n != 0 {
+		t.Errorf("%d routes to a cluster shared by every project", n)
+	}
+	nettest.Privileged(t, "envoy")
+	path := filepath.Join(t.TempDir(), "https.json")
+	os.WriteFile(path, JSON(Bootstrap(pol, o)), 0o600)
+	if out, err := exec.Command("envoy", "--mode", "validate", "-c", path).CombinedOutput(); err != nil {
+		t.Errorf("envoy --mode validate: %v\n%s", err, out)
+	}
+}
+
 // TestHTTPSNeedsCA: without a CA the resources are refused; with a
 // secret that cannot be read, the routes of the rule injecting it answer
 // 502 naming the header (never forward without it) and nothing is served

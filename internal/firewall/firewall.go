@@ -59,12 +59,10 @@ type SSHForward struct {
 	GuestIP  netip.Addr
 }
 
-// FromConfig returns the desired state for cfg with no projects placed.
-func FromConfig(cfg *config.Config) State { return Desired(cfg, nil) }
-
 // Desired returns the desired state for cfg and the projects placed by
-// `net up` (st may be nil).
-func Desired(cfg *config.Config, st *state.State) State {
+// `net up` (st may be nil), each guest's kernel part taken from pol, cfg
+// compiled (the one decider: nothing here weighs a rule).
+func Desired(cfg *config.Config, st *state.State, pol *policy.Policy) State {
 	s := State{
 		VMCIDR:          cfg.VMCIDR,
 		GuestInterfaces: append([]string(nil), cfg.GuestInterfaces...),
@@ -93,11 +91,11 @@ func Desired(cfg *config.Config, st *state.State) State {
 				continue
 			}
 		}
-		k, err := policy.KernelOf(*cp)
-		if err != nil {
-			// The engine compiles every project before it gets here; should
-			// one not compile, its guest gets nothing but resets.
-			k = policy.Kernel{}
+		// pol is cfg compiled, so it holds every project; should one be
+		// missing all the same, its guest gets nothing but resets.
+		var k policy.Kernel
+		if pr := pol.Project(cp.Name); pr != nil {
+			k = pr.Kernel()
 		}
 		s.Guests = append(s.Guests, Guest{Addr: cp.Subnet.Masked().Addr().Next().Next(), TAP: taps[cp.Name], Kernel: k})
 	}

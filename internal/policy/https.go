@@ -111,7 +111,23 @@ type Request struct {
 	// Path is the request's decoded path (URL.Path), EscapedPath its form
 	// on the wire (URL.EscapedPath).
 	Path, EscapedPath string
+	// MethodOverrides are the values of the request's method-override
+	// headers (MethodOverrideHeaders): a server that honours them acts
+	// on that method, so a rule allows the request only if it allows
+	// each of them too.
+	MethodOverrides []string
 }
+
+// MethodOverrideHeaders are the headers by which servers (Google's APIs,
+// Rails, Express's method-override, ASP.NET, Symfony...) let a request
+// say its method is another than its request line's.
+var MethodOverrideHeaders = []string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+
+// echoMethods answer with the request they got, headers included (RFC
+// 9110 9.3.8: a client must not send credentials in TRACE): a rule's
+// inject headers are never set on them, so they are never allowed by an
+// injecting rule.
+var echoMethods = []string{"TRACE", "TRACK"}
 
 // RequestDecision is the verdict on one request and, when allowed, the
 // headers to set on it (templates; ${secret:NAME} is expanded by the data
@@ -169,13 +185,31 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 			closest, why = level, reason
 		}
 	}
+	// The methods a server may act on: the request line's, and those the
+	// override headers name (servers upper-case them).
+	methods := []string{q.Method}
+	for _, m := range q.MethodOverrides {
+		if m = strings.ToUpper(strings.TrimSpace(m)); m != "" {
+			methods = append(methods, m)
+		}
+	}
 	for _, r := range rules {
 		if !slices.Contains(r.ports, q.Port) || !nameMatches(r.pattern, norm) {
 			continue
 		}
+		notAllowed := func(m string) bool { return !slices.Contains(r.methods, m) }
+		echo := func(m string) bool { return slices.Contains(echoMethods, m) }
 		switch {
-		case len(r.methods) > 0 && !slices.Contains(r.methods, q.Method):
+		case len(r.methods) > 0 && notAllowed(q.Method):
 			miss(1, fmt.Sprintf("method %s not allowed for %s", q.Method, norm))
+			continue
+		case len(r.methods) > 0 && slices.ContainsFunc(methods, notAllowed):
+			m := methods[slices.IndexFunc(methods, notAllowed)]
+			miss(1, fmt.Sprintf("method %s (by a method-override header) not allowed for %s", m, norm))
+			continue
+		case len(r.inject) > 0 && slices.ContainsFunc(methods, echo):
+			m := methods[slices.IndexFunc(methods, echo)]
+			miss(1, fmt.Sprintf("method %s echoes the request: never sent with injected headers (%s)", m, norm))
 			continue
 		case len(r.paths) > 0 && !pathOK:
 			miss(2, fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy))

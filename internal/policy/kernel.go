@@ -52,9 +52,13 @@ type KernelFlow struct {
 	Rule string
 }
 
-// Kernel returns what the ruleset does for the project's guest. IPv6 ranges
-// are left out: guests' IPv6 never leaves the host.
-func (pr *Project) Kernel() Kernel {
+// Kernel returns what the ruleset does for the project's guest, computed
+// once when the project was compiled (its slices are shared: read only).
+func (pr *Project) Kernel() Kernel { return pr.kernel }
+
+// buildKernel derives Kernel from the compiled rules. IPv6 ranges are left
+// out: guests' IPv6 never leaves the host.
+func (pr *Project) buildKernel() Kernel {
 	if pr.Audit {
 		return Kernel{Audit: true}
 	}
@@ -123,15 +127,6 @@ func (pr *Project) TCPDenies(name string) (rule string, ports []uint16, ok bool)
 		ports = slices.Compact(ports)
 	}
 	return rule, ports, true
-}
-
-// KernelOf compiles one config project and returns its Kernel.
-func KernelOf(cp config.Project) (Kernel, error) {
-	pr, err := CompileProject(cp)
-	if err != nil {
-		return Kernel{}, err
-	}
-	return pr.Kernel(), nil
 }
 
 // Decide decides dst for the project's guest the way the ruleset built from Kernel does:

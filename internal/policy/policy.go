@@ -107,6 +107,8 @@ type Project struct {
 	denyCIDRs                  []cidrRule
 	// req are the https rules and the request rules of http rules (https.go).
 	req requestRules
+	// kernel is Kernel(), derived once at compile.
+	kernel Kernel
 }
 
 type cidrRule struct {
@@ -194,6 +196,7 @@ func CompileProject(cp config.Project) (*Project, error) {
 		}
 		pr.Subnet = cp.Subnet.Masked()
 	}
+	pr.kernel = pr.buildKernel()
 	return pr, nil
 }
 
@@ -268,7 +271,12 @@ func (p *Policy) ProjectFor(src netip.Addr) *Project {
 }
 
 // Project returns the named project (placed or not), or nil.
-func (p *Policy) Project(name string) *Project { return p.byName[name] }
+func (p *Policy) Project(name string) *Project {
+	if p == nil {
+		return nil
+	}
+	return p.byName[name]
+}
 
 // Projects returns the placed projects sorted by name.
 func (p *Policy) Projects() []*Project {

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"errors"
+	"net"
 	"net/http"
 	"net/netip"
 	"sync"
@@ -34,9 +36,72 @@ type poolKey struct {
 	tls     bool
 }
 
+// upstream is a transport and the connections it dialled: closing it
+// closes them all. http.Transport.CloseIdleConnections alone is not
+// enough: an HTTP/2 connection whose last stream the transport has not yet
+// forgotten (its stream is cleaned up on another goroutine after the body's
+// EOF) is not idle at that moment, and would stay open for the idle
+// timeout after its key was retired. close is only called when no guest
+// connection uses the transport, so no request is cut.
+type upstream struct {
+	*http.Transport
+	mu     sync.Mutex
+	conns  map[*trackedConn]struct{}
+	closed bool
+}
+
+// trackedConn leaves its upstream's set when it closes.
+type trackedConn struct {
+	net.Conn
+	u    *upstream
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.u.mu.Lock()
+		delete(c.u.conns, c)
+		c.u.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// errUpstreamClosed: a dial finished after its upstream was closed.
+var errUpstreamClosed = errors.New("the upstream connections of this key were closed")
+
+// track records c (dialled by u's transport).
+func (u *upstream) track(c net.Conn) (net.Conn, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		c.Close()
+		return nil, errUpstreamClosed
+	}
+	if u.conns == nil {
+		u.conns = map[*trackedConn]struct{}{}
+	}
+	tc := &trackedConn{Conn: c, u: u}
+	u.conns[tc] = struct{}{}
+	return tc, nil
+}
+
+// close closes the transport's idle connections and every other it
+// dialled; later dials fail.
+func (u *upstream) close() {
+	u.CloseIdleConnections()
+	u.mu.Lock()
+	u.closed = true
+	conns := u.conns
+	u.conns = nil
+	u.mu.Unlock()
+	for c := range conns {
+		c.Conn.Close()
+	}
+}
+
 // poolEntry is the transport of one key and who is using it.
 type poolEntry struct {
-	tr *http.Transport
+	tr *upstream
 	// pr is the project's compiled policy the entry was made under: a
 	// policy change that replaces it (with on_policy_change: drop) or
 	// removes the project retires the entry.
@@ -57,13 +122,13 @@ type termPool struct {
 
 // get returns the transport for k under pr (made by mk when the pool has
 // none) and the function to call when the guest connection is done with it.
-func (tp *termPool) get(k poolKey, pr *policy.Project, now time.Time, mk func() *http.Transport) (*http.Transport, func(time.Time)) {
+func (tp *termPool) get(k poolKey, pr *policy.Project, now time.Time, mk func() *upstream) (*http.Transport, func(time.Time)) {
 	tp.mu.Lock()
-	var closing []*http.Transport
+	var closing []*upstream
 	defer func() {
 		tp.mu.Unlock()
-		for _, tr := range closing {
-			tr.CloseIdleConnections()
+		for _, u := range closing {
+			u.close()
 		}
 	}()
 	if tp.m == nil {
@@ -89,33 +154,33 @@ func (tp *termPool) get(k poolKey, pr *policy.Project, now time.Time, mk func() 
 	}
 	e.users++
 	e.lastUse = now
-	return e.tr, func(now time.Time) {
+	return e.tr.Transport, func(now time.Time) {
 		tp.mu.Lock()
 		e.users--
 		e.lastUse = now
 		done := e.retired && e.users == 0
 		tp.mu.Unlock()
 		if done {
-			e.tr.CloseIdleConnections()
+			e.tr.close()
 		}
 	}
 }
 
 // retire takes e out of the pool (under mu) and returns its transport when
 // it is to be closed now (nobody is using it).
-func (tp *termPool) retire(k poolKey, e *poolEntry) []*http.Transport {
+func (tp *termPool) retire(k poolKey, e *poolEntry) []*upstream {
 	delete(tp.m, k)
 	e.retired = true
 	if e.users == 0 {
-		return []*http.Transport{e.tr}
+		return []*upstream{e.tr}
 	}
 	return nil
 }
 
 // evict makes room (under mu): keys unused for poolIdleTimeout go, and if
 // none did, the least recently used key nobody is using.
-func (tp *termPool) evict(now time.Time) []*http.Transport {
-	var closing []*http.Transport
+func (tp *termPool) evict(now time.Time) []*upstream {
+	var closing []*upstream
 	var lru poolKey
 	var lruE *poolEntry
 	for k, e := range tp.m {
@@ -141,7 +206,7 @@ func (tp *termPool) evict(now time.Time) []*http.Transport {
 // connections close now, the ones in use when their guest connections end.
 func (tp *termPool) policyChanged(pol *policy.Policy, drop bool) {
 	tp.mu.Lock()
-	var closing []*http.Transport
+	var closing []*upstream
 	for k, e := range tp.m {
 		np := pol.Project(k.project)
 		if np == nil || (drop && np != e.pr) {
@@ -149,21 +214,21 @@ func (tp *termPool) policyChanged(pol *policy.Policy, drop bool) {
 		}
 	}
 	tp.mu.Unlock()
-	for _, tr := range closing {
-		tr.CloseIdleConnections()
+	for _, u := range closing {
+		u.close()
 	}
 }
 
 // closeAll retires every key (the proxy is stopping).
 func (tp *termPool) closeAll() {
 	tp.mu.Lock()
-	var closing []*http.Transport
+	var closing []*upstream
 	for k, e := range tp.m { // deleting while ranging is allowed
 		closing = append(closing, tp.retire(k, e)...)
 	}
 	tp.mu.Unlock()
-	for _, tr := range closing {
-		tr.CloseIdleConnections()
+	for _, u := range closing {
+		u.close()
 	}
 }
 

@@ -99,6 +99,8 @@ type Proxy struct {
 	parked    atomic.Pointer[parking]
 	// pool keeps terminated connections' upstream connections (pool.go).
 	pool termPool
+	// term serves terminated connections (terminate.go).
+	term termServers
 
 	wg    sync.WaitGroup
 	mu    sync.Mutex
@@ -584,8 +586,7 @@ func (p *Proxy) handle(ctx context.Context, pk *parking, c *net.TCPConn, e *entr
 	}
 	if p.terminates(pr, e, inspect) {
 		// Each request is decided and forwarded on its own (terminate.go).
-		p.serveTerminated(ctx, c, e, prefix, target)
-		return false
+		return p.serveTerminated(ctx, c, e, prefix, target, release)
 	}
 	dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
 	up, err := p.dial(dctx, target.String())

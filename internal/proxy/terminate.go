@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -63,36 +62,27 @@ func (p *Proxy) terminates(pr *policy.Project, e *entry, inspect policy.Inspect)
 // of the vmegress CA for the server name, and forwards over TLS verified
 // against UpstreamRoots; for plain HTTP it forwards in plain HTTP. Upstream
 // connections go to target with the proxy's dialer, made only when a first
-// request is allowed. It returns when the connection is over, after
-// logging it.
-func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, prefix []byte, target netip.AddrPort) {
+// request is allowed.
+//
+// When the handshake fails it logs the connection and returns false (the
+// caller releases it). Otherwise it hands the connection to the proxy's
+// one HTTP server for terminated connections (termServer) and returns true
+// at once: the handler's goroutine, whose stack grew in the handshake,
+// ends, and the connection lives on the server's goroutine for it alone.
+// When the connection is over, release is called after it was logged.
+func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, prefix []byte, target netip.AddrPort, release func()) (detached bool) {
 	t := p.Termination
 	if t == nil {
 		e.d.Verdict, e.d.Reason = verdictError, "the rule reads requests but TLS termination is not set up in this data plane"
 		p.refuse(c, e, refuseReset)
-		return
+		return false
 	}
-	guest := &countedConn{Conn: c, r: io.MultiReader(bytes.NewReader(prefix), c)}
-	var conn net.Conn = guest
 	tlsMode := e.kind == policy.KindTLS
 	name := dnsName(e.name)
+	guest := &countedConn{Conn: c, prefix: prefix, name: name}
+	var conn net.Conn = guest
 	if tlsMode {
-		tc := tls.Server(guest, &tls.Config{
-			MinVersion: tls.VersionTLS12,
-			// The guest is on this host's TAP, never on a network where
-			// its traffic could be recorded for later decryption: the
-			// classical groups (what Envoy offers by default), not
-			// X25519MLKEM768, whose key exchange costs as much as the
-			// rest of the handshake. Upstream keeps Go's defaults.
-			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
-			NextProtos:       []string{"h2", "http/1.1"},
-			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-				if dnsName(hello.ServerName) != name {
-					return nil, fmt.Errorf("server name %q is not the one decided (%q)", hello.ServerName, name)
-				}
-				return t.Leaf(name)
-			},
-		})
+		tc := tls.Server(guest, p.guestTLS())
 		hctx, cancel := context.WithTimeout(ctx, p.helloTimeout())
 		err := tc.HandshakeContext(hctx)
 		cancel()
@@ -102,7 +92,7 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 			e.d.Verdict, e.d.Reason = verdictError, fmt.Sprintf("TLS handshake with the guest failed (does the guest trust the vmegress CA? `vmegress ca cert`): %v", err)
 			c.Close()
 			p.logEntry(e)
-			return
+			return false
 		}
 		conn = tc
 	}
@@ -115,60 +105,268 @@ func (p *Proxy) serveTerminated(ctx context.Context, c *net.TCPConn, e *entry, p
 	// and name (pool.go): another guest connection of the project to the
 	// same name may reuse them, nobody else.
 	var tr *http.Transport
-	mk := func() *http.Transport { return p.termTransport(t, name, target, tlsMode) }
+	var poolRelease func(time.Time)
+	mk := func() *upstream { return p.termTransport(t, name, target, tlsMode) }
 	if pr := p.policy.Load().Project(e.d.Project); pr != nil {
-		var release func(time.Time)
-		tr, release = p.pool.get(poolKey{project: pr.Name, target: target, name: name, tls: tlsMode}, pr, p.now(), mk)
-		defer func() { release(p.now()) }()
+		tr, poolRelease = p.pool.get(poolKey{project: pr.Name, target: target, name: name, tls: tlsMode}, pr, p.now(), mk)
 	} else {
-		tr = mk() // the project went meanwhile: used for this connection only
-		defer tr.CloseIdleConnections()
+		u := mk() // the project went meanwhile: used for this connection only
+		tr, poolRelease = u.Transport, func(time.Time) { u.close() }
 	}
-	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name}
-	h.rp = &httputil.ReverseProxy{
-		Rewrite: func(r *httputil.ProxyRequest) {
-			r.Out.URL.Scheme = "http"
-			if tlsMode {
-				r.Out.URL.Scheme = "https"
+	h := &termHandler{p: p, t: t, e: e, tls: tlsMode, name: name, tr: tr}
+	h.finish = func() {
+		conn.Close()
+		e.up, e.down = guest.in.Load(), guest.out.Load()
+		poolRelease(p.now())
+		p.logEntry(e)
+		release()
+		p.track(c, nil)
+		p.wg.Done()
+	}
+	p.wg.Add(1) // done in finish: Serve waits for the connection
+	p.termServer(ctx).serve(conn, h)
+	return true
+}
+
+// termServers holds the proxy's HTTP server for terminated connections
+// and the guest-facing TLS configuration they share.
+type termServers struct {
+	mu  sync.Mutex
+	cur *termServer
+
+	tlsOnce sync.Once
+	tls     *tls.Config
+}
+
+// sessionNameTag marks a TLS session with the server name it was made
+// for (SessionState.Extra).
+const sessionNameTag = "vmegress-server-name="
+
+// guestTLS is the TLS configuration the guest's handshakes are answered
+// with, one for all terminated connections: the certificate for the name
+// the connection was decided for (a ClientHello naming another is refused),
+// and session tickets under keys of its own, so a guest that resumes skips
+// the certificate and key exchange. A session resumes only for the server
+// name it was made for: the name is sealed in the ticket and compared.
+func (p *Proxy) guestTLS() *tls.Config {
+	p.term.tlsOnce.Do(func() {
+		cfg := &tls.Config{
+			MinVersion: tls.VersionTLS12,
+			// The guest is on this host's TAP, never on a network where
+			// its traffic could be recorded for later decryption: the
+			// classical groups (what Envoy offers by default), not
+			// X25519MLKEM768, whose key exchange costs as much as the
+			// rest of the handshake. Upstream keeps Go's defaults.
+			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
+			NextProtos:       []string{"h2", "http/1.1"},
+		}
+		// Called for every ClientHello, resumed or not.
+		cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			gc, ok := hello.Conn.(*countedConn)
+			if !ok || dnsName(hello.ServerName) != gc.name {
+				return nil, fmt.Errorf("server name %q is not the one decided", hello.ServerName)
 			}
-			r.Out.URL.Host = name
-			r.Out.Host = r.In.Host // checked: the connection's name
-		},
-		Transport:     tr,
-		FlushInterval: -1, // stream (server-sent events, long polls)
-		ErrorLog:      log.New(io.Discard, "", 0),
-		ErrorHandler:  h.upstreamError,
+			return nil, nil // cfg itself
+		}
+		cfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return p.Termination.Leaf(dnsName(hello.ServerName)) // checked above
+		}
+		cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+			ss.Extra = append(ss.Extra, []byte(sessionNameTag+dnsName(cs.ServerName)))
+			return cfg.EncryptTicket(cs, ss)
+		}
+		cfg.UnwrapSession = func(ticket []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+			ss, err := cfg.DecryptTicket(ticket, cs)
+			if err != nil || ss == nil {
+				return nil, err
+			}
+			want := sessionNameTag + dnsName(cs.ServerName)
+			for _, x := range ss.Extra {
+				if string(x) == want {
+					return ss, nil
+				}
+			}
+			return nil, nil // another name's session: a full handshake
+		}
+		p.term.tls = cfg
+	})
+	return p.term.tls
+}
+
+// termServer is one http.Server (HTTP/1.1, and HTTP/2 by ALPN) serving
+// every terminated connection of a Proxy.Serve: a connection costs the
+// server's goroutine for it and its buffers, not a server, a reverse proxy
+// and a goroutine of its own. Connections are handed to it through a
+// listener; each one's handler state is found by the connection.
+type termServer struct {
+	srv   *http.Server
+	rp    *httputil.ReverseProxy
+	ln    *chanListener
+	conns sync.Map // net.Conn as handed to srv → *termHandler
+}
+
+// termHandlerKey carries a connection's *termHandler in its context.
+type termHandlerKey struct{}
+
+// termServer returns the running server for terminated connections,
+// starting one (stopped when ctx is done) if there is none.
+func (p *Proxy) termServer(ctx context.Context) *termServer {
+	p.term.mu.Lock()
+	defer p.term.mu.Unlock()
+	if s := p.term.cur; s != nil && !s.ln.isClosed() {
+		return s
 	}
-	ln := &oneConnListener{c: conn, closed: make(chan struct{})}
-	srv := &http.Server{
-		Handler:           h,
+	s := &termServer{ln: newChanListener()}
+	s.srv = &http.Server{
+		Handler:           http.HandlerFunc(serveTermRequest),
 		ReadHeaderTimeout: termHeaderTimeout,
 		IdleTimeout:       termIdleTimeout,
 		MaxHeaderBytes:    termMaxHeaderBytes,
 		ErrorLog:          log.New(io.Discard, "", 0),
-		ConnState: func(_ net.Conn, s http.ConnState) {
-			if s == http.StateClosed || s == http.StateHijacked {
-				ln.Close() // Serve returns: its one connection is over
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			h, _ := s.conns.Load(c)
+			return context.WithValue(ctx, termHandlerKey{}, h)
+		},
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st != http.StateClosed && st != http.StateHijacked {
+				return
+			}
+			if h, ok := s.conns.LoadAndDelete(c); ok {
+				h.(*termHandler).serverDone()
 			}
 		},
 	}
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	// Served on this goroutine (one goroutine less per open connection):
-	// Serve returns when the connection closed or was hijacked.
-	srv.Serve(ln)
-	stop()
-	h.wg.Wait() // a hijacked (upgraded) exchange ends in its handler
-	conn.Close()
-	e.up, e.down = guest.in.Load(), guest.out.Load()
-	p.logEntry(e)
+	s.rp = &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			h := handlerOf(r.In)
+			r.Out.URL.Scheme = "http"
+			if h.tls {
+				r.Out.URL.Scheme = "https"
+			}
+			r.Out.URL.Host = h.name
+			r.Out.Host = r.In.Host // checked: the connection's name
+		},
+		Transport:     termRoundTripper{},
+		BufferPool:    &copyBuffers{},
+		FlushInterval: -1, // stream (server-sent events, long polls)
+		ErrorLog:      log.New(io.Discard, "", 0),
+		// w is always the statusWriter ServeHTTP was given.
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			handlerOf(r).upstreamError(w, err)
+		},
+	}
+	p.term.cur = s
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		s.srv.Serve(s.ln) // returns when the listener closes
+	}()
+	context.AfterFunc(ctx, s.ln.close)
+	return s
 }
+
+// handlerOf is the termHandler of a request's connection (the server's
+// ConnContext put it there; every connection is stored before it is handed
+// to the server).
+func handlerOf(r *http.Request) *termHandler {
+	return r.Context().Value(termHandlerKey{}).(*termHandler)
+}
+
+// copyBufferSize is the reverse proxy's body copy buffer (its default).
+const copyBufferSize = 32 << 10
+
+// copyBuffers lends the reverse proxy its body copy buffers: without it,
+// it allocates one per request, most of a request's garbage.
+type copyBuffers struct{ p sync.Pool }
+
+func (b *copyBuffers) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (b *copyBuffers) Put(buf []byte) {
+	if cap(buf) == copyBufferSize {
+		buf = buf[:copyBufferSize]
+		b.p.Put(&buf)
+	}
+}
+
+// termRoundTripper sends a request on its connection's pooled transport.
+type termRoundTripper struct{}
+
+func (termRoundTripper) RoundTrip(r *http.Request) (*http.Response, error) {
+	return handlerOf(r).tr.RoundTrip(r)
+}
+
+// serve hands c to the server; h's finish runs when it is over.
+func (s *termServer) serve(c net.Conn, h *termHandler) {
+	h.rp = s.rp
+	s.conns.Store(c, h)
+	if !s.ln.push(c) {
+		// The proxy is stopping: the server takes no more connections.
+		s.conns.Delete(c)
+		h.serverDone()
+	}
+}
+
+// serveTermRequest is the terminated connections' handler: it finds the
+// connection's termHandler in the request's context.
+func serveTermRequest(w http.ResponseWriter, r *http.Request) { handlerOf(r).ServeHTTP(w, r) }
+
+// chanListener hands out the connections pushed to it until closed.
+type chanListener struct {
+	ch     chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newChanListener() *chanListener {
+	return &chanListener{ch: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+// push hands c to Accept; false once the listener is closed.
+func (l *chanListener) push(c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.closed:
+		return false
+	}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) close() { l.once.Do(func() { close(l.closed) }) }
+
+func (l *chanListener) isClosed() bool {
+	select {
+	case <-l.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+func (l *chanListener) Close() error { l.close(); return nil }
+
+func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{} }
 
 // termTransport is the upstream side of the terminated connections of one
 // pool key: every connection it makes goes to target through the proxy's
 // dialer (the upstream mark), and TLS is verified for name against the
 // roots. It keeps at most poolMaxIdlePerKey idle connections, each for at
 // most poolIdleTimeout.
-func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *http.Transport {
+func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort, tlsMode bool) *upstream {
+	u := &upstream{}
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
 		dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
 		defer cancel()
@@ -176,7 +374,7 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 		if err != nil {
 			return nil, fmt.Errorf("dialing upstream %s: %w", target, err)
 		}
-		return c, nil
+		return u.track(c)
 	}
 	tr := &http.Transport{
 		Proxy:               nil, // never an environment proxy
@@ -197,26 +395,68 @@ func (p *Proxy) termTransport(t *Termination, name string, target netip.AddrPort
 			MinVersion: tls.VersionTLS12,
 		}
 	}
-	return tr
+	u.Transport = tr
+	return u
 }
 
-// termHandler decides and forwards each request of a terminated connection.
+// termHandler decides and forwards each request of one terminated
+// connection, and finishes the connection once the server is done with it
+// and no request of it is being handled (an upgraded exchange goes on in
+// its handler after the server let go of the connection).
 type termHandler struct {
 	p    *Proxy
 	t    *Termination
 	e    *entry
 	tls  bool
 	name string
-	rp   *httputil.ReverseProxy
-	wg   sync.WaitGroup
+	tr   *http.Transport
+	rp   *httputil.ReverseProxy // the server's
+	// finish closes, logs and releases the connection; run once.
+	finish func()
+
+	mu       sync.Mutex
+	handlers int  // requests being handled
+	over     bool // the server closed the connection or let go of it
+	finished bool
 }
 
-// ctxKey carries a request's log line to the upstream error handler.
-type ctxKey struct{}
+// enter and leave bracket a request's handling.
+func (h *termHandler) enter() {
+	h.mu.Lock()
+	h.handlers++
+	h.mu.Unlock()
+}
+
+func (h *termHandler) leave() {
+	h.mu.Lock()
+	h.handlers--
+	h.mu.Unlock()
+	h.maybeFinish()
+}
+
+// serverDone: the server closed the connection or let go of it (hijack).
+func (h *termHandler) serverDone() {
+	h.mu.Lock()
+	h.over = true
+	h.mu.Unlock()
+	h.maybeFinish()
+}
+
+func (h *termHandler) maybeFinish() {
+	h.mu.Lock()
+	done := h.over && h.handlers == 0 && !h.finished
+	if done {
+		h.finished = true
+	}
+	h.mu.Unlock()
+	if done {
+		h.finish()
+	}
+}
 
 func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	h.wg.Add(1)
-	defer h.wg.Done()
+	h.enter()
+	defer h.leave()
 	start := h.p.now()
 	rl := &requestLine{method: r.Method, host: r.Host, path: r.URL.Path}
 	kind := policy.KindHTTP
@@ -232,7 +472,7 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rl.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Reason: "CONNECT is never forwarded to an origin server"}
 	default:
 		rd := pr.DecideRequest(policy.Request{Kind: kind, Name: h.name, Port: h.e.dst.Port(), Host: r.Host,
-			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath()})
+			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath(), MethodOverrides: methodOverrides(r.Header)})
 		rl.d = rd.Decision
 		if rl.d.Verdict != policy.Allow && pr.Audit {
 			rl.d.Verdict = WouldDeny // forwarded as is, nothing injected
@@ -255,8 +495,8 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	dropProtocolSwitch(r.Header)
-	sw := &statusWriter{ResponseWriter: w}
-	h.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), ctxKey{}, rl)))
+	sw := &statusWriter{ResponseWriter: w, rl: rl}
+	h.rp.ServeHTTP(sw, r)
 	if rl.status == 0 {
 		rl.status = sw.status
 	}
@@ -287,8 +527,9 @@ func (h *termHandler) inject(r *http.Request, hs []config.Header) error {
 	return nil
 }
 
-func (h *termHandler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
-	if rl, ok := r.Context().Value(ctxKey{}).(*requestLine); ok {
+func (h *termHandler) upstreamError(w http.ResponseWriter, err error) {
+	if sw, ok := w.(*statusWriter); ok {
+		rl := sw.rl
 		rl.d.Verdict, rl.d.Reason, rl.status = verdictError, "upstream: "+err.Error(), http.StatusBadGateway
 	}
 	if errors.Is(err, context.Canceled) {
@@ -327,6 +568,15 @@ func (h *termHandler) log(rl *requestLine, start time.Time) {
 	)
 }
 
+// methodOverrides returns the values of r's method-override headers.
+func methodOverrides(hd http.Header) []string {
+	var out []string
+	for _, k := range policy.MethodOverrideHeaders {
+		out = append(out, hd.Values(k)...)
+	}
+	return out
+}
+
 // dropProtocolSwitch removes an Upgrade to anything but WebSocket (h2c,
 // HTTP/x): after such a switch the streams would go unchecked.
 func dropProtocolSwitch(hd http.Header) {
@@ -348,9 +598,11 @@ func writeText(w http.ResponseWriter, status int, body string) {
 	io.WriteString(w, body)
 }
 
-// statusWriter records the status the reverse proxy answered with.
+// statusWriter records the status the reverse proxy answered with, and
+// carries the request's log line to the upstream error handler.
 type statusWriter struct {
 	http.ResponseWriter
+	rl     *requestLine
 	status int
 }
 
@@ -371,16 +623,27 @@ func (s *statusWriter) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach Flush and Hijack.
 func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
-// countedConn is the guest's connection: reads come from r (the bytes
-// already peeked, then the socket), and bytes each way are counted.
+// countedConn is the guest's connection: reads come from prefix (the bytes
+// already peeked, let go of once read), then the socket, and bytes each way
+// are counted.
 type countedConn struct {
 	net.Conn
-	r       io.Reader
+	prefix  []byte
+	name    string // the server name the connection was decided for
 	in, out atomic.Int64
 }
 
 func (c *countedConn) Read(b []byte) (int, error) {
-	n, err := c.r.Read(b)
+	var n int
+	var err error
+	if len(c.prefix) > 0 {
+		n = copy(b, c.prefix)
+		if c.prefix = c.prefix[n:]; len(c.prefix) == 0 {
+			c.prefix = nil
+		}
+	} else {
+		n, err = c.Conn.Read(b)
+	}
 	c.in.Add(int64(n))
 	return n, err
 }
@@ -390,30 +653,3 @@ func (c *countedConn) Write(b []byte) (int, error) {
 	c.out.Add(int64(n))
 	return n, err
 }
-
-// oneConnListener hands out one connection, then blocks until closed.
-type oneConnListener struct {
-	mu     sync.Mutex
-	c      net.Conn
-	closed chan struct{}
-	once   sync.Once
-}
-
-func (l *oneConnListener) Accept() (net.Conn, error) {
-	l.mu.Lock()
-	c := l.c
-	l.c = nil
-	l.mu.Unlock()
-	if c != nil {
-		return c, nil
-	}
-	<-l.closed
-	return nil, net.ErrClosed
-}
-
-func (l *oneConnListener) Close() error {
-	l.once.Do(func() { close(l.closed) })
-	return nil
-}
-
-func (l *oneConnListener) Addr() net.Addr { return &net.TCPAddr{} }

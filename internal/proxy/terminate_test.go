@@ -35,7 +35,7 @@ func (o *echoOrigin) requests() []*http.Request {
 	return append([]*http.Request(nil), o.reqs...)
 }
 
-func startEchoOrigin(t *testing.T, cert *tls.Certificate) *echoOrigin {
+func startEchoOrigin(t testing.TB, cert *tls.Certificate) *echoOrigin {
 	t.Helper()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
@@ -70,6 +70,8 @@ const termRules = `      - https: api.example.com
         ports: [%[1]d]
         methods: [POST]
         paths: [/v1/chat]
+      - https: other.example.com
+        ports: [%[1]d]
 `
 
 const secretValue = "s3cr3t-Value-42"
@@ -98,7 +100,7 @@ func (l lockedWriter) Write(b []byte) (int, error) {
 // startTermWorld runs a proxy terminating for api.example.com in front of
 // an echo origin; trustOrigin says whether the proxy's upstream roots hold
 // the origin's CA.
-func startTermWorld(t *testing.T, trustOrigin bool) termWorld {
+func startTermWorld(t testing.TB, trustOrigin bool) termWorld {
 	t.Helper()
 	ca, err := tlsca.Load(t.TempDir(), tlsca.Options{})
 	if err != nil {
@@ -249,6 +251,10 @@ func TestTerminateUntrusted(t *testing.T) {
 	if n := len(w.origin.requests()); n != 0 {
 		t.Errorf("the untrusted origin got %d requests", n)
 	}
+	if l := w.log(); !strings.Contains(l, `"msg":"request"`) || !strings.Contains(l, `"verdict":"error"`) ||
+		!strings.Contains(l, `"reason":"upstream: tls: failed to verify certificate`) || !strings.Contains(l, `"status":502`) {
+		t.Errorf("the request's log line does not say the upstream failed:\n%s", l)
+	}
 	if strings.Contains(w.log(), secretValue) {
 		t.Errorf("the access log holds the secret:\n%s", w.log())
 	}
@@ -384,5 +390,108 @@ func TestTerminateWebSocket(t *testing.T) {
 	}
 	if _, ok := upgrades.Load("/other"); ok {
 		t.Error("the refused upgrade reached the origin")
+	}
+}
+
+// anySession is a client session cache that offers its one session for
+// every name: what a guest playing tricks with tickets would do.
+type anySession struct {
+	mu sync.Mutex
+	cs *tls.ClientSessionState
+}
+
+func (a *anySession) Get(string) (*tls.ClientSessionState, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cs, a.cs != nil
+}
+
+func (a *anySession) Put(_ string, cs *tls.ClientSessionState) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if cs != nil {
+		a.cs = cs
+	}
+}
+
+// TestTerminateResumption: a guest that resumes its TLS session with the
+// proxy skips the full handshake, and a session resumes only for the
+// server name it was made for (a ticket of api.example.com offered for
+// other.example.com gets a full handshake, with other.example.com's
+// certificate).
+func TestTerminateResumption(t *testing.T) {
+	w := startTermWorld(t, true)
+	cache := &anySession{}
+	handshake := func(name string, verify bool) tls.ConnectionState {
+		t.Helper()
+		raw, err := net.Dial("tcp4", w.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer raw.Close()
+		raw.SetDeadline(time.Now().Add(10 * time.Second)) // a hang fails, not blocks
+		c := tls.Client(raw, &tls.Config{ServerName: name, RootCAs: w.guestCAs, ClientSessionCache: cache,
+			InsecureSkipVerify: !verify, NextProtos: []string{"http/1.1"}})
+		// A request, so that the session ticket (sent after the
+		// handshake in TLS 1.3) is read.
+		fmt.Fprintf(c, "GET /v1/models HTTP/1.1\r\nHost: %s\r\n\r\n", name)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return c.ConnectionState()
+	}
+	if cs := handshake("api.example.com", true); cs.DidResume {
+		t.Fatal("first connection resumed a session")
+	}
+	if cs := handshake("api.example.com", true); !cs.DidResume {
+		t.Error("second connection to the same name did not resume")
+	}
+	cs := handshake("other.example.com", false)
+	if cs.DidResume {
+		t.Error("a session of api.example.com resumed for other.example.com")
+	}
+	if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].VerifyHostname("other.example.com") != nil {
+		t.Error("other.example.com was not shown its own certificate")
+	}
+}
+
+// BenchmarkTerminateKeepAlive: requests through an https rule on one
+// kept-alive HTTP/1.1 guest connection (handshakes excluded).
+func BenchmarkTerminateKeepAlive(b *testing.B) {
+	w := startTermWorld(b, true)
+	c := w.client(w.guestCAs, false)
+	get := func() {
+		resp, err := c.Get("https://api.example.com/v1/models")
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	get() // the connection and the upstream pool are set up
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		get()
+	}
+}
+
+// BenchmarkTerminateNewConn: one request per new guest TLS connection.
+func BenchmarkTerminateNewConn(b *testing.B) {
+	w := startTermWorld(b, true)
+	c := w.client(w.guestCAs, false)
+	c.Transport.(*http.Transport).DisableKeepAlives = true
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		resp, err := c.Get("https://api.example.com/v1/models")
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
 	}
 }
