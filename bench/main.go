@@ -734,8 +734,8 @@ What limits the misses. **cidr rows**: both planes leave these flows to the kern
 so a ratio away from 1× is this shared machine's noise between back-to-back runs,
 not vmegress. **Bulk HTTPS against direct**: the builtin plane already moves bulk
 bytes with splice(2) only (the ClientHello it peeked is written upstream first, then
-each burst the socket has queued is spliced through one of the runtime's pooled
-1 MiB pipes, taken for that burst only); what it adds to the direct path is a second
+each burst is spliced through a pooled 1 MiB pipe held for that burst only, which
+keeps filling from the server while the guest's socket is full); what it adds to the direct path is a second
 and third TCP stack for every byte and a wake-up per burst, on the same two cores
 where the client's and the server's TLS encryption already run. The profile below
 says how much CPU the plane itself took during a download as long as one
@@ -743,7 +743,7 @@ measurement: its time is in splice(2) and the poller, not in user-space copies, 
 it is a fraction of one core, so the client's and server's TLS (both on the same two
 cores) set the figure more than the plane does. **Against Envoy**: Envoy copies through user-space buffers, the
 builtin plane does not, and takes less CPU per byte (read from /proc during the
-downloads: about 0.6–0.9 CPU-seconds per GB against Envoy's 0.9–1.1); with one stream
+downloads: about 0.5–0.9 CPU-seconds per GB against Envoy's 1.0); with one stream
 the figure is set by when three processes' wake-ups get the two shared cores, which
 moves both ways between runs, not by the plane's own cost. **New TLS connections**: the builtin plane parses each ClientHello with crypto/tls
 (about 11 KB and 45 allocations per hello) and spends a goroutine per handshake,

@@ -17,6 +17,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -294,8 +295,14 @@ func (h *half) run() {
 			h.done()
 			return
 		}
-		n, err := copyBurst(h.dst, h.src, avail)
-		ended := err == nil && n == 0 // the source ended between the two looks
+		var n int64
+		ended := false
+		if avail <= smallCopy {
+			n, err = copyBurst(h.dst, h.src, avail)
+			ended = err == nil && n == 0 // the source ended between the two looks
+		} else {
+			n, ended, err = spliceBurst(h.dst, h.srcRC)
+		}
 		h.n += n
 		if n > 0 {
 			moved = true
@@ -343,4 +350,136 @@ func copyBurst(dst, src *net.TCPConn, avail int) (int64, error) {
 	// TCPConn.ReadFrom splices through a pooled pipe of 1 MiB (the runtime
 	// sets F_SETPIPE_SZ), taken for this burst only.
 	return dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
+}
+
+// pipeSize is the capacity asked for the pipes bulk bytes are spliced
+// through (F_SETPIPE_SZ; the kernel caps it at fs.pipe-max-size, 1 MiB by
+// default, unless the daemon may exceed it): a burst moves up to this much
+// per pair of splice calls.
+const pipeSize = 1 << 20
+
+// splicePipe is a pipe held by one half for one burst.
+type splicePipe struct {
+	r, w int
+	// n is how many bytes are in it.
+	n int
+}
+
+// pipes keeps empty pipes between bursts; one the pool drops is closed by
+// its cleanup.
+var pipes = sync.Pool{New: func() any {
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil
+	}
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize) // smaller still works
+	sp := &splicePipe{r: fds[0], w: fds[1]}
+	runtime.AddCleanup(sp, func(fds [2]int) { unix.Close(fds[0]); unix.Close(fds[1]) }, fds)
+	return sp
+}}
+
+// spliceBurst moves what src has received, and what keeps arriving while
+// it does, to dst through a pooled pipe held for this burst only. It
+// fills the pipe while dst cannot take more (up to the pipe's size), so
+// the upstream's window stays open while the guest reads, and it waits
+// for dst only when the pipe is full or src has nothing. It returns when
+// src has nothing left (the caller waits for more), has ended (ended,
+// after everything before the end was written) or its read deadline has
+// passed (os.ErrDeadlineExceeded, after what came was written).
+func spliceBurst(dst *net.TCPConn, srcRC syscall.RawConn) (written int64, ended bool, err error) {
+	dstRC, err := dst.SyscallConn()
+	if err != nil {
+		return 0, false, fmt.Errorf("reaching the socket to splice to: %w", err)
+	}
+	sp, _ := pipes.Get().(*splicePipe)
+	if sp == nil {
+		return 0, false, errors.New("splicing a burst: no pipe (out of descriptors?)")
+	}
+	drained, late := false, false
+	// fill splices what src holds into the pipe, never waiting.
+	fill := func() error {
+		var serr error
+		err := srcRC.Read(func(fd uintptr) bool {
+			for sp.n < pipeSize {
+				m, e := unix.Splice(int(fd), nil, sp.w, nil, pipeSize-sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				switch {
+				case e == unix.EINTR:
+					continue
+				case e == unix.EAGAIN:
+					// src is empty, or the pipe full: either way the
+					// pipe is emptied before the next try.
+					drained = true
+					return true
+				case e != nil:
+					serr = e
+					return true
+				case m == 0:
+					ended = true
+					return true
+				}
+				sp.n += int(m)
+			}
+			return true
+		})
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			drained, late = true, true // the idle window ended: flush, then say so
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+	var werr error
+	for {
+		if !drained && !ended && sp.n < pipeSize {
+			if err := fill(); err != nil {
+				werr = err
+				break
+			}
+		}
+		if sp.n == 0 {
+			break // nothing left (drained or ended)
+		}
+		// Never SPLICE_F_MORE: the last write of a burst is not known
+		// until src says EAGAIN, and a corked tail would wait for the
+		// next burst or ACK.
+		var serr error
+		err := dstRC.Write(func(fd uintptr) bool {
+			for sp.n > 0 {
+				m, e := unix.Splice(sp.r, nil, int(fd), nil, sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				switch {
+				case e == unix.EINTR:
+					continue
+				case e == unix.EAGAIN:
+					// dst is full: fill the pipe meanwhile if src has
+					// more and there is room; else wait for dst.
+					return !drained && !ended && sp.n < pipeSize
+				case e != nil:
+					serr = e
+					return true
+				}
+				sp.n -= int(m)
+				written += m
+			}
+			return true
+		})
+		if err == nil {
+			err = serr
+		}
+		if err != nil {
+			werr = err
+			break
+		}
+	}
+	if sp.n == 0 {
+		pipes.Put(sp)
+	} // else bytes are stranded in it: dropped, never handed to another connection (its cleanup closes it)
+	switch {
+	case werr != nil:
+		return written, false, fmt.Errorf("splicing a burst: %w", werr)
+	case late && !ended:
+		return written, false, os.ErrDeadlineExceeded
+	}
+	return written, ended, nil
 }
