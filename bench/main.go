@@ -743,7 +743,7 @@ measurement: its time is in splice(2) and the poller, not in user-space copies, 
 it is a fraction of one core, so the client's and server's TLS (both on the same two
 cores) set the figure more than the plane does. **Against Envoy**: Envoy copies through user-space buffers, the
 builtin plane does not, and takes less CPU per byte (read from /proc during the
-downloads: about 0.5–0.9 CPU-seconds per GB against Envoy's 1.0); with one stream
+downloads: about 0.4–0.9 CPU-seconds per GB against Envoy's 0.8–1.1); with one stream
 the figure is set by when three processes' wake-ups get the two shared cores, which
 moves both ways between runs, not by the plane's own cost. **New TLS connections**: the builtin plane parses each ClientHello with crypto/tls
 (about 11 KB and 45 allocations per hello) and spends a goroutine per handshake,
