@@ -97,6 +97,7 @@ func (pk *parking) loop() {
 				token := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 				if h := pk.parked[token]; h != nil {
 					delete(pk.parked, token)
+					h.inSet = false // deleted below, before h runs
 					woken = append(woken, h)
 				}
 			}
@@ -104,6 +105,12 @@ func (pk *parking) loop() {
 			return true
 		})
 		for _, h := range woken {
+			// Out of the set while it runs: a socket moving bytes would
+			// otherwise have every wake-up also pass through this set's
+			// (shared) lock. The next park adds it again.
+			h.srcRC.Control(func(fd uintptr) {
+				unix.EpollCtl(pk.fd, unix.EPOLL_CTL_DEL, int(fd), nil)
+			})
 			go h.run()
 		}
 		if err != nil {
