@@ -17,6 +17,7 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -378,4 +379,38 @@ func profileHTTPS(w *world.World, bin string, dl *downloads, ns string, d time.D
 		}
 	}
 	return strings.Join(slices.Clip(keep), "\n"), nil
+}
+
+// cpuTicks is a process's user and system CPU time in clock ticks
+// (USER_HZ, 100 a second on Linux), 0 when it cannot be read.
+func cpuTicks(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndex(s, ")")+2:]) // fields from the 3rd on
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64) // utime, the 14th field
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return u + st
+}
+
+// planeCPU starts counting the data plane's CPU time; the returned func
+// prints it per GB downloaded (stderr: how much the plane itself costs,
+// which the shared machine's load moves less than the rate).
+func planeCPU(planePID func() int) func(path string, streams int, gbps float64, d time.Duration) {
+	if planePID == nil {
+		return func(string, int, float64, time.Duration) {}
+	}
+	pid := planePID()
+	t0 := cpuTicks(pid)
+	return func(path string, streams int, gbps float64, d time.Duration) {
+		secs := float64(cpuTicks(pid)-t0) / 100
+		if gb := gbps * d.Seconds() / 8; gb > 0 {
+			fmt.Fprintf(os.Stderr, "  %s, %d stream(s): %.2f Gbit/s, the plane took %.2f CPU-s, %.3f CPU-s/GB\n", path, streams, gbps, secs, secs/gb)
+		}
+	}
 }

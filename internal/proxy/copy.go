@@ -17,7 +17,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -95,6 +97,7 @@ func (pk *parking) loop() {
 				token := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 				if h := pk.parked[token]; h != nil {
 					delete(pk.parked, token)
+					h.inSet = false // deleted below, before h runs
 					woken = append(woken, h)
 				}
 			}
@@ -102,6 +105,12 @@ func (pk *parking) loop() {
 			return true
 		})
 		for _, h := range woken {
+			// Out of the set while it runs: a socket moving bytes would
+			// otherwise have every wake-up also pass through this set's
+			// (shared) lock. The next park adds it again.
+			h.srcRC.Control(func(fd uintptr) {
+				unix.EpollCtl(pk.fd, unix.EPOLL_CTL_DEL, int(fd), nil)
+			})
 			go h.run()
 		}
 		if err != nil {
@@ -119,29 +128,34 @@ func (pk *parking) park(h *half) bool {
 		pk.next++
 		h.token = pk.next
 	}
-	pk.parked[h.token] = h
+	// h's fields are written under pk.mu, before the loop can see h: the
+	// goroutine the loop starts for it reads them.
+	op := unix.EPOLL_CTL_MOD
+	if !h.inSet {
+		op = unix.EPOLL_CTL_ADD
+		h.inSet = true // undone below if parking fails
+	}
+	token := h.token
+	pk.parked[token] = h
 	pk.mu.Unlock()
 	var cerr error
 	err := h.srcRC.Control(func(fd uintptr) {
 		ev := unix.EpollEvent{
 			Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
-			Fd:     int32(uint32(h.token)),
-			Pad:    int32(uint32(h.token >> 32)),
-		}
-		op := unix.EPOLL_CTL_MOD
-		if !h.inSet {
-			op = unix.EPOLL_CTL_ADD
+			Fd:     int32(uint32(token)),
+			Pad:    int32(uint32(token >> 32)),
 		}
 		cerr = unix.EpollCtl(pk.fd, op, int(fd), &ev)
-		if cerr == nil {
-			h.inSet = true
-		}
 	})
 	if err == nil && cerr == nil {
 		return true
 	}
 	// Not parked: whoever takes it out of the map ends it.
-	return !pk.take(h)
+	if !pk.take(h) {
+		return true
+	}
+	h.inSet = false // take removed it from the set: the next park adds it
+	return false
 }
 
 // count returns how many halves are parked.
@@ -167,12 +181,18 @@ func (pk *parking) take(h *half) bool {
 }
 
 // relay is one spliced connection: the guest's socket, the upstream one
-// and the two halves copying between them.
+// and the two halves copying between them, in one allocation (an idle
+// connection costs this, its sockets and its log entry).
 type relay struct {
 	pk     *parking
 	c, up  *net.TCPConn
-	halves [2]*half
+	halves [2]half
 	once   sync.Once
+	// left counts the halves still running; end gets the bytes each
+	// direction moved (guest to upstream, upstream to guest) once both
+	// have ended.
+	left atomic.Int32
+	end  func(up, down int64)
 }
 
 // half copies src to dst until src ends.
@@ -181,35 +201,44 @@ type half struct {
 	dst, src *net.TCPConn
 	srcRC    syscall.RawConn
 	n        int64
-	// done is called once when the half has ended, with its byte count.
-	done func(n int64)
 	// token names h in the parking set; inSet says its source is in the
 	// epoll set (parked now or armed before).
 	token uint64
 	inSet bool
 }
 
-// newRelay prepares copying c to up and up to c; start starts it, and
-// upDone and downDone get the bytes each direction moved once it has ended.
-// With pk nil, halves never park.
-func newRelay(pk *parking, c, up *net.TCPConn, upDone, downDone func(int64)) (*relay, error) {
-	r := &relay{pk: pk, c: c, up: up}
-	for i, hd := range []struct {
-		dst, src *net.TCPConn
-		done     func(int64)
-	}{{up, c, upDone}, {c, up, downDone}} {
-		rc, err := hd.src.SyscallConn()
+// newRelay prepares copying c to up and up to c; start starts it, and end
+// gets the bytes each direction moved once both have ended. With pk nil,
+// halves never park.
+func newRelay(pk *parking, c, up *net.TCPConn, end func(up, down int64)) (*relay, error) {
+	r := &relay{pk: pk, c: c, up: up, end: end}
+	r.left.Store(2)
+	for i, src := range [2]*net.TCPConn{c, up} {
+		rc, err := src.SyscallConn()
 		if err != nil {
 			return nil, fmt.Errorf("reaching the socket to copy from: %w", err)
 		}
-		r.halves[i] = &half{r: r, dst: hd.dst, src: hd.src, srcRC: rc, done: hd.done}
+		dst := up
+		if src == up {
+			dst = c
+		}
+		r.halves[i] = half{r: r, dst: dst, src: src, srcRC: rc}
 	}
 	return r, nil
 }
 
-// start runs both halves, each on its own goroutine until it parks.
+// start starts both halves parked: each gets a goroutine when its source
+// has bytes or its end (at once for bytes already queued: adding a socket
+// to the epoll set reports what is already readable). A connection that
+// stays quiet after its first bytes (a ClientHello the server has not
+// answered) so never holds a goroutine, nor leaves a dead one's stack
+// behind.
 func (r *relay) start() {
-	for _, h := range r.halves {
+	for i := range r.halves {
+		h := &r.halves[i]
+		if r.pk != nil && r.pk.park(h) {
+			continue
+		}
 		go h.run()
 	}
 }
@@ -221,8 +250,8 @@ func (r *relay) close() {
 	r.once.Do(func() {
 		var orphans []*half
 		if r.pk != nil {
-			for _, h := range r.halves {
-				if r.pk.take(h) {
+			for i := range r.halves {
+				if h := &r.halves[i]; r.pk.take(h) {
 					orphans = append(orphans, h)
 				}
 			}
@@ -230,9 +259,16 @@ func (r *relay) close() {
 		r.c.Close()
 		r.up.Close()
 		for _, h := range orphans {
-			go h.done(h.n)
+			go h.done()
 		}
 	})
+}
+
+// done ends h; the second half to end ends the relay.
+func (h *half) done() {
+	if h.r.left.Add(-1) == 0 {
+		h.r.end(h.r.halves[0].n, h.r.halves[1].n)
+	}
 }
 
 // run copies bursts until src ends (then it closes dst for writing and src
@@ -263,10 +299,17 @@ func (h *half) run() {
 		if eof {
 			h.dst.CloseWrite()
 			h.src.CloseRead()
-			h.done(h.n)
+			h.done()
 			return
 		}
-		n, err := copyBurst(h.dst, h.src, avail)
+		var n int64
+		ended := false
+		if avail <= smallCopy {
+			n, err = copyBurst(h.dst, h.src, avail)
+			ended = err == nil && n == 0 // the source ended between the two looks
+		} else {
+			n, ended, err = spliceBurst(h.dst, h.srcRC)
+		}
 		h.n += n
 		if n > 0 {
 			moved = true
@@ -278,11 +321,10 @@ func (h *half) run() {
 			h.fail()
 			return
 		}
-		if n == 0 {
-			// The source ended between the two looks.
+		if ended {
 			h.dst.CloseWrite()
 			h.src.CloseRead()
-			h.done(h.n)
+			h.done()
 			return
 		}
 	}
@@ -291,7 +333,7 @@ func (h *half) run() {
 // fail closes the connection (so the other half ends too) and ends h.
 func (h *half) fail() {
 	h.r.close()
-	h.done(h.n)
+	h.done()
 }
 
 // copyBurst moves avail bytes that src has already received to dst.
@@ -315,4 +357,136 @@ func copyBurst(dst, src *net.TCPConn, avail int) (int64, error) {
 	// TCPConn.ReadFrom splices through a pooled pipe of 1 MiB (the runtime
 	// sets F_SETPIPE_SZ), taken for this burst only.
 	return dst.ReadFrom(&io.LimitedReader{R: src, N: int64(avail)})
+}
+
+// pipeSize is the capacity asked for the pipes bulk bytes are spliced
+// through (F_SETPIPE_SZ; the kernel caps it at fs.pipe-max-size, 1 MiB by
+// default, unless the daemon may exceed it): a burst moves up to this much
+// per pair of splice calls.
+const pipeSize = 1 << 20
+
+// splicePipe is a pipe held by one half for one burst.
+type splicePipe struct {
+	r, w int
+	// n is how many bytes are in it.
+	n int
+}
+
+// pipes keeps empty pipes between bursts; one the pool drops is closed by
+// its cleanup.
+var pipes = sync.Pool{New: func() any {
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil
+	}
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize) // smaller still works
+	sp := &splicePipe{r: fds[0], w: fds[1]}
+	runtime.AddCleanup(sp, func(fds [2]int) { unix.Close(fds[0]); unix.Close(fds[1]) }, fds)
+	return sp
+}}
+
+// spliceBurst moves what src has received, and what keeps arriving while
+// it does, to dst through a pooled pipe held for this burst only. It
+// fills the pipe while dst cannot take more (up to the pipe's size), so
+// the upstream's window stays open while the guest reads, and it waits
+// for dst only when the pipe is full or src has nothing. It returns when
+// src has nothing left (the caller waits for more), has ended (ended,
+// after everything before the end was written) or its read deadline has
+// passed (os.ErrDeadlineExceeded, after what came was written).
+func spliceBurst(dst *net.TCPConn, srcRC syscall.RawConn) (written int64, ended bool, err error) {
+	dstRC, err := dst.SyscallConn()
+	if err != nil {
+		return 0, false, fmt.Errorf("reaching the socket to splice to: %w", err)
+	}
+	sp, _ := pipes.Get().(*splicePipe)
+	if sp == nil {
+		return 0, false, errors.New("splicing a burst: no pipe (out of descriptors?)")
+	}
+	drained, late := false, false
+	// fill splices what src holds into the pipe, never waiting.
+	fill := func() error {
+		var serr error
+		err := srcRC.Read(func(fd uintptr) bool {
+			for sp.n < pipeSize {
+				m, e := unix.Splice(int(fd), nil, sp.w, nil, pipeSize-sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				switch {
+				case e == unix.EINTR:
+					continue
+				case e == unix.EAGAIN:
+					// src is empty, or the pipe full: either way the
+					// pipe is emptied before the next try.
+					drained = true
+					return true
+				case e != nil:
+					serr = e
+					return true
+				case m == 0:
+					ended = true
+					return true
+				}
+				sp.n += int(m)
+			}
+			return true
+		})
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			drained, late = true, true // the idle window ended: flush, then say so
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+	var werr error
+	for {
+		if !drained && !ended && sp.n < pipeSize {
+			if err := fill(); err != nil {
+				werr = err
+				break
+			}
+		}
+		if sp.n == 0 {
+			break // nothing left (drained or ended)
+		}
+		// Never SPLICE_F_MORE: the last write of a burst is not known
+		// until src says EAGAIN, and a corked tail would wait for the
+		// next burst or ACK.
+		var serr error
+		err := dstRC.Write(func(fd uintptr) bool {
+			for sp.n > 0 {
+				m, e := unix.Splice(sp.r, nil, int(fd), nil, sp.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				switch {
+				case e == unix.EINTR:
+					continue
+				case e == unix.EAGAIN:
+					// dst is full: fill the pipe meanwhile if src has
+					// more and there is room; else wait for dst.
+					return !drained && !ended && sp.n < pipeSize
+				case e != nil:
+					serr = e
+					return true
+				}
+				sp.n -= int(m)
+				written += m
+			}
+			return true
+		})
+		if err == nil {
+			err = serr
+		}
+		if err != nil {
+			werr = err
+			break
+		}
+	}
+	if sp.n == 0 {
+		pipes.Put(sp)
+	} // else bytes are stranded in it: dropped, never handed to another connection (its cleanup closes it)
+	switch {
+	case werr != nil:
+		return written, false, fmt.Errorf("splicing a burst: %w", werr)
+	case late && !ended:
+		return written, false, os.ErrDeadlineExceeded
+	}
+	return written, ended, nil
 }

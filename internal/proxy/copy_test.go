@@ -42,7 +42,7 @@ func startEcho(t *testing.T) string {
 }
 
 // helloFor returns the bytes of a TLS ClientHello for name.
-func helloFor(t *testing.T, name string) []byte {
+func helloFor(t testing.TB, name string) []byte {
 	t.Helper()
 	a, b := net.Pipe()
 	defer a.Close()
@@ -208,5 +208,129 @@ func TestRelayBurstsAcrossParking(t *testing.T) {
 	}
 	if want := int64(bursts * size); line.BytesUp < want || line.BytesDown < want {
 		t.Errorf("logged %d bytes up, %d down; want at least %d each", line.BytesUp, line.BytesDown, want)
+	}
+}
+
+// TestRelaySlowReader: behind a guest that does not read, the relay stops
+// reading the server once the guest's socket and its one pipe are full
+// (the server's writes block: what the host holds for the connection is
+// bounded by socket buffers and one pipe), and when the guest reads at
+// last every byte arrives, in order, then the server's end.
+func TestRelaySlowReader(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	origin, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	hello := helloFor(t, "example.com")
+	// The server reads the hello, then writes until a write has been
+	// blocked for a while (the path is full), and closes.
+	type pushed struct {
+		n   int64
+		sum []byte
+	}
+	result := make(chan pushed, 1)
+	go func() {
+		c, err := origin.Accept()
+		if err != nil {
+			result <- pushed{}
+			return
+		}
+		defer c.Close()
+		io.ReadFull(c, make([]byte, len(hello)))
+		h := sha256.New()
+		buf := make([]byte, 64<<10)
+		var n int64
+		for i := 0; ; i++ {
+			buf[0], buf[len(buf)-1] = byte(i), byte(i>>8) // every chunk differs
+			c.SetWriteDeadline(time.Now().Add(500 * time.Millisecond))
+			m, err := c.Write(buf)
+			h.Write(buf[:m])
+			n += int64(m)
+			if err != nil || n > slowReaderBound {
+				break
+			}
+		}
+		result <- pushed{n, h.Sum(nil)}
+	}()
+	p := &Proxy{idleAfter: 50 * time.Millisecond}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - sni: example.com\n        ports: [%d]\n", port)), true)
+	startProxy(t, p, ln, origin.Addr().String())
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	got := <-result // the guest has read nothing so far
+	t.Logf("the server wrote %d KiB before its writes blocked", got.n>>10)
+	if got.n > slowReaderBound {
+		t.Fatalf("the server wrote over %d MiB to a guest that reads nothing: the relay does not stop reading", slowReaderBound>>20)
+	}
+	c.SetReadDeadline(time.Now().Add(30 * time.Second)) // a hang fails, not blocks
+	h := sha256.New()
+	n, err := io.Copy(h, c)
+	if err != nil || n != got.n || !bytes.Equal(h.Sum(nil), got.sum) {
+		t.Errorf("the guest read %d bytes (%v), matching: %v; the server wrote %d", n, err, bytes.Equal(h.Sum(nil), got.sum), got.n)
+	}
+}
+
+// slowReaderBound is more than the socket buffers on the way (the kernel's
+// maxima on loopback: the guest's receive, the proxy's send and receive,
+// the server's send) and one pipe can hold.
+const slowReaderBound = 64 << 20
+
+// TestRelayBulkAnswerArrivesWhole: an answer larger than a buffered copy
+// (spliced), sent at once and followed by nothing, reaches the guest whole
+// while the connection stays open (nothing of it is held back waiting for
+// more bytes).
+func TestRelayBulkAnswerArrivesWhole(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	origin, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	hello := helloFor(t, "example.com")
+	answer := make([]byte, 3*smallCopy+12345) // spliced, ending mid-segment
+	rand.Read(answer)
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	go func() {
+		c, err := origin.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.ReadFull(c, make([]byte, len(hello)))
+		c.Write(answer)
+		<-hold // the connection stays open
+	}()
+	p := &Proxy{}
+	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - sni: example.com\n        ports: [%d]\n", port)), true)
+	startProxy(t, p, ln, origin.Addr().String())
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(20 * time.Second)) // a hang fails, not blocks
+	got := make([]byte, len(answer))
+	if n, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, answer) {
+		t.Fatalf("the guest got %d of %d bytes of the answer (%v)", n, len(answer), err)
 	}
 }

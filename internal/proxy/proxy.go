@@ -615,13 +615,9 @@ func (p *Proxy) handle(ctx context.Context, pk *parking, c *net.TCPConn, e *entr
 		}
 		e.up = int64(len(prefix))
 	}
-	var left atomic.Int32
-	left.Store(2)
-	var upBytes, downBytes int64
-	finish := func() {
-		if left.Add(-1) != 0 {
-			return
-		}
+	// finish ends the connection once both directions have: called with
+	// the bytes each moved.
+	finish := func(upBytes, downBytes int64) {
 		up.Close()
 		c.Close()
 		e.up += upBytes
@@ -634,9 +630,10 @@ func (p *Proxy) handle(ctx context.Context, pk *parking, c *net.TCPConn, e *entr
 	// park while idle, so closing it goes through the relay.
 	var r *relay
 	if tup, ok := up.(*net.TCPConn); ok && !http {
-		r, err = newRelay(pk, c, tup,
-			func(n int64) { defer p.wg.Done(); upBytes = n; finish() },
-			func(n int64) { defer p.wg.Done(); downBytes = n; finish() })
+		r, err = newRelay(pk, c, tup, func(upBytes, downBytes int64) {
+			defer p.wg.Add(-2)
+			finish(upBytes, downBytes)
+		})
 		if err != nil {
 			r = nil // copied by copyHalf below
 		}
@@ -656,16 +653,26 @@ func (p *Proxy) handle(ctx context.Context, pk *parking, c *net.TCPConn, e *entr
 		up.Close()
 	}
 	p.wg.Add(2)
-	switch {
-	case http:
-		requests, responses := p.forwardHTTP(up, c, prefix, e, pr.Audit)
-		go func() { defer p.wg.Done(); upBytes = requests(); finish() }()
-		go func() { defer p.wg.Done(); downBytes = responses(); finish() }()
-	case r != nil:
+	if r != nil {
 		r.start()
-	default:
-		go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); finish() }()
-		go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); finish() }()
+		return true
+	}
+	// Two goroutines, one a direction; the second to end finishes.
+	var left atomic.Int32
+	left.Store(2)
+	var upBytes, downBytes int64
+	one := func() {
+		if left.Add(-1) == 0 {
+			finish(upBytes, downBytes)
+		}
+	}
+	if http {
+		requests, responses := p.forwardHTTP(up, c, prefix, e, pr.Audit)
+		go func() { defer p.wg.Done(); upBytes = requests(); one() }()
+		go func() { defer p.wg.Done(); downBytes = responses(); one() }()
+	} else {
+		go func() { defer p.wg.Done(); upBytes = copyHalf(up, c); one() }()
+		go func() { defer p.wg.Done(); downBytes = copyHalf(c, up); one() }()
 	}
 	return true
 }
@@ -845,7 +852,10 @@ func (p *Proxy) inspect(ctx context.Context, c *net.TCPConn, what policy.Inspect
 	}
 	switch what {
 	case policy.InspectTLS:
-		hello, prefix, err := ReadClientHello(ctx, r)
+		// Not cancelled with ctx: crypto/tls would start a goroutine per
+		// hello to watch it; the read deadline bounds the wait, and
+		// stopping the proxy closes the connection.
+		hello, prefix, err := ReadClientHello(context.WithoutCancel(ctx), r)
 		if err != nil {
 			if !errors.Is(err, ErrNotTLS) {
 				e.d.Reason = err.Error()
