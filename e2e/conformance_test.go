@@ -253,7 +253,10 @@ func (e *env) realVerdict(t *testing.T, tc conformCase) (verdict, rule string) {
 		t.Fatalf("connecting from %s: %v", g.NS, err)
 	}
 	reached := hasMarker(got)
-	line, ok := e.d.WaitAccessLog(10*time.Second, func(m map[string]any) bool { return m["src"] == src })
+	// By source and destination: the guest's source port may be one an
+	// earlier case's connection (to another destination) had.
+	dst := netip.AddrPortFrom(tc.dst, tc.port).String()
+	line, ok := e.d.WaitAccessLog(10*time.Second, func(m map[string]any) bool { return m["src"] == src && m["dst"] == dst })
 	if !ok {
 		t.Fatalf("no access-log line for %s (client saw %q, %v); log:\n%s", src, got, err, e.d.RawAccessLog())
 	}
