@@ -738,8 +738,11 @@ func hostDensity(o options) (string, error) {
 // limits says what holds the builtin plane back where it misses a target.
 const limits = `
 What limits the misses. **cidr rows**: both planes leave these flows to the kernel,
-so a ratio away from 1× is this shared machine's noise between back-to-back runs,
-not vmegress. **Bulk HTTPS against direct**: the builtin plane already moves bulk
+so builtin / Envoy away from 1× is this shared machine's noise between back-to-back
+runs. Against direct forwarding they pay the kernel path's own costs (the ruleset and
+the routing lock's rules per packet; conntrack accounting, events, a delete and a
+log line per flow): the section "The kernel path against direct forwarding, with
+profiles" below (go run ./bench -cidr -profile DIR) measures each. **Bulk HTTPS against direct**: the builtin plane already moves bulk
 bytes with splice(2) only (the ClientHello it peeked is written upstream first, then
 each burst is spliced through a pooled 1 MiB pipe held for that burst only, which
 keeps filling from the server while the guest's socket is full); what it adds to the direct path is a second
@@ -754,7 +757,11 @@ downloads: about 0.4–0.9 CPU-seconds per GB against Envoy's 0.8–1.1); with o
 the figure is set by when three processes' wake-ups get the two shared cores, which
 moves both ways between runs, not by the plane's own cost. **New TLS connections**: the builtin plane parses each ClientHello with crypto/tls
 (about 11 KB and 45 allocations per hello) and spends a goroutine per handshake,
-where Envoy's TLS inspector scans bytes in place. **Idle memory**: an idle spliced
+where Envoy's TLS inspector scans bytes in place. This figure and the p99 were met in
+the previous report (1.16×, 0.84×); since then a new connection's directions start
+parked (the first bytes each way wait for a wake-up through the shared epoll set),
+which is what brought idle memory under 0.5×: the likeliest cause, not yet measured
+apart. **Idle memory**: an idle spliced
 connection holds no goroutine, pipe or buffer (both directions start parked in one
 epoll set, and park again after a second without a byte); what remains is its two
 sockets' runtime state (the runtime's poll descriptors, about 1 KB outside the heap),
