@@ -757,11 +757,11 @@ downloads: about 0.4–0.9 CPU-seconds per GB against Envoy's 0.8–1.1); with o
 the figure is set by when three processes' wake-ups get the two shared cores, which
 moves both ways between runs, not by the plane's own cost. **New TLS connections**: the builtin plane parses each ClientHello with crypto/tls
 (about 11 KB and 45 allocations per hello) and spends a goroutine per handshake,
-where Envoy's TLS inspector scans bytes in place. This figure and the p99 were met in
-the previous report (1.16×, 0.84×); since then a new connection's directions start
-parked (the first bytes each way wait for a wake-up through the shared epoll set),
-which is what brought idle memory under 0.5×: the likeliest cause, not yet measured
-apart. **Idle memory**: an idle spliced
+where Envoy's TLS inspector scans bytes in place. This figure and the p99 sit on
+their targets' line on this shared machine: the previous report had 1.16× and 0.84×,
+and two back-to-back 2-run measurements of the same code just after this report read
+1.15× / 0.84× and 0.92× / 1.05× (a variant starting the server's direction unparked
+read 0.98× / 1.00× and 1.11× / 0.88× in the same hour: not the cause). **Idle memory**: an idle spliced
 connection holds no goroutine, pipe or buffer (both directions start parked in one
 epoll set, and park again after a second without a byte); what remains is its two
 sockets' runtime state (the runtime's poll descriptors, about 1 KB outside the heap),
