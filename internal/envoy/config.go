@@ -808,7 +808,7 @@ func Check(pol *policy.Policy) error {
 			errs = append(errs, fmt.Errorf("project %q: mode audit needs dataplane builtin (Envoy cannot allow a connection and log that the policy would refuse it)", p.Name))
 		}
 	}
-	if len(terminating(pol)) > 0 {
+	if pol.Terminates() {
 		errs = append(errs, errors.New("https rules need vmegress run (the certificates and secrets are served to Envoy over xDS; a standalone bootstrap would carry private keys and secrets)"))
 	}
 	return errors.Join(errs...)

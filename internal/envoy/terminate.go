@@ -98,14 +98,21 @@ func sdsRef(o Settings, name string) M {
 func terminating(pol *policy.Policy) []*policy.Project {
 	var out []*policy.Project
 	for _, p := range pol.Projects() {
-		for _, v := range p.Ports() {
-			if len(v.HTTPS) > 0 {
-				out = append(out, p)
-				break
-			}
+		if terminates(p) {
+			out = append(out, p)
 		}
 	}
 	return out
+}
+
+// terminates reports whether p has an https name on some port.
+func terminates(p *policy.Project) bool {
+	for _, v := range p.Ports() {
+		if len(v.HTTPS) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // httpsClusterName is the terminating cluster of project.

@@ -227,7 +227,7 @@ const DefaultRefreshInterval = 2 * time.Second
 func (s *Server) refresh(ctx context.Context) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.pol == nil || len(terminating(s.pol)) == 0 {
+	if s.pol == nil || !s.pol.Terminates() {
 		return
 	}
 	sec, broken, err := Secrets(s.pol, s.opt)

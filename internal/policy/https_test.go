@@ -162,3 +162,21 @@ func FuzzDecideRequest(f *testing.F) {
 		}
 	})
 }
+
+// TestPolicyTerminates: a policy terminates when some project has an https
+// name no deny covers (the Envoy plane serves certificates only then).
+func TestPolicyTerminates(t *testing.T) {
+	for _, tc := range []struct {
+		name, yaml string
+		want       bool
+	}{
+		{"https rule", httpsPolicy, true},
+		{"no https rule", "projects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - sni: api.example.com\n      - http: deb.debian.org\n", false},
+		{"https rule denied", "projects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - https: api.example.com\n    deny:\n      - sni: \"*.example.com\"\n", false},
+		{"second project", "projects:\n  a:\n    subnet: 172.31.0.0/30\n    allow:\n      - sni: a.example\n  b:\n    subnet: 172.31.0.4/30\n    allow:\n      - https: b.example\n", true},
+	} {
+		if got := mustCompile(t, tc.yaml).Terminates(); got != tc.want {
+			t.Errorf("%s: Terminates() = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

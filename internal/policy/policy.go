@@ -288,6 +288,24 @@ func (p *Policy) Projects() []*Project {
 	return out
 }
 
+// Terminates reports whether some placed project has an https name to
+// terminate, stopping at the first (no sort: it is asked every few
+// seconds on hosts with thousands of projects).
+func (p *Policy) Terminates() bool {
+	for _, pr := range p.bySubnet {
+		m := pr.req.https
+		if len(m.exact) == 0 && len(m.wild) == 0 && (m.any == nil || len(*m.any) == 0) {
+			continue // no https rule: Ports' work is not needed to know
+		}
+		for _, v := range pr.Ports() {
+			if len(v.HTTPS) > 0 {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Resolved returns the names (normalised) the resolver handed addr to
 // project for, whose answers have not expired (TTL plus grace): the
 // record tcp rules are decided by (dest.Answers in the daemon).
