@@ -85,11 +85,38 @@ func (a *app) newEngine(ctx context.Context, cfg *config.Config, install bool) (
 		return nil, nil, err
 	}
 	eng := &engine.Engine{Store: a.store(), Interception: in, Host: engine.NetlinkHost{Handle: h}, Log: a.log}
+	var cut lazyCutter
+	if !install {
+		// No daemon is running: a change to the interception one left
+		// cuts the kernel-forwarded flows it no longer allows itself.
+		eng.Flows = &cut
+	}
 	if err := eng.Open(ctx, cfg, install); err != nil {
 		h.Close()
 		return nil, nil, err
 	}
-	return eng, h.Close, nil
+	return eng, func() { h.Close(); cut.close() }, nil
+}
+
+// lazyCutter opens conntrack on its first Revoke: most commands cut
+// nothing.
+type lazyCutter struct{ t *ctflow.Tracker }
+
+func (c *lazyCutter) Revoke(keep func(ctflow.Flow) bool) (int, error) {
+	if c.t == nil {
+		t, err := ctflow.Open("")
+		if err != nil {
+			return 0, err
+		}
+		c.t = t
+	}
+	return c.t.Revoke(keep)
+}
+
+func (c *lazyCutter) close() {
+	if c.t != nil {
+		c.t.Close()
+	}
 }
 
 // apiSocketFor is the API socket: --api-socket, else VMEGRESS_API_SOCKET,

@@ -18,10 +18,12 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 
 	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/ctflow"
 	"github.com/vmegress/vmegress/internal/dest"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
@@ -61,6 +63,12 @@ type Snapshot struct {
 	Generation uint64
 }
 
+// FlowCutter deletes the conntrack entries of the open kernel-forwarded
+// flows for which keep is false (ctflow.Tracker).
+type FlowCutter interface {
+	Revoke(keep func(ctflow.Flow) bool) (int, error)
+}
+
 // ChangeKind says what a change did.
 type ChangeKind string
 
@@ -93,6 +101,11 @@ type Engine struct {
 	// turns the answers of the projects it touched into the ruleset's timed
 	// elements under the new policy (tcp rules).
 	Answers *dest.Answers
+	// Flows cuts open kernel-forwarded flows for the changes an engine that
+	// did not install the interception makes to one a stopped daemon left
+	// (the CLI's engine; nil: not cut). The daemon's own cuts are its
+	// consumers' (they also close the data plane's connections).
+	Flows FlowCutter
 	// Consumers get every new snapshot, in order, before the call that made
 	// it returns (the builtin proxy, the resolver, the Envoy xDS server).
 	Consumers []func(*Snapshot, Change)
@@ -375,9 +388,78 @@ func (e *Engine) applyProject(ctx context.Context, oldEff *config.Config, oldPol
 	}
 	from, to := projectPart(oldEff, oldPol, old), projectPart(eff, pol, new)
 	if from.String() == to.String() {
-		return func() {}, nil
+		return func() {}, e.settleIfDaemonless(ctx, eff, pol, from, to)
 	}
-	return e.moveElements(ctx, from, to, eff, pol, st)
+	return e.moveAndSettle(ctx, from, to, eff, pol, st)
+}
+
+// moveAndSettle moves the elements (moveElements) and, in an engine that
+// did not install the interception, settles what the daemon that did
+// would have (settleDaemonless), undoing the move when that fails.
+func (e *Engine) moveAndSettle(ctx context.Context, from, to firewall.State, eff *config.Config, pol *policy.Policy, st *state.State) (undo func(), err error) {
+	undo, err = e.moveElements(ctx, from, to, eff, pol, st)
+	if err != nil {
+		return undo, err
+	}
+	if err := e.settleIfDaemonless(ctx, eff, pol, from, to); err != nil {
+		undo()
+		return nil, err
+	}
+	return undo, nil
+}
+
+// settleIfDaemonless settles (settleDaemonless) in an engine that did not
+// install the interception; the daemon's own does nothing here. Called
+// even when the elements stay the same: any change of a project's policy
+// withdraws what the resolver admitted for it.
+func (e *Engine) settleIfDaemonless(ctx context.Context, eff *config.Config, pol *policy.Policy, from, to firewall.State) error {
+	if e.installed {
+		return nil
+	}
+	return e.settleDaemonless(ctx, eff, pol, from, to)
+}
+
+// settleDaemonless does for a change of the guests of from and to what a
+// running daemon does after it, when the interception a stopped daemon
+// left is in place and the CLI's engine changes it: the addresses the
+// resolver admitted for those guests are withdrawn (no resolver is running
+// to vouch for them: fail closed, as on a daemon restart, whose new ruleset
+// holds none), and their open kernel-forwarded flows that pol, without the
+// resolver's answers, no longer allows are cut (on_policy_change: drop), so
+// a revoked cidr or tcp rule, or a /30 handed to another project, leaves
+// nothing open.
+func (e *Engine) settleDaemonless(ctx context.Context, eff *config.Config, pol *policy.Policy, from, to firewall.State) error {
+	guests := map[netip.Addr]bool{}
+	var list []netip.Addr
+	for _, g := range append(append([]firewall.Guest(nil), from.Guests...), to.Guests...) {
+		if !guests[g.Addr] {
+			guests[g.Addr] = true
+			list = append(list, g.Addr)
+		}
+	}
+	if len(list) == 0 {
+		return nil
+	}
+	if err := e.Interception.Firewall.UnadmitGuests(ctx, list); err != nil {
+		return err
+	}
+	if e.Flows == nil || eff.OnPolicyChange == "keep" {
+		return nil
+	}
+	n, err := e.Flows.Revoke(func(f ctflow.Flow) bool {
+		if !guests[f.Src.Addr()] {
+			return true
+		}
+		d, in := pol.ConnectWith(f.Src.Addr(), f.Dst, nil)
+		return d.Verdict == policy.Allow && in == policy.InspectNone
+	})
+	if n > 0 {
+		e.log().Info("cut kernel-forwarded flows the change no longer allows", "flows", n)
+	}
+	if err != nil {
+		return fmt.Errorf("cutting kernel-forwarded flows the change no longer allows: %w", err)
+	}
+	return nil
 }
 
 // projectPart is the desired state of the placed project p alone (nil:
@@ -402,8 +484,17 @@ func projectPart(eff *config.Config, pol *policy.Policy, p *state.Project) firew
 // placements being st's, or the config's subnets. It returns how to undo it.
 func (e *Engine) applyPolicy(ctx context.Context, oldEff *config.Config, oldPol *policy.Policy, eff *config.Config, pol *policy.Policy, st *state.State, names []string) (undo func(), err error) {
 	fw := e.Interception.Firewall
-	if fw == nil || !e.installed {
+	if fw == nil {
 		return func() {}, nil
+	}
+	if !e.installed {
+		// The CLI's engine: a stopped daemon's interception, if one is
+		// in place, follows the change (with none, nothing is
+		// intercepted and nothing is to change).
+		ok, err := fw.Installed(ctx)
+		if err != nil || !ok {
+			return func() {}, err
+		}
 	}
 	part := func(c *config.Config, pol *policy.Policy) firewall.State {
 		out := *c
@@ -423,9 +514,9 @@ func (e *Engine) applyPolicy(ctx context.Context, oldEff *config.Config, oldPol 
 	}
 	from, to := part(oldEff, oldPol), part(eff, pol)
 	if from.String() == to.String() {
-		return func() {}, nil
+		return func() {}, e.settleIfDaemonless(ctx, eff, pol, from, to)
 	}
-	return e.moveElements(ctx, from, to, eff, pol, st)
+	return e.moveAndSettle(ctx, from, to, eff, pol, st)
 }
 
 // moveElements brings the ruleset's per-project elements from from to to

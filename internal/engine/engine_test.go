@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/vmegress/vmegress/internal/config"
+	"github.com/vmegress/vmegress/internal/ctflow"
 	"github.com/vmegress/vmegress/internal/firewall"
 	"github.com/vmegress/vmegress/internal/hostnet"
 	"github.com/vmegress/vmegress/internal/placement"
@@ -89,6 +90,7 @@ type fakeFirewall struct {
 	j          *journal
 	failUpdate bool
 	nat        []string
+	unadmitted []netip.Addr // UnadmitGuests' guests, in order
 }
 
 func (f *fakeFirewall) Apply(ctx context.Context, s firewall.State) error {
@@ -436,3 +438,73 @@ func (nullNetlink) LinkByName(string) (netlink.Link, error) {
 
 func (f *fakeFirewall) Admit(context.Context, []firewall.Admitted) error   { return nil }
 func (f *fakeFirewall) Unadmit(context.Context, []firewall.Admitted) error { return nil }
+func (f *fakeFirewall) UnadmitGuests(_ context.Context, guests []netip.Addr) error {
+	f.unadmitted = append(f.unadmitted, guests...)
+	return nil
+}
+
+// cutter records Revoke's verdicts on the flows it is given.
+type cutter struct {
+	flows []ctflow.Flow
+	cut   []ctflow.Flow
+}
+
+func (c *cutter) Revoke(keep func(ctflow.Flow) bool) (int, error) {
+	c.cut = nil
+	for _, f := range c.flows {
+		if !keep(f) {
+			c.cut = append(c.cut, f)
+		}
+	}
+	return len(c.cut), nil
+}
+
+// TestDaemonlessChangeSettles: the CLI's engine, changing the interception
+// a stopped daemon left, does what the daemon would after the change: the
+// changed guest's resolver admissions are withdrawn (no resolver vouches
+// for them) and its kernel flows the new policy refuses are cut; another
+// guest's flows, and flows the new policy allows, stay.
+func TestDaemonlessChangeSettles(t *testing.T) {
+	f := newFixture(t, testConfig())
+	c := &cutter{}
+	f.eng.Flows = c
+	ctx := context.Background()
+	cidr := func(prefix string) config.Project {
+		return config.Project{Name: "gamma", Mode: "enforce", Allow: []config.Rule{{Kind: config.KindCIDR, Prefix: netip.MustParsePrefix(prefix), Ports: []uint16{22}}}}
+	}
+	first := cidr("198.18.1.0/24")
+	p, _, err := f.eng.Place(ctx, placement.Request{Name: "gamma"}, &first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest := p.GuestIP()
+	if !slices.Contains(f.fw.unadmitted, guest) {
+		t.Errorf("placing gamma withdrew admissions of %v, want its guest %s among them", f.fw.unadmitted, guest)
+	}
+	other := netip.MustParseAddr("172.31.9.2")
+	c.flows = []ctflow.Flow{
+		{Src: netip.AddrPortFrom(guest, 40000), Dst: netip.MustParseAddrPort("198.18.1.22:22")},
+		{Src: netip.AddrPortFrom(guest, 40001), Dst: netip.MustParseAddrPort("198.18.2.22:22")},
+		{Src: netip.AddrPortFrom(other, 40002), Dst: netip.MustParseAddrPort("198.18.1.22:22")},
+	}
+	f.fw.unadmitted = nil
+	if _, err := f.eng.SetPolicy(ctx, cidr("198.18.2.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(f.fw.unadmitted, []netip.Addr{guest}) {
+		t.Errorf("the policy change withdrew admissions of %v, want [%s]", f.fw.unadmitted, guest)
+	}
+	if len(c.cut) != 1 || c.cut[0] != c.flows[0] {
+		t.Errorf("cut %v, want only the flow to 198.18.1.22:22 (its rule is gone)", c.cut)
+	}
+
+	// on_policy_change: keep leaves open flows.
+	f.eng.snap.Config.OnPolicyChange = "keep"
+	c.cut = nil
+	if _, err := f.eng.SetPolicy(ctx, cidr("198.18.3.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.cut) != 0 {
+		t.Errorf("with on_policy_change keep, cut %v", c.cut)
+	}
+}

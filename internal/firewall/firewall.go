@@ -160,6 +160,10 @@ type Backend interface {
 	Admit(ctx context.Context, es []Admitted) error
 	// Unadmit deletes such elements (absent ones are not an error).
 	Unadmit(ctx context.Context, es []Admitted) error
+	// UnadmitGuests deletes every such element of these guests, whoever
+	// admitted it (a daemon that is no longer running, whose record of
+	// them is gone).
+	UnadmitGuests(ctx context.Context, guests []netip.Addr) error
 }
 
 // Admitted is one timed element: guest may open connections to Addr:Port

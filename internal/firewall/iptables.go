@@ -818,6 +818,34 @@ func (b *IPTables) Unadmit(ctx context.Context, es []Admitted) error {
 	return errors.Join(errs...)
 }
 
+// UnadmitGuests deletes the guests' members of vmegress-k-tcp and
+// vmegress-k-tcp-deny.
+func (b *IPTables) UnadmitGuests(ctx context.Context, guests []netip.Addr) error {
+	if len(guests) == 0 {
+		return nil
+	}
+	var errs []error
+	for _, set := range []string{ipsTCP, ipsTCPDeny} {
+		res, err := b.Sets.IpsetList(set)
+		if errors.Is(err, syscall.ENOENT) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("listing ipset %s: %w", set, err)
+		}
+		for _, e := range res.Entries {
+			a, ok := netip.AddrFromSlice(e.IP)
+			if !ok || !slices.Contains(guests, a.Unmap()) {
+				continue
+			}
+			if err := b.Sets.IpsetDel(set, &e); err != nil && !errors.Is(err, syscall.ENOENT) && !isIPSetMissing(err) {
+				errs = append(errs, fmt.Errorf("deleting %s from ipset %s: %w", memberKey(res.TypeName, e), set, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func admittedSet(e Admitted) string {
 	if e.Deny {
 		return ipsTCPDeny

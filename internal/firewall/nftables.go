@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"regexp"
 	"runtime"
 	"slices"
@@ -285,6 +286,45 @@ func (b *NFTables) Unadmit(ctx context.Context, es []Admitted) error {
 	}
 	if err := b.nft.Run(ctx, tx); err != nil {
 		return fmt.Errorf("withdrawing resolved addresses: %w", err)
+	}
+	return nil
+}
+
+// UnadmitGuests deletes the guests' elements of k_tcp, k_tcp_deny and
+// k_tcp_deny_all, in one transaction.
+func (b *NFTables) UnadmitGuests(ctx context.Context, guests []netip.Addr) error {
+	if len(guests) == 0 {
+		return nil
+	}
+	of := make(map[string]bool, len(guests))
+	for _, g := range guests {
+		of[g.String()] = true
+	}
+	tx := b.nft.NewTransaction()
+	for _, set := range []string{setKTCP, setKTCPDeny, setKTCPDenyAll} {
+		els, err := b.nft.ListElements(ctx, "set", set)
+		if knftables.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("listing the elements of set %s: %w", set, err)
+		}
+		for _, el := range els {
+			if len(el.Key) == 0 || !of[el.Key[0]] {
+				continue
+			}
+			// add then delete: one that timed out since the listing is
+			// no error.
+			e := &knftables.Element{Set: set, Key: el.Key}
+			tx.Add(e)
+			tx.Delete(e)
+		}
+	}
+	if tx.NumOperations() == 0 {
+		return nil
+	}
+	if err := b.nft.Run(ctx, tx); err != nil {
+		return fmt.Errorf("withdrawing the guests' resolved addresses: %w", err)
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"sigs.k8s.io/knftables"
@@ -135,4 +136,44 @@ func listTable(t *testing.T, ns string) string {
 		t.Fatalf("nft list table: %v: %s", err, out)
 	}
 	return string(out)
+}
+
+// TestUnadmitGuestsFake: UnadmitGuests deletes the named guests' timed
+// elements of every admitted set and leaves the others'.
+func TestUnadmitGuestsFake(t *testing.T) {
+	fake := knftables.NewFake(knftables.InetFamily, TableName)
+	b := NewNFTables(fake)
+	ctx := context.Background()
+	if err := b.Apply(ctx, testState); err != nil {
+		t.Fatal(err)
+	}
+	g1, g2 := netip.MustParseAddr("172.31.0.2"), netip.MustParseAddr("172.31.0.6")
+	addr := netip.MustParseAddr("198.18.1.22")
+	if err := b.Admit(ctx, []Admitted{
+		{Guest: g1, Addr: addr, Port: 22, TTL: time.Minute},
+		{Guest: g1, Addr: addr, Port: 23, TTL: time.Minute, Deny: true},
+		{Guest: g1, Addr: addr, TTL: time.Minute, Deny: true, AllPorts: true},
+		{Guest: g2, Addr: addr, Port: 22, TTL: time.Minute},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.UnadmitGuests(ctx, []netip.Addr{g1}); err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	for _, set := range []string{setKTCP, setKTCPDeny, setKTCPDenyAll} {
+		els, err := fake.ListElements(ctx, "set", set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, el := range els {
+			left = append(left, set+": "+strings.Join(el.Key, " . "))
+		}
+	}
+	if len(left) != 1 || !strings.HasPrefix(left[0], setKTCP+": "+g2.String()+" . ") {
+		t.Errorf("after UnadmitGuests(%s) the admitted sets hold %q, want only %s's element", g1, left, g2)
+	}
+	if err := b.UnadmitGuests(ctx, []netip.Addr{g1}); err != nil {
+		t.Errorf("a second UnadmitGuests: %v", err)
+	}
 }
