@@ -507,4 +507,18 @@ func TestDaemonlessChangeSettles(t *testing.T) {
 	if len(c.cut) != 0 {
 		t.Errorf("with on_policy_change keep, cut %v", c.cut)
 	}
+
+	// Removing the project withdraws its guest's admissions: the /30's
+	// next project inherits none.
+	f.eng.snap.Config.OnPolicyChange = "drop"
+	f.fw.unadmitted = nil
+	if _, _, err := f.eng.Remove(ctx, "gamma"); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(f.fw.unadmitted, []netip.Addr{guest}) {
+		t.Errorf("removing gamma withdrew admissions of %v, want [%s]", f.fw.unadmitted, guest)
+	}
+	if len(c.cut) != 2 || c.cut[0] != c.flows[0] || c.cut[1] != c.flows[1] {
+		t.Errorf("removing gamma cut %v, want both of its flows", c.cut)
+	}
 }
