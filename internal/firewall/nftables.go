@@ -454,8 +454,16 @@ func Render(tx *knftables.Transaction, s State) {
 	// source must route back through the interface it came in on, so one
 	// guest cannot take another's (or the host's) address and policy.
 	rule(chainPre, "fib saddr . iif oif missing counter drop", "anti-spoofing: source address does not belong behind this interface")
-	rule(chainPre, "fib saddr type local counter drop", "anti-spoofing: source is one of the host's own addresses")
 	lockMark := fmt.Sprintf("meta mark set meta mark or %#x", KernelMark)
+	ctK := fmt.Sprintf("ct mark and %#x == %#x", KernelCTMark, KernelCTMark)
+	// The bulk of a kernel-forwarded flow leaves here, after the one
+	// check its packets need: the flow's source (conntrack matched the
+	// header, not the interface) belongs behind the interface it came in
+	// on, so no other guest can write into it. Its SYN passed every check
+	// below, the host-address one included (the source is the flow's
+	// guest's); a packet with IP options falls through to their drop.
+	rule(chainPre, ctK+" ip hdrlength 5 "+lockMark+" accept", "a flow the kernel forwards (cidr or tcp rule): no data plane")
+	rule(chainPre, "fib saddr type local counter drop", "anti-spoofing: source is one of the host's own addresses")
 	rule(chainPre, "ct direction reply ct status dnat "+lockMark+" accept", "replies of inbound SSH to the guest (marked: the routing lock routes them)")
 	rule(chainPre, "iifname @"+setNATIfaces+" "+lockMark+" accept", "direct NAT egress: not intercepted (marked: the routing lock routes it)")
 	// The ruleset decides by the header's destination; a source route
@@ -467,8 +475,6 @@ func Render(tx *knftables.Transaction, s State) {
 	rule(chainPre, "tcp dport 853 counter drop", "no DNS over TLS: guests use the allowlist resolver")
 	rule(chainPre, "meta l4proto { tcp, udp } th dport 53 accept", "guest DNS, to any address: redirected to the resolver by chain dns")
 	tproxy := fmt.Sprintf("tproxy ip to :%d meta mark set %#x accept", s.TProxyPort, s.Mark)
-	ctK := fmt.Sprintf("ct mark and %#x == %#x", KernelCTMark, KernelCTMark)
-	rule(chainPre, ctK+" "+lockMark+" accept", "a flow the kernel forwards (cidr rule): no data plane")
 	rule(chainPre, "meta l4proto tcp ip saddr @"+setKAudit+" "+tproxy, "audit project: all TCP to the data plane, which logs what enforcement would refuse")
 	// A connection's first packet is decided here, by the guest's elements;
 	// the packets after it follow their flow (kernel forwarded, or a data
@@ -539,16 +545,19 @@ func Render(tx *knftables.Transaction, s State) {
 		Name: chainForward, Type: ptr(knftables.FilterType), Hook: ptr(knftables.ForwardHook),
 		Priority: ptr(knftables.FilterPriority), Policy: ptr(knftables.AcceptPolicy),
 	})
-	rule(chainForward, "oifname @"+setGuestIfaces+" ct status dnat ct direction original tcp dport 22 accept", "inbound SSH to a guest")
-	rule(chainForward, fromGuest+" ct status dnat ct direction reply accept", "replies of inbound SSH")
-	rule(chainForward, "iifname @"+setNATIfaces+" "+out+" accept", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
 	replyIn := ""
 	if s.Uplink != "" {
 		replyIn = fmt.Sprintf("iifname %q ", s.Uplink)
 	}
+	// Kernel-forwarded flows first (the bulk of what this chain sees),
+	// their conntrack mark tested before any interface set. Every rule
+	// above the drops accepts, so their order decides nothing else.
+	rule(chainForward, fmt.Sprintf("ct mark and %#x == %#x ct direction original %s %s accept", KernelCTMark, KernelCTMark, fromGuest, out), "a flow the kernel forwards (cidr rule)")
+	rule(chainForward, fmt.Sprintf("ct mark and %#x == %#x ct direction reply %soifname @%s accept", KernelCTMark, KernelCTMark, replyIn, setGuestIfaces), "replies of flows the kernel forwards")
+	rule(chainForward, "oifname @"+setGuestIfaces+" ct status dnat ct direction original tcp dport 22 accept", "inbound SSH to a guest")
+	rule(chainForward, fromGuest+" ct status dnat ct direction reply accept", "replies of inbound SSH")
+	rule(chainForward, "iifname @"+setNATIfaces+" "+out+" accept", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
 	rule(chainForward, replyIn+"oifname @"+setNATIfaces+" ct state established,related accept", "replies to direct NAT egress")
-	rule(chainForward, fmt.Sprintf("%s ct mark and %#x == %#x ct direction original %s accept", fromGuest, KernelCTMark, KernelCTMark, out), "a flow the kernel forwards (cidr rule)")
-	rule(chainForward, fmt.Sprintf("%soifname @%s ct mark and %#x == %#x ct direction reply accept", replyIn, setGuestIfaces, KernelCTMark, KernelCTMark), "replies of flows the kernel forwards")
 	rule(chainForward, fromGuest+" counter drop", "no forwarding from guests: egress only via the proxy or a cidr rule's flows")
 	rule(chainForward, "oifname @"+setGuestIfaces+" counter drop", "no forwarding to guests")
 	rule(chainForward, fmt.Sprintf("ip saddr %s counter drop", s.VMCIDR), "guest-range source on another interface")
