@@ -133,6 +133,18 @@ func TestKernelPath(t *testing.T) {
 		}
 		return nil
 	})
+	// The rule changed while no daemon runs (another address: the guest's
+	// interface still forwards): the next start cuts the flow left open
+	// from before it.
+	c, r = e.bannerConn()
+	if err := e.writeConfig(strings.Replace(baseConfig, "- cidr: 198.18.1.22/32", "- cidr: 198.18.1.23/32", 1)); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	if alive(c, r) {
+		t.Error("a daemon started on a policy without the cidr rule left the flow open from before the start")
+	}
+	c.Close()
 	e.noLeaks()
 }
 

@@ -85,12 +85,11 @@ func (a *app) newEngine(ctx context.Context, cfg *config.Config, install bool) (
 		return nil, nil, err
 	}
 	eng := &engine.Engine{Store: a.store(), Interception: in, Host: engine.NetlinkHost{Handle: h}, Log: a.log}
+	// No daemon is running: `up` cuts the kernel-forwarded flows the
+	// policy does not allow, and a change to the interception a stopped
+	// daemon left cuts those the change refuses.
 	var cut lazyCutter
-	if !install {
-		// No daemon is running: a change to the interception one left
-		// cuts the kernel-forwarded flows it no longer allows itself.
-		eng.Flows = &cut
-	}
+	eng.Flows = &cut
 	if err := eng.Open(ctx, cfg, install); err != nil {
 		h.Close()
 		return nil, nil, err
@@ -208,6 +207,7 @@ Under systemd (Type=notify) readiness is sent once interception and data plane a
 			defer flows.Close()
 			flows.OnError = func(err error) { a.log.Warn("following kernel-forwarded flows", "err", err.Error()) }
 			d.Flows = flows
+			d.Engine.Flows = flows // cuts at the start what the policy does not allow
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 			lost := func(err error) {

@@ -101,10 +101,12 @@ type Engine struct {
 	// turns the answers of the projects it touched into the ruleset's timed
 	// elements under the new policy (tcp rules).
 	Answers *dest.Answers
-	// Flows cuts open kernel-forwarded flows for the changes an engine that
-	// did not install the interception makes to one a stopped daemon left
-	// (the CLI's engine; nil: not cut). The daemon's own cuts are its
-	// consumers' (they also close the data plane's connections).
+	// Flows cuts open kernel-forwarded flows (nil: the engine cuts none):
+	// at a start that installs the interception, those the policy does
+	// not allow (cutAtStart); and for the changes an engine that did not
+	// install it makes to the one a stopped daemon left (the CLI's). A
+	// running daemon's changes are cut by its consumers, which also close
+	// the data plane's connections.
 	Flows FlowCutter
 	// Consumers get every new snapshot, in order, before the call that made
 	// it returns (the builtin proxy, the resolver, the Envoy xDS server).
@@ -152,10 +154,38 @@ func (e *Engine) Open(ctx context.Context, file *config.Config, install bool) er
 		e.Interception.Stale = nil
 		e.installed = true
 		e.restoreTAPs(st)
+		e.cutAtStart(eff, pol)
 	}
 	e.snap = snap
 	e.publish(snap, Change{Kind: ChangeOpen})
 	return nil
+}
+
+// cutAtStart cuts, when the engine installs the interception, the open
+// kernel-forwarded flows pol does not allow: a policy that changed while
+// no daemon ran (the config file edited, a project removed by hand) leaves
+// open nothing a running daemon would have cut. A flow to a port where its
+// project has a tcp allow rule stays: the resolver's answers that admitted
+// it went with the previous daemon, and the rule may still allow its name
+// (such a flow is cut when a change of the project's policy comes with the
+// daemon running). Failures are logged: a start is never refused for them.
+func (e *Engine) cutAtStart(eff *config.Config, pol *policy.Policy) {
+	if e.Flows == nil || eff.OnPolicyChange == "keep" {
+		return
+	}
+	n, err := e.Flows.Revoke(func(f ctflow.Flow) bool {
+		if d, in := pol.ConnectWith(f.Src.Addr(), f.Dst, nil); d.Verdict == policy.Allow && in == policy.InspectNone {
+			return true
+		}
+		pr := pol.ProjectFor(f.Src.Addr())
+		return pr != nil && !pr.Audit && pr.TCPAllowsPort(f.Dst.Port())
+	})
+	if n > 0 {
+		e.log().Info("cut kernel-forwarded flows left open from before the start that the policy does not allow", "flows", n)
+	}
+	if err != nil {
+		e.log().Error("cutting kernel-forwarded flows left open from before the start that the policy does not allow", "err", err.Error())
+	}
 }
 
 // restoreTAPs re-creates the TAP of every placed project that has none: a

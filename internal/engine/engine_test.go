@@ -522,3 +522,39 @@ func TestDaemonlessChangeSettles(t *testing.T) {
 		t.Errorf("removing gamma cut %v, want both of its flows", c.cut)
 	}
 }
+
+// TestStartCutsWhatPolicyRefuses: a start that installs the interception
+// cuts the kernel-forwarded flows left open from before it that the policy
+// does not allow (a config edited while no daemon ran), keeps those it
+// allows and those on a port where a tcp rule may still allow their name,
+// and cuts nothing with on_policy_change keep.
+func TestStartCutsWhatPolicyRefuses(t *testing.T) {
+	cfg := testConfig()
+	cfg.Projects[0].Subnet = netip.MustParsePrefix("172.31.0.0/30")
+	cfg.Projects[0].Allow = append(cfg.Projects[0].Allow,
+		config.Rule{Kind: config.KindCIDR, Prefix: netip.MustParsePrefix("198.18.1.0/24"), Ports: []uint16{22}},
+		config.Rule{Kind: config.KindTCP, Name: "*.test", Ports: []uint16{2222}})
+	guest := netip.MustParseAddr("172.31.0.2")
+	flows := []ctflow.Flow{
+		{Src: netip.AddrPortFrom(guest, 40000), Dst: netip.MustParseAddrPort("198.18.1.22:22")},            // cidr rule: kept
+		{Src: netip.AddrPortFrom(guest, 40001), Dst: netip.MustParseAddrPort("198.18.2.22:22")},            // no rule: cut
+		{Src: netip.AddrPortFrom(guest, 40002), Dst: netip.MustParseAddrPort("198.18.2.22:2222")},          // tcp rule's port: kept
+		{Src: netip.MustParseAddrPort("172.31.0.6:40003"), Dst: netip.MustParseAddrPort("198.18.1.22:22")}, // in no project: cut
+	}
+	for _, keep := range []bool{false, true} {
+		c := &cutter{flows: flows}
+		cfg.OnPolicyChange = map[bool]string{false: "drop", true: "keep"}[keep]
+		e := &Engine{Store: state.Store{Dir: t.TempDir()}, Interception: Interception{Firewall: &fakeFirewall{j: &journal{}}, Netlink: nullNetlink{}},
+			Host: &fakeHost{j: &journal{}, taps: map[string]bool{}}, Flows: c}
+		if err := e.Open(context.Background(), cfg, true); err != nil {
+			t.Fatal(err)
+		}
+		want := []ctflow.Flow{flows[1], flows[3]}
+		if keep {
+			want = nil
+		}
+		if !slices.Equal(c.cut, want) {
+			t.Errorf("on_policy_change %s: cut %v, want %v", cfg.OnPolicyChange, c.cut, want)
+		}
+	}
+}

@@ -370,6 +370,10 @@ func (p *Policy) ConnectWith(src netip.Addr, dst netip.AddrPort, resolved Resolv
 }
 
 // usesTCP reports whether a tcp rule (allow or deny) may apply on port.
+// TCPAllowsPort reports whether some tcp allow rule of the project names
+// port (whatever its name).
+func (pr *Project) TCPAllowsPort(port uint16) bool { return pr.tcpPorts[port] }
+
 func (pr *Project) usesTCP(port uint16) bool {
 	if pr.tcpPorts[port] {
 		return true
