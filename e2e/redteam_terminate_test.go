@@ -284,6 +284,8 @@ projects:
 		"GET /v1/x HTTP/1.1\r\nHost: example.com:8443\r\nX-HTTP-Method: delete\r\n" + tail,
 		"GET /v1/x HTTP/1.1\r\nHost: example.com:8443\r\nX-Method-Override: PUT\r\n" + tail,
 		"POST /v1/chat HTTP/1.1\r\nHost: example.com:8443\r\nX-HTTP-Method-Override: DELETE\r\nContent-Length: 0\r\n" + tail,
+		"POST /v1/chat?_method=DELETE HTTP/1.1\r\nHost: example.com:8443\r\nContent-Length: 0\r\n" + tail,
+		"GET /v1/x?a=1;%5f%4Dethod=put HTTP/1.1\r\nHost: example.com:8443\r\n" + tail,
 		"CONNECT github.com:443 HTTP/1.1\r\nHost: github.com:443\r\n" + tail,
 	} {
 		refused(fmt.Sprintf("method %q", raw), raw1(alpha, raw, 1))
@@ -295,6 +297,7 @@ projects:
 	// (a) TRACE echoes the request: never with the injected secret.
 	refused("TRACE /open/x", raw1(alpha, "TRACE /open/x HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
 	refused("h2 TRACE /open/x", raw2(alpha, rtH2Req{{":method", "TRACE"}, {":scheme", "https"}, {":authority", "example.com:8443"}, {":path", "/open/x"}}))
+	refused("_method=TRACE /open/x", raw1(alpha, "GET /open/x?_method=TRACE HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
 	refused("override TRACE /open/x", raw1(alpha, "GET /open/x HTTP/1.1\r\nHost: example.com:8443\r\nX-HTTP-Method-Override: TRACE\r\n"+tail, 1))
 	// Smuggling and pipelining: the hidden or second request never arrives.
 	raw1(alpha, "GET /v1/a HTTP/1.1\r\nHost: example.com:8443\r\n\r\nGET /admin HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 2)

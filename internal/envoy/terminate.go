@@ -57,6 +57,21 @@ const badPathRegex = `[^?]*(/(\.|%2[eE]){1,2}(;[^/?]*)?([/?]|$)|\\|%2[fF]|%5[cC]
 // badPathWhy is the refusal's reason for a path badPathRegex matches.
 const badPathWhy = "it has a . or .. segment, a backslash or control byte, an escaped / or \\, or an escape escaped twice"
 
+// overrideQueryRegex matches a :path whose query holds
+// policy.MethodOverrideParam, each byte literal or percent-encoded, case
+// aside: the requests policy.QueryOverridesMethod finds.
+var overrideQueryRegex = func() string {
+	var b strings.Builder
+	b.WriteString(`(?is)[^?]*\?.*`)
+	for _, c := range []byte(policy.MethodOverrideParam) {
+		// A letter decodes from either case's escape ("%45" or "%65").
+		lo, up := strings.ToLower(string(c))[0], strings.ToUpper(string(c))[0]
+		fmt.Fprintf(&b, `(?:%s|%%%02x|%%%02x)`, regexp.QuoteMeta(string(c)), lo, up)
+	}
+	b.WriteString(`.*`)
+	return b.String()
+}()
+
 // methodGuards are the header matchers a request must pass besides its
 // :method, as policy.Project.DecideRequest decides: where r has methods,
 // each method-override header is missing or names one of them (servers
@@ -65,6 +80,11 @@ const badPathWhy = "it has a . or .. segment, a backslash or control byte, an es
 // included).
 func methodGuards(r policy.RequestRule) []M {
 	var out []M
+	if len(r.Methods) > 0 || len(r.Inject) > 0 {
+		// No _method in the query, in any case or percent-encoding
+		// (policy.QueryOverridesMethod).
+		out = append(out, M{"name": ":path", "invert_match": true, "string_match": M{"safe_regex": M{"regex": overrideQueryRegex}}})
+	}
 	if len(r.Methods) > 0 {
 		quoted := make([]string, len(r.Methods))
 		for i, m := range r.Methods {

@@ -202,3 +202,21 @@ func FuzzBadPath(f *testing.F) {
 		}
 	})
 }
+
+// FuzzOverrideQuery: Envoy's route refuses a request for a _method query
+// parameter exactly when the builtin plane does (policy.QueryOverridesMethod).
+func FuzzOverrideQuery(f *testing.F) {
+	for _, s := range []string{"/v1?_method=DELETE", "/v1?a=1&_Method=put", "/v1?%5fmethod=x", "/v1?_%6D%45thod=x", "/v1?q=_meth", "/v1", "/v1?a=b;_method=PUT", "/_method?a=1", "/v1?%255fmethod=x", "/v1?x=%5F%6d%65%74%68%6f%64"} {
+		f.Add(s)
+	}
+	re := regexp.MustCompile(`^(?:` + overrideQueryRegex + `)$`)
+	f.Fuzz(func(t *testing.T, raw string) {
+		if !strings.HasPrefix(raw, "/") || strings.ContainsAny(raw, "# ") {
+			return
+		}
+		_, query, _ := strings.Cut(raw, "?")
+		if envoy, builtin := re.MatchString(raw), policy.QueryOverridesMethod(query); envoy != builtin {
+			t.Errorf("%q: Envoy's route finds a _method query parameter: %v; the builtin plane: %v", raw, envoy, builtin)
+		}
+	})
+}

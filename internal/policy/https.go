@@ -116,6 +116,51 @@ type Request struct {
 	// on that method, so a rule allows the request only if it allows
 	// each of them too.
 	MethodOverrides []string
+	// RawQuery is the request target's query, as sent (without the "?"):
+	// a _method parameter in it is a method override too
+	// (QueryOverridesMethod).
+	RawQuery string
+}
+
+// MethodOverrideParam is the parameter by which Rails, Laravel and
+// Symfony, and Express's method-override let a request name another method
+// than its request line's (in a form body or the query string).
+const MethodOverrideParam = "_method"
+
+// QueryOverridesMethod reports whether rawQuery, percent-decoded once (as a
+// server decodes it), holds MethodOverrideParam anywhere, case aside. It
+// looks for the text, not for a parsed parameter: servers split and decode
+// queries differently ("&" or ";", "_method[]", "+"), and a rule that
+// limits methods or injects credentials refuses such a request whatever its
+// value (the Envoy plane's route refuses the same requests).
+func QueryOverridesMethod(rawQuery string) bool {
+	if rawQuery == "" {
+		return false
+	}
+	var b strings.Builder
+	for i := 0; i < len(rawQuery); i++ {
+		c := rawQuery[i]
+		if c == '%' && i+2 < len(rawQuery) && isHex(rawQuery[i+1]) && isHex(rawQuery[i+2]) {
+			c = unhex(rawQuery[i+1])<<4 | unhex(rawQuery[i+2])
+			i += 2
+		}
+		b.WriteByte(c)
+	}
+	return strings.Contains(strings.ToLower(b.String()), MethodOverrideParam)
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c >= 'a':
+		return c - 'a' + 10
+	}
+	return c - 'A' + 10
 }
 
 // MethodOverrideHeaders are the headers by which servers (Google's APIs,
@@ -175,9 +220,11 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 		return d
 	}
 	pathOK, pathWhy := checkPath(q.Path, q.EscapedPath)
+	overrideQuery := QueryOverridesMethod(q.RawQuery)
 	// why is the reason of the rule for the name that came closest: one
-	// whose method matched (and the path did not) says more than one whose
-	// method did not.
+	// whose method matched (and an override or the path did not) says
+	// more than one whose method did not, one whose path was all that
+	// failed more still.
 	var why string
 	closest := 0
 	miss := func(level int, reason string) {
@@ -205,17 +252,20 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 			continue
 		case len(r.methods) > 0 && slices.ContainsFunc(methods, notAllowed):
 			m := methods[slices.IndexFunc(methods, notAllowed)]
-			miss(1, fmt.Sprintf("method %s (by a method-override header) not allowed for %s", m, norm))
+			miss(2, fmt.Sprintf("method %s (by a method-override header) not allowed for %s", m, norm))
+			continue
+		case (len(r.methods) > 0 || len(r.inject) > 0) && overrideQuery:
+			miss(2, fmt.Sprintf("a %s query parameter (a method override) is not allowed for %s", MethodOverrideParam, norm))
 			continue
 		case len(r.inject) > 0 && slices.ContainsFunc(methods, echo):
 			m := methods[slices.IndexFunc(methods, echo)]
-			miss(1, fmt.Sprintf("method %s echoes the request: never sent with injected headers (%s)", m, norm))
+			miss(2, fmt.Sprintf("method %s echoes the request: never sent with injected headers (%s)", m, norm))
 			continue
 		case len(r.paths) > 0 && !pathOK:
-			miss(2, fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy))
+			miss(3, fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy))
 			continue
 		case len(r.paths) > 0 && !slices.ContainsFunc(r.paths, func(p string) bool { return pathMatches(p, q.Path) }):
-			miss(2, fmt.Sprintf("path %s not allowed for %s", q.Path, norm))
+			miss(3, fmt.Sprintf("path %s not allowed for %s", q.Path, norm))
 			continue
 		}
 		return RequestDecision{Decision: Decision{Verdict: Allow, Project: pr.Name, Rule: r.rule}, Inject: r.inject}

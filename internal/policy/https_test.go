@@ -180,3 +180,37 @@ func TestPolicyTerminates(t *testing.T) {
 		}
 	}
 }
+
+// TestMethodOverrideQuery: a _method query parameter (Rails, Laravel,
+// Symfony, Express's method-override) is refused where a rule limits
+// methods or injects, in any case or escaping, and passes where it does
+// neither.
+func TestMethodOverrideQuery(t *testing.T) {
+	p := mustCompile(t, httpsPolicy)
+	pr := p.Project("a")
+	for _, tc := range []struct {
+		name, method, query string
+		allow               bool
+	}{
+		{"api.example.com", "POST", "", true},
+		{"api.example.com", "POST", "_method=DELETE", false},
+		{"api.example.com", "POST", "x=1&_METHOD=post", false},
+		{"api.example.com", "POST", "%5f%6Dethod=DELETE", false},
+		{"api.example.com", "POST", "a=1;_method=PUT", false},
+		{"api.example.com", "POST", "q=methodical", true},
+		{"api.example.com", "POST", "%255fmethod=x", true}, // decodes once to %5fmethod: no server sees _method
+		{"x.files.example", "GET", "_method=DELETE", true}, // neither methods nor inject
+	} {
+		path := "/v1/chat"
+		if tc.name != "api.example.com" {
+			path = "/any"
+		}
+		d := pr.DecideRequest(Request{Kind: KindTLS, Name: tc.name, Port: 443, Host: tc.name, Method: tc.method, Path: path, EscapedPath: path, RawQuery: tc.query})
+		if (d.Verdict == Allow) != tc.allow {
+			t.Errorf("%s %s%s?%s: %s (%s), want allowed %v", tc.method, tc.name, path, tc.query, d.Verdict, d.Reason, tc.allow)
+		}
+		if !tc.allow && !strings.Contains(d.Reason, "_method query parameter") {
+			t.Errorf("%s?%s: reason %q does not name the _method parameter", path, tc.query, d.Reason)
+		}
+	}
+}

@@ -420,6 +420,9 @@ func TestRedteamTermMethods(t *testing.T) {
 		{"X-HTTP-Method", "GET /v1/x HTTP/1.1\r\nHost: api.example.com\r\nX-HTTP-Method: DELETE\r\nConnection: close\r\n\r\n"},
 		{"X-Method-Override", "GET /v1/x HTTP/1.1\r\nHost: api.example.com\r\nX-Method-Override: DELETE\r\nConnection: close\r\n\r\n"},
 		{"override on the POST rule", "POST /v1/chat HTTP/1.1\r\nHost: api.example.com\r\nX-HTTP-Method-Override: DELETE\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"},
+		{"_method in the query", "POST /v1/chat?_method=DELETE HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"},
+		{"_method escaped", "GET /v1/x?%5F%6Dethod=DELETE HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"},
+		{"_Method after ;", "GET /v1/x?a=1;_Method=delete HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"},
 		{"CONNECT", "CONNECT evil.example.net:443 HTTP/1.1\r\nHost: evil.example.net:443\r\nConnection: close\r\n\r\n"},
 		{"CONNECT to itself", "CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\nConnection: close\r\n\r\n"},
 	} {

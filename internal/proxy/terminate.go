@@ -493,7 +493,7 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rl.d = policy.Decision{Verdict: policy.Deny, Project: pr.Name, Reason: "CONNECT is never forwarded to an origin server"}
 	default:
 		rd := pr.DecideRequest(policy.Request{Kind: kind, Name: h.name, Port: h.e.dst.Port(), Host: r.Host,
-			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath(), MethodOverrides: methodOverrides(r.Header)})
+			Method: r.Method, Path: r.URL.Path, EscapedPath: r.URL.EscapedPath(), MethodOverrides: methodOverrides(r.Header), RawQuery: r.URL.RawQuery})
 		rl.d = rd.Decision
 		if rl.d.Verdict != policy.Allow && pr.Audit {
 			rl.d.Verdict = WouldDeny // forwarded as is, nothing injected
