@@ -284,6 +284,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	add(m, "VMEGRESS-GUEST", "! -s "+cidr+" -j DROP", "source outside the guest range: spoofed")
 	// Reverse-path check in the ruleset, whatever rp_filter says.
 	add(m, "VMEGRESS-GUEST", "-m rpfilter --invert -j DROP", "anti-spoofing: source address does not belong behind this interface")
+	// A kernel-forwarded flow's packets leave after the reverse-path
+	// check alone, as on nftables (its SYN passed the rest; a packet with
+	// IP options falls through to their drop).
+	add(m, "VMEGRESS-GUEST", ctK+` -m u32 --u32 "0>>24&0xF=5" -g VMEGRESS-PASS`, "a flow the kernel forwards (cidr or tcp rule): no data plane")
 	add(m, "VMEGRESS-GUEST", "-m addrtype --src-type LOCAL -j DROP", "anti-spoofing: source is one of the host's own addresses")
 	// The nftables backend's "mark ... accept": goto VMEGRESS-PASS, which
 	// marks the packet for the routing lock and ends vmegress's chains.
@@ -296,7 +300,6 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	add(m, "VMEGRESS-GUEST", "-p tcp --dport 853 -j DROP", "no DNS over TLS: guests use the allowlist resolver")
 	add(m, "VMEGRESS-GUEST", "-p udp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
 	add(m, "VMEGRESS-GUEST", "-p tcp --dport 53 -j RETURN", "guest DNS, to any address: redirected to the resolver by chain nat_prerouting")
-	add(m, "VMEGRESS-GUEST", ctK+" -g VMEGRESS-PASS", "a flow the kernel forwards (cidr rule): no data plane")
 	// xt_TPROXY drops the packet itself when no socket listens on the port.
 	add(m, "VMEGRESS-GUEST", "-p tcp -m set --match-set "+ipsAudit+" src "+tproxy, "audit project: all TCP to the data plane, which logs what enforcement would refuse")
 	// A connection's first packet is decided in VMEGRESS-NEW by the
