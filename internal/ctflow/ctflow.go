@@ -225,39 +225,65 @@ func (t *Tracker) Watch(ctx context.Context, ended func([]Flow)) error {
 		pause.Stop()
 	}
 	b := &batch{buf: make([]byte, recvBufferLen)}
-	for {
-		for round := 0; round < maxRounds; round++ {
-			if err := t.receive(evs, b, round == 0); err != nil {
-				if ctx.Err() != nil || t.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
-					return nil
-				}
-				return fmt.Errorf("reading conntrack events: %w", err)
-			}
-			if len(b.dels) == 0 {
-				break
-			}
-			// The kernel deletes the entries and queues their destroy
-			// events while it handles the send: the next round reads them.
-			if err := sendDeletes(dels, b.dels); err != nil && t.OnError != nil {
-				t.OnError(fmt.Errorf("deleting the entries of ended flows: %w", err))
-			}
-			b.dels = b.dels[:0]
-		}
+	// emit reports the batch's ended flows.
+	emit := func() {
 		if len(b.flows) > 0 {
 			ended(b.flows)
 			clear(b.flows) // no reference kept to what ended was given
 			b.flows = b.flows[:0]
 		}
+	}
+	// stopping reports what was read and, when ctx ended, what is still
+	// queued (without waiting): the flows that ended during the last pause.
+	stopping := func() {
+		if ctx.Err() != nil && !t.closed.Load() {
+			t.events.SetReadDeadline(time.Time{})
+			t.rounds(evs, dels, b, false)
+		}
+		emit()
+	}
+	for {
+		if err := t.rounds(evs, dels, b, true); err != nil {
+			if ctx.Err() != nil || t.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
+				stopping()
+				return nil
+			}
+			emit()
+			return fmt.Errorf("reading conntrack events: %w", err)
+		}
+		emit()
 		if pause != nil {
 			pause.Reset(coalesce)
 			select {
 			case <-ctx.Done():
 				pause.Stop()
+				stopping()
 				return nil
 			case <-pause.C:
 			}
 		}
 	}
+}
+
+// rounds reads a batch of events (waiting for the first when wait) and
+// sends the deletes they call for, then reads the destroy events those
+// bring, and so on for at most maxRounds.
+func (t *Tracker) rounds(evs, dels syscall.RawConn, b *batch, wait bool) error {
+	for round := 0; round < maxRounds; round++ {
+		if err := t.receive(evs, b, wait && round == 0); err != nil {
+			return err
+		}
+		if len(b.dels) == 0 {
+			return nil
+		}
+		// The kernel deletes the entries and queues their destroy events
+		// while it handles the write: the next round reads them.
+		if err := sendDeletes(dels, b.dels); err != nil && t.OnError != nil {
+			t.OnError(fmt.Errorf("deleting the entries of ended flows: %w", err))
+		}
+		b.dels = b.dels[:0]
+	}
+	return nil
 }
 
 // batch is what Watch gathers from the events read at once.
