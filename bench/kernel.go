@@ -71,11 +71,13 @@ func cidrBench(o options, bin string) error {
 			fmt.Fprintf(os.Stderr, "run %d/%d: %s (cidr only)\n", r, o.runs, p)
 			// Profiles are taken in the first run only: perf's own cost
 			// must not weigh on the figures of every run.
-			prof := ""
+			prof, ro := "", o
 			if r == 1 {
 				prof = o.profile
+			} else {
+				ro.daemonProfile = ""
 			}
-			res, ps, err := measureCIDR(o, bin, p, prof)
+			res, ps, err := measureCIDR(ro, bin, p, prof)
 			if err != nil {
 				return fmt.Errorf("run %d, %s: %w", r, p, err)
 			}
@@ -122,7 +124,8 @@ func measureCIDR(o options, bin, path, profileDir string) (result, []cidrProfile
 		if err != nil {
 			return nil, nil, err
 		}
-		d, err := w.StartDaemon(ctx, bin, cfg)
+		// VMEGRESS_PPROF serves /debug/pprof on the admin address (-daemon-profile).
+		d, err := w.StartDaemon(ctx, bin, cfg, "VMEGRESS_PPROF=1")
 		if err != nil {
 			return nil, nil, err
 		}
@@ -143,11 +146,26 @@ func measureCIDR(o options, bin, path, profileDir string) (result, []cidrProfile
 	res := result{}
 	var profiles []cidrProfile
 	for _, key := range cidrMetrics {
+		var pprofDone chan error
+		if key == "ccps" && daemon != nil && o.daemonProfile != "" {
+			pprofDone = daemonPprof(w, o.daemonProfile, o.duration)
+		}
+		cpu0 := procCPU(daemonPID)
 		v, err := take[key]()
 		if err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", key, err)
 		}
 		res[key] = v
+		if key == "ccps" && daemon != nil && v > 0 {
+			// The daemon's CPU per new flow, in µs: what it spends on
+			// each flow's events, delete, access-log line and counters.
+			res["dcpu"] = float64((procCPU(daemonPID) - cpu0).Microseconds()) / (v * o.duration.Seconds())
+		}
+		if pprofDone != nil {
+			if err := <-pprofDone; err != nil {
+				return nil, nil, err
+			}
+		}
 		if profileDir == "" {
 			continue
 		}
@@ -164,6 +182,29 @@ func measureCIDR(o options, bin, path, profileDir string) (result, []cidrProfile
 		res["klog"] = float64(strings.Count(daemon.RawAccessLog(), `"path":"kernel"`))
 	}
 	return res, profiles, nil
+}
+
+// daemonPprof fetches a Go CPU profile of the daemon over d from its
+// admin endpoint into dir/daemon-ccps.pprof, in the background; the
+// channel tells when it is written.
+func daemonPprof(w *world.World, dir string, d time.Duration) chan error {
+	done := make(chan error, 1)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		done <- fmt.Errorf("creating the daemon profile directory: %w", err)
+		return done
+	}
+	secs := max(int(d.Round(time.Second)/time.Second), 1)
+	file := filepath.Join(dir, "daemon-ccps.pprof")
+	go func() {
+		err := world.Run(context.Background(), world.NS(w.Host, "curl", "-sS", "--fail", "--max-time", strconv.Itoa(secs+30),
+			"-o", file, fmt.Sprintf("http://127.0.0.1:9901/debug/pprof/profile?seconds=%d", secs))...)
+		if err != nil {
+			err = fmt.Errorf("fetching the daemon's CPU profile: %w", err)
+		}
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the profile has started
+	return done
 }
 
 // perfCapture runs f under a system-wide `perf record -g` as long as f's
@@ -324,11 +365,13 @@ func renderCIDR(o options, res map[string][]result, profiles []cidrProfile) stri
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s× (%s) | %s |\n", name, num(median(d)), num(median(v)), num(median(rs)), spread(rs), verdict)
 	}
-	var logged []string
+	var logged, dcpu []string
 	for _, r := range res["builtin"] {
 		logged = append(logged, fmt.Sprintf("%.0f", r["klog"]))
+		dcpu = append(dcpu, fmt.Sprintf("%.0f", r["dcpu"]))
 	}
 	fmt.Fprintf(&b, "\nKernel-forwarded flows with an access-log line, per run: %s.\n", strings.Join(logged, ", "))
+	fmt.Fprintf(&b, "The daemon's CPU per new flow (new connections), per run: %s µs.\n", strings.Join(dcpu, ", "))
 	b.WriteString(cidrLimits)
 	for _, p := range profiles {
 		cpu := ""

@@ -87,6 +87,9 @@ type options struct {
 	// profile: perf captures of them go to this directory.
 	cidrOnly bool
 	profile  string
+	// daemonProfile: a Go CPU profile of the daemon during the first
+	// run's new-connection figure goes to this directory.
+	daemonProfile string
 
 	// only, when not empty, names the path measurements to take (-only);
 	// the others are skipped.
@@ -130,6 +133,7 @@ func main() {
 	flag.StringVar(&o.termProfile, "term-profile", "", "with -term: write CPU profiles of the builtin plane under the termination loads to this directory and print their top entries")
 	flag.BoolVar(&o.cidrOnly, "cidr", false, "measure only the cidr rule's figures (kernel path) against direct and replace their section of -out")
 	flag.StringVar(&o.profile, "profile", "", "with -cidr: record perf (system-wide, call graphs) during each cidr measurement of the first run into this directory and put the top symbols in the report")
+	flag.StringVar(&o.daemonProfile, "daemon-profile", "", "with -cidr: write a Go CPU profile of the daemon during the first run's new-connection figure to DIR/daemon-ccps.pprof")
 	flag.BoolVar(&o.apiOnly, "api", false, "measure only the local API's speed and replace its section of -out")
 	flag.IntVar(&o.api.projects, "api-projects", 4000, "placed API projects besides the guest's")
 	flag.IntVar(&o.api.rules, "api-rules", 50, "rules per project")

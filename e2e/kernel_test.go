@@ -1,10 +1,14 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"net"
+	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -235,3 +239,64 @@ func synRefused(t *testing.T, e *env) string {
 	}
 	return b.String()
 }
+
+// TestKernelFlowCounted: a kernel-forwarded flow that ends is counted in
+// the metrics (a connection, and its bytes each way) and published on the
+// API's event stream, as a proxied connection is.
+func TestKernelFlowCounted(t *testing.T) {
+	t.Parallel()
+	if !kernelPath() {
+		t.Skip("no kernel path")
+	}
+	e := newWorld(t)
+	e.writeConfig("admin: 127.0.0.1:9901\n" + baseConfig)
+	e.start()
+	evCtx, stopEvents := context.WithCancel(e.ctx)
+	// The stream's output, read while the command writes it.
+	var mu sync.Mutex
+	var events bytes.Buffer
+	ev := exec.CommandContext(evCtx, "ip", world.NS(e.w.Host, binary, "--state-dir", e.w.StateDir(), "--api-socket", e.w.APISocket(),
+		"--config", e.cfg, "events", "--project", "alpha")[1:]...)
+	ev.Stdout = writerFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return events.Write(p) })
+	if err := ev.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stopEvents(); ev.Wait() }()
+	streamed := func() string { mu.Lock(); defer mu.Unlock(); return events.String() }
+	time.Sleep(300 * time.Millisecond) // subscribed
+	banner, br := e.bannerConn()
+	if !alive(banner, br) {
+		t.Fatal("the banner connection does not echo")
+	}
+	banner.Close()
+	e.accessLine("dst", world.BannerIP.String()+":22", "path", "kernel")
+	metrics, err := e.hostGet("http://127.0.0.1:9901/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`vmegress_proxy_connections_total{project="alpha",verdict="allow"} 1`,
+		`vmegress_proxy_bytes_total{direction="down",project="alpha"}`,
+		`vmegress_proxy_bytes_total{direction="up",project="alpha"}`,
+	} {
+		if !strings.Contains(metrics, want+"\n") && !strings.Contains(metrics, want+" ") {
+			t.Errorf("metrics lack %s:\n%s", want, metrics)
+		}
+	}
+	for _, l := range strings.Split(metrics, "\n") {
+		if strings.HasPrefix(l, `vmegress_proxy_bytes_total{`) && strings.Contains(l, `project="alpha"`) && strings.HasSuffix(l, " 0") {
+			t.Errorf("no bytes counted: %s", l)
+		}
+	}
+	if !waitFor(5*time.Second, func() bool {
+		s := streamed()
+		return strings.Contains(s, `"path":"kernel"`) && strings.Contains(s, world.BannerIP.String()+":22")
+	}) {
+		t.Errorf("the kernel flow is not on the event stream:\n%s", streamed())
+	}
+}
+
+// writerFunc is an io.Writer.
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

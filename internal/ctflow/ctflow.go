@@ -8,12 +8,15 @@ package ctflow
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/mdlayher/netlink"
@@ -43,7 +46,8 @@ type Tracker struct {
 	// Watch acts on reach it.
 	events *netlink.Conn
 	// dels sends the deletes of ended flows without waiting for answers
-	// (a filter drops them all: an entry already gone is no error).
+	// (a filter drops them all: an entry already gone is no error),
+	// several in one write.
 	dels    *netlink.Conn
 	ops     *conntrack.Conn
 	procSys string
@@ -51,10 +55,18 @@ type Tracker struct {
 	// OnError hears of errors that do not stop Watch (may be nil).
 	OnError func(error)
 
+	// Coalesce is how long Watch waits after acting on a batch of events
+	// before it reads again, so that one wake-up, one send of deletes and
+	// one call of ended serve every flow that ended meanwhile (zero:
+	// DefaultCoalesce; negative: no wait).
+	Coalesce time.Duration
+
 	started bool
+	closed  atomic.Bool
 
 	mu      sync.Mutex
 	revoked map[uint32]bool // entries Revoke deleted, until their event
+	revokes atomic.Int64    // len(revoked), read without mu
 }
 
 // Open dials conntrack. procSys is the root of the sysctl tree (zero:
@@ -89,6 +101,7 @@ func Open(procSys string) (*Tracker, error) {
 
 // Close closes the sockets (Watch returns).
 func (t *Tracker) Close() error {
+	t.closed.Store(true)
 	return errors.Join(t.events.Close(), t.dels.Close(), t.ops.Close())
 }
 
@@ -162,84 +175,239 @@ func (t *Tracker) Start() error {
 // connections at this machine's rate, should the daemon be descheduled.
 const eventBuffer = 4 << 20
 
-// Watch calls ended once for every kernel-forwarded flow that is over, when
-// its entry goes: at once when it enters TIME_WAIT or CLOSE (the flow closed
-// or was reset; Watch deletes the entry, which would linger for minutes),
-// else when it times out or is revoked. It runs until ctx ends or the
-// socket fails.
+// DefaultCoalesce is Tracker.Coalesce's zero value: 5 ms keeps the wake-ups
+// to at most 200 a second under load, each serving every flow that ended
+// meanwhile, while a flow's line comes at most that much later.
+const DefaultCoalesce = 5 * time.Millisecond
+
+// Bounds of one batch: events read before the batch is acted on, and
+// read-then-delete rounds before its flows are reported (the destroy
+// events of the entries a round deleted are read in the next).
+const (
+	maxBatchEvents = 1024
+	maxRounds      = 4
+	// recvBufferLen holds any one event (conntrack sizes them well under
+	// 4 KiB; a longer datagram would be cut and reported as malformed).
+	recvBufferLen = 64 << 10
+)
+
+// Watch calls ended with the kernel-forwarded flows that are over, when
+// their entries go: at once when one enters TIME_WAIT or CLOSE (the flow
+// closed or was reset; Watch deletes the entry, which would linger for
+// minutes), else when it times out or is revoked. It reads the events in
+// batches (see Coalesce) and calls ended once per batch; ended must not
+// keep the slice. It runs until ctx ends or the socket fails.
 //
-// It first turns on the per-flow byte counters and timestamps
-// (net.netfilter.nf_conntrack_acct and _timestamp, per network namespace;
-// there once the ruleset, which uses conntrack, is installed).
-func (t *Tracker) Watch(ctx context.Context, ended func(Flow)) error {
+// It first calls Start, if that was not done.
+func (t *Tracker) Watch(ctx context.Context, ended func([]Flow)) error {
 	if !t.started {
 		if err := t.Start(); err != nil {
 			return err
 		}
 	}
+	evs, err := t.events.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("reading conntrack events: %w", err)
+	}
+	dels, err := t.dels.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("deleting conntrack entries: %w", err)
+	}
 	stop := context.AfterFunc(ctx, func() { t.events.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
+	coalesce := t.Coalesce
+	if coalesce == 0 {
+		coalesce = DefaultCoalesce
+	}
+	var pause *time.Timer
+	if coalesce > 0 {
+		pause = time.NewTimer(coalesce)
+		pause.Stop()
+	}
+	b := &batch{buf: make([]byte, recvBufferLen)}
+	// emit reports the batch's ended flows.
+	emit := func() {
+		if len(b.flows) > 0 {
+			ended(b.flows)
+			clear(b.flows) // no reference kept to what ended was given
+			b.flows = b.flows[:0]
+		}
+	}
+	// stopping reports what was read and, when ctx ended, what is still
+	// queued (without waiting): the flows that ended during the last pause.
+	stopping := func() {
+		if ctx.Err() != nil && !t.closed.Load() {
+			t.events.SetReadDeadline(time.Time{})
+			t.rounds(evs, dels, b, false)
+		}
+		emit()
+	}
 	for {
-		msgs, err := t.events.Receive()
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
+		if err := t.rounds(evs, dels, b, true); err != nil {
+			if ctx.Err() != nil || t.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, unix.EBADF) {
+				stopping()
 				return nil
 			}
-			if errors.Is(err, unix.ENOBUFS) { // NoENOBUFS should prevent it; keep going
-				if t.OnError != nil {
-					t.OnError(fmt.Errorf("conntrack events were lost (socket buffer full)"))
-				}
-				continue
-			}
+			emit()
 			return fmt.Errorf("reading conntrack events: %w", err)
 		}
-		for _, m := range msgs {
-			var ev conntrack.Event
-			if err := ev.Unmarshal(m); err != nil {
+		emit()
+		if pause != nil {
+			pause.Reset(coalesce)
+			select {
+			case <-ctx.Done():
+				pause.Stop()
+				stopping()
+				return nil
+			case <-pause.C:
+			}
+		}
+	}
+}
+
+// rounds reads a batch of events (waiting for the first when wait) and
+// sends the deletes they call for, then reads the destroy events those
+// bring, and so on for at most maxRounds.
+func (t *Tracker) rounds(evs, dels syscall.RawConn, b *batch, wait bool) error {
+	for round := 0; round < maxRounds; round++ {
+		if err := t.receive(evs, b, wait && round == 0); err != nil {
+			return err
+		}
+		if len(b.dels) == 0 {
+			return nil
+		}
+		// The kernel deletes the entries and queues their destroy events
+		// while it handles the write: the next round reads them.
+		if err := sendDeletes(dels, b.dels); err != nil && t.OnError != nil {
+			t.OnError(fmt.Errorf("deleting the entries of ended flows: %w", err))
+		}
+		b.dels = b.dels[:0]
+	}
+	return nil
+}
+
+// batch is what Watch gathers from the events read at once.
+type batch struct {
+	buf   []byte // one datagram
+	dels  []byte // delete requests, sent at once
+	flows []Flow // ended flows
+	ev    event
+}
+
+// receive reads the events queued on the event socket (at most
+// maxBatchEvents), waiting for the first when wait, and adds what they
+// call for to b.
+func (t *Tracker) receive(rc syscall.RawConn, b *batch, wait bool) error {
+	var rerr error
+	got := 0
+	err := rc.Read(func(fd uintptr) bool {
+		for got < maxBatchEvents {
+			n, err := unix.Read(int(fd), b.buf)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return got > 0 || !wait
+			case err == unix.ENOBUFS: // NoENOBUFS should prevent it; keep going
 				if t.OnError != nil {
-					t.OnError(fmt.Errorf("decoding a conntrack event: %w", err))
+					t.OnError(errors.New("conntrack events were lost (socket buffer full)"))
 				}
 				continue
+			case err != nil:
+				rerr = err
+				return true
 			}
-			t.handle(ev, ended)
+			got++
+			t.handleDatagram(b.buf[:n], b)
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return rerr
+}
+
+// handleDatagram acts on the conntrack messages of one datagram.
+func (t *Tracker) handleDatagram(d []byte, b *batch) {
+	for len(d) > 0 {
+		n, err := decodeMessage(d, &b.ev)
+		if err != nil && t.OnError != nil {
+			t.OnError(fmt.Errorf("decoding a conntrack event: %w", err))
+		}
+		if n == 0 {
+			return
+		}
+		d = d[n:]
+		if err == nil {
+			t.handle(&b.ev, b)
 		}
 	}
 }
 
 // handle acts on one event (the filter let through only kernel-forwarded
 // flows' closing updates and destroys; checked again here).
-func (t *Tracker) handle(ev conntrack.Event, ended func(Flow)) {
-	if !kernelForwarded(ev.Flow) {
+func (t *Tracker) handle(ev *event, b *batch) {
+	if ev.mark&firewall.KernelCTMark == 0 || ev.proto != protoTCP {
 		return
 	}
-	switch ev.Type {
-	case conntrack.EventUpdate:
-		if tcp := ev.Flow.ProtoInfo.TCP; tcp == nil || (tcp.State != tcpTimeWait && tcp.State != tcpClose) {
+	switch ev.kind {
+	case eventUpdate:
+		if !ev.hasTCPState || (ev.tcpState != tcpTimeWait && ev.tcpState != tcpClose) {
 			return
 		}
 		// Over, but the entry would linger for minutes; update events
 		// carry no byte counters. Deleting it brings the destroy event,
 		// with the counters, now. (A late packet of the flow is decided
-		// afresh by the ruleset.)
-		// Sent without waiting for the kernel's answer: a round trip
-		// per flow was the daemon's largest cost at high connection rates.
-		f := flowOf(ev.Flow)
-		m, err := deleteMessage(f.Src, f.Dst, ev.Flow.Zone)
-		if err == nil {
-			_, err = t.dels.Send(m)
+		// afresh by the ruleset.) The deletes of a batch go in one send,
+		// without waiting for the kernel's answers.
+		if ev.flow.Src.Addr().Is4() == ev.flow.Dst.Addr().Is4() && ev.flow.Src.IsValid() && ev.flow.Dst.IsValid() {
+			b.dels = appendDelete(b.dels, ev.flow.Src, ev.flow.Dst, ev.zone)
 		}
-		if err != nil && t.OnError != nil {
-			t.OnError(fmt.Errorf("deleting the entry of an ended flow: %w", err))
+	case eventDestroy:
+		f := ev.flow
+		if t.revokes.Load() > 0 {
+			t.mu.Lock()
+			f.Revoked = t.revoked[ev.id]
+			delete(t.revoked, ev.id)
+			t.revokes.Store(int64(len(t.revoked)))
+			t.mu.Unlock()
 		}
-	case conntrack.EventDestroy:
-		t.mu.Lock()
-		revoked := t.revoked[ev.Flow.ID]
-		delete(t.revoked, ev.Flow.ID)
-		t.mu.Unlock()
-		fl := flowOf(ev.Flow)
-		fl.Revoked = revoked
-		ended(fl)
+		b.flows = append(b.flows, f)
 	}
+}
+
+// maxDeleteSend bounds one send of delete requests (each is 72 to 104
+// bytes), well under a netlink socket's default send buffer.
+const maxDeleteSend = 32 << 10
+
+// sendDeletes sends the delete requests of reqs (whole messages), in as
+// few writes as maxDeleteSend allows.
+func sendDeletes(rc syscall.RawConn, reqs []byte) error {
+	var errs []error
+	for len(reqs) > 0 {
+		n := 0
+		for n < len(reqs) {
+			l := int(binary.NativeEndian.Uint32(reqs[n:]))
+			if n > 0 && n+l > maxDeleteSend {
+				break
+			}
+			n += l
+		}
+		var werr error
+		err := rc.Write(func(fd uintptr) bool {
+			_, werr = unix.Write(int(fd), reqs[:n])
+			return werr != unix.EAGAIN
+		})
+		if err == nil {
+			err = werr
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+		reqs = reqs[n:]
+	}
+	return errors.Join(errs...)
 }
 
 // Revoke deletes the entries of the open kernel-forwarded flows for which
@@ -261,6 +429,7 @@ func (t *Tracker) Revoke(keep func(Flow) bool) (int, error) {
 			t.revoked = map[uint32]bool{}
 		}
 		t.revoked[f.ID] = true
+		t.revokes.Store(int64(len(t.revoked)))
 		t.mu.Unlock()
 		if err := t.ops.Delete(*f); err != nil {
 			errs = append(errs, fmt.Errorf("deleting the conntrack entry of %s -> %s: %w", flowOf(f).Src, flowOf(f).Dst, err))

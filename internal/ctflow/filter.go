@@ -3,9 +3,7 @@ package ctflow
 import (
 	"encoding/binary"
 	"fmt"
-	"net/netip"
 
-	"github.com/mdlayher/netlink"
 	"golang.org/x/net/bpf"
 )
 
@@ -92,41 +90,6 @@ const (
 	afInet              = 2
 	protoTCP            = 6
 )
-
-// deleteMessage is the request deleting the IPv4 TCP conntrack entry whose
-// original tuple is src → dst in zone, sent without asking for an answer.
-func deleteMessage(src, dst netip.AddrPort, zone uint16) (netlink.Message, error) {
-	ae := netlink.NewAttributeEncoder()
-	ae.ByteOrder = binary.BigEndian
-	ae.Nested(ctaTupleOrig, func(t *netlink.AttributeEncoder) error {
-		t.Nested(ctaTupleIP, func(ip *netlink.AttributeEncoder) error {
-			s, d := src.Addr().As4(), dst.Addr().As4()
-			ip.Bytes(ctaIPv4Src, s[:])
-			ip.Bytes(ctaIPv4Dst, d[:])
-			return nil
-		})
-		t.Nested(ctaTupleProto, func(p *netlink.AttributeEncoder) error {
-			p.Uint8(ctaProtoNum, protoTCP)
-			p.Uint16(ctaProtoSrcPort, src.Port())
-			p.Uint16(ctaProtoDstPort, dst.Port())
-			return nil
-		})
-		return nil
-	})
-	if zone != 0 {
-		ae.Uint16(ctaZone, zone)
-	}
-	attrs, err := ae.Encode()
-	if err != nil {
-		return netlink.Message{}, fmt.Errorf("encoding a conntrack delete: %w", err)
-	}
-	// nfgenmsg: family, version 0, resource id 0.
-	data := append([]byte{afInet, 0, 0, 0}, attrs...)
-	return netlink.Message{
-		Header: netlink.Header{Type: netlink.HeaderType(nfnlSubsysCTNetlink<<8 | ctMsgDelete), Flags: netlink.Request},
-		Data:   data,
-	}, nil
-}
 
 // dropAll is a filter that lets nothing in.
 var dropAll = []bpf.RawInstruction{{Op: 0x06, K: 0}} // BPF_RET|BPF_K 0

@@ -80,7 +80,10 @@ type Daemon struct {
 	// StateDir holds runtime files (Envoy's bootstrap and xDS socket).
 	StateDir string
 	// AccessWriter receives Envoy's JSON access-log lines as they are (the
-	// daemon publishes them to Events and counts them in its metrics).
+	// daemon publishes them to Events and counts them in its metrics), and
+	// the lines of kernel-forwarded flows, written as AccessLog's JSON
+	// handler would, a batch at a time; it must be AccessLog's writer.
+	// Nil: those lines go through AccessLog.
 	AccessWriter io.Writer
 	// Flows follows the flows the kernel forwards for cidr rules (logging
 	// them when they end, cutting them on a policy change); nil: neither.
@@ -103,15 +106,17 @@ type Daemon struct {
 	planeErr error
 	proxy    *proxy.Proxy
 	resolver *vdns.Resolver
-	xds      *envoy.Server
-	envoyOpt envoy.Settings
+	// kernelLines is kernelFlowsEnded's buffer (Flows.Watch's goroutine).
+	kernelLines []byte
+	xds         *envoy.Server
+	envoyOpt    envoy.Settings
 }
 
 // Flows is ctflow.Tracker's interface.
 type Flows interface {
 	// Start subscribes before guests are served; Watch then reports.
 	Start() error
-	Watch(ctx context.Context, ended func(ctflow.Flow)) error
+	Watch(ctx context.Context, ended func([]ctflow.Flow)) error
 	Revoke(keep func(ctflow.Flow) bool) (int, error)
 }
 
@@ -244,7 +249,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	go func() { defer close(driftDone); d.watchDrift(driftCtx) }()
 	if d.Flows != nil {
 		go func() {
-			if err := d.Flows.Watch(driftCtx, d.kernelFlowEnded); err != nil {
+			if err := d.Flows.Watch(driftCtx, d.kernelFlowsEnded); err != nil {
 				d.Log.Error("following kernel-forwarded flows stopped: they are no longer logged", "err", err.Error())
 			}
 		}()
@@ -499,46 +504,92 @@ func (d *Daemon) serveDNS(ctx context.Context, addr string, r *vdns.Resolver) (f
 	return r.Serve(pc, tl), nil
 }
 
-// kernelFlowEnded logs a flow the kernel forwarded, as the data plane logs
-// its connections (path "kernel"), and counts it.
-func (d *Daemon) kernelFlowEnded(f ctflow.Flow) {
-	project, rule, verdict, reason := "", "", string(policy.Allow), ""
-	if dec, _ := d.Engine.Snapshot().Policy.ConnectWith(f.Src.Addr(), f.Dst, d.resolved()); dec.Project != "" {
-		project = dec.Project
-		if dec.Verdict == policy.Allow {
-			rule = dec.Rule
+// kernelFlowsEnded logs the flows the kernel forwarded, as the data plane
+// logs its connections (path "kernel"), and counts them. They come in
+// batches (ctflow.Tracker.Watch): the policy is looked up once, the lines
+// are written at once (to AccessWriter) and the counters are added once
+// per project and verdict.
+func (d *Daemon) kernelFlowsEnded(fs []ctflow.Flow) {
+	pol := d.Engine.Snapshot().Policy
+	names := d.resolved()
+	var h slog.Handler
+	if d.AccessWriter == nil && d.AccessLog != nil {
+		if h = d.AccessLog.Handler(); !h.Enabled(context.Background(), slog.LevelInfo) {
+			h = nil
 		}
 	}
-	if f.Revoked {
-		verdict, reason = "revoked", "closed: the new policy no longer allows it"
+	now := time.Now()
+	buf := d.kernelLines[:0]
+	var tallies [4]flowTally // a batch's flows are of a few projects
+	tally := tallies[:0]
+	for i := range fs {
+		f := &fs[i]
+		l := kernelLine{verdict: string(policy.Allow), src: f.Src, dst: f.Dst, up: int64(f.Up), down: int64(f.Down)}
+		if dec, _ := pol.ConnectWith(f.Src.Addr(), f.Dst, names); dec.Project != "" {
+			l.project = dec.Project
+			if dec.Verdict == policy.Allow {
+				l.rule = dec.Rule
+			}
+		}
+		if f.Revoked {
+			l.verdict, l.reason = "revoked", "closed: the new policy no longer allows it"
+		}
+		tally = addTally(tally, l.project, l.verdict, f.Up, f.Down)
+		if names != nil && l.project != "" {
+			// The names the resolver handed the address out for (tcp rules).
+			l.resolved = strings.Join(names(l.project, f.Dst.Addr()), ",")
+		}
+		if !f.Start.IsZero() && f.Stop.After(f.Start) {
+			l.durationMS = float64(f.Stop.Sub(f.Start).Microseconds()) / 1000
+		}
+		switch {
+		case d.AccessWriter != nil:
+			buf = appendKernelLine(buf, now, &l)
+			if d.Events.Active() {
+				d.Events.Publish(l.event(now))
+			}
+		case h != nil:
+			// Handed to the handler directly, as the proxy does:
+			// Logger.LogAttrs would look up the caller's program counter.
+			r := slog.NewRecord(now, slog.LevelInfo, "connection", 0)
+			r.AddAttrs(l.attrs()...)
+			h.Handle(context.Background(), r) // a failed write is not retried (as the proxy's)
+		}
 	}
-	var resolved []string
-	if r := d.resolved(); r != nil && project != "" {
-		resolved = r(project, f.Dst.Addr())
+	if len(buf) > 0 {
+		d.AccessWriter.Write(buf) // as slog's: a failed write is not retried
 	}
-	d.metrics.Connection(project, verdict)
-	d.metrics.Bytes(project, int64(f.Up), int64(f.Down))
-	if d.AccessLog == nil {
-		return
+	if cap(buf) <= maxKernelLines {
+		d.kernelLines = buf
 	}
-	dur := 0.0
-	if !f.Start.IsZero() && f.Stop.After(f.Start) {
-		dur = float64(f.Stop.Sub(f.Start).Microseconds()) / 1000
+	for _, t := range tally {
+		d.metrics.Connections(t.project, t.verdict, t.n)
+		d.metrics.Bytes(t.project, int64(t.up), int64(t.down))
 	}
-	d.AccessLog.LogAttrs(context.Background(), slog.LevelInfo, "connection",
-		slog.String("project", project),
-		slog.String("src", f.Src.String()),
-		slog.String("dst", f.Dst.String()),
-		slog.String("verdict", verdict),
-		slog.String("rule", rule),
-		slog.String("reason", reason),
-		slog.String("path", "kernel"),
-		slog.Int64("bytes_up", int64(f.Up)),
-		slog.Int64("bytes_down", int64(f.Down)),
-		slog.Float64("duration_ms", dur),
-		// The names the resolver handed the address out for (tcp rules).
-		slog.String("resolved", strings.Join(resolved, ",")),
-	)
+}
+
+// maxKernelLines bounds the buffer kernelFlowsEnded keeps between batches
+// (a line is some 300 bytes: 1 MiB is a batch of over 3,000 flows).
+const maxKernelLines = 1 << 20
+
+// flowTally is what a batch of kernel-forwarded flows adds to the counters
+// of one project and verdict.
+type flowTally struct {
+	project, verdict string
+	n                int
+	up, down         uint64
+}
+
+func addTally(ts []flowTally, project, verdict string, up, down uint64) []flowTally {
+	for i := range ts {
+		if ts[i].project == project && ts[i].verdict == verdict {
+			ts[i].n++
+			ts[i].up += up
+			ts[i].down += down
+			return ts
+		}
+	}
+	return append(ts, flowTally{project: project, verdict: verdict, n: 1, up: up, down: down})
 }
 
 // resolved is what the resolver handed out, for tcp rules' decisions.

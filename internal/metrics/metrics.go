@@ -76,6 +76,13 @@ func (m *Metrics) Connection(project, verdict string) {
 	}
 }
 
+// Connections counts n decided connections.
+func (m *Metrics) Connections(project, verdict string, n int) {
+	if m != nil {
+		m.connections.WithLabelValues(project, verdict).Add(float64(n))
+	}
+}
+
 // Bytes counts proxied bytes.
 func (m *Metrics) Bytes(project string, up, down int64) {
 	if m != nil {
