@@ -166,7 +166,9 @@ func (t *Tracker) Start() error {
 			return fmt.Errorf("listening for conntrack events (group %d): %w", g, err)
 		}
 	}
+	t.mu.Lock()
 	t.started = true
+	t.mu.Unlock()
 	return nil
 }
 
@@ -200,7 +202,10 @@ const (
 //
 // It first calls Start, if that was not done.
 func (t *Tracker) Watch(ctx context.Context, ended func([]Flow)) error {
-	if !t.started {
+	t.mu.Lock()
+	started := t.started
+	t.mu.Unlock()
+	if !started {
 		if err := t.Start(); err != nil {
 			return err
 		}
@@ -425,11 +430,15 @@ func (t *Tracker) Revoke(keep func(Flow) bool) (int, error) {
 			continue
 		}
 		t.mu.Lock()
-		if t.revoked == nil {
-			t.revoked = map[uint32]bool{}
+		// Remembered until its destroy event, which only a started
+		// tracker hears (a cut at the daemon's start comes before).
+		if t.started {
+			if t.revoked == nil {
+				t.revoked = map[uint32]bool{}
+			}
+			t.revoked[f.ID] = true
+			t.revokes.Store(int64(len(t.revoked)))
 		}
-		t.revoked[f.ID] = true
-		t.revokes.Store(int64(len(t.revoked)))
 		t.mu.Unlock()
 		if err := t.ops.Delete(*f); err != nil {
 			errs = append(errs, fmt.Errorf("deleting the conntrack entry of %s -> %s: %w", flowOf(f).Src, flowOf(f).Dst, err))

@@ -489,11 +489,18 @@ func Render(tx *knftables.Transaction, s State) {
 		rule(chainPre, fmt.Sprintf("%sip saddr @%s update @%s { ip saddr ct count over %d } counter reject with tcp reset", newTCP, limitSet(n), countSet(n), n),
 			"max_connections: over the project's cap, refused")
 	}
-	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
+	// Conntrack builds an event for every state change of every flow for
+	// any listener, and the daemon's socket filter drops all but a kernel
+	// flow's end: a kernel flow's entry reports only its TCP state changes
+	// (protoinfo: the daemon deletes it at TIME_WAIT) and its destroy (its
+	// byte counts, the access-log line); a proxied flow's none (the data
+	// plane logs it). conntrack -E on the host shows as much.
+	kEvents, noEvents := " ct event set destroy,protoinfo", " ct event set 0x0"
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKFwd+kEvents+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
 		"cidr allow rule: forwarded by the kernel, no data plane")
-	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKTCP+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
+	rule(chainPre, newTCP+"ip saddr . ip daddr . tcp dport @"+setKTCP+kEvents+fmt.Sprintf(" ct mark set ct mark or %#x %s counter accept", KernelCTMark, lockMark),
 		"tcp rule: the resolver handed this address out for an allowed name: forwarded by the kernel")
-	rule(chainPre, newTCP+"ip saddr . tcp dport @"+setKProxy+" "+tproxy, "a port with name rules: to the data plane, marked for local delivery")
+	rule(chainPre, newTCP+"ip saddr . tcp dport @"+setKProxy+noEvents+" "+tproxy, "a port with name rules: to the data plane, marked for local delivery")
 	// Two rules, not one: should the set be full, the reset still comes.
 	rule(chainPre, newTCP+"update @"+setSYNRefused+" { ip saddr counter }", "count the refusal per guest")
 	rule(chainPre, newTCP+"counter reject with tcp reset", "no rule of the guest's project for this port: refused at the SYN")
