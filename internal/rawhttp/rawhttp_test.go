@@ -7,8 +7,6 @@ import (
 	"reflect"
 	"testing"
 	"time"
-
-	"golang.org/x/net/http2"
 )
 
 // serve answers each connection of a loopback listener with h (over
@@ -20,21 +18,11 @@ func serve(t *testing.T, h2 bool, h http.HandlerFunc) net.Conn {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	srv := &http.Server{Handler: h}
-	if h2 {
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go (&http2.Server{}).ServeConn(c, &http2.ServeConnOpts{BaseConfig: srv, Handler: h})
-			}
-		}()
-	} else {
-		go srv.Serve(ln)
-		t.Cleanup(func() { srv.Close() })
-	}
+	srv := &http.Server{Handler: h, Protocols: new(http.Protocols)}
+	srv.Protocols.SetHTTP1(!h2)
+	srv.Protocols.SetUnencryptedHTTP2(h2) // HTTP/2 with prior knowledge
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
 	c, err := net.Dial("tcp4", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
