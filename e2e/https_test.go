@@ -23,20 +23,32 @@ import (
 	"github.com/vmegress/vmegress/internal/world"
 )
 
+// echoSeen is one request as an echoServer received it.
+type echoSeen struct {
+	method, uri, host, remote string
+	header                    http.Header
+}
+
+func (s echoSeen) String() string {
+	return fmt.Sprintf("%s %s host=%s from %s %v", s.method, s.uri, s.host, s.remote, s.header)
+}
+
 // echoServer is an HTTPS server in the fake internet that answers every
-// request with the headers it received, and records the requests.
+// request with its request line, Host and headers (as TRACE does), and
+// records the requests.
 type echoServer struct {
 	mu   sync.Mutex
-	reqs []string // "METHOD /path Authorization=..."
+	reqs []echoSeen
 }
 
-func (s *echoServer) requests() []string {
+func (s *echoServer) requests() []echoSeen {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]string(nil), s.reqs...)
+	return append([]echoSeen(nil), s.reqs...)
 }
 
-// startEcho serves HTTPS on addr in the world's fake internet with cert.
+// startEcho serves HTTPS (h2 and HTTP/1.1) on addr in the world's fake
+// internet with cert.
 func startEcho(t *testing.T, w *world.World, addr string, cert *tls.Certificate) *echoServer {
 	t.Helper()
 	ln, err := world.ListenIn(w.Inet, "tcp4", addr)
@@ -47,9 +59,10 @@ func startEcho(t *testing.T, w *world.World, addr string, cert *tls.Certificate)
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 			s.mu.Lock()
-			s.reqs = append(s.reqs, fmt.Sprintf("%s %s Authorization=%q", r.Method, r.URL.Path, r.Header.Values("Authorization")))
+			s.reqs = append(s.reqs, echoSeen{r.Method, r.RequestURI, r.Host, r.RemoteAddr, r.Header.Clone()})
 			s.mu.Unlock()
-			fmt.Fprintf(rw, "proto %s\n", r.Proto)
+			io.Copy(io.Discard, r.Body)
+			fmt.Fprintf(rw, "%s %s %s\nHost: %s\n", r.Method, r.RequestURI, r.Proto, r.Host)
 			var keys []string
 			for k := range r.Header {
 				keys = append(keys, k)
@@ -67,6 +80,26 @@ func startEcho(t *testing.T, w *world.World, addr string, cert *tls.Certificate)
 	go srv.ServeTLS(ln, "", "")
 	t.Cleanup(func() { srv.Close() })
 	return s
+}
+
+// writeTermFiles writes, under dir, what a config with https rules names:
+// originCA's certificate as the upstream_ca_file, and a secrets_dir
+// holding secret as the secret apikey (secretFile).
+func writeTermFiles(t *testing.T, dir string, originCA *tlsca.CA, secret string) (upstreamCA, secretsDir, secretFile string) {
+	t.Helper()
+	upstreamCA = filepath.Join(dir, "upstream-ca.pem")
+	if err := os.WriteFile(upstreamCA, originCA.CertPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	secretsDir = filepath.Join(dir, "secrets")
+	if err := os.Mkdir(secretsDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	secretFile = filepath.Join(secretsDir, "apikey")
+	if err := os.WriteFile(secretFile, []byte(secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return upstreamCA, secretsDir, secretFile
 }
 
 const httpsSecret = "sk-e2e-Secret-7f3a9c"
@@ -93,16 +126,7 @@ func TestHTTPSTermination(t *testing.T) {
 	bad, _ := badCA.Leaf("example.com")
 	api := startEcho(t, e.w, net.JoinHostPort(world.ExampleIP.String(), "8443"), good)
 	impostor := startEcho(t, e.w, net.JoinHostPort(world.ExampleIP.String(), "9443"), bad)
-	upstreamCA := filepath.Join(dir, "upstream-ca.pem")
-	if err := os.WriteFile(upstreamCA, originCA.CertPEM(), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	secretsDir := filepath.Join(dir, "secrets")
-	os.Mkdir(secretsDir, 0o700)
-	secretFile := filepath.Join(secretsDir, "apikey")
-	if err := os.WriteFile(secretFile, []byte(httpsSecret+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	upstreamCA, secretsDir, secretFile := writeTermFiles(t, dir, originCA, httpsSecret)
 	cfg := fmt.Sprintf(`secrets_dir: %s
 upstream_ca_file: %s
 projects:
@@ -199,7 +223,7 @@ projects:
 		}
 	}
 	if got := api.requests()[before:]; len(got) != 0 {
-		t.Errorf("the server saw refused requests: %q", got)
+		t.Errorf("the server saw refused requests: %v", got)
 	}
 	e.accessLine("msg", "request", "method", "DELETE", "path", "/v1/models", "verdict", "deny")
 	e.accessLine("msg", "request", "method", "GET", "path", "/v1/models", "verdict", "allow", "sni", "example.com")
@@ -212,7 +236,7 @@ projects:
 		t.Errorf("untrusted upstream: %q; want 502 about its certificate", out)
 	}
 	if got := impostor.requests(); len(got) != 0 {
-		t.Errorf("the impostor got requests: %q", got)
+		t.Errorf("the impostor got requests: %v", got)
 	}
 	// A guest that does not trust the vmegress CA fails closed.
 	if out, err := e.curl("https://example.com:8443/v1/models"); err == nil {

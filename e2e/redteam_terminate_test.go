@@ -1,45 +1,21 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"io"
-	"log"
 	"net"
-	"net/http"
 	"net/netip"
-	"os"
 	"path"
 	"path/filepath"
-	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
-
+	"github.com/vmegress/vmegress/internal/rawhttp"
 	"github.com/vmegress/vmegress/internal/tlsca"
 	"github.com/vmegress/vmegress/internal/world"
 )
-
-// rtSeen is one request as the fake internet's API server received it.
-type rtSeen struct {
-	method, uri, host, remote string
-	header                    http.Header
-}
-
-func (s rtSeen) String() string {
-	return fmt.Sprintf("%s %s host=%s from %s %v", s.method, s.uri, s.host, s.remote, s.header)
-}
-
-// rtH2Req is one raw HTTP/2 request: header fields in order, pseudo-headers
-// included, as a hostile guest chooses them.
-type rtH2Req [][2]string
 
 const rtE2ESecret = "sk-redteam-Secret-41c7"
 
@@ -61,45 +37,8 @@ func TestRedteamTerminate(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaf, _ := originCA.Leaf("example.com")
-	ln, err := world.ListenIn(e.w.Inet, "tcp4", net.JoinHostPort(world.ExampleIP.String(), "8443"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var seen []rtSeen
-	srv := &http.Server{
-		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			mu.Lock()
-			seen = append(seen, rtSeen{r.Method, r.RequestURI, r.Host, r.RemoteAddr, r.Header.Clone()})
-			mu.Unlock()
-			io.Copy(io.Discard, r.Body)
-			// Every answer echoes the request, as TRACE does.
-			fmt.Fprintf(w, "%s %s %s\nHost: %s\n", r.Method, r.RequestURI, r.Proto, r.Host)
-			var keys []string
-			for k := range r.Header {
-				keys = append(keys, k)
-			}
-			sort.Strings(keys)
-			for _, k := range keys {
-				for _, v := range r.Header[k] {
-					fmt.Fprintf(w, "%s: %s\n", k, v)
-				}
-			}
-		}),
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"h2", "http/1.1"}},
-		ErrorLog:  log.New(io.Discard, "", 0),
-	}
-	go srv.ServeTLS(ln, "", "")
-	t.Cleanup(func() { srv.Close() })
-	requests := func() []rtSeen { mu.Lock(); defer mu.Unlock(); return append([]rtSeen(nil), seen...) }
-
-	upstreamCA := filepath.Join(dir, "upstream-ca.pem")
-	os.WriteFile(upstreamCA, originCA.CertPEM(), 0o644)
-	secretsDir := filepath.Join(dir, "secrets")
-	os.Mkdir(secretsDir, 0o700)
-	if err := os.WriteFile(filepath.Join(secretsDir, "apikey"), []byte(rtE2ESecret+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	api := startEcho(t, e.w, net.JoinHostPort(world.ExampleIP.String(), "8443"), leaf)
+	upstreamCA, secretsDir, _ := writeTermFiles(t, dir, originCA, rtE2ESecret)
 	if err := e.writeConfig(fmt.Sprintf(`secrets_dir: %s
 upstream_ca_file: %s
 projects:
@@ -136,7 +75,7 @@ projects:
 	guestCAs.AppendCertsFromPEM([]byte(caPEM))
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, s := range requests() {
+			for _, s := range api.requests() {
 				t.Logf("the API server saw: %s", s)
 			}
 		}
@@ -164,76 +103,16 @@ projects:
 	// body) until the connection ends.
 	raw1 := func(ns, raw string, n int) []string {
 		t.Helper()
-		c := dialTLS(ns, "http/1.1")
-		io.WriteString(c, raw)
-		br := bufio.NewReader(c)
-		var out []string
-		for len(out) < n {
-			resp, err := http.ReadResponse(br, nil)
-			if err != nil {
-				break
-			}
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			out = append(out, fmt.Sprintf("%d %s", resp.StatusCode, b))
-		}
-		return out
+		return rawhttp.HTTP1(dialTLS(ns, "http/1.1"), raw, n)
 	}
 	// raw2 sends reqs as streams 1, 3, ... of one HTTP/2 connection and
 	// returns each one's status and body.
-	raw2 := func(ns string, reqs ...rtH2Req) []string {
+	raw2 := func(ns string, reqs ...rawhttp.H2Request) []string {
 		t.Helper()
-		c := dialTLS(ns, "h2")
-		io.WriteString(c, http2.ClientPreface)
-		fr := http2.NewFramer(c, c)
-		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-		fr.WriteSettings()
-		var hb bytes.Buffer
-		enc := hpack.NewEncoder(&hb)
-		for i, r := range reqs {
-			hb.Reset()
-			for _, f := range r {
-				enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
-			}
-			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: uint32(2*i + 1), BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true})
-		}
-		out := make([]string, len(reqs))
-		for done := 0; done < len(reqs); {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				break
-			}
-			i := int(f.Header().StreamID-1) / 2
-			switch f := f.(type) {
-			case *http2.MetaHeadersFrame:
-				out[i] += f.PseudoValue("status") + " "
-				if f.StreamEnded() {
-					done++
-				}
-			case *http2.DataFrame:
-				out[i] += string(f.Data())
-				if f.StreamEnded() {
-					done++
-				}
-			case *http2.RSTStreamFrame:
-				out[i] += "RST"
-				done++
-			case *http2.GoAwayFrame:
-				done = len(reqs)
-			case *http2.SettingsFrame:
-				if !f.IsAck() {
-					fr.WriteSettingsAck()
-				}
-			case *http2.PingFrame:
-				if !f.IsAck() {
-					fr.WritePing(true, f.Data)
-				}
-			}
-		}
-		return out
+		return rawhttp.HTTP2(dialTLS(ns, "h2"), reqs...)
 	}
-	get2 := func(auth, p string, extra ...[2]string) rtH2Req {
-		return append(rtH2Req{{":method", "GET"}, {":scheme", "https"}, {":authority", auth}, {":path", p}}, extra...)
+	get2 := func(auth, p string, extra ...[2]string) rawhttp.H2Request {
+		return append(rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":authority", auth}, {":path", p}}, extra...)
 	}
 	alpha, beta := e.g.NS, e.w.Guest("beta").NS
 	var shown []string // everything the guest was shown, grepped for the secret in refusals
@@ -257,7 +136,7 @@ projects:
 	}
 	// One HTTP/2 connection, several :authority values (coalescing).
 	got := raw2(alpha, get2("github.com", "/v1/x"), get2("example.com:8443", "/v1/ok"), get2("www.github.com:8443", "/v1/x"),
-		rtH2Req{{":method", "GET"}, {":scheme", "https"}, {":path", "/v1/x"}, {"host", "github.com"}})
+		rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":path", "/v1/x"}, {"host", "github.com"}})
 	refused("h2 :authority github.com", got[0:1])
 	refused("h2 :authority www.github.com", got[2:3])
 	refused("h2 host github.com without :authority", got[3:4])
@@ -268,7 +147,7 @@ projects:
 	// (b) Path disguises, HTTP/1.1 and HTTP/2.
 	paths := []string{"/v1/../admin", "/v1/%2e%2e/admin", "/v1/%2E%2e/admin", "/v1/..;/admin", "//v1/x", "/v1%2fx", "/V1/x",
 		"/v1/x%00", "/admin?/v1/x", "/v1/%252e%252e/admin", "/v1\\..\\admin", "/v1/x/..", "*", "/v1"}
-	var h2reqs []rtH2Req
+	var h2reqs []rawhttp.H2Request
 	for _, p := range paths {
 		refused("GET "+p, raw1(alpha, "GET "+p+" HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
 		h2reqs = append(h2reqs, get2("example.com:8443", p))
@@ -291,12 +170,12 @@ projects:
 		refused(fmt.Sprintf("method %q", raw), raw1(alpha, raw, 1))
 	}
 	got = raw2(alpha, get2("example.com:8443", "/v1/x", [2]string{"x-http-method-override", "DELETE"}),
-		rtH2Req{{":method", "CONNECT"}, {":authority", "github.com:443"}})
+		rawhttp.H2Request{{":method", "CONNECT"}, {":authority", "github.com:443"}})
 	refused("h2 X-HTTP-Method-Override", got[0:1])
 	refused("h2 CONNECT", got[1:2])
 	// (a) TRACE echoes the request: never with the injected secret.
 	refused("TRACE /open/x", raw1(alpha, "TRACE /open/x HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
-	refused("h2 TRACE /open/x", raw2(alpha, rtH2Req{{":method", "TRACE"}, {":scheme", "https"}, {":authority", "example.com:8443"}, {":path", "/open/x"}}))
+	refused("h2 TRACE /open/x", raw2(alpha, rawhttp.H2Request{{":method", "TRACE"}, {":scheme", "https"}, {":authority", "example.com:8443"}, {":path", "/open/x"}}))
 	refused("_method=TRACE /open/x", raw1(alpha, "GET /open/x?_method=TRACE HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
 	refused("override TRACE /open/x", raw1(alpha, "GET /open/x HTTP/1.1\r\nHost: example.com:8443\r\nX-HTTP-Method-Override: TRACE\r\n"+tail, 1))
 	// Smuggling and pipelining: the hidden or second request never arrives.
@@ -324,7 +203,7 @@ projects:
 	// What reached the API server: only what the rules allow, for
 	// example.com, the secret only where an injecting rule allows it.
 	alphaConns := map[string]bool{}
-	for _, s := range requests() {
+	for _, s := range api.requests() {
 		p, _, _ := strings.Cut(s.uri, "?")
 		clean := path.Clean(p)
 		if s.host != "example.com" && s.host != "example.com:8443" {

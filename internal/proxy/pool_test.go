@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"log"
@@ -15,7 +14,6 @@ import (
 
 	"github.com/vmegress/vmegress/internal/config"
 	"github.com/vmegress/vmegress/internal/policy"
-	"github.com/vmegress/vmegress/internal/tlsca"
 )
 
 // countingOrigin is an HTTPS origin that counts the connections it
@@ -72,24 +70,9 @@ func twoProjects(t *testing.T, port int) *policy.Policy {
 // gets it; a policy change with drop closes the pooled connections, and a
 // project that goes takes its keys with it.
 func TestTerminatePoolReuse(t *testing.T) {
-	ca, err := tlsca.Load(t.TempDir(), tlsca.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	originCA, err := tlsca.Load(t.TempDir(), tlsca.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := originCA.Leaf("api.example.com")
-	if err != nil {
-		t.Fatal(err)
-	}
-	origin := startCountingOrigin(t, leaf)
-	roots := x509.NewCertPool()
-	roots.AddCert(originCA.Certificate())
-	guestCAs := x509.NewCertPool()
-	guestCAs.AddCert(ca.Certificate())
-	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf, UpstreamRoots: roots}}
+	certs := newTermCerts(t)
+	origin := startCountingOrigin(t, certs.originLeaf)
+	p := &Proxy{Termination: &Termination{Leaf: certs.ca.Leaf, UpstreamRoots: certs.originRoots}}
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -107,7 +90,7 @@ func TestTerminatePoolReuse(t *testing.T) {
 				d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 				return d.DialContext(ctx, "tcp4", ln.Addr().String())
 			},
-			TLSClientConfig: &tls.Config{RootCAs: guestCAs},
+			TLSClientConfig: &tls.Config{RootCAs: certs.guestCAs},
 		}
 		defer tr.CloseIdleConnections()
 		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get(fmt.Sprintf("https://api.example.com:%d/", port))

@@ -1,16 +1,11 @@
 package proxy
 
 import (
-	"bufio"
-	"bytes"
-	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
 	"log"
-	"log/slog"
 	"net"
 	"net/http"
 	"path"
@@ -21,9 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
-
+	"github.com/vmegress/vmegress/internal/rawhttp"
 	"github.com/vmegress/vmegress/internal/tlsca"
 )
 
@@ -124,67 +117,25 @@ func startRTOrigin(t *testing.T, cert *tls.Certificate) *rtOrigin {
 }
 
 type rtWorld struct {
-	addr     string
-	origin   *rtOrigin
-	guestCAs *x509.CertPool
-	mu       *sync.Mutex
-	access   *bytes.Buffer
+	termProxy
+	origin *rtOrigin
 }
-
-func (w rtWorld) log() string { w.mu.Lock(); defer w.mu.Unlock(); return w.access.String() }
 
 // startRTWorld runs a proxy terminating api.example.com with rules (a
 // format taking the listener's port) in front of an origin whose
-// certificate is originLeaf(originCA); the proxy trusts originCA.
+// certificate is originLeaf(originCA) (nil: the origin CA's leaf for
+// api.example.com); the proxy trusts originCA.
 func startRTWorld(t *testing.T, rules string, originLeaf func(ca *tlsca.CA) *tls.Certificate) rtWorld {
 	t.Helper()
-	ca, err := tlsca.Load(t.TempDir(), tlsca.Options{})
-	if err != nil {
-		t.Fatal(err)
+	certs := newTermCerts(t)
+	leaf := certs.originLeaf
+	if originLeaf != nil {
+		leaf = originLeaf(certs.originCA)
 	}
-	originCA, err := tlsca.Load(t.TempDir(), tlsca.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if originLeaf == nil {
-		originLeaf = func(ca *tlsca.CA) *tls.Certificate {
-			l, err := ca.Leaf("api.example.com")
-			if err != nil {
-				t.Fatal(err)
-			}
-			return l
-		}
-	}
-	origin := startRTOrigin(t, originLeaf(originCA))
-	roots := x509.NewCertPool()
-	roots.AddCert(originCA.Certificate())
-	guestCAs := x509.NewCertPool()
-	guestCAs.AddCert(ca.Certificate())
-	var access bytes.Buffer
-	mu := &sync.Mutex{}
-	p := &Proxy{
-		AccessLog: slog.New(slog.NewJSONHandler(lockedWriter{mu, &access}, nil)),
-		Termination: &Termination{
-			Leaf: ca.Leaf,
-			Secret: func(name string) (string, error) {
-				if name == "key" {
-					return rtSecret, nil
-				}
-				return "", errors.New("no such secret")
-			},
-			UpstreamRoots: roots,
-		},
-	}
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.SetPolicy(testPolicy(t, fmt.Sprintf(rules, ln.Addr().(*net.TCPAddr).Port)), false)
-	startProxy(t, p, ln, origin.addr)
-	w := rtWorld{addr: ln.Addr().String(), origin: origin, guestCAs: guestCAs, mu: mu, access: &access}
+	origin := startRTOrigin(t, leaf)
+	w := rtWorld{termProxy: startTermProxy(t, certs, certs.originRoots, rtSecret, rules, origin.addr), origin: origin}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("access log:\n%s", w.log())
 			for _, s := range origin.requests() {
 				t.Logf("origin saw: %s", s)
 			}
@@ -210,83 +161,19 @@ func (w rtWorld) tlsConn(t *testing.T, sni string, alpn ...string) *tls.Conn {
 // returns every response until the connection ends (or n responses).
 func (w rtWorld) raw1(t *testing.T, raw string, n int) []string {
 	t.Helper()
-	c := w.tlsConn(t, "api.example.com", "http/1.1")
-	io.WriteString(c, raw)
-	br := bufio.NewReader(c)
-	var out []string
-	for len(out) < n {
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil {
-			break
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		out = append(out, fmt.Sprintf("%d %s", resp.StatusCode, b))
-	}
-	return out
+	return rawhttp.HTTP1(w.tlsConn(t, "api.example.com", "http/1.1"), raw, n)
 }
-
-// h2Req is one request of a raw HTTP/2 exchange: its header fields in
-// order, pseudo-headers included, as the guest chooses them.
-type h2Req [][2]string
 
 // raw2 sends reqs as HTTP/2 streams 1, 3, ... on one TLS connection for
 // sni and returns each stream's status and body ("RST" for a reset
 // stream, "" when nothing came).
-func (w rtWorld) raw2(t *testing.T, sni string, reqs ...h2Req) []string {
+func (w rtWorld) raw2(t *testing.T, sni string, reqs ...rawhttp.H2Request) []string {
 	t.Helper()
 	c := w.tlsConn(t, sni, "h2")
 	if p := c.ConnectionState().NegotiatedProtocol; p != "h2" {
 		t.Fatalf("ALPN %q; want h2", p)
 	}
-	io.WriteString(c, http2.ClientPreface)
-	fr := http2.NewFramer(c, c)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	fr.WriteSettings()
-	var hb bytes.Buffer
-	enc := hpack.NewEncoder(&hb)
-	for i, r := range reqs {
-		hb.Reset()
-		for _, f := range r {
-			enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
-		}
-		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: uint32(2*i + 1), BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true})
-	}
-	out := make([]string, len(reqs))
-	done := 0
-	for done < len(reqs) {
-		f, err := fr.ReadFrame()
-		if err != nil {
-			break
-		}
-		i := int(f.Header().StreamID-1) / 2
-		switch f := f.(type) {
-		case *http2.MetaHeadersFrame:
-			out[i] += f.PseudoValue("status") + " "
-			if f.StreamEnded() {
-				done++
-			}
-		case *http2.DataFrame:
-			out[i] += string(f.Data())
-			if f.StreamEnded() {
-				done++
-			}
-		case *http2.RSTStreamFrame:
-			out[i] += "RST"
-			done++
-		case *http2.GoAwayFrame:
-			done = len(reqs)
-		case *http2.SettingsFrame:
-			if !f.IsAck() {
-				fr.WriteSettingsAck()
-			}
-		case *http2.PingFrame:
-			if !f.IsAck() {
-				fr.WritePing(true, f.Data)
-			}
-		}
-	}
-	return out
+	return rawhttp.HTTP2(c, reqs...)
 }
 
 // noSecretOutside fails when the secret went to a request no injecting
@@ -341,15 +228,15 @@ func TestRedteamTermFronting(t *testing.T) {
 	}
 	// HTTP/2: each stream is decided by its own :authority; a Host field
 	// next to :authority does not choose the upstream.
-	get := func(auth string, extra ...[2]string) h2Req {
-		r := h2Req{{":method", "GET"}, {":scheme", "https"}, {":authority", auth}, {":path", "/v1/x"}}
+	get := func(auth string, extra ...[2]string) rawhttp.H2Request {
+		r := rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":authority", auth}, {":path", "/v1/x"}}
 		return append(r, extra...)
 	}
 	got := w.raw2(t, "api.example.com",
 		get("evil.example.net"),
 		get("api.example.com"),
 		get("api.example.com", [2]string{"host", "evil.example.net"}),
-		h2Req{{":method", "GET"}, {":scheme", "https"}, {":path", "/v1/x"}, {"host", "evil.example.net"}},
+		rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":path", "/v1/x"}, {"host", "evil.example.net"}},
 		get("evil.example.net", [2]string{"host", "api.example.com"}),
 	)
 	for i, want := range []bool{false, true, true, false, false} {
@@ -389,9 +276,9 @@ func TestRedteamTermPaths(t *testing.T) {
 	}
 	// The same over HTTP/2, where no request-line parser stands between
 	// the guest and :path.
-	var reqs []h2Req
+	var reqs []rawhttp.H2Request
 	for _, p := range refused {
-		reqs = append(reqs, h2Req{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", p}})
+		reqs = append(reqs, rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", p}})
 	}
 	for i, got := range w.raw2(t, "api.example.com", reqs...) {
 		if strings.HasPrefix(got, "200 ") {
@@ -432,10 +319,10 @@ func TestRedteamTermMethods(t *testing.T) {
 		}
 	}
 	got := w.raw2(t, "api.example.com",
-		h2Req{{":method", "get"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}},
-		h2Req{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}, {"x-http-method-override", "DELETE"}},
-		h2Req{{":method", "CONNECT"}, {":authority", "evil.example.net:443"}},
-		h2Req{{":method", "CONNECT"}, {":protocol", "websocket"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}},
+		rawhttp.H2Request{{":method", "get"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}},
+		rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}, {"x-http-method-override", "DELETE"}},
+		rawhttp.H2Request{{":method", "CONNECT"}, {":authority", "evil.example.net:443"}},
+		rawhttp.H2Request{{":method", "CONNECT"}, {":protocol", "websocket"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}},
 	)
 	for i, g := range got {
 		if strings.HasPrefix(g, "200 ") {
@@ -459,7 +346,7 @@ func TestRedteamTermTrace(t *testing.T) {
 			t.Errorf("%s /open/x: the guest read the injected secret: %q", m, got[0])
 		}
 	}
-	got := w.raw2(t, "api.example.com", h2Req{{":method", "TRACE"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/open/x"}})
+	got := w.raw2(t, "api.example.com", rawhttp.H2Request{{":method", "TRACE"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/open/x"}})
 	if strings.Contains(got[0], rtSecret) {
 		t.Errorf("h2 TRACE /open/x: the guest read the injected secret: %q", got[0])
 	}
@@ -485,7 +372,7 @@ func TestRedteamTermHeaders(t *testing.T) {
 	if len(got) != 1 || !strings.HasPrefix(got[0], "200 ") || strings.Count(got[0], "Authorization: ") != 1 || strings.Contains(got[0], "guest") {
 		t.Errorf("duplicate Authorization: %q; want only the injected one", got)
 	}
-	h2got := w.raw2(t, "api.example.com", h2Req{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"},
+	h2got := w.raw2(t, "api.example.com", rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"},
 		{"authorization", "Bearer guest1"}, {"authorization", "Bearer guest2"}})
 	if !strings.HasPrefix(h2got[0], "200 ") || strings.Count(h2got[0], "Authorization: ") != 1 || strings.Contains(h2got[0], "guest") {
 		t.Errorf("h2 duplicate authorization: %q; want only the injected one", h2got[0])
@@ -587,28 +474,12 @@ func TestRedteamTermUntrustedGuest(t *testing.T) {
 // TestRedteamTermErrorsNoSecret: a secret whose value cannot go in a header
 // (a line break) fails the request without showing the value anywhere.
 func TestRedteamTermErrorsNoSecret(t *testing.T) {
-	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
-	originCA, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
-	leaf, _ := originCA.Leaf("api.example.com")
-	origin := startRTOrigin(t, leaf)
-	roots := x509.NewCertPool()
-	roots.AddCert(originCA.Certificate())
-	var access bytes.Buffer
-	mu := &sync.Mutex{}
+	certs := newTermCerts(t)
+	origin := startRTOrigin(t, certs.originLeaf)
 	const bad = "line1-" + rtSecret + "\r\nX-Evil: 1"
-	p := &Proxy{
-		AccessLog: slog.New(slog.NewJSONHandler(lockedWriter{mu, &access}, nil)),
-		Termination: &Termination{Leaf: ca.Leaf, UpstreamRoots: roots,
-			Secret: func(string) (string, error) { return bad, nil }},
-	}
-	ln, _ := net.Listen("tcp4", "127.0.0.1:0")
-	p.SetPolicy(testPolicy(t, fmt.Sprintf(rtRules, ln.Addr().(*net.TCPAddr).Port)), false)
-	startProxy(t, p, ln, origin.addr)
-	guestCAs := x509.NewCertPool()
-	guestCAs.AddCert(ca.Certificate())
-	w := rtWorld{addr: ln.Addr().String(), origin: origin, guestCAs: guestCAs, mu: mu, access: &access}
+	w := rtWorld{termProxy: startTermProxy(t, certs, certs.originRoots, bad, rtRules, origin.addr), origin: origin}
 	got := w.raw1(t, "GET /v1/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n", 1)
-	got = append(got, w.raw2(t, "api.example.com", h2Req{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}})...)
+	got = append(got, w.raw2(t, "api.example.com", rawhttp.H2Request{{":method", "GET"}, {":scheme", "https"}, {":authority", "api.example.com"}, {":path", "/v1/x"}})...)
 	for _, g := range got {
 		if strings.Contains(g, rtSecret) || strings.HasPrefix(g, "200 ") {
 			t.Errorf("a secret with a line break: %q; want a failure without the value", g)
@@ -617,11 +488,7 @@ func TestRedteamTermErrorsNoSecret(t *testing.T) {
 	for _, s := range origin.requests() {
 		t.Errorf("the origin got %s", s)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if strings.Contains(access.String(), rtSecret) {
-		t.Errorf("the access log holds the secret:\n%s", access.String())
+	if l := w.log(); strings.Contains(l, rtSecret) {
+		t.Errorf("the access log holds the secret:\n%s", l)
 	}
 }
-
-var _ = context.Background

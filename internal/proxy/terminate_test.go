@@ -77,31 +77,18 @@ const termRules = `      - https: api.example.com
 
 const secretValue = "s3cr3t-Value-42"
 
-type termWorld struct {
-	addr     string
-	origin   *echoOrigin
-	guestCAs *x509.CertPool
-	access   *bytes.Buffer
-	mu       *sync.Mutex
+// termCerts are a termination test's certificates: the vmegress CA the
+// proxy signs guests' leaves with (guestCAs trusts it), and an origin's
+// CA with its leaf for api.example.com (originRoots trusts it).
+type termCerts struct {
+	ca          *tlsca.CA
+	guestCAs    *x509.CertPool
+	originCA    *tlsca.CA
+	originLeaf  *tls.Certificate
+	originRoots *x509.CertPool
 }
 
-func (w termWorld) log() string { w.mu.Lock(); defer w.mu.Unlock(); return w.access.String() }
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  io.Writer
-}
-
-func (l lockedWriter) Write(b []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(b)
-}
-
-// startTermWorld runs a proxy terminating for api.example.com in front of
-// an echo origin; trustOrigin says whether the proxy's upstream roots hold
-// the origin's CA.
-func startTermWorld(t testing.TB, trustOrigin bool) termWorld {
+func newTermCerts(t testing.TB) termCerts {
 	t.Helper()
 	ca, err := tlsca.Load(t.TempDir(), tlsca.Options{})
 	if err != nil {
@@ -115,42 +102,87 @@ func startTermWorld(t testing.TB, trustOrigin bool) termWorld {
 	if err != nil {
 		t.Fatal(err)
 	}
-	origin := startEchoOrigin(t, leaf)
-	roots := x509.NewCertPool()
-	if trustOrigin {
-		roots.AddCert(originCA.Certificate())
-	}
-	guestCAs := x509.NewCertPool()
-	guestCAs.AddCert(ca.Certificate())
+	c := termCerts{ca: ca, guestCAs: x509.NewCertPool(), originCA: originCA, originLeaf: leaf, originRoots: x509.NewCertPool()}
+	c.guestCAs.AddCert(ca.Certificate())
+	c.originRoots.AddCert(originCA.Certificate())
+	return c
+}
+
+// termProxy is a running terminating proxy: its address, the pool a guest
+// trusts it with, and its access log.
+type termProxy struct {
+	addr     string
+	guestCAs *x509.CertPool
+	access   *bytes.Buffer
+	mu       *sync.Mutex
+}
+
+func (w termProxy) log() string { w.mu.Lock(); defer w.mu.Unlock(); return w.access.String() }
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+// startTermProxy runs a proxy in front of originAddr that terminates TLS
+// with certs.ca, verifies the upstream against upstreamRoots, has secret
+// for ${secret:key} (and no other secret), and decides by rules (a format
+// taking the listener's port). Its access log is shown if the test fails.
+func startTermProxy(t testing.TB, certs termCerts, upstreamRoots *x509.CertPool, secret, rules, originAddr string) termProxy {
+	t.Helper()
 	var access bytes.Buffer
 	mu := &sync.Mutex{}
 	p := &Proxy{
 		AccessLog: slog.New(slog.NewJSONHandler(lockedWriter{mu, &access}, nil)),
 		Termination: &Termination{
-			Leaf: ca.Leaf,
+			Leaf: certs.ca.Leaf,
 			Secret: func(name string) (string, error) {
 				if name == "key" {
-					return secretValue, nil
+					return secret, nil
 				}
 				return "", errors.New("no such secret")
 			},
-			UpstreamRoots: roots,
+			UpstreamRoots: upstreamRoots,
 		},
 	}
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.SetPolicy(testPolicy(t, fmt.Sprintf(termRules, ln.Addr().(*net.TCPAddr).Port)), false)
-	startProxy(t, p, ln, origin.addr)
+	p.SetPolicy(testPolicy(t, fmt.Sprintf(rules, ln.Addr().(*net.TCPAddr).Port)), false)
+	startProxy(t, p, ln, originAddr)
+	w := termProxy{addr: ln.Addr().String(), guestCAs: certs.guestCAs, access: &access, mu: mu}
 	t.Cleanup(func() {
 		if t.Failed() {
-			mu.Lock()
-			t.Logf("access log:\n%s", access.String())
-			mu.Unlock()
+			t.Logf("access log:\n%s", w.log())
 		}
 	})
-	return termWorld{addr: ln.Addr().String(), origin: origin, guestCAs: guestCAs, access: &access, mu: mu}
+	return w
+}
+
+type termWorld struct {
+	termProxy
+	origin *echoOrigin
+}
+
+// startTermWorld runs a proxy terminating for api.example.com in front of
+// an echo origin; trustOrigin says whether the proxy's upstream roots hold
+// the origin's CA.
+func startTermWorld(t testing.TB, trustOrigin bool) termWorld {
+	t.Helper()
+	certs := newTermCerts(t)
+	origin := startEchoOrigin(t, certs.originLeaf)
+	roots := x509.NewCertPool()
+	if trustOrigin {
+		roots = certs.originRoots
+	}
+	return termWorld{termProxy: startTermProxy(t, certs, roots, secretValue, termRules, origin.addr), origin: origin}
 }
 
 // client is a guest's HTTPS client that reaches api.example.com at the
@@ -320,9 +352,7 @@ func TestRequestRulesPlainHTTP(t *testing.T) {
 // origin's 101 and the bytes then flow both ways; a refused one never
 // reaches it.
 func TestTerminateWebSocket(t *testing.T) {
-	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
-	originCA, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
-	leaf, _ := originCA.Leaf("api.example.com")
+	certs := newTermCerts(t)
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -340,7 +370,7 @@ func TestTerminateWebSocket(t *testing.T) {
 			line, _ := brw.ReadString('\n')
 			io.WriteString(c, "echo "+line)
 		}),
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*leaf}},
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*certs.originLeaf}},
 		ErrorLog:  log.New(io.Discard, "", 0),
 	}
 	go origin.ServeTLS(ln, "", "")
@@ -349,16 +379,12 @@ func TestTerminateWebSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	roots := x509.NewCertPool()
-	roots.AddCert(originCA.Certificate())
-	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf, UpstreamRoots: roots,
+	p := &Proxy{Termination: &Termination{Leaf: certs.ca.Leaf, UpstreamRoots: certs.originRoots,
 		Secret: func(string) (string, error) { return secretValue, nil }}}
 	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - https: api.example.com\n        ports: [%d]\n        paths: [/ws]\n        inject: {Authorization: \"${secret:k}\"}\n", pl.Addr().(*net.TCPAddr).Port)), false)
 	startProxy(t, p, pl, ln.Addr().String())
-	guestRoots := x509.NewCertPool()
-	guestRoots.AddCert(ca.Certificate())
 	ws := func(path string) string {
-		c, err := tls.Dial("tcp4", pl.Addr().String(), &tls.Config{ServerName: "api.example.com", RootCAs: guestRoots, NextProtos: []string{"http/1.1"}})
+		c, err := tls.Dial("tcp4", pl.Addr().String(), &tls.Config{ServerName: "api.example.com", RootCAs: certs.guestCAs, NextProtos: []string{"http/1.1"}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -503,9 +529,7 @@ func BenchmarkTerminateNewConn(b *testing.B) {
 // a server-sent event stream. Held in the proxy's buffers, they would not
 // arrive and the test would fail at its read deadline.
 func TestTerminateStreams(t *testing.T) {
-	ca, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
-	originCA, _ := tlsca.Load(t.TempDir(), tlsca.Options{})
-	leaf, _ := originCA.Leaf("api.example.com")
+	certs := newTermCerts(t)
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -530,7 +554,7 @@ func TestTerminateStreams(t *testing.T) {
 				}
 			}
 		}),
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*leaf}},
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{*certs.originLeaf}},
 		ErrorLog:  log.New(io.Discard, "", 0),
 	}
 	go origin.ServeTLS(ln, "", "")
@@ -539,15 +563,11 @@ func TestTerminateStreams(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	roots := x509.NewCertPool()
-	roots.AddCert(originCA.Certificate())
-	p := &Proxy{Termination: &Termination{Leaf: ca.Leaf, UpstreamRoots: roots}}
+	p := &Proxy{Termination: &Termination{Leaf: certs.ca.Leaf, UpstreamRoots: certs.originRoots}}
 	p.SetPolicy(testPolicy(t, fmt.Sprintf("      - https: api.example.com\n        ports: [%d]\n", pl.Addr().(*net.TCPAddr).Port)), false)
 	startProxy(t, p, pl, ln.Addr().String())
-	guestRoots := x509.NewCertPool()
-	guestRoots.AddCert(ca.Certificate())
 	get := func(path string) (*bufio.Reader, *http.Response) {
-		c, err := tls.Dial("tcp4", pl.Addr().String(), &tls.Config{ServerName: "api.example.com", RootCAs: guestRoots, NextProtos: []string{"http/1.1"}})
+		c, err := tls.Dial("tcp4", pl.Addr().String(), &tls.Config{ServerName: "api.example.com", RootCAs: certs.guestCAs, NextProtos: []string{"http/1.1"}})
 		if err != nil {
 			t.Fatal(err)
 		}
