@@ -123,14 +123,14 @@ type rtWorld struct {
 
 // startRTWorld runs a proxy terminating api.example.com with rules (a
 // format taking the listener's port) in front of an origin whose
-// certificate is originLeaf(originCA) (nil: the origin CA's leaf for
-// api.example.com); the proxy trusts originCA.
-func startRTWorld(t *testing.T, rules string, originLeaf func(ca *tlsca.CA) *tls.Certificate) rtWorld {
+// certificate is originLeaf(certs) (nil: the origin CA's leaf for
+// api.example.com); the proxy trusts certs.originCA.
+func startRTWorld(t *testing.T, rules string, originLeaf func(certs termCerts) *tls.Certificate) rtWorld {
 	t.Helper()
 	certs := newTermCerts(t)
 	leaf := certs.originLeaf
 	if originLeaf != nil {
-		leaf = originLeaf(certs.originCA)
+		leaf = originLeaf(certs)
 	}
 	origin := startRTOrigin(t, leaf)
 	w := rtWorld{termProxy: startTermProxy(t, certs, certs.originRoots, rtSecret, rules, origin.addr), origin: origin}
@@ -412,25 +412,28 @@ func TestRedteamTermHeaders(t *testing.T) {
 func TestRedteamTermUpstreamCert(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		leaf func(t *testing.T) func(ca *tlsca.CA) *tls.Certificate
+		leaf func(t *testing.T) func(certs termCerts) *tls.Certificate
 	}{
-		{"another name", func(t *testing.T) func(ca *tlsca.CA) *tls.Certificate {
-			return func(ca *tlsca.CA) *tls.Certificate { l, _ := ca.Leaf("evil.example.net"); return l }
+		{"another name", func(t *testing.T) func(certs termCerts) *tls.Certificate {
+			return func(certs termCerts) *tls.Certificate { l, _ := certs.originCA.Leaf("evil.example.net"); return l }
 		}},
-		{"expired", func(t *testing.T) func(ca *tlsca.CA) *tls.Certificate {
-			return func(*tlsca.CA) *tls.Certificate {
-				// The same CA's files, loaded with a clock three days back:
-				// its leaves expired two days ago.
-				old, err := tlsca.Load(t.TempDir(), tlsca.Options{Now: func() time.Time { return time.Now().Add(-72 * time.Hour) }})
+		{"expired", func(t *testing.T) func(certs termCerts) *tls.Certificate {
+			return func(certs termCerts) *tls.Certificate {
+				// The trusted origin CA's own files, loaded with a clock
+				// three days back: its leaves expired two days ago.
+				old, err := tlsca.Load(certs.originDir, tlsca.Options{Now: func() time.Time { return time.Now().Add(-72 * time.Hour) }})
 				if err != nil {
 					t.Fatal(err)
 				}
 				l, _ := old.Leaf("api.example.com")
+				if !l.Leaf.NotAfter.Before(time.Now()) || !old.Certificate().Equal(certs.originCA.Certificate()) {
+					t.Fatalf("the leaf is not an expired one of the trusted CA (not after %s)", l.Leaf.NotAfter)
+				}
 				return l
 			}
 		}},
-		{"untrusted CA", func(t *testing.T) func(ca *tlsca.CA) *tls.Certificate {
-			return func(*tlsca.CA) *tls.Certificate {
+		{"untrusted CA", func(t *testing.T) func(certs termCerts) *tls.Certificate {
+			return func(termCerts) *tls.Certificate {
 				other, err := tlsca.Load(t.TempDir(), tlsca.Options{})
 				if err != nil {
 					t.Fatal(err)

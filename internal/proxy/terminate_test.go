@@ -84,6 +84,7 @@ type termCerts struct {
 	ca          *tlsca.CA
 	guestCAs    *x509.CertPool
 	originCA    *tlsca.CA
+	originDir   string // originCA's files
 	originLeaf  *tls.Certificate
 	originRoots *x509.CertPool
 }
@@ -94,7 +95,8 @@ func newTermCerts(t testing.TB) termCerts {
 	if err != nil {
 		t.Fatal(err)
 	}
-	originCA, err := tlsca.Load(t.TempDir(), tlsca.Options{})
+	originDir := t.TempDir()
+	originCA, err := tlsca.Load(originDir, tlsca.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +104,7 @@ func newTermCerts(t testing.TB) termCerts {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := termCerts{ca: ca, guestCAs: x509.NewCertPool(), originCA: originCA, originLeaf: leaf, originRoots: x509.NewCertPool()}
+	c := termCerts{ca: ca, guestCAs: x509.NewCertPool(), originCA: originCA, originDir: originDir, originLeaf: leaf, originRoots: x509.NewCertPool()}
 	c.guestCAs.AddCert(ca.Certificate())
 	c.originRoots.AddCert(originCA.Certificate())
 	return c
