@@ -180,6 +180,10 @@ var echoMethods = []string{"TRACE", "TRACK"}
 type RequestDecision struct {
 	Decision
 	Inject []config.Header
+	// NoBodyOverride: the deciding rule limits methods or injects, so a
+	// data plane that reads bodies refuses a POST whose form body holds
+	// MethodOverrideParam (servers act on it as on the query's).
+	NoBodyOverride bool
 }
 
 // DecideRequest decides one request of a connection the name stage allowed
@@ -268,7 +272,8 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 			miss(3, fmt.Sprintf("path %s not allowed for %s", q.Path, norm))
 			continue
 		}
-		return RequestDecision{Decision: Decision{Verdict: Allow, Project: pr.Name, Rule: r.rule}, Inject: r.inject}
+		return RequestDecision{Decision: Decision{Verdict: Allow, Project: pr.Name, Rule: r.rule}, Inject: r.inject,
+			NoBodyOverride: len(r.methods) > 0 || len(r.inject) > 0}
 	}
 	if why == "" {
 		why = fmt.Sprintf("no %s rule of project %s allows %s on port %d", kind, pr.Name, norm, q.Port)

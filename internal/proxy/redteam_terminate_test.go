@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmegress/vmegress/internal/policy"
 	"github.com/vmegress/vmegress/internal/rawhttp"
 	"github.com/vmegress/vmegress/internal/tlsca"
 )
@@ -48,6 +49,8 @@ const rtRules = `      - https: api.example.com
 type rtSeen struct {
 	method, uri, host, proto string
 	header                   http.Header
+	body                     string
+	bodyErr                  error // the body did not arrive whole
 }
 
 func (s rtSeen) String() string {
@@ -92,10 +95,11 @@ func startRTOrigin(t *testing.T, cert *tls.Certificate) *rtOrigin {
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			s := rtSeen{method: r.Method, uri: r.RequestURI, host: r.Host, proto: r.Proto, header: r.Header.Clone()}
+			body, err := io.ReadAll(r.Body)
+			s.body, s.bodyErr = string(body), err
 			o.mu.Lock()
 			o.seen = append(o.seen, s)
 			o.mu.Unlock()
-			io.Copy(io.Discard, r.Body)
 			fmt.Fprintf(w, "%s %s %s\nHost: %s\n", r.Method, r.RequestURI, r.Proto, r.Host)
 			var keys []string
 			for k := range r.Header {
@@ -493,5 +497,69 @@ func TestRedteamTermErrorsNoSecret(t *testing.T) {
 	}
 	if l := w.log(); strings.Contains(l, rtSecret) {
 		t.Errorf("the access log holds the secret:\n%s", l)
+	}
+}
+
+// TestRedteamTermBodyOverride: a POST whose form body names another method
+// (_method: Rails and Laravel act on it) never reaches the origin whole on
+// a rule that limits methods or injects: the guest gets a 403, in any
+// encoding, with the name split across reads, after megabytes of body;
+// forms without it, and bodies that are not forms, pass whole.
+func TestRedteamTermBodyOverride(t *testing.T) {
+	w := startRTWorld(t, rtRules, nil)
+	post := func(path, ctype, body string, chunked bool) string {
+		head := "POST " + path + " HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n"
+		if ctype != "" {
+			head += "Content-Type: " + ctype + "\r\n"
+		}
+		if !chunked {
+			return head + fmt.Sprintf("Content-Length: %d\r\n\r\n", len(body)) + body
+		}
+		// Chunks of 7 bytes: the name is split across them.
+		head += "Transfer-Encoding: chunked\r\n\r\n"
+		for len(body) > 0 {
+			n := min(7, len(body))
+			head += fmt.Sprintf("%x\r\n%s\r\n", n, body[:n])
+			body = body[n:]
+		}
+		return head + "0\r\n\r\n"
+	}
+	big := strings.Repeat("a=1&", 1<<18) // 1 MiB before the field
+	multipart := "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--\r\n"
+	for _, tc := range []struct {
+		name, path, ctype, body string
+		chunked                 bool
+	}{
+		{"urlencoded", "/v1/chat", "application/x-www-form-urlencoded", "_method=DELETE", false},
+		{"no Content-Type", "/v1/chat", "", "a=1&%5F%6Dethod=delete", false},
+		{"multipart", "/v1/chat", "multipart/form-data; boundary=b", multipart, false},
+		{"split across chunks", "/v1/chat", "application/x-www-form-urlencoded; charset=utf-8", "a=123&_method=PUT", true},
+		{"after 1 MiB", "/v1/chat", "application/x-www-form-urlencoded", big + "_method=DELETE", false},
+		{"injecting rule", "/open/x", "application/x-www-form-urlencoded", "_method=TRACE", false},
+	} {
+		got := w.raw1(t, post(tc.path, tc.ctype, tc.body, tc.chunked), 1)
+		if len(got) != 1 || !strings.HasPrefix(got[0], "403 ") || !strings.Contains(got[0], "_method field in the form body") {
+			t.Errorf("%s: %.200q; want a 403 naming the _method field", tc.name, got)
+		}
+	}
+	for _, s := range w.origin.requests() {
+		if s.bodyErr == nil && policy.QueryOverridesMethod(s.body) {
+			t.Errorf("the origin got a whole form body naming another method: %s", s)
+		}
+	}
+	// A form without the field, and a JSON body with the text, pass whole.
+	n := len(w.origin.requests())
+	for _, tc := range []struct{ ctype, body string }{
+		{"application/x-www-form-urlencoded", "model=x&prompt=hello"},
+		{"application/json", `{"_method":"DELETE"}`},
+	} {
+		got := w.raw1(t, post("/v1/chat", tc.ctype, tc.body, false), 1)
+		if len(got) != 1 || !strings.HasPrefix(got[0], "200 ") {
+			t.Errorf("%s %q: %q; want 200", tc.ctype, tc.body, got)
+		}
+	}
+	seen := w.origin.requests()[n:]
+	if len(seen) != 2 || seen[0].body != "model=x&prompt=hello" || seen[1].body != `{"_method":"DELETE"}` || seen[0].bodyErr != nil {
+		t.Errorf("the origin got %v; want both bodies whole", seen)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"mime"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -498,6 +499,10 @@ func (h *termHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if rl.d.Verdict != policy.Allow && pr.Audit {
 			rl.d.Verdict = WouldDeny // forwarded as is, nothing injected
 		}
+		if rl.d.Verdict == policy.Allow && rd.NoBodyOverride && formBody(r) {
+			sw.scan = &overrideScanner{r: r.Body}
+			r.Body = sw.scan
+		}
 		if rl.d.Verdict == policy.Allow {
 			if err := h.inject(r, rd.Inject); err != nil {
 				rl.d.Verdict, rl.d.Reason = verdictError, err.Error()
@@ -550,6 +555,14 @@ func (h *termHandler) inject(r *http.Request, hs []config.Header) error {
 func (h *termHandler) upstreamError(w http.ResponseWriter, err error) {
 	if sw, ok := w.(*statusWriter); ok {
 		rl := &sw.line
+		if sw.scan != nil && sw.scan.found.Load() {
+			// The body named another method: cut before it ended.
+			rl.d.Verdict, rl.status = policy.Deny, http.StatusForbidden
+			rl.d.Reason = fmt.Sprintf("a %s field in the form body (a method override) is not allowed for %s", policy.MethodOverrideParam, h.name)
+			w.Header().Set("X-Vmegress-Project", rl.d.Project)
+			writeText(w, rl.status, fmt.Sprintf("vmegress: egress policy of project %s refused %s %s%s: %s\n", rl.d.Project, rl.method, h.name, rl.path, rl.d.Reason))
+			return
+		}
 		rl.d.Verdict, rl.d.Reason, rl.status = verdictError, "upstream: "+err.Error(), http.StatusBadGateway
 	}
 	if errors.Is(err, context.Canceled) {
@@ -634,7 +647,63 @@ type statusWriter struct {
 	http.ResponseWriter
 	line   requestLine
 	status int
+	// scan reads the request's form body for a method override (nil: not
+	// read).
+	scan *overrideScanner
 }
+
+// formBody reports whether r is a POST whose body a server parses as a
+// form (Rack also parses one with no Content-Type): where servers look for
+// a _method field. A Content-Type that does not parse counts.
+func formBody(r *http.Request) bool {
+	if r.Method != http.MethodPost {
+		return false
+	}
+	ct := r.Header.Get("Content-Type")
+	if ct == "" {
+		return true
+	}
+	mt, _, err := mime.ParseMediaType(ct)
+	return err != nil || mt == "application/x-www-form-urlencoded" || mt == "multipart/form-data"
+}
+
+// errBodyOverride fails the read of a form body that names another method.
+var errBodyOverride = errors.New("the form body names another method (" + policy.MethodOverrideParam + ")")
+
+// overrideScanLen is how much of what was read before is kept to find the
+// parameter's name split across two reads: its escaped form, all but a byte.
+const overrideScanLen = 3*len(policy.MethodOverrideParam) - 1
+
+// overrideScanner passes a form body on to the origin while looking for
+// policy.MethodOverrideParam in it, percent-decoded (Rails and Laravel read
+// a POST's _method field as its method). When the name comes, the read
+// fails before passing it on: the request to the origin is cut before its
+// body ends (servers act on whole requests only), and the guest is answered
+// 403 (upstreamError). Bodies are read by the transport's goroutine.
+type overrideScanner struct {
+	r     io.ReadCloser
+	tail  []byte
+	found atomic.Bool
+}
+
+func (s *overrideScanner) Read(p []byte) (int, error) {
+	if s.found.Load() {
+		return 0, errBodyOverride
+	}
+	n, err := s.r.Read(p)
+	if n > 0 {
+		window := append(s.tail, p[:n]...)
+		if policy.QueryOverridesMethod(string(window)) {
+			s.found.Store(true)
+			return 0, errBodyOverride
+		}
+		keep := min(len(window), overrideScanLen)
+		s.tail = append(s.tail[:0], window[len(window)-keep:]...)
+	}
+	return n, err
+}
+
+func (s *overrideScanner) Close() error { return s.r.Close() }
 
 func (s *statusWriter) WriteHeader(code int) {
 	if s.status == 0 {
