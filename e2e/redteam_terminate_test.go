@@ -176,6 +176,16 @@ projects:
 	// (a) TRACE echoes the request: never with the injected secret.
 	refused("TRACE /open/x", raw1(alpha, "TRACE /open/x HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
 	refused("h2 TRACE /open/x", raw2(alpha, rawhttp.H2Request{{":method", "TRACE"}, {":scheme", "https"}, {":authority", "example.com:8443"}, {":path", "/open/x"}}))
+	// The refusal names the override, on both planes.
+	got = raw1(alpha, "GET /v1/x?_method=DELETE HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1)
+	refused("GET /v1/x?_method=DELETE", got)
+	if len(got) != 1 || !strings.Contains(got[0], "_method query parameter (a method override) is not allowed for example.com") {
+		t.Errorf("GET /v1/x?_method=DELETE: %q; want the refusal to name the _method query parameter", got)
+	}
+	got = raw1(alpha, "GET /v1/x HTTP/1.1\r\nHost: example.com:8443\r\nX-HTTP-Method-Override: DELETE\r\n"+tail, 1)
+	if len(got) != 1 || !strings.Contains(got[0], "method-override header") {
+		t.Errorf("GET /v1/x with X-HTTP-Method-Override: %q; want the refusal to name the method-override header", got)
+	}
 	refused("_method=TRACE /open/x", raw1(alpha, "GET /open/x?_method=TRACE HTTP/1.1\r\nHost: example.com:8443\r\n"+tail, 1))
 	refused("override TRACE /open/x", raw1(alpha, "GET /open/x HTTP/1.1\r\nHost: example.com:8443\r\nX-HTTP-Method-Override: TRACE\r\n"+tail, 1))
 	// Smuggling and pipelining: the hidden or second request never arrives.

@@ -275,8 +275,29 @@ func httpsChain(o Settings, p *policy.Project, port uint16, name string, rules [
 		}
 	}
 	// No rule allowed it: the reason of the rule that came closest, as
-	// DecideRequest gives it (a method some rule with paths allows: the
-	// path; else the method).
+	// DecideRequest gives it (a method override where a rule weighs
+	// them; a method some rule with paths allows: the path; else the
+	// method).
+	if slices.ContainsFunc(rules, func(r policy.RequestRule) bool { return len(r.Methods) > 0 || len(r.Inject) > 0 }) {
+		// Only for a method some rule allows (else the method is the
+		// reason).
+		var allowed []string
+		for _, r := range rules {
+			if len(r.Methods) == 0 {
+				allowed = nil
+				break
+			}
+			allowed = append(allowed, r.Methods...)
+		}
+		slices.Sort(allowed)
+		byMethod := methodsHeader(slices.Compact(allowed))
+		routes = append(routes, deny(M{"prefix": "/", "headers": append(slices.Clone(byMethod), M{"name": ":path", "string_match": M{"safe_regex": M{"regex": overrideQueryRegex}}})},
+			fmt.Sprintf("a %s query parameter (a method override) is not allowed for %s", policy.MethodOverrideParam, name)))
+		for _, h := range policy.MethodOverrideHeaders {
+			routes = append(routes, deny(M{"prefix": "/", "headers": append(slices.Clone(byMethod), M{"name": strings.ToLower(h), "present_match": true})},
+				fmt.Sprintf("the method-override header %s names a method not allowed for %s", h, name)))
+		}
+	}
 	if anyPathMethod || len(pathMethods) > 0 {
 		var headers []M
 		if !anyPathMethod {

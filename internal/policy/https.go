@@ -226,9 +226,9 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 	pathOK, pathWhy := checkPath(q.Path, q.EscapedPath)
 	overrideQuery := QueryOverridesMethod(q.RawQuery)
 	// why is the reason of the rule for the name that came closest: one
-	// whose method matched (and an override or the path did not) says
-	// more than one whose method did not, one whose path was all that
-	// failed more still.
+	// whose method matched (and the path did not) says more than one whose
+	// method did not, one whose method and path matched (and a method
+	// override, or an echoing method under injection, did not) more still.
 	var why string
 	closest := 0
 	miss := func(level int, reason string) {
@@ -254,22 +254,22 @@ func (pr *Project) DecideRequest(q Request) RequestDecision {
 		case len(r.methods) > 0 && notAllowed(q.Method):
 			miss(1, fmt.Sprintf("method %s not allowed for %s", q.Method, norm))
 			continue
+		case len(r.paths) > 0 && !pathOK:
+			miss(2, fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy))
+			continue
+		case len(r.paths) > 0 && !slices.ContainsFunc(r.paths, func(p string) bool { return pathMatches(p, q.Path) }):
+			miss(2, fmt.Sprintf("path %s not allowed for %s", q.Path, norm))
+			continue
 		case len(r.methods) > 0 && slices.ContainsFunc(methods, notAllowed):
 			m := methods[slices.IndexFunc(methods, notAllowed)]
-			miss(2, fmt.Sprintf("method %s (by a method-override header) not allowed for %s", m, norm))
+			miss(3, fmt.Sprintf("method %s (by a method-override header) not allowed for %s", m, norm))
 			continue
 		case (len(r.methods) > 0 || len(r.inject) > 0) && overrideQuery:
-			miss(2, fmt.Sprintf("a %s query parameter (a method override) is not allowed for %s", MethodOverrideParam, norm))
+			miss(3, fmt.Sprintf("a %s query parameter (a method override) is not allowed for %s", MethodOverrideParam, norm))
 			continue
 		case len(r.inject) > 0 && slices.ContainsFunc(methods, echo):
 			m := methods[slices.IndexFunc(methods, echo)]
-			miss(2, fmt.Sprintf("method %s echoes the request: never sent with injected headers (%s)", m, norm))
-			continue
-		case len(r.paths) > 0 && !pathOK:
-			miss(3, fmt.Sprintf("path %q not allowed for %s: %s", q.EscapedPath, norm, pathWhy))
-			continue
-		case len(r.paths) > 0 && !slices.ContainsFunc(r.paths, func(p string) bool { return pathMatches(p, q.Path) }):
-			miss(3, fmt.Sprintf("path %s not allowed for %s", q.Path, norm))
+			miss(3, fmt.Sprintf("method %s echoes the request: never sent with injected headers (%s)", m, norm))
 			continue
 		}
 		return RequestDecision{Decision: Decision{Verdict: Allow, Project: pr.Name, Rule: r.rule}, Inject: r.inject,
