@@ -268,6 +268,14 @@ func TestKernelFlowCounted(t *testing.T) {
 	if !alive(banner, br) {
 		t.Fatal("the banner connection does not echo")
 	}
+	// Open, it is counted by the kernel flows' gauge (no data plane sees it).
+	open, err := e.hostGet("http://127.0.0.1:9901/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(open, `vmegress_kernel_active_flows{project="alpha"} 1`+"\n") {
+		t.Errorf("with the kernel flow open, the gauge does not count it:\n%s", grepLines(open, "vmegress_kernel_active_flows"))
+	}
 	banner.Close()
 	e.accessLine("dst", world.BannerIP.String()+":22", "path", "kernel")
 	metrics, err := e.hostGet("http://127.0.0.1:9901/metrics")
@@ -282,6 +290,9 @@ func TestKernelFlowCounted(t *testing.T) {
 		if !strings.Contains(metrics, want+"\n") && !strings.Contains(metrics, want+" ") {
 			t.Errorf("metrics lack %s:\n%s", want, metrics)
 		}
+	}
+	if strings.Contains(metrics, `vmegress_kernel_active_flows{project="alpha"} 1`) {
+		t.Errorf("the ended kernel flow is still counted open:\n%s", grepLines(metrics, "vmegress_kernel_active_flows"))
 	}
 	for _, l := range strings.Split(metrics, "\n") {
 		if strings.HasPrefix(l, `vmegress_proxy_bytes_total{`) && strings.Contains(l, `project="alpha"`) && strings.HasSuffix(l, " 0") {
@@ -300,3 +311,14 @@ func TestKernelFlowCounted(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}

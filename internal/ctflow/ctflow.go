@@ -415,6 +415,22 @@ func sendDeletes(rc syscall.RawConn, reqs []byte) error {
 	return errors.Join(errs...)
 }
 
+// Open returns the open kernel-forwarded flows, as conntrack holds them
+// now (one dump, filtered by mark in the kernel).
+func (t *Tracker) Open() ([]Flow, error) {
+	flows, err := t.ops.DumpFilter(conntrack.NewFilter().Mark(firewall.KernelCTMark).MarkMask(firewall.KernelCTMark), nil)
+	if err != nil {
+		return nil, fmt.Errorf("listing kernel-forwarded flows: %w", err)
+	}
+	out := make([]Flow, 0, len(flows))
+	for i := range flows {
+		if kernelForwarded(&flows[i]) {
+			out = append(out, flowOf(&flows[i]))
+		}
+	}
+	return out, nil
+}
+
 // Revoke deletes the entries of the open kernel-forwarded flows for which
 // keep is false, and returns how many it deleted.
 func (t *Tracker) Revoke(keep func(Flow) bool) (int, error) {

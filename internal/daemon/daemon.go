@@ -118,6 +118,8 @@ type Flows interface {
 	Start() error
 	Watch(ctx context.Context, ended func([]ctflow.Flow)) error
 	Revoke(keep func(ctflow.Flow) bool) (int, error)
+	// Open lists the open kernel-forwarded flows (for the gauge).
+	Open() ([]ctflow.Flow, error)
 }
 
 // Upstreams returns the resolvers guests' allowed queries go to: the config's
@@ -217,6 +219,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if err := d.Flows.Start(); err != nil {
 			return fmt.Errorf("following kernel-forwarded flows: %w", err)
 		}
+		d.Registry.MustRegister(metrics.NewKernelFlowsCollector(d.kernelFlowsOpen))
 	}
 	addr := net.JoinHostPort("0.0.0.0", strconv.Itoa(int(cfg.TProxyPort)))
 	var serve func(context.Context) error
@@ -616,4 +619,21 @@ func (d *Daemon) applied(generation uint64) error {
 		return fmt.Errorf("pushing to envoy: %w", d.planeErr)
 	}
 	return nil
+}
+
+// kernelFlowsOpen counts the open kernel-forwarded flows by the project
+// that owns their guest's address now (one conntrack dump per scrape).
+func (d *Daemon) kernelFlowsOpen() (map[string]float64, error) {
+	flows, err := d.Flows.Open()
+	if err != nil {
+		return nil, err
+	}
+	pol := d.Engine.Snapshot().Policy
+	out := map[string]float64{}
+	for _, f := range flows {
+		if pr := pol.ProjectFor(f.Src.Addr()); pr != nil {
+			out[pr.Name]++
+		}
+	}
+	return out, nil
 }

@@ -286,6 +286,39 @@ func (c *RulesetCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// GaugeFunc reads a gauge's values by project at scrape time.
+type GaugeFunc func() (map[string]float64, error)
+
+// KernelFlowsCollector is vmegress_kernel_active_flows: the open flows the
+// kernel forwards (cidr and tcp rules), which no data plane sees, by
+// project, read at scrape time (a scrape where Read fails exports the
+// error).
+type KernelFlowsCollector struct {
+	Read GaugeFunc
+	desc *prometheus.Desc
+}
+
+// NewKernelFlowsCollector returns a collector over read.
+func NewKernelFlowsCollector(read GaugeFunc) *KernelFlowsCollector {
+	return &KernelFlowsCollector{Read: read, desc: prometheus.NewDesc("vmegress_kernel_active_flows",
+		"Open flows the kernel forwards (cidr and tcp rules), by project: read from conntrack at scrape time.", []string{"project"}, nil)}
+}
+
+// Describe implements prometheus.Collector.
+func (c *KernelFlowsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+// Collect implements prometheus.Collector.
+func (c *KernelFlowsCollector) Collect(ch chan<- prometheus.Metric) {
+	counts, err := c.Read()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.desc, err)
+		return
+	}
+	for project, n := range counts {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, n, project)
+	}
+}
+
 // AccessLine counts one access-log line of the Envoy plane (a connection,
 // or a request on an http chain), decoded from its JSON, as the builtin
 // proxy counts its connections: vmegress_proxy_connections_total by project
