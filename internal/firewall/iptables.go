@@ -287,7 +287,10 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	// A kernel-forwarded flow's packets leave after the reverse-path
 	// check alone, as on nftables (its SYN passed the rest; a packet with
 	// IP options falls through to their drop).
-	add(m, "VMEGRESS-GUEST", ctK+` -m u32 --u32 "0>>24&0xF=5" -g VMEGRESS-PASS`, "a flow the kernel forwards (cidr or tcp rule): no data plane")
+	// Only its original direction: conntrack matches a reply by the header
+	// alone, whatever interface it came in on.
+	add(m, "VMEGRESS-GUEST", ctK+` -m conntrack --ctdir ORIGINAL -m u32 --u32 "0>>24&0xF=5" -g VMEGRESS-PASS`, "a flow the kernel forwards (cidr or tcp rule): no data plane")
+	add(m, "VMEGRESS-GUEST", ctK+" -m conntrack --ctdir REPLY -j DROP", "a kernel-forwarded flow's reply never comes from a guest")
 	add(m, "VMEGRESS-GUEST", "-m addrtype --src-type LOCAL -j DROP", "anti-spoofing: source is one of the host's own addresses")
 	// The nftables backend's "mark ... accept": goto VMEGRESS-PASS, which
 	// marks the packet for the routing lock and ends vmegress's chains.
@@ -386,6 +389,7 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	guestIn(f, "VMEGRESS-FORWARD", ctK+" -m conntrack --ctdir ORIGINAL -j VMEGRESS-KERNEL-EGRESS", "")
 	guestOut(f, "VMEGRESS-KERNEL-EGRESS", "-j RETURN", "")
 	add(f, "VMEGRESS-KERNEL-EGRESS", uplinkOut+"-j ACCEPT", "a flow the kernel forwards (cidr rule)")
+	guestIn(f, "VMEGRESS-FORWARD", ctK+" -m conntrack --ctdir REPLY -j DROP", "a kernel-forwarded flow's reply never comes from a guest")
 	guestOut(f, "VMEGRESS-FORWARD", uplinkIn+ctK+" -m conntrack --ctdir REPLY -j ACCEPT", "replies of flows the kernel forwards")
 	guestIn(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding from guests: egress only via the proxy or a cidr rule's flows")
 	guestOut(f, "VMEGRESS-FORWARD", "-j DROP", "no forwarding to guests")

@@ -462,7 +462,12 @@ func Render(tx *knftables.Transaction, s State) {
 	// on, so no other guest can write into it. Its SYN passed every check
 	// below, the host-address one included (the source is the flow's
 	// guest's); a packet with IP options falls through to their drop.
-	rule(chainPre, ctK+" ip hdrlength 5 "+lockMark+" accept", "a flow the kernel forwards (cidr or tcp rule): no data plane")
+	// Only its original direction: conntrack matches a reply too by the
+	// header alone, and a guest holding the peer's address (an address
+	// of the guest range the flow was forwarded to before its /30 was
+	// placed) would otherwise write the flow's replies into another guest.
+	rule(chainPre, ctK+" ct direction original ip hdrlength 5 "+lockMark+" accept", "a flow the kernel forwards (cidr or tcp rule): no data plane")
+	rule(chainPre, ctK+" ct direction reply counter drop", "a kernel-forwarded flow's reply never comes from a guest")
 	rule(chainPre, "fib saddr type local counter drop", "anti-spoofing: source is one of the host's own addresses")
 	rule(chainPre, "ct direction reply ct status dnat "+lockMark+" accept", "replies of inbound SSH to the guest (marked: the routing lock routes them)")
 	rule(chainPre, "iifname @"+setNATIfaces+" "+lockMark+" accept", "direct NAT egress: not intercepted (marked: the routing lock routes it)")
@@ -560,7 +565,7 @@ func Render(tx *knftables.Transaction, s State) {
 	// their conntrack mark tested before any interface set. Every rule
 	// above the drops accepts, so their order decides nothing else.
 	rule(chainForward, fmt.Sprintf("ct mark and %#x == %#x ct direction original %s %s accept", KernelCTMark, KernelCTMark, fromGuest, out), "a flow the kernel forwards (cidr rule)")
-	rule(chainForward, fmt.Sprintf("ct mark and %#x == %#x ct direction reply %soifname @%s accept", KernelCTMark, KernelCTMark, replyIn, setGuestIfaces), "replies of flows the kernel forwards")
+	rule(chainForward, fmt.Sprintf("ct mark and %#x == %#x ct direction reply %s%soifname @%s accept", KernelCTMark, KernelCTMark, replyIn, notFromGuest(replyIn), setGuestIfaces), "replies of flows the kernel forwards")
 	rule(chainForward, "oifname @"+setGuestIfaces+" ct status dnat ct direction original tcp dport 22 accept", "inbound SSH to a guest")
 	rule(chainForward, fromGuest+" ct status dnat ct direction reply accept", "replies of inbound SSH")
 	rule(chainForward, "iifname @"+setNATIfaces+" "+out+" accept", "direct NAT egress (spec: FORWARD -i TAP -o LAN_IF)")
@@ -577,6 +582,15 @@ func Render(tx *knftables.Transaction, s State) {
 	})
 	rule(chainOutput, fmt.Sprintf("meta mark %#x fib daddr type { local, broadcast, multicast } counter drop", s.UpstreamMark),
 		"the proxy never dials the host's own addresses")
+}
+
+// notFromGuest is the forward chain's guard for replies when no uplink
+// names where they come from: never from a guest interface.
+func notFromGuest(replyIn string) string {
+	if replyIn != "" {
+		return ""
+	}
+	return "iifname != @" + setGuestIfaces + " "
 }
 
 // Expected renders s with a backend of kind in a throwaway network
