@@ -77,7 +77,7 @@ func (hc Host) Checks() []Check {
 					return Fail("fix the config", "compiling its policies: %v", err)
 				}
 				if _, err := firewall.Expected(ctx, cfg.Firewall, firewall.Desired(cfg, nil, pol)); err != nil {
-					return Fail("use a kernel with xt_TPROXY, xt_rpfilter, xt_addrtype, xt_conntrack, xt_connmark, xt_connlimit, xt_u32, xt_set (ip_set hash:ip, hash:ip,port, hash:ip,port,net, hash:ip,port,ip) and iptable_nat, or load the modules",
+					return Fail("use a kernel with xt_TPROXY, xt_rpfilter, xt_addrtype, xt_conntrack, xt_connmark, xt_connlimit, xt_u32, xt_set (ip_set hash:ip, hash:ip,port, hash:ip,port,net, hash:ip,port,ip), iptable_nat and iptable_raw, or load the modules",
 						"the kernel refused the ruleset in a scratch namespace: %v", err)
 				}
 				return Pass("TPROXY, rpfilter, addrtype, conntrack, set and NAT targets available")

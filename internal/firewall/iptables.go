@@ -153,13 +153,24 @@ type jump struct{ from, to string }
 func (j jump) String() string { return "-A " + j.from + " -j " + j.to }
 
 // ipTables lists every table vmegress touches, in apply order: IPv6 first
-// (its only job is to drop), then mangle (interception) before the
-// tables that accept.
+// (its only job is to drop), then raw (the source checks, which mangle
+// relies on), then mangle (interception) before the tables that accept.
 var ipTables = []ipTable{
 	{v6: true, name: "mangle", jumps: []jump{{"PREROUTING", "VMEGRESS-PREROUTING"}}},
+	{name: "raw", jumps: []jump{{"PREROUTING", "VMEGRESS-RAW"}}},
 	{name: "mangle", jumps: []jump{{"PREROUTING", "VMEGRESS-PREROUTING"}, {"OUTPUT", "VMEGRESS-OUTPUT"}}},
 	{name: "nat", jumps: []jump{{"PREROUTING", "VMEGRESS-NAT-PRE"}, {"POSTROUTING", "VMEGRESS-NAT-POST"}}},
 	{name: "filter", jumps: []jump{{"INPUT", "VMEGRESS-INPUT"}, {"FORWARD", "VMEGRESS-FORWARD"}}},
+}
+
+// tableNamed is the IPv4 table name of ipTables.
+func tableNamed(name string) ipTable {
+	for _, t := range ipTables {
+		if !t.v6 && t.name == name {
+			return t
+		}
+	}
+	panic("no iptables table " + name)
 }
 
 func (t ipTable) String() string {
@@ -186,6 +197,7 @@ func (t ipTable) restore() []string {
 // logicalChain maps vmegress's iptables chains to the nftables backend's
 // chain names, so counters (metrics) are named alike on both backends.
 var logicalChain = map[string]string{
+	"VMEGRESS-RAW":           "raw_prerouting",
 	"VMEGRESS-GUEST":         "prerouting",
 	"VMEGRESS-PREROUTING":    "prerouting",
 	"VMEGRESS-OUTPUT":        "output",
@@ -281,9 +293,13 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	// Only traffic from guests is handled: goto, so a RETURN in
 	// VMEGRESS-GUEST goes back to PREROUTING itself.
 	guestIn(m, "VMEGRESS-PREROUTING", "-g VMEGRESS-GUEST", "")
-	add(m, "VMEGRESS-GUEST", "! -s "+cidr+" -j DROP", "source outside the guest range: spoofed")
+	// The source checks in the raw table, before conntrack sees the packet
+	// (as nftables' raw_prerouting): a spoofed packet never touches another
+	// guest's conntrack entry.
+	const r = "ip raw"
+	guestIn(r, "VMEGRESS-RAW", "! -s "+cidr+" -j DROP", "source outside the guest range: spoofed")
 	// Reverse-path check in the ruleset, whatever rp_filter says.
-	add(m, "VMEGRESS-GUEST", "-m rpfilter --invert -j DROP", "anti-spoofing: source address does not belong behind this interface")
+	guestIn(r, "VMEGRESS-RAW", "-m rpfilter --invert -j DROP", "anti-spoofing: source address does not belong behind this interface")
 	// A kernel-forwarded flow's packets leave after the reverse-path
 	// check alone, as on nftables (its SYN passed the rest; a packet with
 	// IP options falls through to their drop).
@@ -398,6 +414,7 @@ func RenderIPTables(s State) (map[string][]string, error) {
 	// Every chain is declared (an empty one too), first, in a fixed order.
 	decl := map[string][]string{
 		m6: {"VMEGRESS-PREROUTING"},
+		r:  {"VMEGRESS-RAW"},
 		m:  {"VMEGRESS-PREROUTING", "VMEGRESS-GUEST", "VMEGRESS-NEW", "VMEGRESS-REFUSE", "VMEGRESS-KFWD", "VMEGRESS-PASS", "VMEGRESS-OUTPUT"},
 		n:  {"VMEGRESS-NAT-PRE", "VMEGRESS-NAT-GUEST", "VMEGRESS-SSH", "VMEGRESS-NAT-POST"},
 		f:  {"VMEGRESS-INPUT", "VMEGRESS-FORWARD", "VMEGRESS-NAT-EGRESS", "VMEGRESS-KERNEL-EGRESS"},
@@ -504,7 +521,7 @@ const notFirst = "  # not first in its chain"
 
 // Installed reports whether vmegress's interception chain exists.
 func (b *IPTables) Installed(ctx context.Context) (bool, error) {
-	lines, err := b.saved(ctx, ipTables[1], false)
+	lines, err := b.saved(ctx, tableNamed("mangle"), false)
 	if err != nil {
 		return false, err
 	}
@@ -788,7 +805,7 @@ func (b *IPTables) UpdateProjects(ctx context.Context, old, s State) error {
 	if in.Len() == 0 {
 		return nil
 	}
-	if _, err := b.run(ctx, []byte("*nat\n"+in.String()+"COMMIT\n"), ipTables[2].restore()...); err != nil {
+	if _, err := b.run(ctx, []byte("*nat\n"+in.String()+"COMMIT\n"), tableNamed("nat").restore()...); err != nil {
 		return fmt.Errorf("updating SSH forwards: %w", err)
 	}
 	return nil

@@ -355,6 +355,7 @@ func (b *NFTables) Installed(ctx context.Context) (bool, error) {
 // Chain and set names inside the table.
 const (
 	setGuestIfaces = "guest_ifaces"
+	chainRaw       = "raw_prerouting"
 	chainPre       = "prerouting"
 	chainNATPre    = "nat_prerouting"
 	chainNATPost   = "nat_postrouting"
@@ -441,25 +442,37 @@ func Render(tx *knftables.Transaction, s State) {
 	}
 	fromGuest := "iifname @" + setGuestIfaces
 
+	// raw_prerouting at raw priority (-300): before conntrack (-200) sees
+	// the packet, so a packet a guest spoofed never touches a conntrack
+	// entry (an in-window reset with another guest's flow's addresses
+	// would otherwise close that flow before any later check dropped it).
+	tx.Add(&knftables.Chain{
+		Name: chainRaw, Type: ptr(knftables.FilterType), Hook: ptr(knftables.PreroutingHook),
+		Priority: ptr(knftables.RawPriority), Policy: ptr(knftables.AcceptPolicy),
+	})
+	rule(chainRaw, "iifname != @"+setGuestIfaces+" return", "only traffic from guests is handled here")
+	rule(chainRaw, fmt.Sprintf("ip saddr != %s counter drop", s.VMCIDR), "source outside the guest range: spoofed")
+	// Reverse-path check in the ruleset, whatever rp_filter says: a guest's
+	// source must route back through the interface it came in on, so one
+	// guest cannot take another's (or the host's) address and policy.
+	// (IPv4: everything else is dropped by prerouting.)
+	rule(chainRaw, "meta nfproto ipv4 fib saddr . iif oif missing counter drop", "anti-spoofing: source address does not belong behind this interface")
+
 	// prerouting at mangle priority (-150): after conntrack (-200), before
 	// NAT (-100) and the routing decision, which is where TPROXY must sit.
+	// Every guest packet here passed raw_prerouting's checks.
 	tx.Add(&knftables.Chain{
 		Name: chainPre, Type: ptr(knftables.FilterType), Hook: ptr(knftables.PreroutingHook),
 		Priority: ptr(knftables.ManglePriority), Policy: ptr(knftables.AcceptPolicy),
 	})
 	rule(chainPre, "iifname != @"+setGuestIfaces+" return", "only traffic from guests is handled here")
 	rule(chainPre, "meta nfproto != ipv4 counter drop", "guest IPv6 (and anything not IPv4) never leaves")
-	rule(chainPre, fmt.Sprintf("ip saddr != %s counter drop", s.VMCIDR), "source outside the guest range: spoofed")
-	// Reverse-path check in the ruleset, whatever rp_filter says: a guest's
-	// source must route back through the interface it came in on, so one
-	// guest cannot take another's (or the host's) address and policy.
-	rule(chainPre, "fib saddr . iif oif missing counter drop", "anti-spoofing: source address does not belong behind this interface")
 	lockMark := fmt.Sprintf("meta mark set meta mark or %#x", KernelMark)
 	ctK := fmt.Sprintf("ct mark and %#x == %#x", KernelCTMark, KernelCTMark)
 	// The bulk of a kernel-forwarded flow leaves here, after the one
-	// check its packets need: the flow's source (conntrack matched the
-	// header, not the interface) belongs behind the interface it came in
-	// on, so no other guest can write into it. Its SYN passed every check
+	// check its packets need (raw_prerouting's): the flow's source
+	// (conntrack matched the header, not the interface) belongs behind the
+	// interface it came in on, so no other guest can write into it. Its SYN passed every check
 	// below, the host-address one included (the source is the flow's
 	// guest's); a packet with IP options falls through to their drop.
 	// Only its original direction: conntrack matches a reply too by the
