@@ -762,10 +762,9 @@ the figure is set by when three processes' wake-ups get the two shared cores, wh
 moves both ways between runs, not by the plane's own cost. **New TLS connections**: the builtin plane parses each ClientHello with crypto/tls
 (about 11 KB and 45 allocations per hello) and spends a goroutine per handshake,
 where Envoy's TLS inspector scans bytes in place. This figure and the p99 sit on
-their targets' line on this shared machine: the previous report had 1.16× and 0.84×,
-and two back-to-back 2-run measurements of the same code just after this report read
-1.15× / 0.84× and 0.92× / 1.05× (a variant starting the server's direction unparked
-read 0.98× / 1.00× and 1.11× / 0.88× in the same hour: not the cause). **Idle memory**: an idle spliced
+their targets' line on this shared machine: reports and back-to-back measurements of
+the same code have read 0.92–1.16× and 0.84–1.05× (a variant starting the server's
+direction unparked read within the same range: not the cause). **Idle memory**: an idle spliced
 connection holds no goroutine, pipe or buffer (both directions start parked in one
 epoll set, and park again after a second without a byte); what remains is its two
 sockets' runtime state (the runtime's poll descriptors, about 1 KB outside the heap),
