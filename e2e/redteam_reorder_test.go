@@ -174,21 +174,7 @@ func TestRedteamReorderSpoofAndOptions(t *testing.T) {
 	}
 	e.start()
 	alpha, beta := e.w.Guests[0], e.w.Guests[1]
-	banner := netip.AddrPortFrom(world.BannerIP, 22)
-	c, err := dialGuest(alpha, banner.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	r := bufio.NewReader(c)
-	if line, err := r.ReadString('\n'); err != nil || line != world.Banner {
-		t.Fatalf("banner: %q, %v", line, err)
-	}
-	seq, ack, err := flowSeqs(alpha.NS, c, r, banner)
-	if err != nil {
-		t.Fatal(err)
-	}
-	local := netip.MustParseAddrPort(c.LocalAddr().String())
+	c, r, local, seq, ack := openBannerFlow(t, alpha)
 	injected := e.watch(e.w.Inet, "injected", "ip daddr "+world.BannerIP.String()+" tcp flags & (rst | psh) != 0")
 	toAttacker := e.watch(e.w.Inet, "to_attacker", "ip daddr "+world.AttackerIP.String())
 	seg := func(src, dst netip.Addr, flags uint8, opts, payload []byte) []byte {
@@ -237,21 +223,7 @@ func reuseSlash30(t *testing.T, daemon bool) {
 `)
 	e.start()
 	alpha, _ := e.netUp("alpha", "--subnet", "172.31.0.8/30")
-	banner := netip.AddrPortFrom(world.BannerIP, 22)
-	c, err := dialGuest(alpha, banner.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	r := bufio.NewReader(c)
-	if line, err := r.ReadString('\n'); err != nil || line != world.Banner {
-		t.Fatalf("banner: %q, %v", line, err)
-	}
-	seq, ack, err := flowSeqs(alpha.NS, c, r, banner)
-	if err != nil {
-		t.Fatal(err)
-	}
-	local := netip.MustParseAddrPort(c.LocalAddr().String())
+	_, _, local, seq, ack := openBannerFlow(t, alpha)
 	if !daemon {
 		e.d.Kill()
 	}
@@ -292,4 +264,25 @@ func TestRedteamReorderReuse(t *testing.T) {
 	t.Parallel()
 	t.Run("daemon", func(t *testing.T) { t.Parallel(); reuseSlash30(t, true) })
 	t.Run("daemonless", func(t *testing.T) { t.Parallel(); reuseSlash30(t, false) })
+}
+
+// openBannerFlow opens g's kernel flow to the banner, reads the banner, and
+// returns the connection, its reader, its local address and the sequence
+// numbers the flow's next segment from g carries (flowSeqs).
+func openBannerFlow(t *testing.T, g *world.Guest) (c net.Conn, r *bufio.Reader, local netip.AddrPort, seq, ack uint32) {
+	t.Helper()
+	banner := netip.AddrPortFrom(world.BannerIP, 22)
+	c, err := dialGuest(g, banner.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	r = bufio.NewReader(c)
+	if line, err := r.ReadString('\n'); err != nil || line != world.Banner {
+		t.Fatalf("banner: %q, %v", line, err)
+	}
+	if seq, ack, err = flowSeqs(g.NS, c, r, banner); err != nil {
+		t.Fatal(err)
+	}
+	return c, r, netip.MustParseAddrPort(c.LocalAddr().String()), seq, ack
 }

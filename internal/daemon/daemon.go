@@ -408,8 +408,7 @@ func (d *Daemon) consume(s *engine.Snapshot, ch engine.Change) {
 	}
 	if d.Flows != nil && ch.Kind != engine.ChangeOpen && s.Config.OnPolicyChange != "keep" {
 		n, err := d.Flows.Revoke(func(f ctflow.Flow) bool {
-			dec, in := s.Policy.ConnectWith(f.Src.Addr(), f.Dst, d.resolved())
-			return dec.Verdict == policy.Allow && in == policy.InspectNone
+			return s.Policy.KernelForwards(f.Src.Addr(), f.Dst, d.resolved())
 		})
 		if err != nil {
 			d.Log.Error("cutting kernel-forwarded flows the new policy no longer allows", "err", err.Error())

@@ -174,7 +174,7 @@ func (e *Engine) cutAtStart(eff *config.Config, pol *policy.Policy) {
 		return
 	}
 	n, err := e.Flows.Revoke(func(f ctflow.Flow) bool {
-		if d, in := pol.ConnectWith(f.Src.Addr(), f.Dst, nil); d.Verdict == policy.Allow && in == policy.InspectNone {
+		if pol.KernelForwards(f.Src.Addr(), f.Dst, nil) {
 			return true
 		}
 		pr := pol.ProjectFor(f.Src.Addr())
@@ -480,8 +480,7 @@ func (e *Engine) settleDaemonless(ctx context.Context, eff *config.Config, pol *
 		if !guests[f.Src.Addr()] {
 			return true
 		}
-		d, in := pol.ConnectWith(f.Src.Addr(), f.Dst, nil)
-		return d.Verdict == policy.Allow && in == policy.InspectNone
+		return pol.KernelForwards(f.Src.Addr(), f.Dst, nil)
 	})
 	if n > 0 {
 		e.log().Info("cut kernel-forwarded flows the change no longer allows", "flows", n)

@@ -316,6 +316,15 @@ func (p *Policy) Connect(src netip.Addr, dst netip.AddrPort) (Decision, Inspect)
 	return p.ConnectWith(src, dst, nil)
 }
 
+// KernelForwards reports whether the policy lets the kernel forward a
+// connection from src to dst by itself: allowed, with nothing to inspect
+// (a cidr rule, or a tcp rule for a name resolved holds). What an open
+// kernel-forwarded flow must still satisfy to stay open.
+func (p *Policy) KernelForwards(src netip.Addr, dst netip.AddrPort, resolved Resolved) bool {
+	d, in := p.ConnectWith(src, dst, resolved)
+	return d.Verdict == Allow && in == InspectNone
+}
+
 // ConnectWith is the address stage: it decides what it can from the source
 // and the original destination alone (and, for tcp rules, the names the
 // resolver handed the destination's address to the project for; resolved
