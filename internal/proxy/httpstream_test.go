@@ -230,7 +230,13 @@ func FuzzForwardRequests(f *testing.F) {
 			if !strings.EqualFold(want.name, "a.test") || want.Method == http.MethodConnect {
 				t.Fatalf("request %d for %q (%s) passed", i, want.name, want.Method)
 			}
-			if !reflect.DeepEqual(got.Header, want.Header) {
+			// Go's parser rewrites the Content-Length it read ("00" is
+			// "0"): the lengths are compared as numbers below, the rest
+			// of the header as sent.
+			gh, wh := got.Header.Clone(), want.Header.Clone()
+			gh.Del("Content-Length")
+			wh.Del("Content-Length")
+			if !reflect.DeepEqual(gh, wh) {
 				t.Fatalf("request %d: headers sent %v; checked %v", i, got.Header, want.Header)
 			}
 			if !bytes.Equal(body, c.body.Bytes()) || got.ContentLength != want.ContentLength || len(got.TransferEncoding) != len(want.TransferEncoding) {
